@@ -1,0 +1,585 @@
+/* cdmcore — see cdmcore.h for what lives here and why. */
+#define _GNU_SOURCE
+#include "cdmcore.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#define PAGE CDM_PAGE_SIZE
+/* Internal: allocated by the cdm_region_rw call under way. */
+#define PTE_NEW (1ULL << 48)
+
+static void *sparse_map(uint64_t bytes)
+{
+    void *p = mmap(NULL, bytes ? bytes : PAGE, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    return p == MAP_FAILED ? NULL : p;
+}
+
+static inline uint64_t pte_pfn(uint64_t pte) { return pte & CDM_PTE_PFN_MASK; }
+static inline int pte_pool(uint64_t pte) { return (int)((pte & CDM_PTE_POOL_MASK) >> CDM_PTE_POOL_SHIFT); }
+
+static inline uint64_t make_pte(struct cdm_machine *m, int pool, uint64_t pfn)
+{
+    uint64_t pte = CDM_PTE_PRESENT | ((uint64_t)pool << CDM_PTE_POOL_SHIFT) | pfn;
+    if (m->pools[pool].flags & CDM_POOL_PRIVATE)
+        pte |= CDM_PTE_PRIVATE;
+    return pte;
+}
+
+static inline uint8_t *frame_addr(struct cdm_machine *m, uint64_t pte)
+{
+    struct cdm_pool *p = &m->pools[pte_pool(pte)];
+    return p->base + (pte_pfn(pte) - p->base_pfn) * PAGE;
+}
+
+/* ---------------------------------------------------------------- pools */
+
+struct cdm_machine *cdm_machine_new(void)
+{
+    struct cdm_machine *m = calloc(1, sizeof(*m));
+    if (m)
+        pthread_mutex_init(&m->lock, NULL);
+    return m;
+}
+
+void cdm_machine_free(struct cdm_machine *m)
+{
+    for (int i = 0; i < m->npools; i++) {
+        struct cdm_pool *p = &m->pools[i];
+        munmap(p->base, p->npages * PAGE);
+        munmap(p->rmap, p->npages * sizeof(uint64_t));
+        munmap(p->fflags, p->npages);
+        free(p->free_stack);
+    }
+    pthread_mutex_destroy(&m->lock);
+    free(m);
+}
+
+int cdm_pool_add(struct cdm_machine *m, uint64_t base_pfn, uint64_t npages, int flags)
+{
+    if (m->npools >= CDM_MAX_POOLS || npages == 0 || base_pfn + npages > CDM_PTE_PFN_MASK)
+        return -EINVAL;
+    struct cdm_pool *p = &m->pools[m->npools];
+    memset(p, 0, sizeof(*p));
+    p->base = sparse_map(npages * PAGE);
+    p->rmap = sparse_map(npages * sizeof(uint64_t));
+    p->fflags = sparse_map(npages);
+    if (!p->base || !p->rmap || !p->fflags)
+        return -ENOMEM;
+    p->base_pfn = base_pfn;
+    p->npages = npages;
+    p->flags = flags;
+    return m->npools++;
+}
+
+uint64_t cdm_pool_free_pages(struct cdm_machine *m, int pool)
+{
+    struct cdm_pool *p = &m->pools[pool];
+    return p->npages - p->nr_used - p->nr_retired;
+}
+
+/* One frame index of pool p, or -1.  Caller holds m->lock. */
+static int64_t frame_alloc(struct cdm_pool *p)
+{
+    if (p->fail_alloc) {
+        p->fail_alloc--;
+        return -1;
+    }
+    int64_t f;
+    if (p->nfree_stack)
+        f = (int64_t)p->free_stack[--p->nfree_stack];
+    else if (p->next_fresh < p->npages)
+        f = (int64_t)p->next_fresh++;
+    else
+        return -1;
+    p->nr_used++;
+    p->counters[CDM_PGALLOC]++;
+    return f;
+}
+
+/* Returns frame f of pool p to the allocator; its contents are dropped so the
+ * host memory goes back and the next user sees zeros.  Caller holds m->lock. */
+static void frame_free(struct cdm_pool *p, uint64_t f)
+{
+    p->rmap[f] = 0;
+    p->nr_used--;
+    p->counters[CDM_PGFREE]++;
+    madvise(p->base + f * PAGE, PAGE, MADV_DONTNEED);
+    if (p->fflags[f] & CDM_FRAME_RETIRED) {
+        p->nr_retired++;
+        return;
+    }
+    if (p->nfree_stack == p->free_cap) {
+        uint64_t cap = p->free_cap ? p->free_cap * 2 : 1024;
+        uint64_t *s = realloc(p->free_stack, cap * sizeof(uint64_t));
+        if (!s) {
+            /* Out of host memory for the free list: leak the frame rather than
+             * corrupt the allocator.  It stays counted as retired. */
+            p->nr_retired++;
+            return;
+        }
+        p->free_stack = s;
+        p->free_cap = cap;
+    }
+    p->free_stack[p->nfree_stack++] = f;
+}
+
+int cdm_pool_alloc(struct cdm_machine *m, int pool, uint64_t n, uint64_t *out)
+{
+    struct cdm_pool *p = &m->pools[pool];
+    pthread_mutex_lock(&m->lock);
+    for (uint64_t i = 0; i < n; i++) {
+        int64_t f = frame_alloc(p);
+        if (f < 0) {
+            while (i--)
+                frame_free(p, out[i] - p->base_pfn);
+            pthread_mutex_unlock(&m->lock);
+            return -ENOMEM;
+        }
+        out[i] = p->base_pfn + (uint64_t)f;
+    }
+    pthread_mutex_unlock(&m->lock);
+    return 0;
+}
+
+int cdm_pfn_pool(struct cdm_machine *m, uint64_t pfn)
+{
+    for (int i = 0; i < m->npools; i++) {
+        struct cdm_pool *p = &m->pools[i];
+        if (pfn >= p->base_pfn && pfn < p->base_pfn + p->npages)
+            return i;
+    }
+    return -1;
+}
+
+void cdm_pool_free(struct cdm_machine *m, const uint64_t *pfns, uint64_t n)
+{
+    pthread_mutex_lock(&m->lock);
+    for (uint64_t i = 0; i < n; i++) {
+        int pool = cdm_pfn_pool(m, pfns[i]);
+        if (pool >= 0)
+            frame_free(&m->pools[pool], pfns[i] - m->pools[pool].base_pfn);
+    }
+    pthread_mutex_unlock(&m->lock);
+}
+
+uint8_t *cdm_pfn_addr(struct cdm_machine *m, uint64_t pfn)
+{
+    int pool = cdm_pfn_pool(m, pfn);
+    if (pool < 0)
+        return NULL;
+    return m->pools[pool].base + (pfn - m->pools[pool].base_pfn) * PAGE;
+}
+
+int cdm_pfn_owner(struct cdm_machine *m, uint64_t pfn, uint32_t *region, uint64_t *page)
+{
+    int pool = cdm_pfn_pool(m, pfn);
+    if (pool < 0)
+        return -EINVAL;
+    pthread_mutex_lock(&m->lock);
+    uint64_t owner = m->pools[pool].rmap[pfn - m->pools[pool].base_pfn];
+    pthread_mutex_unlock(&m->lock);
+    if (!owner)
+        return -ENOENT;
+    *region = (uint32_t)((owner >> 40) - 1);
+    *page = owner & CDM_PTE_PFN_MASK;
+    return 0;
+}
+
+/* ------------------------------------------------------- page accounting */
+
+/* Every change of a page's frame or of its counted flags goes through these
+ * two, so pool and region counters never drift from the page tables. */
+static void page_account(struct cdm_machine *m, struct cdm_region *r, uint64_t pte, int sign)
+{
+    if (!(pte & CDM_PTE_PRESENT))
+        return;
+    struct cdm_pool *p = &m->pools[pte_pool(pte)];
+    r->resident[pte_pool(pte)] += sign;
+    if (pte & CDM_PTE_CPU)
+        p->nr_mapped += sign;
+    if (pte & CDM_PTE_DIRTY)
+        p->nr_dirty += sign;
+    if (pte & CDM_PTE_PINNED)
+        p->nr_pinned += sign;
+}
+
+static inline void pte_set(struct cdm_machine *m, struct cdm_region *r, uint64_t i, uint64_t pte)
+{
+    page_account(m, r, r->pte[i], -1);
+    r->pte[i] = pte;
+    page_account(m, r, pte, +1);
+}
+
+/* Drops page i: frees its frame, forgets poison and pin.  Caller holds m->lock. */
+static void page_release(struct cdm_machine *m, struct cdm_region *r, uint64_t i)
+{
+    uint64_t pte = r->pte[i];
+    if (pte & CDM_PTE_PINNED)
+        r->nr_pinned--;
+    if (pte & CDM_PTE_POISONED)
+        r->nr_poisoned--;
+    pte_set(m, r, i, 0);
+    if (pte & CDM_PTE_PRESENT)
+        frame_free(&m->pools[pte_pool(pte)], pte_pfn(pte) - m->pools[pte_pool(pte)].base_pfn);
+}
+
+/* -------------------------------------------------------------- regions */
+
+struct cdm_region *cdm_region_new(struct cdm_machine *m, uint32_t id)
+{
+    (void)m;
+    struct cdm_region *r = calloc(1, sizeof(*r));
+    if (r)
+        r->id = id;
+    return r;
+}
+
+int cdm_region_resize(struct cdm_machine *m, struct cdm_region *r, uint64_t npages)
+{
+    pthread_mutex_lock(&m->lock);
+    if (npages > r->cap) {
+        /* Reserve generously: entries cost host memory only once written. */
+        uint64_t cap = r->cap ? r->cap : 1024;
+        while (cap < npages)
+            cap *= 2;
+        uint64_t *pte = r->pte
+            ? mremap(r->pte, r->cap * sizeof(uint64_t), cap * sizeof(uint64_t), MREMAP_MAYMOVE)
+            : sparse_map(cap * sizeof(uint64_t));
+        if (pte == NULL || pte == MAP_FAILED) {
+            pthread_mutex_unlock(&m->lock);
+            return -ENOMEM;
+        }
+        r->pte = pte;
+        r->cap = cap;
+    }
+    for (uint64_t i = npages; i < r->npages; i++)
+        page_release(m, r, i);
+    r->npages = npages;
+    pthread_mutex_unlock(&m->lock);
+    return 0;
+}
+
+void cdm_region_free(struct cdm_machine *m, struct cdm_region *r)
+{
+    cdm_region_resize(m, r, 0);
+    if (r->pte)
+        munmap(r->pte, r->cap * sizeof(uint64_t));
+    free(r);
+}
+
+void cdm_region_ptes(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
+                     uint64_t n, uint64_t *out)
+{
+    pthread_mutex_lock(&m->lock);
+    for (uint64_t i = 0; i < n; i++)
+        out[i] = first + i < r->npages ? r->pte[first + i] : 0;
+    pthread_mutex_unlock(&m->lock);
+}
+
+/* Allocates a frame for page idx of r by plan and counts the NUMA events the
+ * kernel's zone_statistics() counts.  Returns the new PTE or 0.  Caller holds
+ * m->lock. */
+static uint64_t plan_alloc(struct cdm_machine *m, struct cdm_region *r, uint64_t idx,
+                           const struct cdm_plan *plan)
+{
+    int intended = plan->table[idx % plan->ntable];
+    const int32_t *row = plan->fallback + (size_t)intended * CDM_MAX_POOLS;
+    for (int k = 0; k < CDM_MAX_POOLS && row[k] >= 0; k++) {
+        int pool = row[k];
+        struct cdm_pool *p = &m->pools[pool];
+        int64_t f = frame_alloc(p);
+        if (f < 0)
+            continue;
+        p->rmap[f] = ((uint64_t)(r->id + 1) << 40) | idx;
+        if (pool == intended) {
+            p->counters[CDM_NUMA_HIT]++;
+            if (plan->interleave)
+                p->counters[CDM_INTERLEAVE_HIT]++;
+        } else {
+            p->counters[CDM_NUMA_MISS]++;
+            m->pools[intended].counters[CDM_NUMA_FOREIGN]++;
+        }
+        p->counters[pool == plan->local ? CDM_LOCAL_NODE : CDM_OTHER_NODE]++;
+        return make_pte(m, pool, p->base_pfn + (uint64_t)f);
+    }
+    return 0;
+}
+
+int cdm_region_rw(struct cdm_machine *m, struct cdm_region *r, uint64_t off, uint64_t len,
+                  uint8_t *buf, int write, int mark_cpu, const struct cdm_plan *plan,
+                  struct cdm_rw_result *res)
+{
+    res->allocated = 0;
+    res->page = 0;
+    if (len == 0)
+        return 0;
+    uint64_t first = off >> CDM_PAGE_SHIFT;
+    uint64_t last = (off + len - 1) >> CDM_PAGE_SHIFT;
+    int ret = 0;
+
+    pthread_mutex_lock(&m->lock);
+    if (last >= r->npages) {
+        ret = -EINVAL;
+        res->page = last;
+        goto out;
+    }
+    /* Check the whole range first: the call changes nothing unless it can all be done. */
+    for (uint64_t i = first; i <= last; i++) {
+        uint64_t pte = r->pte[i];
+        if (pte & CDM_PTE_POISONED)
+            ret = -EIO;
+        else if (pte & CDM_PTE_LOCKED)
+            ret = -EAGAIN;
+        else if (pte & CDM_PTE_PRIVATE)
+            ret = -EREMOTE;
+        else
+            continue;
+        res->page = i;
+        goto out;
+    }
+    for (uint64_t i = first; i <= last; i++) {
+        if (r->pte[i] & CDM_PTE_PRESENT)
+            continue;
+        uint64_t pte = plan ? plan_alloc(m, r, i, plan) : 0;
+        if (!pte) {
+            ret = -ENOSPC;
+            res->page = i;
+            break;
+        }
+        pte_set(m, r, i, pte | PTE_NEW);
+        res->allocated++;
+    }
+    if (ret) {
+        /* All or nothing: give back what this call allocated. */
+        for (uint64_t j = first; j < res->page; j++)
+            if (r->pte[j] & PTE_NEW)
+                page_release(m, r, j);
+        res->allocated = 0;
+        goto out;
+    }
+    for (uint64_t i = first; i <= last; i++) {
+        uint64_t pte = r->pte[i];
+        uint64_t pstart = i << CDM_PAGE_SHIFT;
+        uint64_t from = off > pstart ? off - pstart : 0;
+        uint64_t to = off + len < pstart + PAGE ? off + len - pstart : PAGE;
+        uint8_t *b = buf + (pstart + from - off);
+        uint8_t *f = frame_addr(m, pte);
+        if (write) {
+            memcpy(f + from, b, to - from);
+            pte |= CDM_PTE_DIRTY;
+        } else {
+            memcpy(b, f + from, to - from);
+            m->pools[pte_pool(pte)].counters[CDM_PGFAULT]++;
+        }
+        if (mark_cpu)
+            pte |= CDM_PTE_CPU;
+        pte &= ~PTE_NEW;
+        if (pte != r->pte[i])
+            pte_set(m, r, i, pte);
+    }
+out:
+    pthread_mutex_unlock(&m->lock);
+    return ret;
+}
+
+void cdm_region_uncache(struct cdm_machine *m, struct cdm_region *r, uint64_t first, uint64_t n)
+{
+    pthread_mutex_lock(&m->lock);
+    for (uint64_t i = first; i < first + n && i < r->npages; i++)
+        if (r->pte[i] & CDM_PTE_CPU)
+            pte_set(m, r, i, r->pte[i] & ~CDM_PTE_CPU);
+    pthread_mutex_unlock(&m->lock);
+}
+
+/* ------------------------------------------------------------ migration */
+
+int64_t cdm_migrate_collect(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
+                            uint64_t n, int target, int alloc_absent, uint64_t *src,
+                            int32_t *status)
+{
+    int64_t collected = 0;
+    pthread_mutex_lock(&m->lock);
+    for (uint64_t k = 0; k < n; k++) {
+        uint64_t i = first + k;
+        uint64_t pte = i < r->npages ? r->pte[i] : 0;
+        src[k] = pte;
+        if (i >= r->npages)
+            status[k] = -EINVAL;
+        else if (pte & CDM_PTE_POISONED)
+            status[k] = -EIO;
+        else if (pte & (CDM_PTE_PINNED | CDM_PTE_LOCKED | CDM_PTE_MIGRATING))
+            status[k] = -EBUSY;
+        else if (!(pte & CDM_PTE_PRESENT))
+            status[k] = alloc_absent ? CDM_MIG_ALLOC : -ENOENT;
+        else if (pte_pool(pte) == target)
+            status[k] = CDM_MIG_THERE;
+        else
+            status[k] = CDM_MIG_MOVE;
+        if (status[k] == CDM_MIG_MOVE) {
+            pte_set(m, r, i, (pte | CDM_PTE_MIGRATING) & ~CDM_PTE_CPU);
+            collected++;
+        } else if (status[k] == CDM_MIG_ALLOC) {
+            /* A placeholder so that a first touch during the migration waits. */
+            r->pte[i] = CDM_PTE_MIGRATING;
+            collected++;
+        }
+    }
+    pthread_mutex_unlock(&m->lock);
+    return collected;
+}
+
+int64_t cdm_migrate_lock(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
+                         uint64_t n, int32_t *status)
+{
+    int64_t locked = 0;
+    pthread_mutex_lock(&m->lock);
+    for (uint64_t k = 0; k < n; k++) {
+        if (status[k] != CDM_MIG_MOVE && status[k] != CDM_MIG_ALLOC)
+            continue;
+        uint64_t i = first + k;
+        uint64_t pte = r->pte[i];
+        if (pte & CDM_PTE_CPU) {
+            /* The CPU faulted the page in again while we invalidated: it is in
+             * use, skip it as migrate_vma skips a page it cannot unmap. */
+            pte_set(m, r, i, pte & ~CDM_PTE_MIGRATING);
+            status[k] = -EBUSY;
+            continue;
+        }
+        if (status[k] == CDM_MIG_ALLOC && (pte & CDM_PTE_PRESENT)) {
+            /* First-touched meanwhile by a write: no longer absent. */
+            pte_set(m, r, i, pte & ~CDM_PTE_MIGRATING);
+            status[k] = -EBUSY;
+            continue;
+        }
+        r->pte[i] = (pte & ~CDM_PTE_MIGRATING) | CDM_PTE_LOCKED;
+        locked++;
+    }
+    pthread_mutex_unlock(&m->lock);
+    return locked;
+}
+
+int64_t cdm_migrate_alloc(struct cdm_machine *m, int target, uint64_t n,
+                          int32_t *status, uint64_t *dst)
+{
+    struct cdm_pool *p = &m->pools[target];
+    int64_t got = 0;
+    pthread_mutex_lock(&m->lock);
+    for (uint64_t k = 0; k < n; k++) {
+        dst[k] = 0;
+        if (status[k] != CDM_MIG_MOVE && status[k] != CDM_MIG_ALLOC)
+            continue;
+        int64_t f = frame_alloc(p);
+        if (f < 0) {
+            status[k] = -ENOMEM;
+            continue;
+        }
+        dst[k] = p->base_pfn + (uint64_t)f;
+        got++;
+    }
+    pthread_mutex_unlock(&m->lock);
+    return got;
+}
+
+void cdm_copy_frames(struct cdm_machine *m, const uint64_t *src, const uint64_t *dst, uint64_t n)
+{
+    for (uint64_t k = 0; k < n; k++) {
+        if (!src[k] || !dst[k])
+            continue;
+        uint8_t *s = cdm_pfn_addr(m, src[k]);
+        uint8_t *d = cdm_pfn_addr(m, dst[k]);
+        if (s && d)
+            memcpy(d, s, PAGE);
+    }
+}
+
+void cdm_migrate_copy(struct cdm_machine *m, uint64_t n, const int32_t *status,
+                      const uint64_t *src, const uint64_t *dst)
+{
+    /* Runs without m->lock: the pages are LOCKED, nobody else touches these
+     * frames.  Runs of consecutive frames are copied as one memcpy. */
+    uint64_t k = 0;
+    while (k < n) {
+        if (status[k] != CDM_MIG_MOVE) {
+            k++;
+            continue;
+        }
+        uint64_t run = 1;
+        while (k + run < n && status[k + run] == CDM_MIG_MOVE
+               && pte_pfn(src[k + run]) == pte_pfn(src[k]) + run
+               && pte_pool(src[k + run]) == pte_pool(src[k])
+               && dst[k + run] == dst[k] + run)
+            run++;
+        memcpy(cdm_pfn_addr(m, dst[k]), frame_addr(m, src[k]), run * PAGE);
+        k += run;
+    }
+}
+
+int64_t cdm_migrate_finalize(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
+                             uint64_t n, const uint64_t *dst, int32_t *status)
+{
+    int64_t moved = 0;
+    pthread_mutex_lock(&m->lock);
+    for (uint64_t k = 0; k < n; k++) {
+        uint64_t i = first + k;
+        int32_t st = status[k];
+        if (st != CDM_MIG_MOVE && st != CDM_MIG_ALLOC) {
+            /* Skipped after collect (-ENOMEM, -EBUSY): just unlock. */
+            if (i < r->npages && (r->pte[i] & (CDM_PTE_LOCKED | CDM_PTE_MIGRATING))
+                && st < 0 && st != -EIO && st != -EINVAL) {
+                uint64_t pte = r->pte[i] & ~(CDM_PTE_LOCKED | CDM_PTE_MIGRATING);
+                if (pte & CDM_PTE_PRESENT)
+                    pte_set(m, r, i, pte);
+                else
+                    r->pte[i] = 0;
+            }
+            continue;
+        }
+        uint64_t old = r->pte[i];
+        int tpool = cdm_pfn_pool(m, dst[k]);
+        struct cdm_pool *tp = &m->pools[tpool];
+        /* The new entry keeps the page's own flags (pinned, dirty), not the
+         * source frame's pool or the lock. */
+        uint64_t keep = old & (CDM_PTE_PINNED | CDM_PTE_DIRTY);
+        tp->rmap[dst[k] - tp->base_pfn] = ((uint64_t)(r->id + 1) << 40) | i;
+        if (st == CDM_MIG_MOVE) {
+            struct cdm_pool *sp = &m->pools[pte_pool(old)];
+            pte_set(m, r, i, make_pte(m, tpool, dst[k]) | keep);
+            frame_free(sp, pte_pfn(old) - sp->base_pfn);
+            sp->counters[CDM_PGMIGRATE_SUCCESS]++;
+        } else {
+            r->pte[i] = 0;
+            pte_set(m, r, i, make_pte(m, tpool, dst[k]));
+        }
+        status[k] = CDM_MIG_DONE;
+        moved++;
+    }
+    pthread_mutex_unlock(&m->lock);
+    return moved;
+}
+
+/* ------------------------------------------------------------ FUSE notify */
+
+int cdm_fuse_inval(int fd, uint64_t ino, int64_t off, int64_t len)
+{
+    /* struct fuse_out_header { u32 len; s32 error; u64 unique; } with
+     * error = FUSE_NOTIFY_INVAL_INODE (2), then
+     * struct fuse_notify_inval_inode_out { u64 ino; s64 off; s64 len; }. */
+    struct {
+        uint32_t len;
+        int32_t error;
+        uint64_t unique;
+        uint64_t ino;
+        int64_t off;
+        int64_t len2;
+    } msg = {40, 2, 0, ino, off, len};
+    ssize_t n = write(fd, &msg, sizeof(msg));
+    if (n < 0)
+        return -errno;
+    return n == (ssize_t)sizeof(msg) ? 0 : -EIO;
+}

@@ -1,0 +1,212 @@
+/*
+ * cdmcore — the native core of cdmfs.
+ *
+ * Holds what the kernel keeps in struct page and in page tables, without any
+ * Python object per page:
+ *
+ *  - pools: the physical memory of one emulated NUMA node or one device's
+ *    private memory.  Frames live in a sparse anonymous mapping (MAP_NORESERVE),
+ *    so a pool costs host memory only for frames that hold data.  Allocation is
+ *    O(1): a bump pointer over frames never used, then a stack of freed frames.
+ *  - regions: one uint64_t page-table entry per page of a region's data file
+ *    (PFN, pool and flags, in the spirit of hmm_pfn / MIGRATE_PFN_*).
+ *  - gather/scatter between a page range and a FUSE request buffer, allocating
+ *    absent pages by an allocation plan (first touch), one call per request.
+ *  - the steps of a migration (collect, lock, alloc, copy, finalize), batched.
+ *  - the raw FUSE_NOTIFY_INVAL_INODE write (page-granular invalidation).
+ *
+ * Every entry point that changes shared state takes the machine's mutex; bulk
+ * copies of locked pages run without it, so a worker thread can copy while the
+ * FUSE loop serves other pages.  cffi releases the GIL around every call.
+ */
+#ifndef CDMCORE_H
+#define CDMCORE_H
+
+#include <stdint.h>
+#include <pthread.h>
+
+#define CDM_PAGE_SHIFT 12
+#define CDM_PAGE_SIZE 4096
+#define CDM_MAX_POOLS 64
+
+/* Page-table entry layout: global PFN, the pool it belongs to, flags. */
+#define CDM_PTE_PFN_MASK 0xffffffffffULL      /* bits 0-39 */
+#define CDM_PTE_POOL_SHIFT 40                 /* bits 40-47 */
+#define CDM_PTE_POOL_MASK 0xff0000000000ULL
+#define CDM_PTE_PRESENT (1ULL << 63)   /* backed by a frame */
+#define CDM_PTE_CPU (1ULL << 62)       /* believed to be in the host page cache */
+#define CDM_PTE_LOCKED (1ULL << 61)    /* being copied by a migration: access waits */
+#define CDM_PTE_PINNED (1ULL << 60)    /* long-term pin: never migrates */
+#define CDM_PTE_POISONED (1ULL << 59)  /* its frame was poisoned: data lost */
+#define CDM_PTE_DIRTY (1ULL << 58)     /* has been written since allocation */
+#define CDM_PTE_PRIVATE (1ULL << 57)   /* frame is device-private memory */
+#define CDM_PTE_MIGRATING (1ULL << 56) /* collected; CPU copies being invalidated */
+/* bits 48-55 are free for later users (device mirror, access hints). */
+
+/* Pool flags */
+#define CDM_POOL_PRIVATE 1             /* device-private: the CPU cannot map it */
+
+/* Per-frame flags (struct cdm_pool.fflags) */
+#define CDM_FRAME_RETIRED 1            /* soft- or hard-offlined: never reused */
+#define CDM_FRAME_POISONED 2
+
+/* Event counters kept per pool, shown in numastat/vmstat. */
+enum cdm_counter {
+    CDM_NUMA_HIT,
+    CDM_NUMA_MISS,
+    CDM_NUMA_FOREIGN,
+    CDM_INTERLEAVE_HIT,
+    CDM_LOCAL_NODE,
+    CDM_OTHER_NODE,
+    CDM_PGFAULT,
+    CDM_PGALLOC,
+    CDM_PGFREE,
+    CDM_PGMIGRATE_SUCCESS,
+    CDM_PGMIGRATE_FAIL,
+    CDM_NR_COUNTERS
+};
+
+struct cdm_pool {
+    uint8_t *base;          /* frame 0 of this pool */
+    uint64_t base_pfn;      /* global PFN of frame 0 */
+    uint64_t npages;
+    uint64_t next_fresh;    /* frames at or above it were never allocated */
+    uint64_t *free_stack;   /* frame indices freed and reusable */
+    uint64_t nfree_stack, free_cap;
+    uint64_t nr_used;       /* frames holding a region page */
+    uint64_t nr_retired;    /* frames taken out of use (poison, soft offline) */
+    uint64_t nr_mapped;     /* used frames believed CPU-mapped */
+    uint64_t nr_dirty;      /* used frames whose page was written */
+    uint64_t nr_pinned;     /* used frames of pinned pages */
+    uint64_t fail_alloc;    /* fault injection: fail this many allocations */
+    uint64_t *rmap;         /* per frame: owner ((region id + 1) << 40 | page), 0 free */
+    uint8_t *fflags;        /* per frame: CDM_FRAME_* */
+    uint64_t counters[CDM_NR_COUNTERS];
+    int flags;
+};
+
+struct cdm_machine {
+    pthread_mutex_t lock;
+    int npools;
+    struct cdm_pool pools[CDM_MAX_POOLS];
+};
+
+struct cdm_region {
+    uint64_t *pte;          /* sparse mapping of cap entries */
+    uint64_t npages;        /* pages of the file (size rounded up) */
+    uint64_t cap;           /* entries reserved in pte */
+    uint32_t id;
+    uint64_t resident[CDM_MAX_POOLS]; /* pages per pool */
+    uint64_t nr_pinned;
+    uint64_t nr_poisoned;
+};
+
+/*
+ * Where a page goes on first touch, decided by the memory policy in Python
+ * and applied here page by page.  The intended pool of page index i is
+ * table[i % ntable] (one entry for most policies; the interleave set, each
+ * node repeated by its weight, for (weighted) interleave).  fallback is
+ * CDM_MAX_POOLS rows of CDM_MAX_POOLS pool indices: row p lists the pools to
+ * try, in order, when p is intended; -1 ends a row.
+ */
+struct cdm_plan {
+    int32_t local;          /* pool of the faulting CPU's node: local/other */
+    int32_t interleave;     /* count interleave_hit when the intended pool is used */
+    uint32_t ntable;
+    const int32_t *table;
+    const int32_t *fallback;
+};
+
+/* What a gather/scatter did, or where it stopped. */
+struct cdm_rw_result {
+    uint64_t allocated;     /* pages allocated by this call (first touch) */
+    uint64_t page;          /* with an error: the page that caused it */
+};
+
+/* Status of one page in a migration (negative: skipped, with -errno). */
+#define CDM_MIG_MOVE 0          /* collected: will move */
+#define CDM_MIG_ALLOC 1         /* never touched: allocated on the target */
+#define CDM_MIG_THERE 2         /* already on the target */
+#define CDM_MIG_DONE 3          /* finalize: moved */
+
+struct cdm_machine *cdm_machine_new(void);
+void cdm_machine_free(struct cdm_machine *m);
+
+/* Adds a pool of npages frames starting at base_pfn; returns its index or -errno. */
+int cdm_pool_add(struct cdm_machine *m, uint64_t base_pfn, uint64_t npages, int flags);
+uint64_t cdm_pool_free_pages(struct cdm_machine *m, int pool);
+/* Allocates n frames of a pool (PFNs into out); all or none.  Returns 0 or -ENOMEM. */
+int cdm_pool_alloc(struct cdm_machine *m, int pool, uint64_t n, uint64_t *out);
+/* Frees frames given by global PFN. */
+void cdm_pool_free(struct cdm_machine *m, const uint64_t *pfns, uint64_t n);
+/* Where a global PFN lives: its pool, or -1. */
+int cdm_pfn_pool(struct cdm_machine *m, uint64_t pfn);
+/* The frame's bytes (for tests and the device model). */
+uint8_t *cdm_pfn_addr(struct cdm_machine *m, uint64_t pfn);
+/* Owner of a frame: region id and page, 0 if it holds a page, -ENOENT if free. */
+int cdm_pfn_owner(struct cdm_machine *m, uint64_t pfn, uint32_t *region, uint64_t *page);
+
+struct cdm_region *cdm_region_new(struct cdm_machine *m, uint32_t id);
+/* Sets the region's size in pages; shrinking frees the pages beyond.  0 or -ENOMEM. */
+int cdm_region_resize(struct cdm_machine *m, struct cdm_region *r, uint64_t npages);
+/* Frees every page and the region itself. */
+void cdm_region_free(struct cdm_machine *m, struct cdm_region *r);
+/* Copies n entries of the page table from first (a consistent snapshot). */
+void cdm_region_ptes(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
+                     uint64_t n, uint64_t *out);
+
+/*
+ * Gather (write == 0: a CPU fault or read()) or scatter (write == 1: write-back
+ * or write()) bytes [off, off + len) of a region to/from buf, allocating the
+ * absent pages by plan first.  Pages touched are marked CPU-mapped when
+ * mark_cpu is set.  Returns 0, or without changing anything:
+ *   -ENOSPC  a page could not be allocated (res->page)
+ *   -EIO     a page is poisoned (res->page)
+ *   -EAGAIN  a page is locked by a migration (res->page): wait, then retry
+ *   -EREMOTE a page is in device-private memory (res->page): migrate it back first
+ */
+int cdm_region_rw(struct cdm_machine *m, struct cdm_region *r, uint64_t off, uint64_t len,
+                  uint8_t *buf, int write, int mark_cpu, const struct cdm_plan *plan,
+                  struct cdm_rw_result *res);
+
+/* Clears the CPU-mapped belief of n pages from first (after an invalidation). */
+void cdm_region_uncache(struct cdm_machine *m, struct cdm_region *r, uint64_t first, uint64_t n);
+
+/*
+ * Migration, in the steps of migrate_vma (mm/migrate_device.c):
+ *
+ * collect  — for each page of [first, first + n): a page that can move to pool
+ *            target is marked MIGRATING and its old entry saved in src[i]
+ *            (status CDM_MIG_MOVE; its CPU belief is cleared, the caller
+ *            invalidates the CPU copies of pages whose src had CDM_PTE_CPU);
+ *            an untouched page gets CDM_MIG_ALLOC if alloc_absent, else -ENOENT;
+ *            others: CDM_MIG_THERE, -EBUSY (pinned, locked), -EIO (poisoned).
+ * lock     — after the invalidation: pages the CPU touched again meanwhile are
+ *            skipped (-EBUSY); the others become LOCKED (accesses wait).
+ * alloc    — target frames for every CDM_MIG_MOVE/ALLOC page into dst[i];
+ *            a page that gets none is skipped with -ENOMEM.
+ * copy     — src -> dst for every moving page; no lock held, GIL released.
+ * finalize — moving pages take their new entry, sources are freed, every
+ *            page is unlocked; status becomes CDM_MIG_DONE.  Returns pages moved.
+ */
+int64_t cdm_migrate_collect(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
+                            uint64_t n, int target, int alloc_absent, uint64_t *src,
+                            int32_t *status);
+int64_t cdm_migrate_lock(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
+                         uint64_t n, int32_t *status);
+int64_t cdm_migrate_alloc(struct cdm_machine *m, int target, uint64_t n,
+                          int32_t *status, uint64_t *dst);
+void cdm_migrate_copy(struct cdm_machine *m, uint64_t n, const int32_t *status,
+                      const uint64_t *src, const uint64_t *dst);
+int64_t cdm_migrate_finalize(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
+                             uint64_t n, const uint64_t *dst, int32_t *status);
+
+/* Copies n frames src[i] -> dst[i] (global PFNs); 0 in either is a hole. */
+void cdm_copy_frames(struct cdm_machine *m, const uint64_t *src, const uint64_t *dst, uint64_t n);
+
+/* FUSE_NOTIFY_INVAL_INODE for [off, off + len) of inode ino on the /dev/fuse fd.
+ * Blocks while the kernel writes dirty pages back.  0, or -errno (-ENOENT:
+ * the kernel has nothing cached for the inode). */
+int cdm_fuse_inval(int fd, uint64_t ino, int64_t off, int64_t len);
+
+#endif
