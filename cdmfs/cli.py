@@ -1,0 +1,72 @@
+"""The ``cdmfs`` command (SPEC §2).  Failures print one line and exit 1."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Optional, Sequence
+
+from . import config, daemon
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class CliError(Exception):
+    """A failure to report as one line."""
+
+
+def cmd_mount(args: argparse.Namespace) -> None:
+    topo = config.load(args.config)
+    if args.foreground:
+        daemon.check_mountpoint(args.mountpoint)
+        logging.basicConfig(level=args.log_level, format="cdmfs %(levelname)s %(name)s: %(message)s")
+        daemon.serve(args.mountpoint, topo, args.allow_other)
+    else:
+        daemon.start(args.mountpoint, topo, args.allow_other, args.log_level)
+
+
+def cmd_umount(args: argparse.Namespace) -> None:
+    daemon.umount(args.mountpoint)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import run
+    run()
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cdmfs", description=(
+        "Coherent device memory and HMM, emulated in user space as a FUSE filesystem."))
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    m = sub.add_parser("mount", help="mount the emulated machine")
+    m.add_argument("mountpoint")
+    m.add_argument("--config", metavar="FILE", help="topology TOML (default: the embedded one)")
+    m.add_argument("--foreground", action="store_true", help="serve in this process")
+    m.add_argument("--allow-other", action="store_true", help="let other users access the mount")
+    m.add_argument("--log-level", default="WARNING", type=str.upper, choices=LOG_LEVELS)
+    m.set_defaults(func=cmd_mount)
+
+    u = sub.add_parser("umount", help="unmount (also a stale mount)")
+    u.add_argument("mountpoint")
+    u.set_defaults(func=cmd_umount)
+
+    d = sub.add_parser("demo", help="mount in a temporary folder and run a short workload")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (CliError, config.ConfigError, daemon.MountError, OSError) as e:
+        print(f"cdmfs: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

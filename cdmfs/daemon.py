@@ -1,0 +1,160 @@
+"""Mounting, serving and unmounting (SPEC §2 ``mount``/``umount``)."""
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import signal
+import sys
+from typing import Callable, Optional
+
+from .config import Topology
+
+log = logging.getLogger(__name__)
+
+# pyfuse3 worker tasks: a handler that awaits (a migration waiting for the
+# kernel's write-back) must not stall the request loop, so more than one.
+MIN_TASKS = 2
+MAX_TASKS = 16
+
+
+class MountError(Exception):
+    """A mount or unmount that cannot be done; the message is one line."""
+
+
+def _unescape(field: str) -> str:
+    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+
+
+def is_mounted(path: str) -> bool:
+    """Whether path is a mount point, also for a stale FUSE mount (stat would fail)."""
+    path = os.path.realpath(path)
+    with open("/proc/self/mounts") as f:
+        return any(_unescape(line.split()[1]) == path for line in f)
+
+
+def check_mountpoint(path: str) -> None:
+    if not os.path.exists("/dev/fuse"):
+        raise MountError("/dev/fuse does not exist (load the fuse module, or run where FUSE is available)")
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        raise MountError("/dev/fuse is not accessible to this user")
+    if is_mounted(path):
+        raise MountError(f"{path} is already a mount point")
+    if not os.path.isdir(path):
+        raise MountError(f"mount point {path} does not exist or is not a directory")
+    if os.listdir(path):
+        raise MountError(f"mount point {path} is not empty")
+
+
+def fuse_device_fd() -> int:
+    """The daemon's /dev/fuse descriptor (pyfuse3 does not export it)."""
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") == "/dev/fuse":
+                return int(name)
+        except OSError:
+            continue
+    raise MountError("no /dev/fuse descriptor after mounting")
+
+
+def serve(mountpoint: str, topo: Topology, allow_other: bool = False,
+          ready: Optional[Callable[[], None]] = None) -> None:
+    """Mounts and serves until unmounted or signalled (SIGINT/SIGTERM unmount cleanly)."""
+    import pyfuse3
+    import trio
+
+    from . import sysfs
+    from .fs import Filesystem
+    from .machine import Machine
+    from .region import Regions
+    from .tree import Tree
+
+    machine = Machine(topo)
+    regions = Regions(machine)
+    tree = Tree()
+    sysfs.build(tree, machine)
+    ops = Filesystem(machine, tree, regions)
+    options = set(pyfuse3.default_options) | {"fsname=cdmfs", "subtype=cdmfs"}
+    if allow_other:
+        options.add("allow_other")
+    try:
+        pyfuse3.init(ops, mountpoint, options)
+    except RuntimeError as e:
+        raise MountError(f"cannot mount {mountpoint}: {e}") from None
+    ops.fuse_fd = fuse_device_fd()
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            async def on_signal() -> None:
+                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for sig in signals:
+                        log.info("signal %d: unmounting", sig)
+                        pyfuse3.terminate()
+                        return
+            nursery.start_soon(on_signal)
+            if ready:
+                ready()
+            await pyfuse3.main(min_tasks=MIN_TASKS, max_tasks=MAX_TASKS)
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    finally:
+        try:
+            pyfuse3.close(unmount=True)
+        except Exception:  # already unmounted from outside
+            pass
+
+
+def start(mountpoint: str, topo: Topology, allow_other: bool = False, log_level: str = "WARNING") -> int:
+    """Forks a daemon that serves the mount; returns its pid once the mount answers."""
+    check_mountpoint(mountpoint)
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        os.close(rfd)
+        try:
+            os.setsid()
+            devnull = os.open(os.devnull, os.O_RDWR)
+            os.dup2(devnull, 0)
+            os.dup2(devnull, 1)
+            logging.basicConfig(level=log_level, format="cdmfs[%(process)d] %(levelname)s %(name)s: %(message)s")
+
+            def ready() -> None:
+                os.write(wfd, b"ok\n")
+                os.close(wfd)
+            serve(mountpoint, topo, allow_other, ready)
+            os._exit(0)
+        except BaseException as e:  # report anything before ready, then die
+            try:
+                os.write(wfd, f"{e}\n".encode())
+            except OSError:
+                pass
+            os._exit(1)
+    os.close(wfd)
+    with os.fdopen(rfd) as r:
+        answer = r.read().strip()
+    if not answer.startswith("ok"):
+        os.waitpid(pid, 0)
+        raise MountError(answer or "the daemon died while mounting")
+    return pid
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+MNT_DETACH = 2
+
+
+def umount(mountpoint: str) -> None:
+    """Unmounts, also a stale mount whose daemon died."""
+    if not is_mounted(mountpoint):
+        raise MountError(f"{mountpoint} is not mounted")
+    path = os.fsencode(os.path.realpath(mountpoint))
+    if _libc.umount2(path, 0) == 0:
+        return
+    err = ctypes.get_errno()
+    if err == errno.EBUSY:
+        raise MountError(f"{mountpoint} is busy (a process has a file open or mapped, or its cwd there)")
+    if _libc.umount2(path, MNT_DETACH) != 0:
+        err = ctypes.get_errno()
+        raise MountError(f"cannot unmount {mountpoint}: {os.strerror(err)}")

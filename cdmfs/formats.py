@@ -1,0 +1,495 @@
+"""Kernel text formats: the one place where cdmfs spells out sysfs file contents.
+
+Every function here is pure and returns the *whole* content of one file exactly as
+the Linux show function emits it, trailing newline included.  The references are
+Linux 6.18 (the host kernel this was checked against, byte for byte, by
+``tests/test_formats.py``):
+
+* ``lib/vsprintf.c``  -- ``bitmap_string()`` (``%*pb``) and ``bitmap_list_string()``
+  (``%*pbl``); ``lib/bitmap-str.c`` -- ``bitmap_parselist()``.
+* ``drivers/base/node.c`` -- ``node_read_meminfo()``, ``node_read_numastat()``,
+  ``node_read_vmstat()``, ``node_read_distance()``, ``show_node_state()``,
+  ``node_read_cpumap()``.
+* ``mm/hugetlb.c`` -- ``hugetlb_report_node_meminfo()``.
+* ``drivers/base/memory.c`` -- ``block_size_bytes_show()``.
+* ``fs/proc/meminfo.c`` -- ``show_val_kb()`` (padding model for ``device_meminfo``).
+
+Counters are C ``unsigned long`` in the kernel; the functions here accept only
+non-negative ``int`` values below 2**64 and raise ``ValueError`` otherwise (a
+negative count is an emulator bug, better caught than printed as 18446744073...).
+Mappings with keys the format does not have also raise ``ValueError``, so a typo
+cannot silently print 0.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable, List, Mapping, Optional, Sequence, Set, Tuple
+
+__all__ = [
+    "MAX_NUMNODES",
+    "MAX_NR_CPUS",
+    "NODE_MEMINFO_KEYS",
+    "NODE_MEMINFO_HUGEPAGES_KEYS",
+    "NODE_NUMASTAT_KEYS",
+    "NODE_VMSTAT_KEYS",
+    "NODE_VMSTAT_CDMFS_EVENTS",
+    "nodelist",
+    "cpulist",
+    "cpumask",
+    "parse_nodelist",
+    "parse_cpulist",
+    "node_meminfo",
+    "node_numastat",
+    "node_vmstat",
+    "node_distance",
+    "kv_lines",
+    "device_meminfo",
+    "block_size_bytes",
+]
+
+#: MAX_NUMNODES of the reference kernel (CONFIG_NODES_SHIFT=10 on x86_64 distro
+#: configs): the bitmap size ``nodelist_parse()`` hands to ``bitmap_parselist()``,
+#: so the largest node id a write may name is MAX_NUMNODES - 1.
+MAX_NUMNODES = 1 << 10
+
+#: Upper bound for cpu ids in parsed cpu lists: the largest NR_CPUS x86_64
+#: allows (CONFIG_MAXSMP), so any host's cpu list parses.
+MAX_NR_CPUS = 1 << 13
+
+_ULONG_MAX = (1 << 64) - 1
+_UINT_MAX = (1 << 32) - 1
+
+# --------------------------------------------------------------------------- #
+# helpers
+# --------------------------------------------------------------------------- #
+
+
+def _count(name: str, value: object, limit: int = _ULONG_MAX) -> int:
+    """Validate one counter value (``%lu``/``%u`` argument)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name}: expected an int, got {value!r}")
+    if value < 0 or value > limit:
+        raise ValueError(f"{name}: {value} out of range 0..{limit}")
+    return value
+
+
+def _bit_ids(ids: Iterable[int], what: str) -> List[int]:
+    """Sorted, de-duplicated, validated list of bit numbers."""
+    out = set()
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise ValueError(f"{what}: expected int ids, got {i!r}")
+        if i < 0:
+            raise ValueError(f"{what}: negative id {i}")
+        out.add(i)
+    return sorted(out)
+
+
+def _check_keys(what: str, given: Mapping[str, object], known: Iterable[str]) -> None:
+    unknown = set(given) - set(known)
+    if unknown:
+        raise ValueError(f"{what}: unknown key(s) {sorted(unknown)!r}")
+
+
+# --------------------------------------------------------------------------- #
+# bitmaps: %*pbl, %*pb, bitmap_parselist
+# --------------------------------------------------------------------------- #
+
+
+def nodelist(ids: Iterable[int]) -> str:
+    """``"%*pbl\\n"`` -- ``bitmap_list_string()`` as used by ``show_node_state()``.
+
+    Runs of consecutive ids print as ``a-b`` (a run of two too: ``0-1``), single
+    ids as ``a``, comma separated, ascending; an empty set prints ``"\\n"``.
+    Duplicates and order in ``ids`` do not matter; negative ids raise ValueError.
+    """
+    bits = _bit_ids(ids, "nodelist")
+    parts: List[str] = []
+    i = 0
+    while i < len(bits):
+        j = i
+        while j + 1 < len(bits) and bits[j + 1] == bits[j] + 1:
+            j += 1
+        parts.append(str(bits[i]) if i == j else f"{bits[i]}-{bits[j]}")
+        i = j + 1
+    return ",".join(parts) + "\n"
+
+
+def cpulist(cpus: Iterable[int]) -> str:
+    """``nodeN/cpulist`` and ``cpu/{online,possible,present}``: ``"%*pbl\\n"``.
+
+    Same format as :func:`nodelist` (``cpumap_print_to_pagebuf(true, ...)``).
+    """
+    return nodelist(cpus)
+
+
+def cpumask(cpus: Iterable[int], nr_cpu_ids: int) -> str:
+    """``"%*pb\\n"`` over ``nr_cpu_ids`` bits -- ``bitmap_string()`` (lib/vsprintf.c).
+
+    As ``node_read_cpumap()`` -> ``cpumap_print_to_pagebuf(false, ...)`` prints
+    ``nodeN/cpumap``: lowercase hex in 32-bit chunks, most significant first,
+    separated by ``,``.  Every chunk is zero padded to 8 digits except the first
+    (most significant) one, which covers only ``nr_cpu_ids % 32`` bits (32 if that
+    is 0) and is zero padded to ``DIV_ROUND_UP(chunksz, 4)`` digits.  Examples:
+    nr_cpu_ids=2, {0,1} -> ``"3\\n"``; nr_cpu_ids=40, {0,39} -> ``"80,00000001\\n"``;
+    nr_cpu_ids=0 -> ``"\\n"``.  A cpu outside ``0..nr_cpu_ids-1`` raises
+    ValueError (the kernel would silently not print it).
+    """
+    if isinstance(nr_cpu_ids, bool) or not isinstance(nr_cpu_ids, int) or nr_cpu_ids < 0:
+        raise ValueError(f"cpumask: bad nr_cpu_ids {nr_cpu_ids!r}")
+    mask = 0
+    for c in _bit_ids(cpus, "cpumask"):
+        if c >= nr_cpu_ids:
+            raise ValueError(f"cpumask: cpu {c} >= nr_cpu_ids {nr_cpu_ids}")
+        mask |= 1 << c
+    chunks: List[str] = []
+    chunksz = nr_cpu_ids % 32 or 32
+    base = ((nr_cpu_ids + 31) // 32 - 1) * 32  # ALIGN(nr_bits, 32) - 32
+    while base >= 0:
+        val = (mask >> base) & ((1 << chunksz) - 1)
+        width = (chunksz + 3) // 4
+        chunks.append(f"{val:0{width}x}")
+        base -= 32
+        chunksz = 32
+    return ",".join(chunks) + "\n"
+
+
+_RANGE_RE = re.compile(r"([0-9]+)(?:-([0-9]+))?", re.ASCII)
+
+
+def parse_nodelist(text: str, *, limit: int = MAX_NUMNODES) -> Set[int]:
+    """Inverse of :func:`nodelist`: parse ``"0-1,3"`` (one trailing ``\\n`` allowed).
+
+    A subset of the kernel's ``bitmap_parselist()`` (what ``nodelist_parse()``
+    uses for writes): comma-separated pieces, each ``N`` or ``A-B`` with
+    ``A <= B``, decimal ASCII digits.  ``""``/``"\\n"`` is the empty set (the
+    kernel accepts it too; it is what ``nodelist(())`` prints).  Raises
+    ValueError on empty pieces (``"0,"``, ``"0,,1"``), reversed ranges, signs,
+    spaces, non-digits, and ids ``>= limit`` (the kernel's ``-ERANGE``; the
+    default is MAX_NUMNODES).  Stricter than the kernel, which also skips
+    whitespace/extra commas and knows ``N`` and ``A-B:G/S`` group syntax.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"parse_nodelist: expected str, got {type(text).__name__}")
+    if text.endswith("\n"):
+        text = text[:-1]
+    out: Set[int] = set()
+    if text == "":
+        return out
+    for piece in text.split(","):
+        m = _RANGE_RE.fullmatch(piece)
+        if m is None:
+            raise ValueError(f"parse_nodelist: bad piece {piece!r}")
+        lo = int(m.group(1))
+        hi = int(m.group(2)) if m.group(2) is not None else lo
+        if hi < lo:
+            raise ValueError(f"parse_nodelist: reversed range {piece!r}")
+        if hi >= limit:
+            raise ValueError(f"parse_nodelist: id {hi} >= limit {limit}")
+        out.update(range(lo, hi + 1))
+    return out
+
+
+def parse_cpulist(text: str, *, limit: int = MAX_NR_CPUS) -> Set[int]:
+    """Parse a cpu list (``"0-3,8"``, ``cpu/online``): :func:`parse_nodelist`'s
+    rules with a cpu-sized bound (the kernel's ``cpulist_parse()`` bounds by
+    ``nr_cpumask_bits``); use this, not parse_nodelist, for cpus.
+    """
+    return parse_nodelist(text, limit=limit)
+
+
+# --------------------------------------------------------------------------- #
+# drivers/base/node.c
+# --------------------------------------------------------------------------- #
+
+#: Lines of ``nodeN/meminfo`` in the order ``node_read_meminfo()`` prints them on
+#: the reference x86_64 kernel (CONFIG_TRANSPARENT_HUGEPAGE=y, CONFIG_HUGETLB_PAGE=y;
+#: no CONFIG_HIGHMEM -> no HighTotal/HighFree/LowTotal/LowFree, no
+#: CONFIG_SHADOW_CALL_STACK -> no ShadowCallStack, no CONFIG_UNACCEPTED_MEMORY ->
+#: no Unaccepted).  The last three come from ``hugetlb_report_node_meminfo()``.
+NODE_MEMINFO_KEYS: Tuple[str, ...] = (
+    "MemTotal",
+    "MemFree",
+    "MemUsed",
+    "SwapCached",
+    "Active",
+    "Inactive",
+    "Active(anon)",
+    "Inactive(anon)",
+    "Active(file)",
+    "Inactive(file)",
+    "Unevictable",
+    "Mlocked",
+    "Dirty",
+    "Writeback",
+    "FilePages",
+    "Mapped",
+    "AnonPages",
+    "Shmem",
+    "KernelStack",
+    "PageTables",
+    "SecPageTables",
+    "NFS_Unstable",
+    "Bounce",
+    "WritebackTmp",
+    "KReclaimable",
+    "Slab",
+    "SReclaimable",
+    "SUnreclaim",
+    "AnonHugePages",
+    "ShmemHugePages",
+    "ShmemPmdMapped",
+    "FileHugePages",
+    "FilePmdMapped",
+    "HugePages_Total",
+    "HugePages_Free",
+    "HugePages_Surp",
+)
+
+#: The meminfo lines that are page counts (``%5u``, no ``kB``), not kB values.
+NODE_MEMINFO_HUGEPAGES_KEYS: Tuple[str, ...] = (
+    "HugePages_Total",
+    "HugePages_Free",
+    "HugePages_Surp",
+)
+
+
+def _meminfo_derived(kb: Mapping[str, int]) -> dict:
+    """The sums node_read_meminfo() computes itself, for keys the caller omitted."""
+    g = lambda k: kb.get(k, 0)  # noqa: E731
+    derived = {
+        "MemUsed": g("MemTotal") - g("MemFree"),
+        "Active": g("Active(anon)") + g("Active(file)"),
+        "Inactive": g("Inactive(anon)") + g("Inactive(file)"),
+        "Slab": g("SReclaimable") + g("SUnreclaim"),
+        # KReclaimable = SReclaimable + NR_KERNEL_MISC_RECLAIMABLE (0 here)
+        "KReclaimable": g("SReclaimable"),
+    }
+    return {k: v for k, v in derived.items() if k not in kb}
+
+
+def node_meminfo(nid: int, kb: Mapping[str, int]) -> str:
+    """``nodeN/meminfo`` -- ``node_read_meminfo()`` + ``hugetlb_report_node_meminfo()``.
+
+    Each kB line is ``"Node %d <Key>:<pad>%8lu kB\\n"`` where ``<Key>:`` is padded
+    with spaces to 16 columns (the kernel's literal format strings, e.g.
+    ``"Node %d MemTotal:       %8lu kB\\n"``); the ``HugePages_*`` lines are
+    ``"Node %d HugePages_Total: %5u\\n"`` -- key padded to 17 columns, ``%5u``
+    and no unit.  Values are taken from ``kb`` (kB, or pages for HugePages_*);
+    keys not given print 0, except the kernel's own sums, which are derived when
+    omitted: MemUsed = MemTotal - MemFree, Active/Inactive = (anon) + (file),
+    Slab = SReclaimable + SUnreclaim, KReclaimable = SReclaimable.
+    """
+    _count("nid", nid, _UINT_MAX >> 1)
+    _check_keys("node_meminfo", kb, NODE_MEMINFO_KEYS)
+    for key, value in kb.items():
+        _count(key, value)
+    values = dict(kb)
+    values.update(_meminfo_derived(kb))
+    lines = []
+    for key in NODE_MEMINFO_KEYS:
+        if key in NODE_MEMINFO_HUGEPAGES_KEYS:
+            v = _count(key, values.get(key, 0), _UINT_MAX)
+            lines.append(f"Node {nid} {key + ':':<17}{v:5d}\n")
+        else:
+            v = _count(key, values.get(key, 0))
+            lines.append(f"Node {nid} {key + ':':<16}{v:8d} kB\n")
+    return "".join(lines)
+
+
+#: ``nodeN/numastat`` lines, in ``node_read_numastat()`` order (page counts).
+#: Note the names differ from the same counters in vmstat: interleave_hit,
+#: local_node, other_node are numa_interleave, numa_local, numa_other there.
+NODE_NUMASTAT_KEYS: Tuple[str, ...] = (
+    "numa_hit",
+    "numa_miss",
+    "numa_foreign",
+    "interleave_hit",
+    "local_node",
+    "other_node",
+)
+
+
+def node_numastat(c: Mapping[str, int]) -> str:
+    """``nodeN/numastat`` -- ``node_read_numastat()``: six ``"%s %lu\\n"`` lines.
+
+    Keys are :data:`NODE_NUMASTAT_KEYS`; missing ones print 0.
+    """
+    _check_keys("node_numastat", c, NODE_NUMASTAT_KEYS)
+    return "".join(f"{k} {_count(k, c.get(k, 0))}\n" for k in NODE_NUMASTAT_KEYS)
+
+
+#: ``nodeN/vmstat`` lines in ``node_read_vmstat()`` order on the reference kernel:
+#: the zone stat items (summed over the node's zones), the NUMA event items,
+#: then the node stat items.  Like the kernel, cdmfs gives the THP items
+#: (nr_anon_transparent_hugepages, nr_shmem_hugepages, nr_file_hugepages, ...)
+#: in huge pages, all other nr_* in base pages.
+NODE_VMSTAT_KEYS: Tuple[str, ...] = (
+    # enum zone_stat_item
+    "nr_free_pages",
+    "nr_free_pages_blocks",
+    "nr_zone_inactive_anon",
+    "nr_zone_active_anon",
+    "nr_zone_inactive_file",
+    "nr_zone_active_file",
+    "nr_zone_unevictable",
+    "nr_zone_write_pending",
+    "nr_mlock",
+    "nr_zspages",
+    "nr_free_cma",
+    # enum numa_stat_item
+    "numa_hit",
+    "numa_miss",
+    "numa_foreign",
+    "numa_interleave",
+    "numa_local",
+    "numa_other",
+    # enum node_stat_item
+    "nr_inactive_anon",
+    "nr_active_anon",
+    "nr_inactive_file",
+    "nr_active_file",
+    "nr_unevictable",
+    "nr_slab_reclaimable",
+    "nr_slab_unreclaimable",
+    "nr_isolated_anon",
+    "nr_isolated_file",
+    "workingset_nodes",
+    "workingset_refault_anon",
+    "workingset_refault_file",
+    "workingset_activate_anon",
+    "workingset_activate_file",
+    "workingset_restore_anon",
+    "workingset_restore_file",
+    "workingset_nodereclaim",
+    "nr_anon_pages",
+    "nr_mapped",
+    "nr_file_pages",
+    "nr_dirty",
+    "nr_writeback",
+    "nr_shmem",
+    "nr_shmem_hugepages",
+    "nr_shmem_pmdmapped",
+    "nr_file_hugepages",
+    "nr_file_pmdmapped",
+    "nr_anon_transparent_hugepages",
+    "nr_vmscan_write",
+    "nr_vmscan_immediate_reclaim",
+    "nr_dirtied",
+    "nr_written",
+    "nr_throttled_written",
+    "nr_kernel_misc_reclaimable",
+    "nr_foll_pin_acquired",
+    "nr_foll_pin_released",
+    "nr_kernel_stack",
+    "nr_page_table_pages",
+    "nr_sec_page_table_pages",
+    "nr_iommu_pages",
+    "nr_swapcached",
+    "pgpromote_success",
+    "pgpromote_candidate",
+    "pgpromote_candidate_nrl",
+    "pgdemote_kswapd",
+    "pgdemote_direct",
+    "pgdemote_khugepaged",
+    "pgdemote_proactive",
+    "nr_hugetlb",
+    "nr_balloon_pages",
+    "nr_kernel_file_pages",
+)
+
+#: cdmfs extension: vm_event counters appended to ``nodeN/vmstat``.  The real
+#: kernel has no per-node vm events -- pgfault, pgmigrate_success and
+#: pgmigrate_fail exist only system-wide in /proc/vmstat -- but cdmfs's SPEC (§5)
+#: asks for them per node.  They come last so every kernel line keeps its place
+#: and parsers that read "name value" pairs see the kernel's lines unchanged.
+NODE_VMSTAT_CDMFS_EVENTS: Tuple[str, ...] = (
+    "pgfault",
+    "pgmigrate_success",
+    "pgmigrate_fail",
+)
+
+
+def node_vmstat(v: Mapping[str, int]) -> str:
+    """``nodeN/vmstat`` -- ``node_read_vmstat()``: ``"%s %lu\\n"`` per item.
+
+    The kernel's :data:`NODE_VMSTAT_KEYS` in order, then cdmfs's
+    :data:`NODE_VMSTAT_CDMFS_EVENTS` (not in the real file); missing keys print 0.
+    """
+    keys = NODE_VMSTAT_KEYS + NODE_VMSTAT_CDMFS_EVENTS
+    _check_keys("node_vmstat", v, keys)
+    return "".join(f"{k} {_count(k, v.get(k, 0))}\n" for k in keys)
+
+
+def node_distance(row: Sequence[int], ids: Optional[Sequence[int]] = None) -> str:
+    """``nodeN/distance`` -- ``node_read_distance()``: ``"10 20\\n"``.
+
+    ``row`` holds the distances to each online node in ascending id order.  The
+    kernel prints ``"%s%d"`` with the separator chosen by ``i ? " " : ""`` on
+    the *node id*, not on "first item": when node 0 is offline the line starts
+    with a space.  Pass the online ids as ``ids`` to get that exactly; without
+    ``ids`` node 0 is assumed online (plain space-joined list).
+    """
+    if ids is None:
+        ids = range(len(row))
+    if len(ids) != len(row):
+        raise ValueError("node_distance: row and ids differ in length")
+    out = []
+    for i, d in zip(ids, row):
+        if isinstance(d, bool) or not isinstance(d, int):
+            raise ValueError(f"node_distance: bad distance {d!r}")
+        out.append(f"{' ' if i else ''}{d}")
+    return "".join(out) + "\n"
+
+
+# --------------------------------------------------------------------------- #
+# cdmfs's own files and drivers/base/memory.c
+# --------------------------------------------------------------------------- #
+
+
+def kv_lines(items: Iterable[Tuple[str, object]]) -> str:
+    """``"key value\\n"`` per item, in the given order (cdmfs's own stat files).
+
+    The style of vmstat/numastat.  ``bool`` values print as ``1``/``0``; other
+    values with ``str()``.  Keys must be non-empty without whitespace, and values
+    must not contain whitespace other than inner spaces (no newlines).
+    """
+    out = []
+    for key, value in items:
+        if not isinstance(key, str) or not key or any(ch.isspace() for ch in key):
+            raise ValueError(f"kv_lines: bad key {key!r}")
+        text = str(int(value)) if isinstance(value, bool) else str(value)
+        if "\n" in text or "\r" in text:
+            raise ValueError(f"kv_lines: value for {key!r} contains a newline")
+        out.append(f"{key} {text}\n")
+    return "".join(out)
+
+
+def device_meminfo(total_kb: int, free_kb: int) -> str:
+    """``devices/NAME/meminfo``: MemTotal, MemFree, MemUsed = total - free (kB).
+
+    No kernel file has exactly these lines; the padding is /proc/meminfo's
+    (``fs/proc/meminfo.c`` ``show_val_kb()``: the key with its colon padded to 16
+    columns, then ``%8lu kB``), e.g. ``"MemTotal:       16384000 kB\\n"`` -- the
+    ``nodeN/meminfo`` lines without the ``"Node N "`` prefix.
+    """
+    total = _count("MemTotal", total_kb)
+    free = _count("MemFree", free_kb)
+    if free > total:
+        raise ValueError(f"device_meminfo: free {free} > total {total}")
+    return "".join(
+        f"{k + ':':<16}{v:8d} kB\n"
+        for k, v in (("MemTotal", total), ("MemFree", free), ("MemUsed", total - free))
+    )
+
+
+def block_size_bytes(n: int) -> str:
+    """``memory/block_size_bytes`` -- ``block_size_bytes_show()``: ``"%lx\\n"``.
+
+    Lowercase hex without ``0x``: 128 MiB -> ``"8000000\\n"``.
+    """
+    _count("block_size_bytes", n)
+    if n == 0:
+        raise ValueError("block_size_bytes: must be positive")
+    return f"{n:x}\n"

@@ -1,0 +1,287 @@
+"""pyfuse3 Operations: inodes, files and dispatch.  Knows entries, not memory policy.
+
+Attribute and transaction files are opened with direct_io so every read
+reaches the daemon (no stale page cache); region data files keep the page
+cache, because that cache *is* the CPU's page table (DESIGN §1, §2).
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import pyfuse3
+import trio
+
+from ._core import lib
+from .config import PAGE_SIZE
+from .machine import Machine
+from .region import Regions
+from .regionfiles import DataFile, RegionDir, add_region
+from .tree import Attr, Dir, Entry, Link, Transaction, Tree
+
+log = logging.getLogger(__name__)
+
+ATTR_SIZE = 4096          # what sysfs reports for every attribute
+TIMEOUT = 300.0           # entries and attributes change only through us
+
+
+@dataclass
+class OpenFile:
+    entry: Entry
+    pid: int
+    writable: bool
+    content: bytes = b""
+    state: dict = field(default_factory=dict)
+
+
+def fuse_error(e: BaseException) -> pyfuse3.FUSEError:
+    if isinstance(e, OSError) and e.errno:
+        return pyfuse3.FUSEError(e.errno)
+    return pyfuse3.FUSEError(errno.EINVAL)
+
+
+class Filesystem(pyfuse3.Operations):
+    enable_writeback_cache = False
+
+    def __init__(self, machine: Machine, tree: Tree, regions: Regions):
+        super().__init__()
+        self.machine = machine
+        self.tree = tree
+        self.regions = regions
+        self.regions_dir = tree.dir(tree.root, "regions")
+        tree.dir(tree.root, "devices")
+        self.files: dict[int, OpenFile] = {}
+        self._next_fh = 1
+        self.uid, self.gid = os.getuid(), os.getgid()
+        self.mount_ns = time.time_ns()
+        self.fuse_fd: Optional[int] = None
+        machine.cpu_unmap = self.cpu_unmap
+
+    # ------------------------------------------------------------ inodes
+
+    def _entry(self, inode: int) -> Entry:
+        try:
+            return self.tree.inodes[inode]
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+
+    def _attrs(self, e: Entry) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = e.inode
+        a.st_mode = e.mode
+        a.st_nlink = 2 if isinstance(e, Dir) else 1
+        a.st_uid, a.st_gid = self.uid, self.gid
+        a.st_blksize = PAGE_SIZE
+        if isinstance(e, DataFile):
+            a.st_size = e.region.size
+            a.st_blocks = e.region.npages * (PAGE_SIZE // 512)
+        elif isinstance(e, Attr):
+            a.st_size = e.size() if e.size else ATTR_SIZE
+        elif isinstance(e, Transaction):
+            a.st_size = ATTR_SIZE
+        elif isinstance(e, Link):
+            a.st_size = len(e.target)
+        else:
+            a.st_size = 0
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = self.mount_ns
+        a.attr_timeout = a.entry_timeout = TIMEOUT
+        return a
+
+    async def lookup(self, parent_inode, name, ctx=None):
+        parent = self._entry(parent_inode)
+        if not isinstance(parent, Dir):
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        name = os.fsdecode(name)
+        if name == ".":
+            return self._attrs(parent)
+        if name == "..":
+            return self._attrs(parent.parent or parent)
+        child = parent.children.get(name)
+        if child is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attrs(child)
+
+    async def getattr(self, inode, ctx=None):
+        return self._attrs(self._entry(inode))
+
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        e = self._entry(inode)
+        if fields.update_size:
+            if not isinstance(e, DataFile):
+                # sysfs attributes ignore O_TRUNC; only data has a size.
+                if attr.st_size != 0:
+                    raise pyfuse3.FUSEError(errno.EINVAL)
+            else:
+                try:
+                    e.region.resize(attr.st_size)
+                except OSError as err:
+                    raise fuse_error(err) from None
+        if fields.update_mode or fields.update_uid or fields.update_gid:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        return self._attrs(e)
+
+    async def readlink(self, inode, ctx):
+        e = self._entry(inode)
+        if not isinstance(e, Link):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return os.fsencode(e.target)
+
+    async def opendir(self, inode, ctx):
+        if not isinstance(self._entry(inode), Dir):
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    async def readdir(self, fh, start_id, token):
+        d = self._entry(fh)
+        for i, (name, child) in enumerate(list(d.children.items())):
+            if i < start_id:
+                continue
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attrs(child), i + 1):
+                return
+
+    async def statfs(self, ctx):
+        s = pyfuse3.StatvfsData()
+        pages = [self.machine.node_pages(n) for n in self.machine.nodes]
+        s.f_bsize = s.f_frsize = PAGE_SIZE
+        s.f_blocks = sum(p["total"] for p in pages)
+        s.f_bfree = s.f_bavail = sum(p["free"] for p in pages)
+        s.f_files = len(self.tree.inodes)
+        s.f_ffree = s.f_favail = 1 << 20
+        s.f_namemax = 64
+        return s
+
+    # ------------------------------------------------------------ regions
+
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        if parent_inode != self.regions_dir.inode:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        try:
+            region = self.regions.create(os.fsdecode(name))
+        except OSError as e:
+            raise fuse_error(e) from None
+        log.info("region %s created", region.name)
+        return self._attrs(add_region(self.tree, self.regions_dir, self.machine, region))
+
+    async def rmdir(self, parent_inode, name, ctx):
+        if parent_inode != self.regions_dir.inode:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        entry = self.regions_dir.children.get(os.fsdecode(name))
+        if not isinstance(entry, RegionDir):
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        try:
+            self.regions.remove(entry.region.name)
+        except OSError as e:
+            raise fuse_error(e) from None
+        self.tree.remove(entry)
+        log.info("region %s removed", entry.region.name)
+
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        raise pyfuse3.FUSEError(errno.EACCES)
+
+    async def unlink(self, parent_inode, name, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    # ------------------------------------------------------------ files
+
+    async def open(self, inode, flags, ctx):
+        e = self._entry(inode)
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        if isinstance(e, Dir):
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        if isinstance(e, Attr):
+            # As kernfs does: no store means no write, even for root; no show, no read.
+            if writable and e.store is None:
+                raise pyfuse3.FUSEError(errno.EACCES)
+            if (flags & os.O_ACCMODE) != os.O_WRONLY and e.show is None:
+                raise pyfuse3.FUSEError(errno.EACCES)
+        fh = self._next_fh
+        self._next_fh += 1
+        self.files[fh] = OpenFile(e, ctx.pid, writable)
+        if isinstance(e, DataFile):
+            e.region.opens += 1
+            return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        return pyfuse3.FileInfo(fh=fh, direct_io=True)
+
+    async def release(self, fh):
+        of = self.files.pop(fh, None)
+        if of is not None and isinstance(of.entry, DataFile):
+            of.entry.region.opens -= 1
+
+    async def flush(self, fh):
+        pass
+
+    async def fsync(self, fh, datasync):
+        pass   # a WRITE has already landed in the page's frame
+
+    async def read(self, fh, off, size):
+        of = self.files[fh]
+        e = of.entry
+        if isinstance(e, DataFile):
+            try:
+                return await e.region.fault(off, size, of.pid)
+            except OSError as err:
+                raise fuse_error(err) from None
+        if off == 0 or not of.content:
+            try:
+                if isinstance(e, Transaction):
+                    text = e.response(of.state)
+                else:
+                    text = e.show()
+            except (OSError, ValueError) as err:
+                raise fuse_error(err) from None
+            of.content = text.encode() if isinstance(text, str) else bytes(text)
+        return of.content[off:off + size]
+
+    async def write(self, fh, off, buf):
+        of = self.files[fh]
+        e = of.entry
+        if isinstance(e, DataFile):
+            try:
+                return await e.region.writeback(off, buf, of.pid)
+            except OSError as err:
+                raise fuse_error(err) from None
+        try:
+            text = buf.decode("ascii")
+        except UnicodeDecodeError:
+            raise pyfuse3.FUSEError(errno.EINVAL) from None
+        try:
+            if isinstance(e, Transaction):
+                result = e.request(of.state, text)
+                if hasattr(result, "__await__"):
+                    await result
+            elif isinstance(e, Attr) and e.store is not None:
+                e.store(text)
+            else:
+                raise pyfuse3.FUSEError(errno.EACCES)
+        except (OSError, ValueError) as err:
+            log.info("write %r to %s: %s", text.strip(), e.name, err)
+            raise fuse_error(err) from None
+        of.content = b""
+        return len(buf)
+
+    # ------------------------------------------------------------ CPU page table
+
+    def data_inode(self, region) -> Optional[int]:
+        d = self.regions_dir.children.get(region.name)
+        return d.children["data"].inode if isinstance(d, RegionDir) else None
+
+    async def cpu_unmap(self, region, first: int, npages: int) -> None:
+        """mmu_notifier invalidate of pages [first, first+npages): the host
+        kernel writes back dirty pages (WRITEs we serve meanwhile), unmaps and
+        drops them; the next CPU access faults.  Runs in a thread that serves
+        no requests, since the write blocks on those WRITEs (DESIGN §2)."""
+        ino = self.data_inode(region)
+        if ino is None or self.fuse_fd is None:
+            return
+        # Forget the belief first: a fault racing the invalidation sets it again.
+        lib.cdm_region_uncache(self.machine.core, region.core, first, npages)
+        rc = await trio.to_thread.run_sync(
+            lib.cdm_fuse_inval, self.fuse_fd, ino, first * PAGE_SIZE, npages * PAGE_SIZE)
+        if rc not in (0, -errno.ENOENT):
+            raise OSError(-rc, "invalidating the CPU's copies failed")
+        region.invalidations += 1

@@ -1,0 +1,106 @@
+"""Memory policies (set_mempolicy(2)/mbind(2) modes) and where they place a page.
+
+SPEC §6.1.  A policy is parsed from and printed to its canonical text
+(``bind:0-1``); ``placement`` turns it into the ordered node lists that the
+native allocator walks, applying the CDM rules: an isolated node never gets an
+implicit allocation, only one a policy names.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+from . import formats
+
+MODES = ("default", "local", "bind", "preferred", "preferred_many", "interleave",
+         "weighted_interleave")
+_TAKES_NODES = {"bind", "preferred", "preferred_many", "interleave", "weighted_interleave"}
+
+
+@dataclass(frozen=True)
+class MemPolicy:
+    mode: str = "default"
+    nodes: tuple[int, ...] = ()
+
+    def __str__(self) -> str:
+        if self.mode in _TAKES_NODES:
+            return f"{self.mode}:{formats.nodelist(self.nodes).strip()}"
+        return self.mode
+
+    @property
+    def interleaved(self) -> bool:
+        return self.mode in ("interleave", "weighted_interleave")
+
+
+DEFAULT = MemPolicy()
+
+
+def parse(text: str, known_nodes: Sequence[int]) -> MemPolicy:
+    """The policy written as text; ValueError with a one-line reason if it is not one."""
+    text = text.strip()
+    mode, sep, arg = text.partition(":")
+    if mode not in MODES:
+        raise ValueError(f"unknown policy mode {mode!r} (expected one of {', '.join(MODES)})")
+    if mode not in _TAKES_NODES:
+        if sep:
+            raise ValueError(f"policy {mode!r} takes no node list")
+        return MemPolicy(mode)
+    if not arg.strip():
+        raise ValueError(f"policy {mode!r} needs a node list, like {mode}:0-1")
+    nodes = formats.parse_nodelist(arg)
+    unknown = sorted(set(nodes) - set(known_nodes))
+    if unknown:
+        raise ValueError(f"node {unknown[0]} does not exist")
+    if mode == "preferred" and len(nodes) != 1:
+        raise ValueError("preferred takes exactly one node; use preferred_many for several")
+    return MemPolicy(mode, tuple(sorted(nodes)))
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where first-touched pages go: page index i is intended for
+    ``table[i % len(table)]``; ``fallback[n]`` is the order of nodes tried when
+    n is intended (n first when it is allowed)."""
+    table: tuple[int, ...]
+    fallback: Mapping[int, tuple[int, ...]]
+    interleave: bool
+
+
+def placement(policy: MemPolicy, local: int, usable: Sequence[int], isolated: Callable[[int], bool],
+              distance: Callable[[int, int], int], weight: Callable[[int], int]) -> Placement:
+    """The placement of a policy for a CPU on node ``local``.
+
+    ``usable`` are the nodes that can take pages now (present, online, with
+    memory); ``isolated(n)`` tells the CDM isolation of a node.
+    """
+    def by_distance(src: int, nodes) -> tuple[int, ...]:
+        return tuple(sorted(nodes, key=lambda n: (distance(src, n), n)))
+
+    named = set(policy.nodes)
+    implicit = [n for n in usable if not isolated(n) or n in named]
+    mode = policy.mode
+    if mode in ("default", "local"):
+        return Placement((local,), {local: by_distance(local, implicit)}, False)
+    if mode == "bind":
+        order = by_distance(local, [n for n in usable if n in named])
+        intended = order[0] if order else min(named)
+        return Placement((intended,), {intended: order}, False)
+    if mode == "preferred":
+        (node,) = policy.nodes
+        rest = by_distance(node, [n for n in implicit if n != node])
+        return Placement((node,), {node: ((node,) if node in usable else ()) + rest}, False)
+    if mode == "preferred_many":
+        first = by_distance(local, [n for n in usable if n in named])
+        intended = first[0] if first else min(named)
+        rest = by_distance(local, [n for n in implicit if n not in named])
+        return Placement((intended,), {intended: first + rest}, False)
+    # interleave and weighted_interleave: by page offset over the named nodes,
+    # each falling back by its own distance (never into an unnamed isolated node).
+    nodes = sorted(named)
+    if mode == "weighted_interleave":
+        table = tuple(n for n in nodes for _ in range(weight(n)))
+    else:
+        table = tuple(nodes)
+    fallback = {n: ((n,) if n in usable else ()) + by_distance(n, [m for m in implicit if m != n])
+                for n in nodes}
+    return Placement(table, fallback, True)

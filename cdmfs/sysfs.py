@@ -1,0 +1,220 @@
+"""The emulated machine's sysfs (SPEC §5): one show/store function per attribute,
+in the manner of drivers/base/node.c.  Formats live in ``formats``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+from . import formats
+from ._core import lib
+from .machine import KB_PER_PAGE, Machine
+from .tree import Attr, Dir, Link, Tree
+
+HOST_CPU = "/sys/devices/system/cpu"
+NODE_DIR = "devices/system/node"
+
+
+def parse_bool01(text: str) -> bool:
+    """A ``0``/``1`` write, as the CDM switches take it."""
+    word = text.strip()
+    if word not in ("0", "1"):
+        raise ValueError("expected 0 or 1")
+    return word == "1"
+
+
+def parse_uint(text: str, lo: int, hi: int) -> int:
+    word = text.strip()
+    if not word.isdigit() or not lo <= int(word) <= hi:
+        raise ValueError(f"expected an integer {lo}..{hi}")
+    return int(word)
+
+
+# ----------------------------------------------------------- node masks
+
+def node_masks(m: Machine) -> dict[str, Callable[[], str]]:
+    """sys/devices/system/node/{possible,online,has_*}: node_state masks."""
+    online = lambda: [nid for nid, n in m.nodes.items() if n.online]
+    return {
+        "possible": lambda: formats.nodelist(m.nodes),
+        "online": lambda: formats.nodelist(online()),
+        "has_cpu": lambda: formats.nodelist(n for n in online() if m.nodes[n].spec.cpus),
+        "has_memory": lambda: formats.nodelist(online()),
+        # CDM memory is ZONE_MOVABLE only: not "normal" memory.
+        "has_normal_memory": lambda: formats.nodelist(
+            n for n in online() if m.nodes[n].spec.kind == "sysram"),
+        "has_generic_initiator": lambda: formats.nodelist(()),
+        "has_coherent_device": lambda: formats.nodelist(
+            n for n in online() if m.nodes[n].spec.kind == "cdm"),
+    }
+
+
+# ----------------------------------------------------------- per node
+
+def node_meminfo(m: Machine, nid: int) -> str:
+    p = m.node_pages(nid)
+    kb = {key: pages * KB_PER_PAGE for key, pages in {
+        "MemTotal": p["total"],
+        "MemFree": p["free"],
+        "MemUsed": p["total"] - p["free"],
+        "Active": p["anon"],
+        "Active(anon)": p["anon"],
+        "Unevictable": p["mlocked"],
+        "Mlocked": p["mlocked"],
+        "Dirty": p["dirty"],
+        "Mapped": p["mapped"],
+        "AnonPages": p["anon"],
+    }.items()}
+    return formats.node_meminfo(nid, kb)
+
+
+def node_numastat(m: Machine, nid: int) -> str:
+    c = lambda k: m.node_counter(nid, k)
+    return formats.node_numastat({
+        "numa_hit": c(lib.CDM_NUMA_HIT),
+        "numa_miss": c(lib.CDM_NUMA_MISS),
+        "numa_foreign": c(lib.CDM_NUMA_FOREIGN),
+        "interleave_hit": c(lib.CDM_INTERLEAVE_HIT),
+        "local_node": c(lib.CDM_LOCAL_NODE),
+        "other_node": c(lib.CDM_OTHER_NODE),
+    })
+
+
+def node_vmstat(m: Machine, nid: int) -> str:
+    c = lambda k: m.node_counter(nid, k)
+    p = m.node_pages(nid)
+    return formats.node_vmstat({
+        "nr_free_pages": p["free"],
+        "nr_zone_active_anon": p["anon"],
+        "nr_zone_unevictable": p["mlocked"],
+        "nr_zone_write_pending": p["dirty"],
+        "nr_mlock": p["mlocked"],
+        "numa_hit": c(lib.CDM_NUMA_HIT),
+        "numa_miss": c(lib.CDM_NUMA_MISS),
+        "numa_foreign": c(lib.CDM_NUMA_FOREIGN),
+        "numa_interleave": c(lib.CDM_INTERLEAVE_HIT),
+        "numa_local": c(lib.CDM_LOCAL_NODE),
+        "numa_other": c(lib.CDM_OTHER_NODE),
+        "nr_active_anon": p["anon"],
+        "nr_unevictable": p["mlocked"],
+        "nr_anon_pages": p["anon"],
+        "nr_mapped": p["mapped"],
+        "nr_dirty": p["dirty"],
+        "pgfault": c(lib.CDM_PGFAULT),
+        "pgmigrate_success": c(lib.CDM_PGMIGRATE_SUCCESS),
+        "pgmigrate_fail": c(lib.CDM_PGMIGRATE_FAIL),
+    })
+
+
+def node_distance(m: Machine, nid: int) -> str:
+    online = [o for o in m.nodes if m.nodes[o].online]
+    return formats.node_distance([m.topo.distance[(nid, o)] for o in online], online)
+
+
+def node_cpulist(m: Machine, nid: int) -> str:
+    return formats.nodelist(m.nodes[nid].spec.cpus)
+
+
+def node_cpumap(m: Machine, nid: int) -> str:
+    return formats.cpumask(m.nodes[nid].spec.cpus, m.topo.nr_cpu_ids)
+
+
+def node_isolated_show(m: Machine, nid: int) -> str:
+    return f"{int(m.nodes[nid].isolated)}\n"
+
+
+def node_isolated_store(m: Machine, nid: int, text: str) -> None:
+    m.nodes[nid].isolated = parse_bool01(text)
+    m.placement_changed()
+
+
+def best_initiators(m: Machine, nid: int) -> list[int]:
+    """CPU nodes nearest to a memory node: the kernel's access0 class."""
+    cpu_nodes = [n for n, node in m.nodes.items() if node.spec.cpus and node.online]
+    if not cpu_nodes:
+        return []
+    best = min(m.topo.distance[(c, nid)] for c in cpu_nodes)
+    return [c for c in cpu_nodes if m.topo.distance[(c, nid)] == best]
+
+
+def add_node(tree: Tree, nodes: Dir, m: Machine, nid: int) -> None:
+    d = tree.add(nodes, f"node{nid}", Dir())
+    for name, show in {
+        "cpulist": node_cpulist,
+        "cpumap": node_cpumap,
+        "distance": node_distance,
+        "meminfo": node_meminfo,
+        "numastat": node_numastat,
+        "vmstat": node_vmstat,
+    }.items():
+        tree.add(d, name, Attr(lambda show=show: show(m, nid)))
+    tree.add(d, "isolated", Attr(lambda: node_isolated_show(m, nid),
+                                 lambda text: node_isolated_store(m, nid, text)))
+    for cpu in sorted(m.nodes[nid].spec.cpus):
+        tree.add(d, f"cpu{cpu}", Link(f"../../cpu/cpu{cpu}"))
+    # HMAT access class 0: the figures of the nearest CPU initiator.
+    init = tree.add(tree.dir(d, "access0"), "initiators", Dir())
+    fig = m.topo.access_of("cpu", f"node:{nid}")
+    for name, value in (("read_bandwidth", fig.read_bandwidth), ("read_latency", fig.read_latency),
+                        ("write_bandwidth", fig.write_bandwidth), ("write_latency", fig.write_latency)):
+        tree.add(init, name, Attr(lambda value=value: f"{value}\n"))
+    for c in best_initiators(m, nid):
+        tree.add(init, f"node{c}", Link(f"../../../node{c}"))
+
+
+# ----------------------------------------------------------- mempolicy
+
+def add_weighted_interleave(tree: Tree, m: Machine) -> None:
+    d = tree.path("sys/kernel/mm/mempolicy/weighted_interleave")
+    for nid in m.nodes:
+        def store(text: str, nid: int = nid) -> None:
+            m.nodes[nid].weight = parse_uint(text, 1, 255)
+            m.placement_changed()
+        tree.add(d, f"node{nid}", Attr(lambda nid=nid: f"{m.nodes[nid].weight}\n", store))
+
+
+# ----------------------------------------------------------- cpus
+
+def _host_read(path: str, fallback: str) -> Callable[[], str]:
+    def show() -> str:
+        try:
+            with open(path) as f:
+                return f.read()
+        except OSError:
+            return fallback
+    return show
+
+
+def add_cpus(tree: Tree, m: Machine) -> None:
+    """sys/devices/system/cpu: mirrored from the host, plus the emulated node links."""
+    d = tree.path("sys/devices/system/cpu")
+    cpus = sorted(m.cpu_node)
+    listed = formats.nodelist(cpus)
+    for name in ("online", "possible", "present"):
+        tree.add(d, name, Attr(lambda: listed))
+    tree.add(d, "kernel_max", Attr(_host_read(f"{HOST_CPU}/kernel_max", f"{max(cpus)}\n")))
+    for cpu in cpus:
+        c = tree.add(d, f"cpu{cpu}", Dir())
+        tree.add(c, "online", Attr(lambda: "1\n"))
+        tree.add(c, f"node{m.cpu_node[cpu]}", Link(f"../../node/node{m.cpu_node[cpu]}"))
+        topo = tree.add(c, "topology", Dir())
+        host = f"{HOST_CPU}/cpu{cpu}/topology"
+        names = sorted(os.listdir(host)) if os.path.isdir(host) else []
+        for name in names:
+            tree.add(topo, name, Attr(_host_read(f"{host}/{name}", "0\n")))
+
+
+# ----------------------------------------------------------- the tree
+
+def build(tree: Tree, m: Machine) -> None:
+    """Adds sys/ for machine m to tree."""
+    nodes = tree.path(f"sys/{NODE_DIR}")
+    for name, show in node_masks(m).items():
+        tree.add(nodes, name, Attr(show))
+    bus = tree.path("sys/bus/node/devices")
+    for nid in m.nodes:
+        if m.nodes[nid].online:
+            add_node(tree, nodes, m, nid)
+            tree.add(bus, f"node{nid}", Link(f"../../../{NODE_DIR}/node{nid}"))
+    add_cpus(tree, m)
+    add_weighted_interleave(tree, m)
