@@ -19,7 +19,7 @@ def cmd_mount(args: argparse.Namespace) -> None:
     topo = config.load(args.config)
     if args.foreground:
         daemon.check_mountpoint(args.mountpoint)
-        logging.basicConfig(level=args.log_level, format="cdmfs %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(level=args.log_level or "WARNING", format="cdmfs %(levelname)s %(name)s: %(message)s")
         daemon.serve(args.mountpoint, topo, args.allow_other)
     else:
         daemon.start(args.mountpoint, topo, args.allow_other, args.log_level)
@@ -44,7 +44,8 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--config", metavar="FILE", help="topology TOML (default: the embedded one)")
     m.add_argument("--foreground", action="store_true", help="serve in this process")
     m.add_argument("--allow-other", action="store_true", help="let other users access the mount")
-    m.add_argument("--log-level", default="WARNING", type=str.upper, choices=LOG_LEVELS)
+    m.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS,
+                   help="log to stderr at this level (default: warnings only, none once daemonized)")
     m.set_defaults(func=cmd_mount)
 
     u = sub.add_parser("umount", help="unmount (also a stale mount)")

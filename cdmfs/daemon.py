@@ -107,8 +107,13 @@ def serve(mountpoint: str, topo: Topology, allow_other: bool = False,
             pass
 
 
-def start(mountpoint: str, topo: Topology, allow_other: bool = False, log_level: str = "WARNING") -> int:
-    """Forks a daemon that serves the mount; returns its pid once the mount answers."""
+def start(mountpoint: str, topo: Topology, allow_other: bool = False,
+          log_level: Optional[str] = None) -> int:
+    """Forks a daemon that serves the mount; returns its pid once the mount answers.
+
+    The daemon detaches from the terminal and from this process's output (so
+    ``$(cdmfs mount ...)`` returns); with an explicit log_level it keeps
+    stderr for its log."""
     check_mountpoint(mountpoint)
     rfd, wfd = os.pipe()
     pid = os.fork()
@@ -119,7 +124,9 @@ def start(mountpoint: str, topo: Topology, allow_other: bool = False, log_level:
             devnull = os.open(os.devnull, os.O_RDWR)
             os.dup2(devnull, 0)
             os.dup2(devnull, 1)
-            logging.basicConfig(level=log_level, format="cdmfs[%(process)d] %(levelname)s %(name)s: %(message)s")
+            if log_level is None:
+                os.dup2(devnull, 2)
+            logging.basicConfig(level=log_level or "WARNING", format="cdmfs[%(process)d] %(levelname)s %(name)s: %(message)s")
 
             def ready() -> None:
                 os.write(wfd, b"ok\n")

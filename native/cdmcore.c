@@ -6,6 +6,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -64,6 +66,11 @@ int cdm_pool_add(struct cdm_machine *m, uint64_t base_pfn, uint64_t npages, int 
 {
     if (m->npools >= CDM_MAX_POOLS || npages == 0 || base_pfn + npages > CDM_PTE_PFN_MASK)
         return -EINVAL;
+    /* A PFN belongs to one pool: cdm_pfn_pool() would find only the first. */
+    for (int i = 0; i < m->npools; i++)
+        if (base_pfn < m->pools[i].base_pfn + m->pools[i].npages
+            && m->pools[i].base_pfn < base_pfn + npages)
+            return -EINVAL;
     struct cdm_pool *p = &m->pools[m->npools];
     memset(p, 0, sizeof(*p));
     p->base = sparse_map(npages * PAGE);
@@ -129,6 +136,21 @@ static void frame_free(struct cdm_pool *p, uint64_t f)
     p->free_stack[p->nfree_stack++] = f;
 }
 
+/* Undoes the latest frame_alloc() of pool p that is still standing (calls
+ * backing out, newest first): the frame goes back where it came from and no
+ * event is counted, so an all-or-nothing call that fails changes nothing.
+ * The frame must not have been written.  Caller holds m->lock. */
+static void frame_unalloc(struct cdm_pool *p, uint64_t f)
+{
+    p->rmap[f] = 0;
+    p->nr_used--;
+    p->counters[CDM_PGALLOC]--;
+    if (f + 1 == p->next_fresh)
+        p->next_fresh--;
+    else
+        p->free_stack[p->nfree_stack++] = f;  /* the slot it was popped from */
+}
+
 int cdm_pool_alloc(struct cdm_machine *m, int pool, uint64_t n, uint64_t *out)
 {
     struct cdm_pool *p = &m->pools[pool];
@@ -137,7 +159,7 @@ int cdm_pool_alloc(struct cdm_machine *m, int pool, uint64_t n, uint64_t *out)
         int64_t f = frame_alloc(p);
         if (f < 0) {
             while (i--)
-                frame_free(p, out[i] - p->base_pfn);
+                frame_unalloc(p, out[i] - p->base_pfn);
             pthread_mutex_unlock(&m->lock);
             return -ENOMEM;
         }
@@ -258,8 +280,11 @@ int cdm_region_resize(struct cdm_machine *m, struct cdm_region *r, uint64_t npag
         r->pte = pte;
         r->cap = cap;
     }
+    /* Only entries that hold something: writing every entry of a huge sparse
+     * table would make all of it resident. */
     for (uint64_t i = npages; i < r->npages; i++)
-        page_release(m, r, i);
+        if (r->pte[i])
+            page_release(m, r, i);
     r->npages = npages;
     pthread_mutex_unlock(&m->lock);
     return 0;
@@ -282,9 +307,27 @@ void cdm_region_ptes(struct cdm_machine *m, struct cdm_region *r, uint64_t first
     pthread_mutex_unlock(&m->lock);
 }
 
-/* Allocates a frame for page idx of r by plan and counts the NUMA events the
- * kernel's zone_statistics() counts.  Returns the new PTE or 0.  Caller holds
- * m->lock. */
+/* Counts the NUMA events the kernel's zone_statistics() (and, for interleave,
+ * alloc_pages_mpol()) counts for page idx placed in pool.  Caller holds m->lock. */
+static void numa_account(struct cdm_machine *m, uint64_t idx, int pool,
+                         const struct cdm_plan *plan)
+{
+    int intended = plan->table[idx % plan->ntable];
+    struct cdm_pool *p = &m->pools[pool];
+    if (pool == intended) {
+        p->counters[CDM_NUMA_HIT]++;
+        if (plan->interleave)
+            p->counters[CDM_INTERLEAVE_HIT]++;
+    } else {
+        p->counters[CDM_NUMA_MISS]++;
+        m->pools[intended].counters[CDM_NUMA_FOREIGN]++;
+    }
+    p->counters[pool == plan->local ? CDM_LOCAL_NODE : CDM_OTHER_NODE]++;
+}
+
+/* Allocates a frame for page idx of r by plan.  Returns the new PTE or 0.  The
+ * NUMA events are counted by numa_account() once the call commits.  Caller
+ * holds m->lock. */
 static uint64_t plan_alloc(struct cdm_machine *m, struct cdm_region *r, uint64_t idx,
                            const struct cdm_plan *plan)
 {
@@ -297,15 +340,6 @@ static uint64_t plan_alloc(struct cdm_machine *m, struct cdm_region *r, uint64_t
         if (f < 0)
             continue;
         p->rmap[f] = ((uint64_t)(r->id + 1) << 40) | idx;
-        if (pool == intended) {
-            p->counters[CDM_NUMA_HIT]++;
-            if (plan->interleave)
-                p->counters[CDM_INTERLEAVE_HIT]++;
-        } else {
-            p->counters[CDM_NUMA_MISS]++;
-            m->pools[intended].counters[CDM_NUMA_FOREIGN]++;
-        }
-        p->counters[pool == plan->local ? CDM_LOCAL_NODE : CDM_OTHER_NODE]++;
         return make_pte(m, pool, p->base_pfn + (uint64_t)f);
     }
     return 0;
@@ -346,7 +380,7 @@ int cdm_region_rw(struct cdm_machine *m, struct cdm_region *r, uint64_t off, uin
     for (uint64_t i = first; i <= last; i++) {
         if (r->pte[i] & CDM_PTE_PRESENT)
             continue;
-        uint64_t pte = plan ? plan_alloc(m, r, i, plan) : 0;
+        uint64_t pte = plan && plan->ntable ? plan_alloc(m, r, i, plan) : 0;
         if (!pte) {
             ret = -ENOSPC;
             res->page = i;
@@ -356,10 +390,16 @@ int cdm_region_rw(struct cdm_machine *m, struct cdm_region *r, uint64_t off, uin
         res->allocated++;
     }
     if (ret) {
-        /* All or nothing: give back what this call allocated. */
-        for (uint64_t j = first; j < res->page; j++)
-            if (r->pte[j] & PTE_NEW)
-                page_release(m, r, j);
+        /* All or nothing: give back what this call allocated, newest first,
+         * as if it had never been taken (no alloc/free/NUMA events). */
+        for (uint64_t j = res->page; j-- > first;) {
+            uint64_t pte = r->pte[j];
+            if (!(pte & PTE_NEW))
+                continue;
+            struct cdm_pool *p = &m->pools[pte_pool(pte)];
+            pte_set(m, r, j, 0);
+            frame_unalloc(p, pte_pfn(pte) - p->base_pfn);
+        }
         res->allocated = 0;
         goto out;
     }
@@ -379,6 +419,8 @@ int cdm_region_rw(struct cdm_machine *m, struct cdm_region *r, uint64_t off, uin
         }
         if (mark_cpu)
             pte |= CDM_PTE_CPU;
+        if (pte & PTE_NEW)
+            numa_account(m, i, pte_pool(pte), plan);
         pte &= ~PTE_NEW;
         if (pte != r->pte[i])
             pte_set(m, r, i, pte);
@@ -443,6 +485,13 @@ int64_t cdm_migrate_lock(struct cdm_machine *m, struct cdm_region *r, uint64_t f
         if (status[k] != CDM_MIG_MOVE && status[k] != CDM_MIG_ALLOC)
             continue;
         uint64_t i = first + k;
+        if (i >= r->npages
+            || (status[k] == CDM_MIG_MOVE && !(r->pte[i] & CDM_PTE_MIGRATING))) {
+            /* Truncated since collect (and maybe grown again): the page that
+             * was collected is gone, its frame already freed. */
+            status[k] = -ENOENT;
+            continue;
+        }
         uint64_t pte = r->pte[i];
         if (pte & CDM_PTE_CPU) {
             /* The CPU faulted the page in again while we invalidated: it is in
@@ -529,9 +578,11 @@ int64_t cdm_migrate_finalize(struct cdm_machine *m, struct cdm_region *r, uint64
         uint64_t i = first + k;
         int32_t st = status[k];
         if (st != CDM_MIG_MOVE && st != CDM_MIG_ALLOC) {
-            /* Skipped after collect (-ENOMEM, -EBUSY): just unlock. */
-            if (i < r->npages && (r->pte[i] & (CDM_PTE_LOCKED | CDM_PTE_MIGRATING))
-                && st < 0 && st != -EIO && st != -EINVAL) {
+            /* Locked by cdm_migrate_lock() but given no frame (-ENOMEM): just
+             * unlock.  Any other skipped page is not ours to unlock: lock has
+             * already released the ones it skipped, and collect's -EBUSY ones
+             * may be held by another migration. */
+            if (st == -ENOMEM && i < r->npages && (r->pte[i] & CDM_PTE_LOCKED)) {
                 uint64_t pte = r->pte[i] & ~(CDM_PTE_LOCKED | CDM_PTE_MIGRATING);
                 if (pte & CDM_PTE_PRESENT)
                     pte_set(m, r, i, pte);
@@ -540,9 +591,16 @@ int64_t cdm_migrate_finalize(struct cdm_machine *m, struct cdm_region *r, uint64
             }
             continue;
         }
-        uint64_t old = r->pte[i];
+        uint64_t old = i < r->npages ? r->pte[i] : 0;
         int tpool = cdm_pfn_pool(m, dst[k]);
         struct cdm_pool *tp = &m->pools[tpool];
+        if (!(old & CDM_PTE_LOCKED)) {
+            /* Truncated during the copy: its source frame was freed with it;
+             * give the target frame back. */
+            frame_free(tp, dst[k] - tp->base_pfn);
+            status[k] = -ENOENT;
+            continue;
+        }
         /* The new entry keeps the page's own flags (pinned, dirty), not the
          * source frame's pool or the lock. */
         uint64_t keep = old & (CDM_PTE_PINNED | CDM_PTE_DIRTY);
@@ -578,6 +636,13 @@ int cdm_fuse_inval(int fd, uint64_t ino, int64_t off, int64_t len)
         int64_t off;
         int64_t len2;
     } msg = {40, 2, 0, ino, off, len};
+    /* Never write the message into anything but /dev/fuse (misc 10:229): a
+     * stale or wrong descriptor would take it as data and report success. */
+    struct stat st;
+    if (fstat(fd, &st) < 0)
+        return -errno;
+    if (!S_ISCHR(st.st_mode) || major(st.st_rdev) != 10 || minor(st.st_rdev) != 229)
+        return -EINVAL;
     ssize_t n = write(fd, &msg, sizeof(msg));
     if (n < 0)
         return -errno;

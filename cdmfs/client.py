@@ -1,0 +1,178 @@
+"""A thin client over the mount's files (SPEC §8): everything it does can also
+be done with ``cat`` and ``echo``.
+"""
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from typing import Iterator, Optional
+
+from . import formats
+
+NODE_DIR = "sys/devices/system/node"
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def _write(path: str, text: str) -> None:
+    """One write() of the whole text, as ``echo`` does."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+def _kv(text: str) -> dict[str, int]:
+    out = {}
+    for line in text.splitlines():
+        key, _, value = line.rpartition(" ")
+        out[key.strip()] = int(value)
+    return out
+
+
+class Node:
+    def __init__(self, mount: "Mount", nid: int):
+        self.path = os.path.join(mount.path, NODE_DIR, f"node{nid}")
+        self.id = nid
+
+    @property
+    def meminfo(self) -> dict[str, int]:
+        """``{"MemTotal": kB, ...}`` from nodeN/meminfo."""
+        out = {}
+        for line in _read(os.path.join(self.path, "meminfo")).splitlines():
+            key, value = line.split(":", 1)
+            out[key.split()[-1]] = int(value.split()[0])
+        return out
+
+    @property
+    def numastat(self) -> dict[str, int]:
+        return _kv(_read(os.path.join(self.path, "numastat")))
+
+    @property
+    def vmstat(self) -> dict[str, int]:
+        return _kv(_read(os.path.join(self.path, "vmstat")))
+
+    @property
+    def isolated(self) -> bool:
+        return _read(os.path.join(self.path, "isolated")).strip() == "1"
+
+    @isolated.setter
+    def isolated(self, value: bool) -> None:
+        _write(os.path.join(self.path, "isolated"), f"{int(value)}\n")
+
+
+class Region:
+    def __init__(self, mount: "Mount", name: str):
+        self.mount = mount
+        self.name = name
+        self.path = os.path.join(mount.path, "regions", name)
+        self.data = os.path.join(self.path, "data")
+
+    @property
+    def size(self) -> int:
+        return os.stat(self.data).st_size
+
+    def truncate(self, size: int) -> None:
+        os.truncate(self.data, size)
+
+    def mmap(self, length: Optional[int] = None) -> mmap.mmap:
+        """A MAP_SHARED read-write mapping of the data file."""
+        fd = os.open(self.data, os.O_RDWR)
+        try:
+            return mmap.mmap(fd, length or self.size, mmap.MAP_SHARED)
+        finally:
+            os.close(fd)
+
+    @property
+    def policy(self) -> str:
+        return _read(os.path.join(self.path, "policy")).strip()
+
+    @policy.setter
+    def policy(self, text: str) -> None:
+        _write(os.path.join(self.path, "policy"), text + "\n")
+
+    @property
+    def stat(self) -> dict[str, int]:
+        return _kv(_read(os.path.join(self.path, "stat")))
+
+    def remove(self) -> None:
+        os.rmdir(self.path)
+
+
+class Mount:
+    def __init__(self, path: str):
+        self.path = os.path.abspath(path)
+
+    @property
+    def nodes(self) -> list[int]:
+        return sorted(formats.parse_nodelist(_read(os.path.join(self.path, NODE_DIR, "online"))))
+
+    def node(self, nid: int) -> Node:
+        return Node(self, nid)
+
+    def region(self, name: str, size: Optional[int] = None) -> Region:
+        """The region ``name``, made if missing; ``size`` sets its size."""
+        r = Region(self, name)
+        if not os.path.isdir(r.path):
+            os.mkdir(r.path)
+        if size is not None:
+            r.truncate(size)
+        return r
+
+    @property
+    def regions(self) -> list[str]:
+        return sorted(os.listdir(os.path.join(self.path, "regions")))
+
+
+def mount(mountpoint: str, config: Optional[str] = None, log_level: Optional[str] = None) -> Mount:
+    """Mounts with ``cdmfs mount`` (a daemon); returns once the mount answers.
+    ``config`` is a TOML file's path or TOML text."""
+    cmd = [sys.executable, "-m", "cdmfs", "mount", mountpoint]
+    tmp = None
+    if config is not None:
+        if "\n" in config or not os.path.exists(config):
+            tmp = tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False)
+            tmp.write(config)
+            tmp.close()
+            config = tmp.name
+        cmd += ["--config", config]
+    if log_level:
+        cmd += ["--log-level", log_level]
+    try:
+        done = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)
+    finally:
+        if tmp is not None:
+            os.unlink(tmp.name)
+    if done.returncode:
+        raise RuntimeError(done.stderr.strip() or f"cdmfs mount failed ({done.returncode})")
+    return Mount(mountpoint)
+
+
+def umount(mountpoint: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "cdmfs", "umount", mountpoint],
+                          stderr=subprocess.PIPE, text=True)
+    if done.returncode:
+        raise RuntimeError(done.stderr.strip())
+
+
+@contextlib.contextmanager
+def mounted(config: Optional[str] = None, log_level: Optional[str] = None) -> Iterator[Mount]:
+    """A mount in a temporary folder for the duration of a with-block."""
+    folder = tempfile.mkdtemp(prefix="cdmfs-")
+    try:
+        m = mount(folder, config, log_level)
+        try:
+            yield m
+        finally:
+            umount(folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

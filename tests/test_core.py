@@ -1,0 +1,1084 @@
+"""Unit tests of the native core (native/cdmcore.c) without FUSE.
+
+Everything here talks to cdmfs._core directly: pools and the frame allocator,
+region page tables, gather/scatter with allocation plans and the NUMA event
+counters, the batched frame copy, the steps of a migration, and the raw
+invalidation write.  Assertions are on bytes, counters and error codes.
+"""
+import errno
+import os
+import random
+import threading
+
+import pytest
+
+from cdmfs._core import ffi, lib
+
+PAGE = lib.CDM_PAGE_SIZE
+MAXP = lib.CDM_MAX_POOLS
+ALL_COUNTERS = [
+    lib.CDM_NUMA_HIT, lib.CDM_NUMA_MISS, lib.CDM_NUMA_FOREIGN, lib.CDM_INTERLEAVE_HIT,
+    lib.CDM_LOCAL_NODE, lib.CDM_OTHER_NODE, lib.CDM_PGFAULT, lib.CDM_PGALLOC,
+    lib.CDM_PGFREE, lib.CDM_PGMIGRATE_SUCCESS, lib.CDM_PGMIGRATE_FAIL,
+]
+NUMA = {
+    "numa_hit": lib.CDM_NUMA_HIT, "numa_miss": lib.CDM_NUMA_MISS,
+    "numa_foreign": lib.CDM_NUMA_FOREIGN, "interleave_hit": lib.CDM_INTERLEAVE_HIT,
+    "local_node": lib.CDM_LOCAL_NODE, "other_node": lib.CDM_OTHER_NODE,
+}
+FLAG_BITS = (lib.CDM_PTE_PRESENT | lib.CDM_PTE_CPU | lib.CDM_PTE_LOCKED | lib.CDM_PTE_PINNED
+             | lib.CDM_PTE_POISONED | lib.CDM_PTE_DIRTY | lib.CDM_PTE_PRIVATE
+             | lib.CDM_PTE_MIGRATING)
+
+
+def vm_rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS line")
+
+
+def pattern(seed: int, n: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+class Plan:
+    """A struct cdm_plan with the arrays it points into kept alive."""
+
+    def __init__(self, table, rows, local=0, interleave=False):
+        self.table = ffi.new("int32_t[]", list(table))
+        self.fallback = ffi.new("int32_t[]", [-1] * (MAXP * MAXP))
+        for pool, order in rows.items():
+            for k, q in enumerate(order):
+                self.fallback[pool * MAXP + k] = q
+        self.c = ffi.new("struct cdm_plan *")
+        self.c.local = local
+        self.c.interleave = int(interleave)
+        self.c.ntable = len(table)
+        self.c.table = self.table
+        self.c.fallback = self.fallback
+
+
+class Machine:
+    """A cdm_machine plus helpers; pools get disjoint PFN ranges away from 0."""
+
+    def __init__(self):
+        self.m = lib.cdm_machine_new()
+        assert self.m != ffi.NULL
+        self.regions = []
+        self.next_pfn = 0x100000
+
+    def close(self):
+        for r in self.regions:
+            lib.cdm_region_free(self.m, r)
+        self.regions = []
+        lib.cdm_machine_free(self.m)
+
+    # pools
+    def add_pool(self, npages, flags=0, base=None):
+        if base is None:
+            base = self.next_pfn
+        idx = lib.cdm_pool_add(self.m, base, npages, flags)
+        assert idx >= 0, idx
+        self.next_pfn = max(self.next_pfn, base + npages + 0x1000)
+        return idx
+
+    def pool(self, i):
+        return self.m.pools[i]
+
+    def free(self, i):
+        return lib.cdm_pool_free_pages(self.m, i)
+
+    def ctr(self, i, c):
+        return self.m.pools[i].counters[c]
+
+    def counters(self):
+        return [[self.m.pools[i].counters[c] for c in ALL_COUNTERS]
+                for i in range(self.m.npools)]
+
+    def numa(self, i):
+        return {k: self.ctr(i, c) for k, c in NUMA.items()}
+
+    def alloc(self, pool, n):
+        out = ffi.new("uint64_t[]", max(n, 1))
+        rc = lib.cdm_pool_alloc(self.m, pool, n, out)
+        return rc, [out[k] for k in range(n)]
+
+    def pool_free(self, pfns):
+        arr = ffi.new("uint64_t[]", list(pfns))
+        lib.cdm_pool_free(self.m, arr, len(pfns))
+
+    def frame(self, pfn):
+        addr = lib.cdm_pfn_addr(self.m, pfn)
+        assert addr != ffi.NULL
+        return bytes(ffi.buffer(addr, PAGE))
+
+    def fill(self, pfn, data):
+        assert len(data) == PAGE
+        ffi.memmove(lib.cdm_pfn_addr(self.m, pfn), data, PAGE)
+
+    def owner(self, pfn):
+        reg = ffi.new("uint32_t *")
+        page = ffi.new("uint64_t *")
+        rc = lib.cdm_pfn_owner(self.m, pfn, reg, page)
+        return (rc, reg[0], page[0]) if rc == 0 else (rc, None, None)
+
+    # regions
+    def region(self, npages, rid=None):
+        r = lib.cdm_region_new(self.m, len(self.regions) if rid is None else rid)
+        assert r != ffi.NULL
+        self.regions.append(r)
+        assert lib.cdm_region_resize(self.m, r, npages) == 0
+        return r
+
+    def ptes(self, r, first=0, n=None):
+        if n is None:
+            n = r.npages - first
+        out = ffi.new("uint64_t[]", max(n, 1))
+        lib.cdm_region_ptes(self.m, r, first, n, out)
+        return [out[k] for k in range(n)]
+
+    def rw(self, r, off, data_or_len, plan=None, write=None, mark_cpu=0):
+        """write(bytes) or read(length); returns (rc, bytes read or None, result)."""
+        res = ffi.new("struct cdm_rw_result *")
+        c = plan.c if plan is not None else ffi.NULL
+        if isinstance(data_or_len, (bytes, bytearray)):
+            buf = ffi.from_buffer(bytearray(data_or_len))
+            rc = lib.cdm_region_rw(self.m, r, off, len(data_or_len), buf, 1, mark_cpu, c, res)
+            return rc, None, res
+        n = data_or_len
+        buf = ffi.new("uint8_t[]", max(n, 1))
+        rc = lib.cdm_region_rw(self.m, r, off, n, buf, 0, mark_cpu, c, res)
+        return rc, bytes(ffi.buffer(buf, n)), res
+
+    def write(self, r, off, data, plan=None, mark_cpu=0):
+        rc, _, res = self.rw(r, off, data, plan, mark_cpu=mark_cpu)
+        assert rc == 0, (rc, res.page)
+        return res
+
+    def read(self, r, off, n, plan=None, mark_cpu=0):
+        rc, data, res = self.rw(r, off, n, plan, mark_cpu=mark_cpu)
+        assert rc == 0, (rc, res.page)
+        return data
+
+    # migration
+    def migrate(self, r, first, n, target, alloc_absent=0, between=None, after_lock=None):
+        """Runs collect -> lock -> alloc -> copy -> finalize.  `between` runs after
+        collect (where the caller would invalidate CPU copies), `after_lock`
+        after lock.  Returns the statuses of every step and what was counted."""
+        src = ffi.new("uint64_t[]", n)
+        dst = ffi.new("uint64_t[]", n)
+        st = ffi.new("int32_t[]", n)
+        steps = {}
+        steps["collected"] = lib.cdm_migrate_collect(self.m, r, first, n, target,
+                                                     alloc_absent, src, st)
+        steps["collect"] = list(st)
+        steps["src"] = list(src)
+        if between:
+            between()
+        steps["locked"] = lib.cdm_migrate_lock(self.m, r, first, n, st)
+        steps["lock"] = list(st)
+        if after_lock:
+            after_lock()
+        steps["got"] = lib.cdm_migrate_alloc(self.m, target, n, st, dst)
+        steps["alloc"] = list(st)
+        steps["dst"] = list(dst)
+        lib.cdm_migrate_copy(self.m, n, st, src, dst)
+        steps["moved"] = lib.cdm_migrate_finalize(self.m, r, first, n, dst, st)
+        steps["final"] = list(st)
+        return steps
+
+
+@pytest.fixture
+def mach():
+    m = Machine()
+    yield m
+    m.close()
+
+
+def pfn_of(pte):
+    return pte & lib.CDM_PTE_PFN_MASK
+
+
+def pool_of(pte):
+    return (pte & lib.CDM_PTE_POOL_MASK) >> lib.CDM_PTE_POOL_SHIFT
+
+
+def simple_plan(pool, local=None):
+    return Plan([pool], {pool: [pool]}, local=pool if local is None else local)
+
+
+def assert_no_transient_bits(m, r):
+    for i, pte in enumerate(m.ptes(r)):
+        assert not pte & (lib.CDM_PTE_LOCKED | lib.CDM_PTE_MIGRATING), (i, hex(pte))
+        assert not pte & (1 << 48), (i, hex(pte))  # the core's internal PTE_NEW
+
+
+def assert_accounting(m, r):
+    """Pool and region counters agree with what the page table says."""
+    ptes = m.ptes(r)
+    for i in range(m.m.npools):
+        present = [p for p in ptes if p & lib.CDM_PTE_PRESENT and pool_of(p) == i]
+        assert r.resident[i] == len(present), i
+        for p in present:
+            assert m.pool(i).base_pfn <= pfn_of(p) < m.pool(i).base_pfn + m.pool(i).npages
+
+
+# ----------------------------------------------------------------- pools
+
+
+def test_terabyte_pool_is_sparse(mach):
+    npages = 2 ** 28  # 1 TiB of 4 KiB frames
+    before = vm_rss_kib()
+    p = mach.add_pool(npages)
+    assert mach.pool(p).npages == npages
+    assert mach.free(p) == npages
+    rc, pfns = mach.alloc(p, 1000)
+    assert rc == 0
+    assert len(set(pfns)) == 1000
+    for k, pfn in enumerate(pfns):
+        ffi.memmove(lib.cdm_pfn_addr(mach.m, pfn), bytes([k & 0xff]) * PAGE, PAGE)
+    grown = vm_rss_kib() - before
+    assert grown < 100 * 1024, f"RSS grew by {grown} KiB"
+    assert mach.free(p) == npages - 1000
+    assert all(mach.frame(pfn) == bytes([k & 0xff]) * PAGE for k, pfn in enumerate(pfns))
+    # A page at the far end of the node works too.
+    base = mach.pool(p).base_pfn
+    assert lib.cdm_pfn_pool(mach.m, base + npages - 1) == p
+    assert lib.cdm_pfn_pool(mach.m, base + npages) == -1
+    last = lib.cdm_pfn_addr(mach.m, base + npages - 1)
+    ffi.memmove(last, b"\x5a" * PAGE, PAGE)
+    assert bytes(ffi.buffer(last, PAGE)) == b"\x5a" * PAGE
+    assert vm_rss_kib() - before < 100 * 1024
+
+
+def test_pool_add_rejects_bad_ranges(mach):
+    a = mach.add_pool(100, base=1000)
+    assert lib.cdm_pool_add(mach.m, 2000, 0, 0) == -errno.EINVAL
+    assert lib.cdm_pool_add(mach.m, lib.CDM_PTE_PFN_MASK - 10, 100, 0) == -errno.EINVAL
+    # Overlapping an existing pool would make a PFN belong to two pools.
+    assert lib.cdm_pool_add(mach.m, 1050, 100, 0) == -errno.EINVAL
+    assert lib.cdm_pool_add(mach.m, 900, 101, 0) == -errno.EINVAL
+    assert mach.m.npools == 1
+    b = mach.add_pool(100, base=1100)  # adjacent is fine
+    assert (a, b) == (0, 1)
+    assert lib.cdm_pfn_pool(mach.m, 1099) == a
+    assert lib.cdm_pfn_pool(mach.m, 1100) == b
+    assert lib.cdm_pfn_pool(mach.m, 999) == -1
+    assert lib.cdm_pfn_pool(mach.m, 1200) == -1
+
+
+def test_pool_alloc_all_or_nothing(mach):
+    p = mach.add_pool(10)
+    rc, first = mach.alloc(p, 4)
+    assert rc == 0 and mach.free(p) == 6
+    before = mach.counters()
+    rc, _ = mach.alloc(p, 7)
+    assert rc == -errno.ENOMEM
+    assert mach.free(p) == 6
+    assert mach.pool(p).nr_used == 4
+    # Nothing happened: no allocation or free events for the backed-out frames.
+    assert mach.counters() == before
+    rc, rest = mach.alloc(p, 6)
+    assert rc == 0 and mach.free(p) == 0
+    assert sorted(first + rest) == list(range(mach.pool(p).base_pfn, mach.pool(p).base_pfn + 10))
+    rc, _ = mach.alloc(p, 1)
+    assert rc == -errno.ENOMEM
+    assert mach.free(p) == 0
+
+
+def test_free_then_alloc_reuses_frames_zeroed(mach):
+    p = mach.add_pool(8)
+    rc, pfns = mach.alloc(p, 8)
+    assert rc == 0
+    for pfn in pfns:
+        mach.fill(pfn, pattern(pfn, PAGE))
+    freed = [pfns[1], pfns[4], pfns[6]]
+    mach.pool_free(freed)
+    assert mach.free(p) == 3
+    rc, again = mach.alloc(p, 3)
+    assert rc == 0
+    assert sorted(again) == sorted(freed)
+    for pfn in again:
+        assert mach.frame(pfn) == bytes(PAGE)
+    for pfn in set(pfns) - set(freed):  # the others kept their data
+        assert mach.frame(pfn) == pattern(pfn, PAGE)
+
+
+def test_fail_alloc_injection_fails_exactly_n(mach):
+    p = mach.add_pool(16)
+    mach.m.pools[p].fail_alloc = 3
+    results = [mach.alloc(p, 1)[0] for _ in range(5)]
+    assert results == [-errno.ENOMEM] * 3 + [0, 0]
+    assert mach.pool(p).fail_alloc == 0
+    assert mach.free(p) == 14
+    # A multi-frame request with injection pending fails whole and consumes one.
+    mach.m.pools[p].fail_alloc = 1
+    assert mach.alloc(p, 4)[0] == -errno.ENOMEM
+    assert mach.free(p) == 14
+    assert mach.alloc(p, 4)[0] == 0
+    assert mach.free(p) == 10
+
+
+def test_fail_alloc_in_first_touch_falls_back_then_recovers(mach):
+    a = mach.add_pool(16)
+    b = mach.add_pool(16)
+    plan = Plan([a], {a: [a, b]}, local=a)
+    mach.m.pools[a].fail_alloc = 2
+    r = mach.region(4)
+    mach.write(r, 0, b"x" * (4 * PAGE), plan)
+    assert [pool_of(p) for p in mach.ptes(r)] == [b, b, a, a]
+    assert mach.numa(a)["numa_foreign"] == 2 and mach.numa(b)["numa_miss"] == 2
+    # Without a fallback the injected failure is the page's -ENOSPC.
+    only_a = simple_plan(a)
+    r2 = mach.region(2)
+    mach.m.pools[a].fail_alloc = 1
+    rc, _, res = mach.rw(r2, 0, 2 * PAGE, only_a)
+    assert rc == -errno.ENOSPC and res.page == 0
+    assert mach.ptes(r2) == [0, 0]
+    assert mach.read(r2, 0, 2 * PAGE, only_a) == bytes(2 * PAGE)
+
+
+def test_pgalloc_pgfree_counters(mach):
+    p = mach.add_pool(32)
+    rc, pfns = mach.alloc(p, 5)
+    assert rc == 0
+    assert mach.ctr(p, lib.CDM_PGALLOC) == 5 and mach.ctr(p, lib.CDM_PGFREE) == 0
+    mach.pool_free(pfns[:2])
+    assert mach.ctr(p, lib.CDM_PGALLOC) == 5 and mach.ctr(p, lib.CDM_PGFREE) == 2
+    r = mach.region(3)
+    mach.write(r, 0, b"a" * (3 * PAGE), simple_plan(p))
+    assert mach.ctr(p, lib.CDM_PGALLOC) == 8
+    assert lib.cdm_region_resize(mach.m, r, 1) == 0
+    assert mach.ctr(p, lib.CDM_PGFREE) == 4
+    assert mach.pool(p).nr_used == 3 + 1
+    assert mach.free(p) == 32 - 4
+
+
+def test_pfn_pool_and_owner(mach):
+    a = mach.add_pool(8)
+    b = mach.add_pool(8)
+    base_a, base_b = mach.pool(a).base_pfn, mach.pool(b).base_pfn
+    assert lib.cdm_pfn_pool(mach.m, base_a) == a
+    assert lib.cdm_pfn_pool(mach.m, base_a + 7) == a
+    assert lib.cdm_pfn_pool(mach.m, base_a + 8) == -1
+    assert lib.cdm_pfn_pool(mach.m, base_b + 3) == b
+    assert lib.cdm_pfn_pool(mach.m, 0) == -1
+    assert lib.cdm_pfn_addr(mach.m, base_b + 8) == ffi.NULL
+    r = mach.region(4, rid=7)
+    plan = Plan([a, b], {a: [a], b: [b]})
+    mach.write(r, 2 * PAGE, b"z" * (2 * PAGE), plan)  # pages 2 (a) and 3 (b)
+    ptes = mach.ptes(r)
+    assert ptes[:2] == [0, 0]
+    assert pool_of(ptes[2]) == a and pool_of(ptes[3]) == b
+    assert mach.owner(pfn_of(ptes[2])) == (0, 7, 2)
+    assert mach.owner(pfn_of(ptes[3])) == (0, 7, 3)
+    assert mach.owner(base_a + 5)[0] == -errno.ENOENT  # a free frame
+    assert mach.owner(base_b + 100)[0] == -errno.EINVAL  # no pool
+    assert lib.cdm_region_resize(mach.m, r, 3) == 0
+    assert mach.owner(pfn_of(ptes[3]))[0] == -errno.ENOENT
+    assert mach.owner(pfn_of(ptes[2])) == (0, 7, 2)
+
+
+# ------------------------------------------------------ region page table
+
+
+def test_region_resize_grow_shrink(mach):
+    a = mach.add_pool(64)
+    b = mach.add_pool(64)
+    r = mach.region(10)
+    plan = Plan([a, a, b], {a: [a], b: [b]})
+    data = pattern(1, 10 * PAGE)
+    mach.write(r, 0, data, plan)
+    assert (r.resident[a], r.resident[b]) == (7, 3)  # pages 0,1,3,4,6,7,9 on a
+    assert (mach.free(a), mach.free(b)) == (57, 61)
+    assert lib.cdm_region_resize(mach.m, r, 4) == 0
+    assert r.npages == 4
+    assert (r.resident[a], r.resident[b]) == (3, 1)
+    assert (mach.free(a), mach.free(b)) == (61, 63)
+    assert (mach.pool(a).nr_used, mach.pool(b).nr_used) == (3, 1)
+    assert mach.pool(a).nr_dirty == 3
+    rc, _, res = mach.rw(r, 4 * PAGE, 1, plan)
+    assert rc == -errno.EINVAL
+    rc, _, res = mach.rw(r, 3 * PAGE + 10, PAGE, plan)  # spills past the end
+    assert rc == -errno.EINVAL
+    # Grow: the old pages come back as zero pages, not as the old data.
+    assert lib.cdm_region_resize(mach.m, r, 10) == 0
+    assert mach.ptes(r)[4:] == [0] * 6
+    assert mach.read(r, 0, 10 * PAGE, plan) == data[:4 * PAGE] + bytes(6 * PAGE)
+    # A big, sparse page table is cheap, to grow and to shrink again (a table
+    # of 2**26 entries is 512 MiB if every entry gets written).
+    before = vm_rss_kib()
+    assert lib.cdm_region_resize(mach.m, r, 2 ** 26) == 0
+    mach.write(r, (2 ** 26 - 1) * PAGE, b"end", plan)
+    assert mach.read(r, (2 ** 26 - 1) * PAGE, 3) == b"end"
+    assert vm_rss_kib() - before < 50 * 1024
+    assert lib.cdm_region_resize(mach.m, r, 0) == 0
+    assert vm_rss_kib() - before < 50 * 1024
+    assert (mach.free(a), mach.free(b)) == (64, 64)
+    assert list(r.resident)[:2] == [0, 0]
+    assert mach.pool(a).nr_dirty == 0 and mach.pool(b).nr_dirty == 0
+
+
+def test_region_free_releases_everything(mach):
+    a = mach.add_pool(16)
+    r = lib.cdm_region_new(mach.m, 3)
+    assert lib.cdm_region_resize(mach.m, r, 5) == 0
+    res = ffi.new("struct cdm_rw_result *")
+    buf = ffi.new("uint8_t[]", 5 * PAGE)
+    plan = simple_plan(a)  # keeps the plan's arrays alive during the call
+    assert lib.cdm_region_rw(mach.m, r, 0, 5 * PAGE, buf, 1, 1, plan.c, res) == 0
+    assert mach.pool(a).nr_mapped == 5
+    lib.cdm_region_free(mach.m, r)
+    assert mach.free(a) == 16
+    assert mach.pool(a).nr_used == 0 and mach.pool(a).nr_mapped == 0
+    assert mach.pool(a).nr_dirty == 0
+
+
+def test_pte_layout(mach):
+    a = mach.add_pool(8, base=0x2000)
+    b = mach.add_pool(8, base=0x4000)
+    r = mach.region(4)
+    mach.read(r, 0, PAGE, simple_plan(a))      # first touch by a read
+    mach.write(r, 3 * PAGE, b"w", simple_plan(b))  # by a write
+    p0, p1, p2, p3 = mach.ptes(r)
+    assert p1 == 0 and p2 == 0
+    for pte, pool in ((p0, a), (p3, b)):
+        assert pte & lib.CDM_PTE_PRESENT
+        assert pool_of(pte) == pool
+        base = mach.pool(pool).base_pfn
+        assert base <= pfn_of(pte) < base + 8
+        assert not pte & (lib.CDM_PTE_PRIVATE | lib.CDM_PTE_LOCKED | lib.CDM_PTE_CPU)
+        # Nothing outside the documented fields.
+        assert pte & ~(lib.CDM_PTE_PFN_MASK | lib.CDM_PTE_POOL_MASK | FLAG_BITS) == 0
+    assert not p0 & lib.CDM_PTE_DIRTY
+    assert p3 & lib.CDM_PTE_DIRTY
+    assert pfn_of(p0) == 0x2000 and pfn_of(p3) == 0x4000
+    assert mach.frame(pfn_of(p3))[:1] == b"w"
+    # cdm_region_ptes beyond the end gives zeros.
+    assert mach.ptes(r, 2, 6) == [0, p3, 0, 0, 0, 0]
+
+
+# ------------------------------------------------------ gather / scatter
+
+
+def test_first_touch_allocates_by_plan(mach):
+    a = mach.add_pool(8)
+    b = mach.add_pool(8)
+    r = mach.region(6)
+    res = mach.write(r, PAGE, b"q" * (2 * PAGE), simple_plan(b, local=a))
+    assert res.allocated == 2
+    ptes = mach.ptes(r)
+    assert [bool(p & lib.CDM_PTE_PRESENT) for p in ptes] == [0, 1, 1, 0, 0, 0]
+    assert pool_of(ptes[1]) == b and pool_of(ptes[2]) == b
+    assert (r.resident[a], r.resident[b]) == (0, 2)
+    # Pages already present are not reallocated, whatever the plan says.
+    res = mach.write(r, 0, b"p" * (3 * PAGE), simple_plan(a))
+    assert res.allocated == 1
+    ptes2 = mach.ptes(r)
+    assert pool_of(ptes2[0]) == a and ptes2[1:3] == ptes[1:3]
+    # Without a plan, or with a plan that names no pool, an absent page
+    # cannot be touched.
+    rc, _, res = mach.rw(r, 3 * PAGE, 10)
+    assert rc == -errno.ENOSPC and res.page == 3
+    rc, _, res = mach.rw(r, 3 * PAGE, 10, Plan([], {}))
+    assert rc == -errno.ENOSPC and res.page == 3
+    # Nothing to do is fine, even at the end.
+    rc, _, res = mach.rw(r, 6 * PAGE, 0, simple_plan(a))
+    assert rc == 0 and res.allocated == 0
+    assert mach.read(r, 0, 3 * PAGE) == b"p" * (3 * PAGE)  # present: no plan needed
+
+
+def test_write_read_roundtrip_unaligned(mach):
+    a = mach.add_pool(64)
+    plan = simple_plan(a)
+    r = mach.region(16)
+    data = pattern(2, 3 * PAGE + 777)
+    off = 5 * PAGE - 1234
+    mach.write(r, off, data, plan)
+    assert mach.read(r, off, len(data), plan) == data
+    whole = mach.read(r, 0, 16 * PAGE, plan)
+    assert whole[:off] == bytes(off)
+    assert whole[off:off + len(data)] == data
+    assert whole[off + len(data):] == bytes(16 * PAGE - off - len(data))
+    # Small reads inside and across page boundaries.
+    for o, n in ((off + 1, 1), (5 * PAGE - 3, 6), (6 * PAGE + 4095, 2), (off, 1)):
+        assert mach.read(r, o, n) == whole[o:o + n]
+    # Overwrite a few bytes across a boundary; neighbours are untouched.
+    mach.write(r, 6 * PAGE - 2, b"ABCD")
+    whole2 = mach.read(r, 0, 16 * PAGE)
+    assert whole2[6 * PAGE - 2:6 * PAGE + 2] == b"ABCD"
+    assert whole2[:6 * PAGE - 2] == whole[:6 * PAGE - 2]
+    assert whole2[6 * PAGE + 2:] == whole[6 * PAGE + 2:]
+    # The bytes are in the frames the page table names.
+    for i in range(16):
+        pte = mach.ptes(r, i, 1)[0]
+        assert mach.frame(pfn_of(pte)) == whole2[i * PAGE:(i + 1) * PAGE]
+
+
+def test_untouched_pages_read_as_zeros(mach):
+    a = mach.add_pool(8)
+    rc, pfns = mach.alloc(a, 8)  # dirty every frame, then give them back
+    assert rc == 0
+    for pfn in pfns:
+        mach.fill(pfn, b"\xee" * PAGE)
+    mach.pool_free(pfns)
+    r = mach.region(8)
+    assert mach.read(r, 0, 8 * PAGE, simple_plan(a)) == bytes(8 * PAGE)
+    assert mach.ctr(a, lib.CDM_PGFAULT) == 8
+    assert r.resident[a] == 8
+
+
+def test_fallback_and_numa_counters(mach):
+    """zone_statistics(): hit/miss on the pool used, foreign on the intended
+    one, local/other against the faulting CPU's pool."""
+    a = mach.add_pool(2)
+    b = mach.add_pool(5)
+    c = mach.add_pool(4)
+    r = mach.region(8)
+    plan = Plan([a], {a: [a, b, c]}, local=a)
+    mach.write(r, 0, pattern(3, 4 * PAGE), plan)
+    assert [pool_of(p) for p in mach.ptes(r, 0, 4)] == [a, a, b, b]
+    assert mach.numa(a) == dict(numa_hit=2, numa_miss=0, numa_foreign=2, interleave_hit=0,
+                                local_node=2, other_node=0)
+    assert mach.numa(b) == dict(numa_hit=0, numa_miss=2, numa_foreign=0, interleave_hit=0,
+                                local_node=0, other_node=2)
+    # A CPU on b's node faults in pages intended for c, which is full after 4.
+    plan2 = Plan([c], {c: [c, b]}, local=b)
+    fill = mach.region(4)
+    mach.write(fill, 0, b"c" * (3 * PAGE), Plan([c], {c: [c]}, local=c))
+    mach.write(r, 4 * PAGE, pattern(4, 3 * PAGE), plan2)
+    assert [pool_of(p) for p in mach.ptes(r, 4, 3)] == [c, b, b]
+    assert mach.numa(c) == dict(numa_hit=4, numa_miss=0, numa_foreign=2, interleave_hit=0,
+                                local_node=3, other_node=1)
+    assert mach.numa(b) == dict(numa_hit=0, numa_miss=4, numa_foreign=0, interleave_hit=0,
+                                local_node=2, other_node=2)
+    assert mach.numa(a)["numa_foreign"] == 2  # unchanged
+    assert mach.read(r, 0, 4 * PAGE) == pattern(3, 4 * PAGE)
+    assert mach.read(r, 4 * PAGE, 3 * PAGE) == pattern(4, 3 * PAGE)
+    # A row may start elsewhere than its intended pool (an isolated node is
+    # never tried): every page is then a miss.
+    r2 = mach.region(1)
+    mach.write(r2, 0, b"m", Plan([a], {a: [b]}, local=b))
+    assert pool_of(mach.ptes(r2)[0]) == b
+    assert mach.numa(b)["numa_miss"] == 5 and mach.numa(a)["numa_foreign"] == 3
+    assert mach.numa(b)["local_node"] == 3
+    assert_accounting(mach, r)
+
+
+def test_interleave_alternates_by_page_index(mach):
+    a = mach.add_pool(16)
+    b = mach.add_pool(3)
+    plan = Plan([a, b], {a: [a, b], b: [b, a]}, local=a, interleave=True)
+    r = mach.region(12)
+    # Touch out of order: placement follows the page index, not the order.
+    for i in (5, 2, 3, 4, 0, 1):
+        mach.write(r, i * PAGE, bytes([i]) * 10, plan)
+    assert [pool_of(p) for p in mach.ptes(r, 0, 6)] == [a, b, a, b, a, b]
+    assert mach.numa(a) == dict(numa_hit=3, numa_miss=0, numa_foreign=0, interleave_hit=3,
+                                local_node=3, other_node=0)
+    assert mach.numa(b) == dict(numa_hit=3, numa_miss=0, numa_foreign=0, interleave_hit=3,
+                                local_node=0, other_node=3)
+    # b is full: its pages fall back to a, which is a miss and no interleave hit.
+    mach.write(r, 6 * PAGE, b"x" * (4 * PAGE), plan)
+    assert [pool_of(p) for p in mach.ptes(r, 6, 4)] == [a, a, a, a]
+    assert mach.numa(a) == dict(numa_hit=5, numa_miss=2, numa_foreign=0, interleave_hit=5,
+                                local_node=7, other_node=0)
+    assert mach.numa(b)["numa_foreign"] == 2 and mach.numa(b)["interleave_hit"] == 3
+    # Weighted interleave: a table with a repeated twice.
+    c = mach.add_pool(16)
+    w = Plan([a, a, c], {a: [a], c: [c]}, local=a, interleave=True)
+    r2 = mach.region(6)
+    mach.read(r2, 0, 6 * PAGE, w)
+    assert [pool_of(p) for p in mach.ptes(r2)] == [a, a, c, a, a, c]
+    assert mach.numa(c)["interleave_hit"] == 2
+
+
+def test_enospc_changes_nothing(mach):
+    a = mach.add_pool(2)
+    b = mach.add_pool(1)
+    plan = Plan([a], {a: [a, b]}, local=a)
+    r = mach.region(8)
+    mach.write(r, 2 * PAGE, b"keep", plan)  # page 2 on a
+    before_ptes = mach.ptes(r)
+    before_ctr = mach.counters()
+    free = (mach.free(a), mach.free(b))
+    # Pages 0..4: 0 and 1 fit (a, b), 3 does not.
+    rc, _, res = mach.rw(r, 0, b"y" * (5 * PAGE), plan)
+    assert rc == -errno.ENOSPC
+    assert res.page == 3 and res.allocated == 0
+    assert (mach.free(a), mach.free(b)) == free
+    assert mach.ptes(r) == before_ptes
+    assert mach.counters() == before_ctr
+    assert (r.resident[a], r.resident[b]) == (1, 0)
+    assert mach.pool(a).nr_dirty == 1 and mach.pool(b).nr_dirty == 0
+    # A read-fault that cannot be satisfied is the same.
+    rc, _, res = mach.rw(r, 0, 5 * PAGE, plan, mark_cpu=1)
+    assert rc == -errno.ENOSPC and res.page == 3
+    assert mach.ptes(r) == before_ptes and mach.counters() == before_ctr
+    assert mach.read(r, 2 * PAGE, 4) == b"keep"
+    # What fits still works afterwards, and the allocator is intact.
+    mach.write(r, 0, b"y" * (2 * PAGE), plan)
+    assert [pool_of(p) for p in mach.ptes(r, 0, 3)] == [a, b, a]
+    assert (mach.free(a), mach.free(b)) == (0, 0)
+    assert len({pfn_of(p) for p in mach.ptes(r, 0, 3)}) == 3
+    assert_accounting(mach, r)
+
+
+@pytest.mark.parametrize("bit,err", [
+    (lib.CDM_PTE_LOCKED, -errno.EAGAIN),
+    (lib.CDM_PTE_POISONED, -errno.EIO),
+])
+def test_locked_and_poisoned_pages_refuse_access(mach, bit, err):
+    a = mach.add_pool(16)
+    plan = simple_plan(a)
+    r = mach.region(6)
+    mach.write(r, 2 * PAGE, b"d" * (2 * PAGE), plan)  # pages 2, 3
+    r.pte[3] |= bit
+    before_ptes = mach.ptes(r)
+    before_ctr = mach.counters()
+    for write in (0, 1):
+        # The range starts with absent pages: they must not be allocated either.
+        if write:
+            rc, _, res = mach.rw(r, 0, b"n" * (5 * PAGE), plan, mark_cpu=1)
+        else:
+            rc, _, res = mach.rw(r, 100, 4 * PAGE, plan, mark_cpu=1)
+        assert rc == err and res.page == 3 and res.allocated == 0
+        assert mach.ptes(r) == before_ptes
+        assert mach.counters() == before_ctr
+        assert mach.free(a) == 14
+    # Other pages are unaffected.
+    assert mach.read(r, 2 * PAGE, PAGE, plan) == b"d" * PAGE
+    r.pte[3] &= ~bit
+    assert mach.read(r, 3 * PAGE, PAGE) == b"d" * PAGE
+
+
+def test_private_page_is_eremote(mach):
+    a = mach.add_pool(16)
+    g = mach.add_pool(16, flags=lib.CDM_POOL_PRIVATE)
+    r = mach.region(4)
+    mach.write(r, 0, pattern(5, 4 * PAGE), simple_plan(a))
+    s = mach.migrate(r, 1, 1, g)
+    assert s["final"] == [lib.CDM_MIG_DONE]
+    pte = mach.ptes(r, 1, 1)[0]
+    assert pte & lib.CDM_PTE_PRIVATE and pool_of(pte) == g
+    assert mach.frame(pfn_of(pte)) == pattern(5, 4 * PAGE)[PAGE:2 * PAGE]
+    for write in (0, 1):
+        if write:
+            rc, _, res = mach.rw(r, 0, b"z" * (3 * PAGE), simple_plan(a))
+        else:
+            rc, _, res = mach.rw(r, PAGE - 1, 2, simple_plan(a))
+        assert rc == -errno.EREMOTE and res.page == 1
+    assert mach.read(r, 0, PAGE) == pattern(5, 4 * PAGE)[:PAGE]
+    assert mach.read(r, 2 * PAGE, 2 * PAGE) == pattern(5, 4 * PAGE)[2 * PAGE:]
+
+
+def test_mark_cpu_and_uncache(mach):
+    a = mach.add_pool(16)
+    b = mach.add_pool(16)
+    plan = Plan([a, b], {a: [a], b: [b]})
+    r = mach.region(8)
+    mach.write(r, 0, b"w" * (2 * PAGE), plan)  # a write(): no CPU mapping
+    assert mach.pool(a).nr_mapped == 0 and mach.pool(b).nr_mapped == 0
+    assert not any(p & lib.CDM_PTE_CPU for p in mach.ptes(r))
+    mach.read(r, 0, 6 * PAGE, plan, mark_cpu=1)  # a CPU fault over pages 0-5
+    ptes = mach.ptes(r)
+    assert [bool(p & lib.CDM_PTE_CPU) for p in ptes] == [1] * 6 + [0] * 2
+    assert (mach.pool(a).nr_mapped, mach.pool(b).nr_mapped) == (3, 3)
+    mach.write(r, 7 * PAGE, b"m", plan, mark_cpu=1)  # write-fault marks too
+    assert mach.pool(b).nr_mapped == 4
+    lib.cdm_region_uncache(mach.m, r, 1, 2)
+    ptes = mach.ptes(r)
+    assert [bool(p & lib.CDM_PTE_CPU) for p in ptes] == [1, 0, 0, 1, 1, 1, 0, 1]
+    assert (mach.pool(a).nr_mapped, mach.pool(b).nr_mapped) == (2, 3)
+    lib.cdm_region_uncache(mach.m, r, 0, 1000)  # beyond the end is harmless
+    assert (mach.pool(a).nr_mapped, mach.pool(b).nr_mapped) == (0, 0)
+    assert not any(p & lib.CDM_PTE_CPU for p in mach.ptes(r))
+    # Data and presence are untouched by uncaching.
+    assert all(p & lib.CDM_PTE_PRESENT for p in mach.ptes(r, 0, 6))
+    assert mach.read(r, 0, 2 * PAGE) == b"w" * (2 * PAGE)
+    # Shrinking a mapped page drops its mapped count.
+    mach.read(r, 0, 8 * PAGE, plan, mark_cpu=1)
+    assert lib.cdm_region_resize(mach.m, r, 5) == 0
+    assert (mach.pool(a).nr_mapped, mach.pool(b).nr_mapped) == (3, 2)
+
+
+# ------------------------------------------------------------ batched copy
+
+
+def test_copy_frames_with_holes(mach):
+    a = mach.add_pool(16)
+    b = mach.add_pool(16)
+    rc, src = mach.alloc(a, 6)
+    rc2, dst = mach.alloc(b, 6)
+    assert rc == 0 and rc2 == 0
+    for k in range(6):
+        mach.fill(src[k], pattern(100 + k, PAGE))
+        mach.fill(dst[k], bytes([0xd0 + k]) * PAGE)
+    s = list(src)
+    d = list(dst)
+    s[1] = 0      # hole in the source
+    d[3] = 0      # hole in the destination
+    lib.cdm_copy_frames(mach.m, ffi.new("uint64_t[]", s), ffi.new("uint64_t[]", d), 6)
+    for k in range(6):
+        if k in (1, 3):
+            assert mach.frame(dst[k]) == bytes([0xd0 + k]) * PAGE
+        else:
+            assert mach.frame(dst[k]) == pattern(100 + k, PAGE)
+        assert mach.frame(src[k]) == pattern(100 + k, PAGE)
+    # Copy within a pool, and to frames out of order.
+    order = [src[5], src[0]]
+    lib.cdm_copy_frames(mach.m, ffi.new("uint64_t[]", [dst[0], dst[5]]),
+                        ffi.new("uint64_t[]", order), 2)
+    assert mach.frame(src[5]) == pattern(100, PAGE)
+    assert mach.frame(src[0]) == pattern(105, PAGE)
+
+
+# -------------------------------------------------------------- migration
+
+
+def test_migrate_moves_data_between_pools(mach):
+    a = mach.add_pool(32)
+    c = mach.add_pool(32)
+    g = mach.add_pool(32, flags=lib.CDM_POOL_PRIVATE)
+    r = mach.region(12, rid=5)
+    data = pattern(6, 12 * PAGE)
+    mach.write(r, 0, data, simple_plan(a))
+    mach.read(r, 0, 12 * PAGE, mark_cpu=1)
+    old = mach.ptes(r)
+    s = mach.migrate(r, 2, 8, c)
+    assert s["collected"] == 8 and s["collect"] == [lib.CDM_MIG_MOVE] * 8
+    assert s["src"] == old[2:10]
+    assert s["locked"] == 8 and s["got"] == 8 and s["moved"] == 8
+    assert s["final"] == [lib.CDM_MIG_DONE] * 8
+    new = mach.ptes(r)
+    assert new[:2] == old[:2] and new[10:] == old[10:]
+    for i in range(2, 10):
+        assert pool_of(new[i]) == c and pfn_of(new[i]) == s["dst"][i - 2]
+        assert new[i] & lib.CDM_PTE_PRESENT and new[i] & lib.CDM_PTE_DIRTY
+        assert not new[i] & lib.CDM_PTE_CPU  # collect cleared the CPU belief
+        assert mach.owner(pfn_of(new[i])) == (0, 5, i)
+        assert mach.owner(pfn_of(old[i]))[0] == -errno.ENOENT
+    assert (mach.free(a), mach.free(c)) == (32 - 4, 32 - 8)
+    assert (r.resident[a], r.resident[c]) == (4, 8)
+    assert mach.ctr(a, lib.CDM_PGMIGRATE_SUCCESS) + mach.ctr(c, lib.CDM_PGMIGRATE_SUCCESS) == 8
+    assert mach.ctr(a, lib.CDM_PGFREE) == 8
+    assert (mach.pool(a).nr_mapped, mach.pool(c).nr_mapped) == (4, 0)
+    assert (mach.pool(a).nr_dirty, mach.pool(c).nr_dirty) == (4, 8)
+    assert mach.read(r, 0, 12 * PAGE) == data
+    assert_no_transient_bits(mach, r)
+    assert_accounting(mach, r)
+    # Into device-private memory and back.
+    s = mach.migrate(r, 0, 12, g)
+    assert s["moved"] == 12
+    assert all(p & lib.CDM_PTE_PRIVATE and pool_of(p) == g for p in mach.ptes(r))
+    for i, p in enumerate(mach.ptes(r)):
+        assert mach.frame(pfn_of(p)) == data[i * PAGE:(i + 1) * PAGE]
+    assert mach.rw(r, 0, 1)[0] == -errno.EREMOTE
+    assert (mach.free(a), mach.free(c), mach.free(g)) == (32, 32, 20)
+    s = mach.migrate(r, 0, 12, a)
+    assert s["final"] == [lib.CDM_MIG_DONE] * 12
+    assert not any(p & lib.CDM_PTE_PRIVATE for p in mach.ptes(r))
+    assert mach.read(r, 0, 12 * PAGE) == data
+    assert (mach.free(a), mach.free(c), mach.free(g)) == (20, 32, 32)
+    assert sum(mach.ctr(i, lib.CDM_PGMIGRATE_SUCCESS) for i in (a, c, g)) == 32
+    assert_no_transient_bits(mach, r)
+    assert_accounting(mach, r)
+
+
+def test_migrate_status_codes(mach):
+    a = mach.add_pool(32)
+    c = mach.add_pool(32)
+    r = mach.region(8)
+    plan = Plan([a, c], {a: [a], c: [c]})
+    # pages 0-5 present: 0 a, 1 c (already there), 2 a pinned, 3 c, 4 a poisoned, 5 c
+    data = pattern(7, 6 * PAGE)
+    mach.write(r, 0, data, plan)
+    r.pte[2] |= lib.CDM_PTE_PINNED
+    r.pte[4] |= lib.CDM_PTE_POISONED
+    before = mach.ptes(r)
+    s = mach.migrate(r, 0, 8, c)
+    E = errno
+    assert s["collect"] == [lib.CDM_MIG_MOVE, lib.CDM_MIG_THERE, -E.EBUSY, lib.CDM_MIG_THERE,
+                            -E.EIO, lib.CDM_MIG_THERE, -E.ENOENT, -E.ENOENT]
+    assert s["collected"] == 1 and s["moved"] == 1
+    assert s["final"] == [lib.CDM_MIG_DONE, lib.CDM_MIG_THERE, -E.EBUSY, lib.CDM_MIG_THERE,
+                          -E.EIO, lib.CDM_MIG_THERE, -E.ENOENT, -E.ENOENT]
+    after = mach.ptes(r)
+    assert pool_of(after[0]) == c
+    assert after[1:] == before[1:]  # skipped pages are exactly as they were
+    assert after[2] & lib.CDM_PTE_PINNED and after[4] & lib.CDM_PTE_POISONED
+    assert (mach.free(a), mach.free(c)) == (32 - 2, 32 - 4)
+    assert mach.ctr(a, lib.CDM_PGMIGRATE_SUCCESS) == 1
+    assert_no_transient_bits(mach, r)
+    r.pte[4] &= ~lib.CDM_PTE_POISONED
+    assert mach.read(r, 0, 6 * PAGE) == data
+    # Beyond the end of the region: -EINVAL, nothing written there.
+    s = mach.migrate(r, 6, 4, a)
+    assert s["final"][2:] == [-E.EINVAL, -E.EINVAL]
+    assert lib.cdm_region_resize(mach.m, r, 10) == 0
+    assert mach.ptes(r, 8, 2) == [0, 0]
+
+
+def test_migrate_alloc_absent(mach):
+    a = mach.add_pool(8)
+    g = mach.add_pool(8, flags=lib.CDM_POOL_PRIVATE)
+    r = mach.region(4, rid=2)
+    mach.write(r, PAGE, b"one", simple_plan(a))
+    s = mach.migrate(r, 0, 4, g, alloc_absent=1)
+    assert s["collect"] == [lib.CDM_MIG_ALLOC, lib.CDM_MIG_MOVE, lib.CDM_MIG_ALLOC,
+                            lib.CDM_MIG_ALLOC]
+    assert s["collected"] == 4 and s["locked"] == 4 and s["got"] == 4
+    assert s["final"] == [lib.CDM_MIG_DONE] * 4 and s["moved"] == 4
+    ptes = mach.ptes(r)
+    assert all(p & lib.CDM_PTE_PRESENT and pool_of(p) == g for p in ptes)
+    assert [bool(p & lib.CDM_PTE_DIRTY) for p in ptes] == [0, 1, 0, 0]
+    for i, p in enumerate(ptes):
+        assert mach.owner(pfn_of(p)) == (0, 2, i)
+        assert mach.frame(pfn_of(p)) == (b"one" + bytes(PAGE - 3) if i == 1 else bytes(PAGE))
+    assert (mach.free(a), mach.free(g)) == (8, 4)
+    assert r.resident[g] == 4 and r.resident[a] == 0
+    assert mach.ctr(a, lib.CDM_PGMIGRATE_SUCCESS) == 1
+    assert_no_transient_bits(mach, r)
+
+
+def test_migrate_target_fills_up(mach):
+    a = mach.add_pool(32)
+    c = mach.add_pool(3)
+    r = mach.region(6)
+    data = pattern(8, 6 * PAGE)
+    mach.write(r, 0, data, simple_plan(a))
+    before = mach.ptes(r)
+    s = mach.migrate(r, 0, 6, c)
+    assert s["locked"] == 6 and s["got"] == 3
+    assert s["alloc"] == [lib.CDM_MIG_MOVE] * 3 + [-errno.ENOMEM] * 3
+    assert s["final"] == [lib.CDM_MIG_DONE] * 3 + [-errno.ENOMEM] * 3
+    assert s["moved"] == 3
+    after = mach.ptes(r)
+    assert all(pool_of(p) == c for p in after[:3])
+    assert after[3:] == before[3:]  # stayed, same frames, unlocked
+    assert_no_transient_bits(mach, r)
+    assert mach.read(r, 0, 6 * PAGE) == data
+    assert (mach.free(a), mach.free(c)) == (32 - 3, 0)
+    assert mach.ctr(a, lib.CDM_PGMIGRATE_SUCCESS) == 3
+    # An absent page that finds no room is unlocked back to absent.
+    r2 = mach.region(2)
+    s = mach.migrate(r2, 0, 2, c, alloc_absent=1)
+    assert s["final"] == [-errno.ENOMEM] * 2
+    assert mach.ptes(r2) == [0, 0]
+    assert mach.read(r2, 0, 2 * PAGE, simple_plan(a)) == bytes(2 * PAGE)
+
+
+def test_cpu_touch_between_collect_and_lock(mach):
+    a = mach.add_pool(16)
+    c = mach.add_pool(16)
+    r = mach.region(4)
+    data = pattern(9, 4 * PAGE)
+    mach.write(r, 0, data, simple_plan(a))
+    mach.read(r, 0, 4 * PAGE, mark_cpu=1)
+    assert mach.pool(a).nr_mapped == 4
+
+    def refault():
+        # collect dropped the CPU belief of every collected page ...
+        assert mach.pool(a).nr_mapped == 0
+        assert all(p & lib.CDM_PTE_MIGRATING for p in mach.ptes(r))
+        # ... and the CPU faults page 2 in again before the lock.
+        assert mach.read(r, 2 * PAGE, 10, mark_cpu=1) == data[2 * PAGE:2 * PAGE + 10]
+
+    def locked():
+        ptes = mach.ptes(r)
+        assert [bool(p & lib.CDM_PTE_LOCKED) for p in ptes] == [1, 1, 0, 1]
+        assert not ptes[2] & (lib.CDM_PTE_LOCKED | lib.CDM_PTE_MIGRATING)
+        assert mach.rw(r, 0, 1)[0] == -errno.EAGAIN
+        assert mach.read(r, 2 * PAGE, 4) == data[2 * PAGE:2 * PAGE + 4]
+
+    s = mach.migrate(r, 0, 4, c, between=refault, after_lock=locked)
+    assert all(st & lib.CDM_PTE_CPU for st in s["src"])  # the caller must invalidate
+    assert s["lock"] == [lib.CDM_MIG_MOVE, lib.CDM_MIG_MOVE, -errno.EBUSY, lib.CDM_MIG_MOVE]
+    assert s["locked"] == 3
+    assert s["final"] == [lib.CDM_MIG_DONE, lib.CDM_MIG_DONE, -errno.EBUSY, lib.CDM_MIG_DONE]
+    ptes = mach.ptes(r)
+    assert [pool_of(p) for p in ptes] == [c, c, a, c]
+    assert ptes[2] & lib.CDM_PTE_CPU
+    assert mach.pool(a).nr_mapped == 1
+    assert_no_transient_bits(mach, r)
+    assert mach.read(r, 0, 4 * PAGE) == data
+    assert_accounting(mach, r)
+
+
+def test_write_between_collect_and_lock_is_carried(mach):
+    a = mach.add_pool(16)
+    c = mach.add_pool(16)
+    r = mach.region(3)
+    mach.write(r, 0, b"\x01" * (3 * PAGE), simple_plan(a))
+    s = mach.migrate(r, 0, 3, c,
+                     between=lambda: mach.write(r, PAGE + 5, b"late write"))
+    assert s["final"] == [lib.CDM_MIG_DONE] * 3
+    assert mach.read(r, PAGE, 20) == b"\x01" * 5 + b"late write" + b"\x01" * 5
+
+
+def test_first_touch_of_placeholder_during_migration(mach):
+    a = mach.add_pool(16)
+    g = mach.add_pool(16)
+    r = mach.region(3)
+    s = mach.migrate(r, 0, 3, g, alloc_absent=1,
+                     between=lambda: mach.write(r, PAGE, b"cpu", simple_plan(a)))
+    assert s["collect"] == [lib.CDM_MIG_ALLOC] * 3
+    assert s["final"] == [lib.CDM_MIG_DONE, -errno.EBUSY, lib.CDM_MIG_DONE]
+    ptes = mach.ptes(r)
+    assert [pool_of(p) for p in ptes] == [g, a, g]
+    assert mach.read(r, PAGE, 3) == b"cpu"
+    assert (mach.free(a), mach.free(g)) == (15, 14)
+    assert_no_transient_bits(mach, r)
+    assert_accounting(mach, r)
+
+
+def test_overlapping_migrations_do_not_unlock_each_other(mach):
+    """A page another migration holds is -EBUSY for the second one, whose
+    finalize must leave the first migration's lock alone."""
+    a = mach.add_pool(16)
+    c = mach.add_pool(16)
+    d = mach.add_pool(16)
+    r = mach.region(4)
+    data = pattern(10, 4 * PAGE)
+    mach.write(r, 0, data, simple_plan(a))
+    n = 4
+    src = ffi.new("uint64_t[]", n)
+    dst = ffi.new("uint64_t[]", n)
+    st = ffi.new("int32_t[]", n)
+    # Migration 1 over pages 0-3 (absent pages none), up to its copy.
+    assert lib.cdm_migrate_collect(mach.m, r, 0, n, c, 0, src, st) == 4
+    assert lib.cdm_migrate_lock(mach.m, r, 0, n, st) == 4
+    assert lib.cdm_migrate_alloc(mach.m, c, n, st, dst) == 4
+    # Migration 2 over pages 2-3 and, after page 3, an absent page collected by
+    # migration 3 (alloc_absent) that is not locked yet.
+    assert lib.cdm_region_resize(mach.m, r, 5) == 0
+    src3 = ffi.new("uint64_t[]", 1)
+    st3 = ffi.new("int32_t[]", 1)
+    assert lib.cdm_migrate_collect(mach.m, r, 4, 1, c, 1, src3, st3) == 1
+    s2 = mach.migrate(r, 2, 3, d)
+    assert s2["final"] == [-errno.EBUSY] * 3
+    ptes = mach.ptes(r)
+    assert all(p & lib.CDM_PTE_LOCKED for p in ptes[:4]), [hex(p) for p in ptes]
+    assert ptes[4] & lib.CDM_PTE_MIGRATING
+    assert mach.rw(r, 2 * PAGE, 1)[0] == -errno.EAGAIN
+    # Migration 1 and 3 complete normally.
+    lib.cdm_migrate_copy(mach.m, n, st, src, dst)
+    assert lib.cdm_migrate_finalize(mach.m, r, 0, n, dst, st) == 4
+    dst3 = ffi.new("uint64_t[]", 1)
+    assert lib.cdm_migrate_lock(mach.m, r, 4, 1, st3) == 1
+    assert lib.cdm_migrate_alloc(mach.m, c, 1, st3, dst3) == 1
+    lib.cdm_migrate_copy(mach.m, 1, st3, src3, dst3)
+    assert lib.cdm_migrate_finalize(mach.m, r, 4, 1, dst3, st3) == 1
+    assert [pool_of(p) for p in mach.ptes(r)] == [c] * 5
+    assert mach.read(r, 0, 5 * PAGE) == data + bytes(PAGE)
+    assert (mach.free(a), mach.free(c), mach.free(d)) == (16, 11, 16)
+    assert_no_transient_bits(mach, r)
+
+
+@pytest.mark.parametrize("when", ["before_lock", "after_lock"])
+def test_truncate_during_migration(mach, when):
+    """Truncation while pages are collected or locked: the dropped pages'
+    frames are freed once, the migration gives their targets back."""
+    a = mach.add_pool(16)
+    c = mach.add_pool(16)
+    r = mach.region(6, rid=1)
+    data = pattern(11, 6 * PAGE)
+    mach.write(r, 0, data, simple_plan(a))
+
+    def shrink():
+        assert lib.cdm_region_resize(mach.m, r, 3) == 0
+        assert mach.free(a) == 16 - 3
+
+    kw = {"between": shrink} if when == "before_lock" else {"after_lock": shrink}
+    s = mach.migrate(r, 0, 6, c, **kw)
+    assert s["final"][:3] == [lib.CDM_MIG_DONE] * 3
+    assert all(st < 0 for st in s["final"][3:]), s["final"]
+    assert s["moved"] == 3
+    assert r.npages == 3
+    assert (mach.free(a), mach.free(c)) == (16, 13)
+    assert (r.resident[a], r.resident[c]) == (0, 3)
+    assert mach.read(r, 0, 3 * PAGE) == data[:3 * PAGE]
+    # Growing back shows fresh zero pages, and the allocators are sound:
+    # every frame can be handed out exactly once.
+    assert lib.cdm_region_resize(mach.m, r, 6) == 0
+    assert mach.ptes(r, 3, 3) == [0, 0, 0]
+    assert mach.read(r, 3 * PAGE, 3 * PAGE, simple_plan(a)) == bytes(3 * PAGE)
+    rc, rest = mach.alloc(a, 13)
+    assert rc == 0
+    used = {pfn_of(p) for p in mach.ptes(r)}
+    assert len(used | set(rest)) == 6 + 13
+    assert mach.alloc(a, 1)[0] == -errno.ENOMEM
+    assert_no_transient_bits(mach, r)
+    assert_accounting(mach, r)
+
+
+def test_copy_runs_without_the_lock(mach):
+    """The copy step holds no lock: other pages stay accessible meanwhile
+    (cffi releases the GIL), and a large batch copies byte-exactly."""
+    a = mach.add_pool(4096)
+    c = mach.add_pool(4096)
+    r = mach.region(2048 + 1)
+    data = pattern(12, 2048 * PAGE)
+    plan = simple_plan(a)
+    mach.write(r, 0, data, plan)
+    n = 2048
+    src = ffi.new("uint64_t[]", n)
+    dst = ffi.new("uint64_t[]", n)
+    st = ffi.new("int32_t[]", n)
+    assert lib.cdm_migrate_collect(mach.m, r, 0, n, c, 0, src, st) == n
+    assert lib.cdm_migrate_lock(mach.m, r, 0, n, st) == n
+    assert lib.cdm_migrate_alloc(mach.m, c, n, st, dst) == n
+    errors = []
+    t = threading.Thread(target=lambda: lib.cdm_migrate_copy(mach.m, n, st, src, dst))
+    t.start()
+    try:
+        for _ in range(50):
+            if mach.rw(r, 2048 * PAGE, b"other", plan)[0] != 0:
+                errors.append("rw")
+    finally:
+        t.join()
+    assert not errors
+    assert lib.cdm_migrate_finalize(mach.m, r, 0, n, dst, st) == n
+    assert mach.read(r, 0, 2048 * PAGE) == data
+    assert mach.read(r, 2048 * PAGE, 5) == b"other"
+    assert r.resident[c] == 2048 and r.resident[a] == 1
+
+
+# ------------------------------------------------------------ FUSE notify
+
+
+def test_fuse_inval_on_non_fuse_fds():
+    rfd, wfd = os.pipe()
+    try:
+        rc = lib.cdm_fuse_inval(wfd, 1, 0, PAGE)
+        assert rc < 0
+        os.set_blocking(rfd, False)
+        with pytest.raises(BlockingIOError):
+            os.read(rfd, 64)  # nothing was written into the pipe
+        assert lib.cdm_fuse_inval(rfd, 1, 0, PAGE) < 0
+    finally:
+        os.close(rfd)
+        os.close(wfd)
+    fd = os.open("/dev/null", os.O_WRONLY)
+    try:
+        assert lib.cdm_fuse_inval(fd, 1, 0, -1) < 0
+    finally:
+        os.close(fd)
+    assert lib.cdm_fuse_inval(fd, 1, 0, PAGE) == -errno.EBADF  # closed
+    assert lib.cdm_fuse_inval(-1, 1, 0, PAGE) == -errno.EBADF
+
+
+def test_fuse_inval_reaches_the_fuse_device():
+    """On /dev/fuse itself the message is written: an unmounted session
+    refuses it with the kernel's own error, not the core's -EINVAL."""
+    try:
+        fd = os.open("/dev/fuse", os.O_RDWR)
+    except OSError as e:
+        pytest.skip(f"/dev/fuse: {e.strerror}")
+    try:
+        rc = lib.cdm_fuse_inval(fd, 1, 0, PAGE)
+        assert rc < 0 and rc != -errno.EINVAL
+    finally:
+        os.close(fd)
