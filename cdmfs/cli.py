@@ -34,6 +34,40 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run()
 
 
+class _IntermixedParser(argparse.ArgumentParser):
+    """Lets options and positionals mix, as getopt does (``numastat MNT -m REGION``)."""
+
+    _inner = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._inner:
+            return super().parse_known_args(args, namespace)
+        self._inner = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inner = False
+
+
+def cmd_hardware(args: argparse.Namespace) -> None:
+    from . import report
+    try:
+        text = report.hardware(args.mountpoint)
+    except report.ReportError as e:
+        raise CliError(str(e)) from None
+    sys.stdout.write(text)
+
+
+def cmd_numastat(args: argparse.Namespace) -> None:
+    from . import report
+    try:
+        text = report.numastat(args.mountpoint, meminfo=args.m, nodes_only=args.n,
+                               regions=args.regions, width=report.terminal_width())
+    except report.ReportError as e:
+        raise CliError(str(e)) from None
+    sys.stdout.write(text)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cdmfs", description=(
         "Coherent device memory and HMM, emulated in user space as a FUSE filesystem."))
@@ -51,6 +85,19 @@ def parser() -> argparse.ArgumentParser:
     u = sub.add_parser("umount", help="unmount (also a stale mount)")
     u.add_argument("mountpoint")
     u.set_defaults(func=cmd_umount)
+
+    h = sub.add_parser("hardware", help="the emulated machine, as numactl --hardware shows one")
+    h.add_argument("mountpoint")
+    h.set_defaults(func=cmd_hardware)
+
+    n = sub.add_parser("numastat", help="per-node tables, as numastat shows them")
+    n.add_argument("mountpoint")
+    n.add_argument("-m", action="store_true", help="meminfo-like per-node memory usage (MB)")
+    n.add_argument("-n", action="store_true", help="the numastat counters in MB, with a Total column")
+    n.add_argument("regions", nargs="*", metavar="REGION",
+                   help="per-node memory of these regions, like numastat -p")
+    n.set_defaults(func=cmd_numastat)
+    n.__class__ = _IntermixedParser
 
     d = sub.add_parser("demo", help="mount in a temporary folder and run a short workload")
     d.set_defaults(func=cmd_demo)

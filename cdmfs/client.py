@@ -147,13 +147,17 @@ def mount(mountpoint: str, config: Optional[str] = None, log_level: Optional[str
         cmd += ["--config", config]
     if log_level:
         cmd += ["--log-level", log_level]
-    try:
-        done = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)
-    finally:
-        if tmp is not None:
-            os.unlink(tmp.name)
-    if done.returncode:
-        raise RuntimeError(done.stderr.strip() or f"cdmfs mount failed ({done.returncode})")
+    # The error goes to a file, not a pipe: with a log level the daemon keeps
+    # stderr open, and a pipe would not reach end-of-file while it runs.
+    with tempfile.TemporaryFile("w+") as err:
+        try:
+            done = subprocess.run(cmd, stderr=err if log_level is None else None)
+        finally:
+            if tmp is not None:
+                os.unlink(tmp.name)
+        if done.returncode:
+            err.seek(0)
+            raise RuntimeError(err.read().strip() or f"cdmfs mount failed ({done.returncode})")
     return Mount(mountpoint)
 
 

@@ -203,6 +203,13 @@ class Filesystem(pyfuse3.Operations):
         self._next_fh += 1
         self.files[fh] = OpenFile(e, ctx.pid, writable)
         if isinstance(e, DataFile):
+            if flags & os.O_TRUNC and writable:
+                # libfuse enables atomic O_TRUNC: the truncation is ours to do.
+                try:
+                    e.region.resize(0)
+                except OSError as err:
+                    del self.files[fh]
+                    raise fuse_error(err) from None
             e.region.opens += 1
             return pyfuse3.FileInfo(fh=fh, keep_cache=True)
         return pyfuse3.FileInfo(fh=fh, direct_io=True)

@@ -3,6 +3,7 @@ in the manner of drivers/base/node.c.  Formats live in ``formats``.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Callable
 
@@ -116,7 +117,7 @@ def node_cpulist(m: Machine, nid: int) -> str:
 
 
 def node_cpumap(m: Machine, nid: int) -> str:
-    return formats.cpumask(m.nodes[nid].spec.cpus, m.topo.nr_cpu_ids)
+    return formats.cpumask(m.nodes[nid].spec.cpus, nr_cpu_ids(m))
 
 
 def node_isolated_show(m: Machine, nid: int) -> str:
@@ -185,16 +186,43 @@ def _host_read(path: str, fallback: str) -> Callable[[], str]:
     return show
 
 
+@functools.lru_cache(maxsize=None)
+def _host_cpus(name: str) -> frozenset[int]:
+    """The host's cpu/{possible,present} (empty if unreadable)."""
+    try:
+        with open(f"{HOST_CPU}/{name}") as f:
+            return frozenset(formats.parse_cpulist(f.read()))
+    except (OSError, ValueError):
+        return frozenset()
+
+
+def cpu_masks(m: Machine) -> dict[str, frozenset[int]]:
+    """cpu/{online,possible,present}, mirrored from the host: the CPUs of the
+    emulated nodes are online, the host's present/possible ones stay present/
+    possible (a host CPU that no node has is present but offline)."""
+    online = frozenset(m.cpu_node)
+    present = _host_cpus("present") | online
+    return {"online": online, "possible": _host_cpus("possible") | present, "present": present}
+
+
+def nr_cpu_ids(m: Machine) -> int:
+    """The kernel's nr_cpu_ids: the last possible CPU + 1 (cpumask widths)."""
+    return max(cpu_masks(m)["possible"]) + 1
+
+
 def add_cpus(tree: Tree, m: Machine) -> None:
     """sys/devices/system/cpu: mirrored from the host, plus the emulated node links."""
     d = tree.path("sys/devices/system/cpu")
-    cpus = sorted(m.cpu_node)
-    listed = formats.nodelist(cpus)
-    for name in ("online", "possible", "present"):
-        tree.add(d, name, Attr(lambda: listed))
-    tree.add(d, "kernel_max", Attr(_host_read(f"{HOST_CPU}/kernel_max", f"{max(cpus)}\n")))
-    for cpu in cpus:
+    masks = cpu_masks(m)
+    for name, cpus in masks.items():
+        tree.add(d, name, Attr(lambda text=formats.cpulist(cpus): text))
+    tree.add(d, "kernel_max", Attr(_host_read(f"{HOST_CPU}/kernel_max", f"{nr_cpu_ids(m) - 1}\n")))
+    for cpu in sorted(masks["present"]):
         c = tree.add(d, f"cpu{cpu}", Dir())
+        if cpu not in m.cpu_node:
+            # Offline, as the kernel shows it: no topology, no node.
+            tree.add(c, "online", Attr(lambda: "0\n"))
+            continue
         tree.add(c, "online", Attr(lambda: "1\n"))
         tree.add(c, f"node{m.cpu_node[cpu]}", Link(f"../../node/node{m.cpu_node[cpu]}"))
         topo = tree.add(c, "topology", Dir())

@@ -1,0 +1,82 @@
+"""Shared fixtures: real mounts and C programs compiled for the test run."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+import cdmfs
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PAGE = 4096
+
+# A small machine for tests that fill nodes: 8 MiB of sysram, 8 MiB of CDM.
+SMALL_CONFIG = """
+block_size = "4M"
+[[node]]
+id = 0
+kind = "sysram"
+size = "8M"
+cpus = "all"
+[[node]]
+id = 1
+kind = "cdm"
+size = "8M"
+[[device]]
+name = "cdm0"
+memory = "node:1"
+[[device]]
+name = "gpu0"
+memory = "private:8M"
+"""
+
+
+@pytest.fixture(scope="session")
+def cprog(tmp_path_factory):
+    """cprog("pattern") -> path of tests/c/pattern.c compiled for this run."""
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler")
+    out = tmp_path_factory.mktemp("cbin")
+    built = {}
+
+    def build(name: str) -> str:
+        if name not in built:
+            exe = str(out / name)
+            subprocess.run(["cc", "-O2", "-Wall", "-o", exe, os.path.join(HERE, "c", f"{name}.c")],
+                           check=True)
+            built[name] = exe
+        return built[name]
+    return build
+
+
+@pytest.fixture(scope="module")
+def mnt():
+    """The embedded default machine, mounted for a test module."""
+    with cdmfs.mounted() as m:
+        yield m
+
+
+@pytest.fixture(scope="module")
+def small():
+    """SMALL_CONFIG mounted for a test module."""
+    with cdmfs.mounted(SMALL_CONFIG) as m:
+        yield m
+
+
+def xorshift_page(seed: int, page: int) -> bytes:
+    """The bytes tests/c/pattern.c writes into a page."""
+    mask = (1 << 64) - 1
+    x = (seed * 0x9E3779B97F4A7C15 + page + 1) & mask
+    out = bytearray()
+    for _ in range(PAGE // 8):
+        x ^= (x << 13) & mask
+        x ^= x >> 7
+        x ^= (x << 17) & mask
+        out += x.to_bytes(8, "little")
+    return bytes(out)
+
+
+def used_kb(m: cdmfs.Mount, nid: int) -> int:
+    return m.node(nid).meminfo["MemUsed"]
