@@ -1,0 +1,157 @@
+"""The cdmfs command: mount/umount lifecycle, one-line errors, demo."""
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from cdmfs.daemon import is_mounted
+
+CDMFS = [sys.executable, "-m", "cdmfs"]
+
+
+def cdmfs(*args, **kw):
+    return subprocess.run(CDMFS + [str(a) for a in args], capture_output=True, text=True, timeout=60, **kw)
+
+
+def daemon_pid(mountpoint) -> int:
+    """The pid of the daemon serving mountpoint."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"mount" in argv and os.fsencode(str(mountpoint)) in argv:
+            return int(pid)
+    raise LookupError(mountpoint)
+
+
+def wait_gone(pid: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(") ")[1].startswith("Z"):
+                    return
+        except OSError:
+            return
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{pid}"), f"daemon {pid} still running"
+
+
+@pytest.fixture
+def mp(tmp_path):
+    d = tmp_path / "mnt"
+    d.mkdir()
+    yield d
+    if is_mounted(str(d)):
+        subprocess.run(CDMFS + ["umount", str(d)])
+
+
+def one_line_error(res) -> str:
+    assert res.returncode != 0
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("cdmfs: ")
+    return lines[0]
+
+
+def test_mount_umount_and_sigterm(mp):
+    res = cdmfs("mount", mp)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "" and res.stderr == ""
+    assert is_mounted(str(mp))
+    assert sorted(os.listdir(mp)) == ["devices", "regions", "sys"]
+    res = cdmfs("umount", mp)
+    assert res.returncode == 0, res.stderr
+    assert not is_mounted(str(mp))
+    # SIGTERM unmounts cleanly too.
+    assert cdmfs("mount", mp).returncode == 0
+    pid = daemon_pid(mp)
+    os.kill(pid, signal.SIGTERM)
+    wait_gone(pid)
+    assert not is_mounted(str(mp))
+
+
+def test_mount_errors(mp, tmp_path):
+    assert "does not exist" in one_line_error(cdmfs("mount", tmp_path / "nope"))
+    (mp / "file").write_text("x")
+    assert "not empty" in one_line_error(cdmfs("mount", mp))
+    os.unlink(mp / "file")
+    assert cdmfs("mount", mp).returncode == 0
+    assert "already a mount point" in one_line_error(cdmfs("mount", mp))
+    assert cdmfs("umount", mp).returncode == 0
+    assert "not mounted" in one_line_error(cdmfs("umount", mp))
+
+
+@pytest.mark.parametrize("toml, key", [
+    ('[[node]]\nid = 0\nsize = "1G"\ncpus = "all"\nsise = 1\n', "node[0].sise"),
+    ('[[node]]\nid = 0\nsize = "1G"\ncpus = "all"\n[[node]]\nid = 0\nsize = "1G"\n', "node[1].id"),
+    ('[[node]]\nid = 0\nsize = "1000"\ncpus = "all"\n', "node[0].size"),
+    ('[[node]]\nid = 0\nsize = "1G"\ncpus = "all"\n[[device]]\nname = "g"\nmemory = "node:0"\n',
+     "device[0].memory"),
+    ('[[node]]\nid = 0\nsize = "1G"\ncpus = "all"\n[[device]]\nname = "g"\nmemory = "node:5"\n',
+     "device[0].memory"),
+    ('[[node]]\nid = 0\nsize = "1G"\ncpus = "all"\n[distance]\nmatrix = [[10, 20]]\n', "distance.matrix"),
+    ('page_size = 8192\n[[node]]\nid = 0\nsize = "1G"\ncpus = "all"\n', "page_size"),
+    ('[[node]]\nid = 0\nkind = "hbm"\nsize = "1G"\ncpus = "all"\n', "node[0].kind"),
+    ("this is not toml", "config"),
+])
+def test_bad_config_names_the_key(mp, tmp_path, toml, key):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(toml)
+    line = one_line_error(cdmfs("mount", mp, "--config", cfg))
+    assert line.startswith(f"cdmfs: {key}"), line
+    assert not is_mounted(str(mp))
+    assert "config" in one_line_error(cdmfs("mount", mp, "--config", tmp_path / "missing.toml"))
+
+
+def test_kill9_stale_mount_is_cleaned(mp):
+    assert cdmfs("mount", mp).returncode == 0
+    region = mp / "regions" / "r"
+    os.mkdir(region)
+    os.truncate(region / "data", 1 << 20)
+    pid = daemon_pid(mp)
+    os.kill(pid, signal.SIGKILL)
+    wait_gone(pid)
+    # A program touching the dead mount gets an error, not a hang.
+    with pytest.raises(OSError) as e:
+        os.listdir(mp)
+    assert e.value.errno == errno.ENOTCONN
+    assert is_mounted(str(mp))
+    res = cdmfs("umount", mp)
+    assert res.returncode == 0, res.stderr
+    assert not is_mounted(str(mp))
+    # A new mount comes up in the same place, empty.
+    assert cdmfs("mount", mp).returncode == 0
+    assert os.listdir(mp / "regions") == []
+
+
+def test_foreground_mount(mp):
+    proc = subprocess.Popen(CDMFS + ["mount", str(mp), "--foreground"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 20
+    while not is_mounted(str(mp)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert is_mounted(str(mp))
+    assert open(mp / "sys/devices/system/node/online").read() == "0-1\n"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert err == ""          # quiet by default
+    assert not is_mounted(str(mp))
+
+
+def test_demo():
+    res = subprocess.run(CDMFS + ["demo"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "N0=16384  N1=0" in res.stdout
+    assert "unmounted" in res.stdout
