@@ -2,6 +2,6 @@
 
 ``import cdmfs`` gives the client (SPEC §8); the daemon lives in ``cdmfs.daemon``.
 """
-from .client import Mount, Node, Region, mount, mounted, umount
+from .client import Device, Mount, Node, Region, mount, mounted, transact, umount
 
-__all__ = ["Mount", "Node", "Region", "mount", "mounted", "umount"]
+__all__ = ["Device", "Mount", "Node", "Region", "mount", "mounted", "transact", "umount"]

@@ -31,6 +31,21 @@ def _write(path: str, text: str) -> None:
         os.close(fd)
 
 
+def transact(path: str, request: str) -> str:
+    """Writes a request to a transaction file and reads its answer on the same
+    open file (write, lseek 0, read), as SPEC §6.2 and §7 describe."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.write(fd, request.encode())
+        os.lseek(fd, 0, os.SEEK_SET)
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks).decode()
+    finally:
+        os.close(fd)
+
+
 def _kv(text: str) -> dict[str, int]:
     out = {}
     for line in text.splitlines():
@@ -104,8 +119,62 @@ class Region:
     def stat(self) -> dict[str, int]:
         return _kv(_read(os.path.join(self.path, "stat")))
 
+    def migrate(self, start: int, length: int, target: str) -> dict:
+        """Migrates [start, start+length) to target (``1``, ``node:1``, ``gpu0``):
+        ``{"requested": n, "migrated": n, "skipped": n, "holes": {page: "-EBUSY"}}``."""
+        text = transact(os.path.join(self.path, "migrate"), f"{start} {length} {target}\n")
+        out: dict = {"holes": {}}
+        for line in text.splitlines():
+            key, value = line.split(" ", 1)
+            if key == "page":
+                page, err = value.split()
+                out["holes"][int(page)] = err
+            else:
+                out[key] = int(value)
+        return out
+
     def remove(self) -> None:
         os.rmdir(self.path)
+
+
+class Device:
+    def __init__(self, mount: "Mount", name: str):
+        self.mount = mount
+        self.name = name
+        self.path = os.path.join(mount.path, "devices", name)
+
+    def access(self, op: str, region: str, start: int, length: int, arg: Optional[int] = None) -> dict:
+        """Runs ``OP REGION START LENGTH [ARG]``; the result line as a dict
+        (``crc32`` as an int for reads)."""
+        request = f"{op} {region} {start} {length}" + (f" {arg}" if arg is not None else "")
+        line = transact(os.path.join(self.path, "access"), request + "\n").strip()
+        status, *pairs = line.split()
+        out = {"status": status}
+        for pair in pairs:
+            key, value = pair.split("=")
+            out[key] = int(value, 0)
+        return out
+
+    def snapshot(self, region: str, start: int, length: int) -> dict[int, str]:
+        """``{page: flags}`` of the device's view of a range."""
+        text = transact(os.path.join(self.path, "snapshot"), f"{region} {start} {length}\n")
+        return {int(p): f for p, f in (line.split() for line in text.splitlines())}
+
+    @property
+    def stat(self) -> dict[str, int]:
+        return _kv(_read(os.path.join(self.path, "stat")))
+
+    @property
+    def meminfo(self) -> dict[str, int]:
+        return {k.rstrip(":"): int(v) for k, v, *_ in (l.split() for l in _read(os.path.join(self.path, "meminfo")).splitlines())}
+
+    @property
+    def fault_policy(self) -> str:
+        return _read(os.path.join(self.path, "fault_policy")).strip()
+
+    @fault_policy.setter
+    def fault_policy(self, value: str) -> None:
+        _write(os.path.join(self.path, "fault_policy"), value + "\n")
 
 
 class Mount:
@@ -127,6 +196,13 @@ class Mount:
         if size is not None:
             r.truncate(size)
         return r
+
+    def device(self, name: str) -> Device:
+        return Device(self, name)
+
+    @property
+    def devices(self) -> list[str]:
+        return sorted(os.listdir(os.path.join(self.path, "devices")))
 
     @property
     def regions(self) -> list[str]:

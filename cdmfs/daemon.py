@@ -64,7 +64,7 @@ def serve(mountpoint: str, topo: Topology, allow_other: bool = False,
     import pyfuse3
     import trio
 
-    from . import sysfs
+    from . import devicefiles, sysfs
     from .fs import Filesystem
     from .machine import Machine
     from .region import Regions
@@ -74,6 +74,7 @@ def serve(mountpoint: str, topo: Topology, allow_other: bool = False,
     regions = Regions(machine)
     tree = Tree()
     sysfs.build(tree, machine)
+    devicefiles.build(tree, machine)
     ops = Filesystem(machine, tree, regions)
     options = set(pyfuse3.default_options) | {"fsname=cdmfs", "subtype=cdmfs"}
     if allow_other:

@@ -6,13 +6,17 @@ the devices ask it; it never knows about FUSE.
 """
 from __future__ import annotations
 
+import errno
 import logging
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from . import policy as mpol
 from ._core import ffi, lib
 from .config import PAGE_SIZE, Topology
+
+if TYPE_CHECKING:
+    from .region import Region
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +50,14 @@ class PrivateMemory:
     pool: int
 
 
+@dataclass(frozen=True)
+class Target:
+    """Where a migration sends pages: a node, or a device's private memory."""
+    name: str               # "node:1" or "private:gpu0"
+    pool: int
+    device_memory: bool     # a device's memory (its CDM node or private): may allocate
+
+
 @dataclass
 class _Plan:
     """A native struct cdm_plan and the arrays it points into (kept alive here)."""
@@ -76,6 +88,88 @@ class Machine:
         self.default_cpu_node = cpu_nodes[0]
         self._plans: dict[tuple, _Plan] = {}
         self.regions = None  # set by Regions
+        self.first_sysram = next(n.id for n in topo.nodes if n.kind == "sysram")
+        from .devices import Device
+        self.devices: dict[str, Device] = {}
+        self.pool_owner: dict[int, str] = {}      # pool -> the device whose memory it is
+        for dev in topo.devices:
+            pool = self.nodes[dev.node].pool if dev.coherent else self.private[dev.name].pool
+            self.devices[dev.name] = Device(self, dev, pool)
+            self.pool_owner[pool] = dev.name
+
+    async def cpu_unmap(self, region: "Region", first: int, npages: int) -> None:
+        """Invalidates the CPU's copies of pages; the filesystem installs the real one."""
+
+    def cpu_mapped(self, region: "Region", first: int, npages: int) -> int:
+        return lib.cdm_region_count(self.core, region.core, first, npages, lib.CDM_PTE_CPU)
+
+    def invalidate_devices(self, region: "Region", first: int, npages: int) -> None:
+        for dev in self.devices.values():
+            dev.invalidate(region, first, npages)
+
+    # ------------------------------------------------------------ targets
+
+    def target(self, text: str) -> Target:
+        """A migration target: ``N``, ``node:N``, ``DEV`` or ``private:DEV``.
+        ValueError if there is no such target, ENODEV if it is offline."""
+        word = text.strip()
+        kind, sep, arg = word.partition(":")
+        if not sep:
+            kind, arg = ("node", word) if word.isdigit() else ("private", word)
+        if kind == "node" and arg.isdigit() and int(arg) in self.nodes:
+            node = self.nodes[int(arg)]
+            if not node.online:
+                raise OSError(errno.ENODEV, f"node {arg} is offline")
+            owner = self.pool_owner.get(node.pool)
+            if owner is not None and not self.devices[owner].online:
+                raise OSError(errno.ENODEV, f"device {owner} is offline")
+            return Target(f"node:{arg}", node.pool, owner is not None)
+        if kind == "private" and arg in self.private:
+            if not self.devices[arg].online:
+                raise OSError(errno.ENODEV, f"device {arg} is offline")
+            return Target(f"private:{arg}", self.private[arg].pool, True)
+        raise ValueError(f"no migration target {word!r} (a node id, node:N, or a device's private memory)")
+
+    def node_target(self, nid: int) -> Target:
+        return self.target(f"node:{nid}")
+
+    def private_pools_mask(self) -> int:
+        mask = 0
+        for p in self.private.values():
+            mask |= 1 << p.pool
+        return mask
+
+    def fault_back_order(self, region: "Region", page: int, pid: int) -> tuple[int, ...]:
+        """Nodes to bring a device-private page back to, by the region's policy."""
+        pl = self.placement(region.policy_at(page), self.local_node(pid))
+        return pl.fallback[pl.table[page % len(pl.table)]]
+
+    def device_resident(self, region: "Region") -> dict[str, int]:
+        return {name: region.core.resident[d.pool] for name, d in self.devices.items()}
+
+    def account_device_moves(self, region: "Region", before: dict[str, int]) -> None:
+        """Counts pages that moved into (migrated_to) or out of (migrated_from)
+        each device's memory since ``before``."""
+        for name, d in self.devices.items():
+            delta = region.core.resident[d.pool] - before[name]
+            if delta > 0:
+                d.stats["migrated_to"] += delta
+            elif delta < 0:
+                d.stats["migrated_from"] -= delta
+
+    async def populate(self, region: "Region", first: int, npages: int) -> None:
+        """Allocates absent pages by the region's policy without a CPU fault
+        (a device's first touch of memory the CPU never touched)."""
+        res = ffi.new("struct cdm_rw_result *")
+        while True:
+            plan = self.plan(region.policy_at(first), self.default_cpu_node)
+            rc = lib.cdm_region_populate(self.core, region.core, first, npages, plan, res)
+            if rc == 0:
+                return
+            if rc == -errno.EAGAIN:
+                await region.wait_unlocked()
+                continue
+            raise OSError(errno.ENOSPC if rc == -errno.ENOSPC else -rc, "no memory for the device's first touch")
 
     def _add_pool(self, base_pfn: int, npages: int, flags: int) -> int:
         pool = lib.cdm_pool_add(self.core, base_pfn, npages, flags)

@@ -9,12 +9,14 @@ migration, a page in device memory, no memory left).
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import re
 from typing import Callable, Optional
 
 import trio
 
+from . import migrate
 from . import policy as mpol
 from ._core import ffi, lib
 from .config import PAGE_SIZE
@@ -53,6 +55,10 @@ class Region:
     def npages(self) -> int:
         return self.core.npages
 
+    def policy_at(self, page: int) -> mpol.MemPolicy:
+        """The policy that places page."""
+        return self.policy
+
     # -------------------------------------------------------------- CPU side
 
     async def fault(self, off: int, size: int, pid: int) -> bytearray:
@@ -78,7 +84,7 @@ class Region:
         m = self.machine
         res = self._res
         while True:
-            plan = m.plan(self.policy, m.local_node(pid))
+            plan = m.plan(self.policy_at(off // PAGE_SIZE), m.local_node(pid))
             rc = lib.cdm_region_rw(m.core, self.core, off, size, buf, write, 1, plan, res)
             if rc == 0:
                 return
@@ -119,9 +125,12 @@ class Region:
             # The page that stays partly must read as zero past the new end.
             tail = bytes(PAGE_SIZE - size % PAGE_SIZE)
             self._zero_tail(size, tail)
+        old = self.npages
         rc = lib.cdm_region_resize(self.machine.core, self.core, npages)
         if rc:
             raise OSError(-rc, "cannot resize the page table")
+        if npages < old:
+            self.machine.invalidate_devices(self, npages, old - npages)
         self.size = size
 
     def _zero_tail(self, size: int, tail: bytes) -> None:
@@ -170,6 +179,7 @@ class Regions:
         if name in self.by_name:
             raise OSError(errno.EEXIST, f"region {name} exists")
         region = Region(self.machine, name, self._next_id)
+        region.faultback = functools.partial(migrate.fault_back, self.machine)
         self._next_id += 1
         self.by_name[name] = region
         return region
@@ -179,4 +189,6 @@ class Regions:
         if region.opens or region.migrations:
             raise OSError(errno.EBUSY, f"region {name} is open or mapped")
         del self.by_name[name]
+        for dev in self.machine.devices.values():
+            dev.forget(region)
         region.free()

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import stat
 
-from . import formats
+from . import formats, migrate
 from . import policy as mpol
+from .config import PAGE_SIZE
 from .machine import Machine
 from .region import Region
-from .tree import Attr, Dir, Entry, Tree
+from .tree import Attr, Dir, Entry, Transaction, Tree
 
 
 class DataFile(Entry):
@@ -24,6 +25,30 @@ class RegionDir(Dir):
         self.region = region
 
 
+def parse_range(region: Region, start: str, length: str) -> tuple[int, int]:
+    """START LENGTH in bytes (decimal or 0x), page aligned, inside the file:
+    the first page and the page count."""
+    try:
+        a, n = int(start, 0), int(length, 0)
+    except ValueError:
+        raise ValueError("START and LENGTH are byte counts (decimal or 0x hex)") from None
+    if a < 0 or n <= 0 or a % PAGE_SIZE or n % PAGE_SIZE:
+        raise ValueError(f"START and LENGTH must be page aligned ({PAGE_SIZE}) and LENGTH positive")
+    if a + n > region.npages * PAGE_SIZE:
+        raise ValueError("range beyond the end of the region")
+    return a // PAGE_SIZE, n // PAGE_SIZE
+
+
+async def migrate_request(m: Machine, region: Region, state: dict, text: str) -> None:
+    """``START LENGTH TARGET``: migrate_vma / move_pages of the range."""
+    words = text.split()
+    if len(words) != 3:
+        raise ValueError("expected START LENGTH TARGET")
+    first, n = parse_range(region, words[0], words[1])
+    target = m.target(words[2])
+    state["result"] = (await migrate.migrate_range(m, region, first, n, target)).text()
+
+
 def policy_store(m: Machine, region: Region, text: str) -> None:
     region.policy = mpol.parse(text, list(m.nodes))
 
@@ -33,4 +58,6 @@ def add_region(tree: Tree, parent: Dir, m: Machine, region: Region) -> RegionDir
     tree.add(d, "data", DataFile(region))
     tree.add(d, "policy", Attr(lambda: f"{region.policy}\n", lambda text: policy_store(m, region, text)))
     tree.add(d, "stat", Attr(lambda: formats.kv_lines(region.stat())))
+    tree.add(d, "migrate", Transaction(lambda state, text: migrate_request(m, region, state, text),
+                                       lambda state: state.get("result", "")))
     return d

@@ -417,7 +417,9 @@ int cdm_region_rw(struct cdm_machine *m, struct cdm_region *r, uint64_t off, uin
             memcpy(b, f + from, to - from);
             m->pools[pte_pool(pte)].counters[CDM_PGFAULT]++;
         }
-        if (mark_cpu)
+        /* A WRITE of a page being migrated is the write-back its invalidation
+         * caused: the kernel drops the page after it, so it is not mapped. */
+        if (mark_cpu && !(write && (pte & CDM_PTE_MIGRATING)))
             pte |= CDM_PTE_CPU;
         if (pte & PTE_NEW)
             numa_account(m, i, pte_pool(pte), plan);
@@ -442,8 +444,8 @@ void cdm_region_uncache(struct cdm_machine *m, struct cdm_region *r, uint64_t fi
 /* ------------------------------------------------------------ migration */
 
 int64_t cdm_migrate_collect(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
-                            uint64_t n, int target, int alloc_absent, uint64_t *src,
-                            int32_t *status)
+                            uint64_t n, int target, int alloc_absent, uint64_t from_pools,
+                            uint64_t *src, int32_t *status)
 {
     int64_t collected = 0;
     pthread_mutex_lock(&m->lock);
@@ -459,7 +461,8 @@ int64_t cdm_migrate_collect(struct cdm_machine *m, struct cdm_region *r, uint64_
             status[k] = -EBUSY;
         else if (!(pte & CDM_PTE_PRESENT))
             status[k] = alloc_absent ? CDM_MIG_ALLOC : -ENOENT;
-        else if (pte_pool(pte) == target)
+        else if (pte_pool(pte) == target
+                 || (from_pools && !(from_pools & (1ULL << pte_pool(pte)))))
             status[k] = CDM_MIG_THERE;
         else
             status[k] = CDM_MIG_MOVE;
@@ -647,4 +650,194 @@ int cdm_fuse_inval(int fd, uint64_t ino, int64_t off, int64_t len)
     if (n < 0)
         return -errno;
     return n == (ssize_t)sizeof(msg) ? 0 : -EIO;
+}
+
+uint64_t cdm_migrate_holes(const int32_t *status, uint64_t n, uint64_t *idx, int32_t *err)
+{
+    uint64_t h = 0;
+    for (uint64_t k = 0; k < n; k++)
+        if (status[k] < 0) {
+            idx[h] = k;
+            err[h++] = status[k];
+        }
+    return h;
+}
+
+uint64_t cdm_migrate_count(const uint64_t *src, const int32_t *status, uint64_t n, uint64_t flag)
+{
+    uint64_t c = 0;
+    for (uint64_t k = 0; k < n; k++)
+        if ((status[k] == CDM_MIG_MOVE || status[k] == CDM_MIG_ALLOC) && (src[k] & flag))
+            c++;
+    return c;
+}
+
+/* ------------------------------------------------------------ device ops */
+
+static uint32_t crc_table[256];
+
+static void crc_init(void)
+{
+    for (uint32_t i = 0; i < 256; i++) {
+        uint32_t c = i;
+        for (int k = 0; k < 8; k++)
+            c = c & 1 ? 0xedb88320U ^ (c >> 1) : c >> 1;
+        crc_table[i] = c;
+    }
+}
+
+uint32_t cdm_crc32(uint32_t crc, const uint8_t *buf, uint64_t len)
+{
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, crc_init);
+    crc = ~crc;
+    while (len--)
+        crc = crc_table[(crc ^ *buf++) & 0xff] ^ (crc >> 8);
+    return ~crc;
+}
+
+int cdm_device_op(struct cdm_machine *m, struct cdm_region *r, uint64_t first, uint64_t n,
+                  int op, uint64_t arg, uint64_t own_pools, uint64_t private_ok,
+                  struct cdm_op_result *res)
+{
+    memset(res, 0, sizeof(*res));
+    int ret = 0;
+    pthread_mutex_lock(&m->lock);
+    for (uint64_t i = first; i < first + n; i++) {
+        uint64_t pte = i < r->npages ? r->pte[i] : CDM_PTE_POISONED;
+        if (pte & CDM_PTE_POISONED)
+            ret = -EIO;
+        else if (pte & CDM_PTE_LOCKED)
+            ret = -EAGAIN;
+        else if (!(pte & CDM_PTE_PRESENT))
+            ret = -ENOENT;
+        else if ((pte & CDM_PTE_PRIVATE) && !(private_ok & (1ULL << pte_pool(pte))))
+            ret = -EREMOTE;
+        else
+            continue;
+        res->page = i;
+        goto out;
+    }
+    for (uint64_t i = first; i < first + n; i++) {
+        uint64_t pte = r->pte[i];
+        uint8_t *f = frame_addr(m, pte);
+        if (own_pools & (1ULL << pte_pool(pte)))
+            res->local_bytes += PAGE;
+        else
+            res->remote_bytes += PAGE;
+        if (pte & CDM_PTE_CPU)
+            res->cpu_pages++;
+        switch (op) {
+        case CDM_OP_READ:
+            res->crc = cdm_crc32(res->crc, f, PAGE);
+            break;
+        case CDM_OP_WRITE:
+            memset(f, (int)(arg & 0xff), PAGE);
+            break;
+        case CDM_OP_ADD:
+            for (int w = 0; w < PAGE; w += 8) {
+                uint64_t v;
+                memcpy(&v, f + w, 8);
+                v += arg;
+                memcpy(f + w, &v, 8);
+            }
+            break;
+        default:
+            break;
+        }
+        if ((op == CDM_OP_WRITE || op == CDM_OP_ADD) && !(pte & CDM_PTE_DIRTY))
+            pte_set(m, r, i, pte | CDM_PTE_DIRTY);
+    }
+out:
+    pthread_mutex_unlock(&m->lock);
+    return ret;
+}
+
+void cdm_migrate_abort(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
+                       uint64_t n, const uint64_t *dst, int32_t *status)
+{
+    pthread_mutex_lock(&m->lock);
+    for (uint64_t k = 0; k < n; k++) {
+        if (status[k] != CDM_MIG_MOVE && status[k] != CDM_MIG_ALLOC)
+            continue;
+        uint64_t i = first + k;
+        if (dst && dst[k]) {
+            int tpool = cdm_pfn_pool(m, dst[k]);
+            if (tpool >= 0)
+                frame_free(&m->pools[tpool], dst[k] - m->pools[tpool].base_pfn);
+        }
+        if (i < r->npages && (r->pte[i] & (CDM_PTE_LOCKED | CDM_PTE_MIGRATING))) {
+            uint64_t pte = r->pte[i] & ~(CDM_PTE_LOCKED | CDM_PTE_MIGRATING);
+            if (pte & CDM_PTE_PRESENT)
+                pte_set(m, r, i, pte);
+            else
+                r->pte[i] = 0;
+        }
+        status[k] = -EINTR;
+    }
+    pthread_mutex_unlock(&m->lock);
+}
+
+int cdm_region_populate(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
+                        uint64_t n, const struct cdm_plan *plan, struct cdm_rw_result *res)
+{
+    res->allocated = 0;
+    res->page = 0;
+    int ret = 0;
+    pthread_mutex_lock(&m->lock);
+    if (first + n > r->npages) {
+        res->page = first + n - 1;
+        ret = -EINVAL;
+        goto out;
+    }
+    for (uint64_t i = first; i < first + n; i++) {
+        if (r->pte[i] & (CDM_PTE_LOCKED | CDM_PTE_MIGRATING)) {
+            res->page = i;
+            ret = -EAGAIN;
+            goto out;
+        }
+    }
+    for (uint64_t i = first; i < first + n; i++) {
+        if (r->pte[i] & (CDM_PTE_PRESENT | CDM_PTE_POISONED))
+            continue;
+        uint64_t pte = plan && plan->ntable ? plan_alloc(m, r, i, plan) : 0;
+        if (!pte) {
+            ret = -ENOSPC;
+            res->page = i;
+            break;
+        }
+        pte_set(m, r, i, pte | PTE_NEW);
+        res->allocated++;
+    }
+    /* As cdm_region_rw: all or nothing, events counted only on commit. */
+    for (uint64_t j = ret ? res->page : first + n; j-- > first;) {
+        uint64_t pte = r->pte[j];
+        if (!(pte & PTE_NEW))
+            continue;
+        struct cdm_pool *p = &m->pools[pte_pool(pte)];
+        if (ret) {
+            pte_set(m, r, j, 0);
+            frame_unalloc(p, pte_pfn(pte) - p->base_pfn);
+        } else {
+            numa_account(m, j, pte_pool(pte), plan);
+            r->pte[j] = pte & ~PTE_NEW;
+        }
+    }
+    if (ret)
+        res->allocated = 0;
+out:
+    pthread_mutex_unlock(&m->lock);
+    return ret;
+}
+
+uint64_t cdm_region_count(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
+                          uint64_t n, uint64_t flag)
+{
+    uint64_t c = 0;
+    pthread_mutex_lock(&m->lock);
+    for (uint64_t i = first; i < first + n && i < r->npages; i++)
+        if (r->pte[i] & flag)
+            c++;
+    pthread_mutex_unlock(&m->lock);
+    return c;
 }

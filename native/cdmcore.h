@@ -169,6 +169,16 @@ int cdm_region_rw(struct cdm_machine *m, struct cdm_region *r, uint64_t off, uin
                   uint8_t *buf, int write, int mark_cpu, const struct cdm_plan *plan,
                   struct cdm_rw_result *res);
 
+/* Allocates the absent pages of [first, first + n) by plan without copying or
+ * marking them CPU-mapped (a device's first touch).  0, or -ENOSPC (nothing
+ * allocated, res->page), -EAGAIN for a page a migration holds. */
+int cdm_region_populate(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
+                        uint64_t n, const struct cdm_plan *plan, struct cdm_rw_result *res);
+
+/* How many pages of [first, first + n) have flag set in their entry. */
+uint64_t cdm_region_count(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
+                          uint64_t n, uint64_t flag);
+
 /* Clears the CPU-mapped belief of n pages from first (after an invalidation). */
 void cdm_region_uncache(struct cdm_machine *m, struct cdm_region *r, uint64_t first, uint64_t n);
 
@@ -181,6 +191,9 @@ void cdm_region_uncache(struct cdm_machine *m, struct cdm_region *r, uint64_t fi
  *            invalidates the CPU copies of pages whose src had CDM_PTE_CPU);
  *            an untouched page gets CDM_MIG_ALLOC if alloc_absent, else -ENOENT;
  *            others: CDM_MIG_THERE, -EBUSY (pinned, locked), -EIO (poisoned).
+ *            from_pools, when not 0, limits the pages that move to those in
+ *            pools whose bit is set (a CPU fault-back moves only private pages);
+ *            the others are CDM_MIG_THERE.
  * lock     — after the invalidation: pages the CPU touched again meanwhile are
  *            skipped (-EBUSY); the others become LOCKED (accesses wait).
  * alloc    — target frames for every CDM_MIG_MOVE/ALLOC page into dst[i];
@@ -190,8 +203,8 @@ void cdm_region_uncache(struct cdm_machine *m, struct cdm_region *r, uint64_t fi
  *            page is unlocked; status becomes CDM_MIG_DONE.  Returns pages moved.
  */
 int64_t cdm_migrate_collect(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
-                            uint64_t n, int target, int alloc_absent, uint64_t *src,
-                            int32_t *status);
+                            uint64_t n, int target, int alloc_absent, uint64_t from_pools,
+                            uint64_t *src, int32_t *status);
 int64_t cdm_migrate_lock(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
                          uint64_t n, int32_t *status);
 int64_t cdm_migrate_alloc(struct cdm_machine *m, int target, uint64_t n,
@@ -200,6 +213,44 @@ void cdm_migrate_copy(struct cdm_machine *m, uint64_t n, const int32_t *status,
                       const uint64_t *src, const uint64_t *dst);
 int64_t cdm_migrate_finalize(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
                              uint64_t n, const uint64_t *dst, int32_t *status);
+
+/* Undoes a migration between collect and finalize (an error, a cancellation):
+ * collected pages are unlocked where they are, target frames in dst (may be
+ * NULL) are freed, their status becomes -EINTR. */
+void cdm_migrate_abort(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
+                       uint64_t n, const uint64_t *dst, int32_t *status);
+/* The pages a migration skipped: their indices (from 0) and -errno.  Returns how many. */
+uint64_t cdm_migrate_holes(const int32_t *status, uint64_t n, uint64_t *idx, int32_t *err);
+/* How many collected pages (status MOVE/ALLOC) had flag in their saved entry. */
+uint64_t cdm_migrate_count(const uint64_t *src, const int32_t *status, uint64_t n, uint64_t flag);
+
+/*
+ * Device access to pages [first, first + n) of a region, on the frames where
+ * the pages are: a device's compute kernel.  Every page must be present and
+ * reachable by the device: returns, changing nothing,
+ *   -ENOENT  a page is not present (res->page)
+ *   -EIO     a page is poisoned
+ *   -EAGAIN  a page is locked by a migration: wait, then retry
+ *   -EREMOTE a page is in another device's private memory
+ * Bytes on pools in own_pools (a bit per pool) count as local, others remote.
+ */
+#define CDM_OP_READ 0      /* reads, CRC-32 (zlib's) of the bytes in res->crc */
+#define CDM_OP_WRITE 1     /* fills with the byte arg */
+#define CDM_OP_ADD 2       /* adds arg to every little-endian 64-bit word */
+#define CDM_OP_TOUCH 3     /* reads, no checksum */
+
+struct cdm_op_result {
+    uint64_t page;          /* with an error: the page */
+    uint32_t crc;
+    uint64_t local_bytes, remote_bytes;
+    uint64_t cpu_pages;     /* pages believed CPU-mapped when the op ran */
+};
+
+int cdm_device_op(struct cdm_machine *m, struct cdm_region *r, uint64_t first, uint64_t n,
+                  int op, uint64_t arg, uint64_t own_pools, uint64_t private_ok,
+                  struct cdm_op_result *res);
+/* zlib-compatible CRC-32 of len bytes, continuing from crc. */
+uint32_t cdm_crc32(uint32_t crc, const uint8_t *buf, uint64_t len);
 
 /* Copies n frames src[i] -> dst[i] (global PFNs); 0 in either is a hole. */
 void cdm_copy_frames(struct cdm_machine *m, const uint64_t *src, const uint64_t *dst, uint64_t n);

@@ -172,7 +172,7 @@ class Machine:
         st = ffi.new("int32_t[]", n)
         steps = {}
         steps["collected"] = lib.cdm_migrate_collect(self.m, r, first, n, target,
-                                                     alloc_absent, src, st)
+                                                     alloc_absent, 0, src, st)
         steps["collect"] = list(st)
         steps["src"] = list(src)
         if between:
@@ -948,7 +948,7 @@ def test_overlapping_migrations_do_not_unlock_each_other(mach):
     dst = ffi.new("uint64_t[]", n)
     st = ffi.new("int32_t[]", n)
     # Migration 1 over pages 0-3 (absent pages none), up to its copy.
-    assert lib.cdm_migrate_collect(mach.m, r, 0, n, c, 0, src, st) == 4
+    assert lib.cdm_migrate_collect(mach.m, r, 0, n, c, 0, 0, src, st) == 4
     assert lib.cdm_migrate_lock(mach.m, r, 0, n, st) == 4
     assert lib.cdm_migrate_alloc(mach.m, c, n, st, dst) == 4
     # Migration 2 over pages 2-3 and, after page 3, an absent page collected by
@@ -956,7 +956,7 @@ def test_overlapping_migrations_do_not_unlock_each_other(mach):
     assert lib.cdm_region_resize(mach.m, r, 5) == 0
     src3 = ffi.new("uint64_t[]", 1)
     st3 = ffi.new("int32_t[]", 1)
-    assert lib.cdm_migrate_collect(mach.m, r, 4, 1, c, 1, src3, st3) == 1
+    assert lib.cdm_migrate_collect(mach.m, r, 4, 1, c, 1, 0, src3, st3) == 1
     s2 = mach.migrate(r, 2, 3, d)
     assert s2["final"] == [-errno.EBUSY] * 3
     ptes = mach.ptes(r)
@@ -1027,7 +1027,7 @@ def test_copy_runs_without_the_lock(mach):
     src = ffi.new("uint64_t[]", n)
     dst = ffi.new("uint64_t[]", n)
     st = ffi.new("int32_t[]", n)
-    assert lib.cdm_migrate_collect(mach.m, r, 0, n, c, 0, src, st) == n
+    assert lib.cdm_migrate_collect(mach.m, r, 0, n, c, 0, 0, src, st) == n
     assert lib.cdm_migrate_lock(mach.m, r, 0, n, st) == n
     assert lib.cdm_migrate_alloc(mach.m, c, n, st, dst) == n
     errors = []

@@ -1,0 +1,93 @@
+"""The files of ``devices/NAME/`` (SPEC §7): one show/store per file."""
+from __future__ import annotations
+
+import errno
+
+from . import formats
+from .config import PAGE_SIZE
+from .devices import FAULT_POLICIES, OPS, Device
+from .machine import KB_PER_PAGE, Machine
+from .regionfiles import parse_range
+from .tree import Attr, Dir, Transaction, Tree
+
+
+def parse_int(word: str) -> int:
+    """A decimal or 0x-hex integer, as the control files take them."""
+    try:
+        return int(word, 0)
+    except ValueError:
+        raise ValueError(f"not a number: {word!r}") from None
+
+
+def region_of(m: Machine, name: str):
+    region = m.regions.by_name.get(name)
+    if region is None:
+        raise OSError(errno.ENOENT, f"no region {name!r}")
+    return region
+
+
+def device_meminfo(m: Machine, dev: Device) -> str:
+    p = m.pool(dev.pool)
+    free = p.npages - p.nr_used - p.nr_retired
+    return formats.device_meminfo(p.npages * KB_PER_PAGE, free * KB_PER_PAGE)
+
+
+def device_resource(m: Machine, dev: Device) -> str:
+    p = m.pool(dev.pool)
+    start = p.base_pfn * PAGE_SIZE
+    return f"0x{start:x} 0x{start + p.npages * PAGE_SIZE - 1:x}\n"
+
+
+def fault_policy_store(dev: Device, text: str) -> None:
+    word = text.strip()
+    if word not in FAULT_POLICIES:
+        raise ValueError(f"expected one of {', '.join(FAULT_POLICIES)}")
+    dev.fault_policy = word
+
+
+async def access_request(m: Machine, dev: Device, state: dict, text: str) -> None:
+    """``OP REGION START LENGTH [ARG]``: a device kernel run; the result on read."""
+    words = text.split()
+    if len(words) < 4 or words[0] not in OPS:
+        raise ValueError(f"expected OP REGION START LENGTH [ARG], OP one of {', '.join(OPS)}")
+    op = words[0]
+    needs_arg = op in ("write", "add")
+    if len(words) != (5 if needs_arg else 4):
+        raise ValueError(f"{op} takes {'an ARG' if needs_arg else 'no ARG'}")
+    arg = parse_int(words[4]) if needs_arg else 0
+    if op == "write" and not 0 <= arg <= 255:
+        raise ValueError("write takes a byte 0..255")
+    if op == "add" and not -(1 << 63) <= arg < (1 << 64):
+        raise ValueError("add takes a 64-bit integer")
+    region = region_of(m, words[1])
+    first, n = parse_range(region, words[2], words[3])
+    state["result"] = (await dev.access(region, first, n, op, arg)).text()
+
+
+def snapshot_request(m: Machine, dev: Device, state: dict, text: str) -> None:
+    words = text.split()
+    if len(words) != 3:
+        raise ValueError("expected REGION START LENGTH")
+    region = region_of(m, words[0])
+    first, n = parse_range(region, words[1], words[2])
+    state["result"] = dev.snapshot(region, first, n)
+
+
+def add_device(tree: Tree, m: Machine, dev: Device) -> None:
+    d = tree.add(tree.dir(tree.root, "devices"), dev.name, Dir())
+    tree.add(d, "type", Attr(lambda: f"{dev.kind}\n"))
+    tree.add(d, "node", Attr(lambda: f"{dev.spec.node if dev.spec.coherent else -1}\n"))
+    tree.add(d, "meminfo", Attr(lambda: device_meminfo(m, dev)))
+    tree.add(d, "resource", Attr(lambda: device_resource(m, dev)))
+    tree.add(d, "fault_policy", Attr(lambda: f"{dev.fault_policy}\n", lambda t: fault_policy_store(dev, t)))
+    tree.add(d, "access", Transaction(lambda state, text: access_request(m, dev, state, text),
+                                      lambda state: state.get("result", "")))
+    tree.add(d, "snapshot", Transaction(lambda state, text: snapshot_request(m, dev, state, text),
+                                        lambda state: state.get("result", "")))
+    tree.add(d, "stat", Attr(lambda: formats.kv_lines(dev.stats.items())))
+
+
+def build(tree: Tree, m: Machine) -> None:
+    tree.dir(tree.root, "devices")
+    for dev in m.devices.values():
+        add_device(tree, m, dev)
