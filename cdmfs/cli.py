@@ -29,6 +29,11 @@ def cmd_umount(args: argparse.Namespace) -> None:
     daemon.umount(args.mountpoint)
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from .bench import run
+    run(quick=args.quick, json_path=args.json)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run
     run()
@@ -101,6 +106,11 @@ def parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="mount in a temporary folder and run a short workload")
     d.set_defaults(func=cmd_demo)
+
+    b = sub.add_parser("bench", help="measure against in-run references (tmpfs, memcpy, host sysfs)")
+    b.add_argument("--quick", action="store_true", help="fewer repetitions, smaller sizes")
+    b.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    b.set_defaults(func=cmd_bench)
     return p
 
 

@@ -109,6 +109,13 @@ class Device:
             pt[first:end] = bytes(end - first)
             self.stats["invalidations"] += 1
 
+    def map_own(self, region: "Region", first: int, n: int) -> None:
+        """Maps the pages of [first, first + n) that live in this device's
+        memory, as test_hmm maps what it migrated to itself."""
+        pt = self.mirror(region)
+        lib.cdm_region_mirror_pool(self.machine.core, region.core, first, n, self.pool,
+                                   ffi.from_buffer(pt), PT_WRITE)
+
     def forget(self, region: "Region") -> None:
         self.mirrors.pop(region.id, None)
 

@@ -99,6 +99,9 @@ async def _migrate_batch(m: "Machine", region: "Region", first: int, n: int, tar
         region.migrated_pages += moved
         m.account_device_moves(region, before)
         m.invalidate_devices(region, first, n)
+        owner = m.pool_owner.get(target.pool)
+        if owner is not None:
+            m.devices[owner].map_own(region, first, n)
     return MigrateResult(n, moved, holes(status, n, first))
 
 

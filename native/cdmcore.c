@@ -90,9 +90,41 @@ uint64_t cdm_pool_free_pages(struct cdm_machine *m, int pool)
     return p->npages - p->nr_used - p->nr_retired;
 }
 
+/* Freed frames give their host memory back with madvise(MADV_DONTNEED), which
+ * also makes them read as zeros for the next user.  Consecutive frees of
+ * adjacent frames (a migrated batch, a truncated range) are gathered into one
+ * call: drop_flush() runs before any allocation and before m->lock is
+ * released, so no frame is reused before it is dropped. */
+static __thread struct { struct cdm_pool *pool; uint64_t start, len; } drop;
+
+static void drop_flush(void)
+{
+    if (drop.len)
+        madvise(drop.pool->base + drop.start * PAGE, drop.len * PAGE, MADV_DONTNEED);
+    drop.len = 0;
+}
+
+static void drop_frame(struct cdm_pool *p, uint64_t f)
+{
+    if (drop.len && drop.pool == p && f == drop.start + drop.len) {
+        drop.len++;
+        return;
+    }
+    if (drop.len && drop.pool == p && f + 1 == drop.start) {
+        drop.start--;
+        drop.len++;
+        return;
+    }
+    drop_flush();
+    drop.pool = p;
+    drop.start = f;
+    drop.len = 1;
+}
+
 /* One frame index of pool p, or -1.  Caller holds m->lock. */
 static int64_t frame_alloc(struct cdm_pool *p)
 {
+    drop_flush();
     if (p->fail_alloc) {
         p->fail_alloc--;
         return -1;
@@ -116,7 +148,7 @@ static void frame_free(struct cdm_pool *p, uint64_t f)
     p->rmap[f] = 0;
     p->nr_used--;
     p->counters[CDM_PGFREE]++;
-    madvise(p->base + f * PAGE, PAGE, MADV_DONTNEED);
+    drop_frame(p, f);
     if (p->fflags[f] & CDM_FRAME_RETIRED) {
         p->nr_retired++;
         return;
@@ -160,11 +192,13 @@ int cdm_pool_alloc(struct cdm_machine *m, int pool, uint64_t n, uint64_t *out)
         if (f < 0) {
             while (i--)
                 frame_unalloc(p, out[i] - p->base_pfn);
-            pthread_mutex_unlock(&m->lock);
+            drop_flush();
+    pthread_mutex_unlock(&m->lock);
             return -ENOMEM;
         }
         out[i] = p->base_pfn + (uint64_t)f;
     }
+    drop_flush();
     pthread_mutex_unlock(&m->lock);
     return 0;
 }
@@ -187,6 +221,7 @@ void cdm_pool_free(struct cdm_machine *m, const uint64_t *pfns, uint64_t n)
         if (pool >= 0)
             frame_free(&m->pools[pool], pfns[i] - m->pools[pool].base_pfn);
     }
+    drop_flush();
     pthread_mutex_unlock(&m->lock);
 }
 
@@ -205,6 +240,7 @@ int cdm_pfn_owner(struct cdm_machine *m, uint64_t pfn, uint32_t *region, uint64_
         return -EINVAL;
     pthread_mutex_lock(&m->lock);
     uint64_t owner = m->pools[pool].rmap[pfn - m->pools[pool].base_pfn];
+    drop_flush();
     pthread_mutex_unlock(&m->lock);
     if (!owner)
         return -ENOENT;
@@ -274,7 +310,8 @@ int cdm_region_resize(struct cdm_machine *m, struct cdm_region *r, uint64_t npag
             ? mremap(r->pte, r->cap * sizeof(uint64_t), cap * sizeof(uint64_t), MREMAP_MAYMOVE)
             : sparse_map(cap * sizeof(uint64_t));
         if (pte == NULL || pte == MAP_FAILED) {
-            pthread_mutex_unlock(&m->lock);
+            drop_flush();
+    pthread_mutex_unlock(&m->lock);
             return -ENOMEM;
         }
         r->pte = pte;
@@ -286,6 +323,7 @@ int cdm_region_resize(struct cdm_machine *m, struct cdm_region *r, uint64_t npag
         if (r->pte[i])
             page_release(m, r, i);
     r->npages = npages;
+    drop_flush();
     pthread_mutex_unlock(&m->lock);
     return 0;
 }
@@ -304,6 +342,7 @@ void cdm_region_ptes(struct cdm_machine *m, struct cdm_region *r, uint64_t first
     pthread_mutex_lock(&m->lock);
     for (uint64_t i = 0; i < n; i++)
         out[i] = first + i < r->npages ? r->pte[first + i] : 0;
+    drop_flush();
     pthread_mutex_unlock(&m->lock);
 }
 
@@ -428,6 +467,7 @@ int cdm_region_rw(struct cdm_machine *m, struct cdm_region *r, uint64_t off, uin
             pte_set(m, r, i, pte);
     }
 out:
+    drop_flush();
     pthread_mutex_unlock(&m->lock);
     return ret;
 }
@@ -438,6 +478,7 @@ void cdm_region_uncache(struct cdm_machine *m, struct cdm_region *r, uint64_t fi
     for (uint64_t i = first; i < first + n && i < r->npages; i++)
         if (r->pte[i] & CDM_PTE_CPU)
             pte_set(m, r, i, r->pte[i] & ~CDM_PTE_CPU);
+    drop_flush();
     pthread_mutex_unlock(&m->lock);
 }
 
@@ -475,6 +516,7 @@ int64_t cdm_migrate_collect(struct cdm_machine *m, struct cdm_region *r, uint64_
             collected++;
         }
     }
+    drop_flush();
     pthread_mutex_unlock(&m->lock);
     return collected;
 }
@@ -512,6 +554,7 @@ int64_t cdm_migrate_lock(struct cdm_machine *m, struct cdm_region *r, uint64_t f
         r->pte[i] = (pte & ~CDM_PTE_MIGRATING) | CDM_PTE_LOCKED;
         locked++;
     }
+    drop_flush();
     pthread_mutex_unlock(&m->lock);
     return locked;
 }
@@ -534,6 +577,7 @@ int64_t cdm_migrate_alloc(struct cdm_machine *m, int target, uint64_t n,
         dst[k] = p->base_pfn + (uint64_t)f;
         got++;
     }
+    drop_flush();
     pthread_mutex_unlock(&m->lock);
     return got;
 }
@@ -620,6 +664,7 @@ int64_t cdm_migrate_finalize(struct cdm_machine *m, struct cdm_region *r, uint64
         status[k] = CDM_MIG_DONE;
         moved++;
     }
+    drop_flush();
     pthread_mutex_unlock(&m->lock);
     return moved;
 }
@@ -749,6 +794,7 @@ int cdm_device_op(struct cdm_machine *m, struct cdm_region *r, uint64_t first, u
             pte_set(m, r, i, pte | CDM_PTE_DIRTY);
     }
 out:
+    drop_flush();
     pthread_mutex_unlock(&m->lock);
     return ret;
 }
@@ -775,6 +821,7 @@ void cdm_migrate_abort(struct cdm_machine *m, struct cdm_region *r, uint64_t fir
         }
         status[k] = -EINTR;
     }
+    drop_flush();
     pthread_mutex_unlock(&m->lock);
 }
 
@@ -826,6 +873,7 @@ int cdm_region_populate(struct cdm_machine *m, struct cdm_region *r, uint64_t fi
     if (ret)
         res->allocated = 0;
 out:
+    drop_flush();
     pthread_mutex_unlock(&m->lock);
     return ret;
 }
@@ -838,6 +886,24 @@ uint64_t cdm_region_count(struct cdm_machine *m, struct cdm_region *r, uint64_t 
     for (uint64_t i = first; i < first + n && i < r->npages; i++)
         if (r->pte[i] & flag)
             c++;
+    drop_flush();
+    pthread_mutex_unlock(&m->lock);
+    return c;
+}
+
+uint64_t cdm_region_mirror_pool(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
+                                uint64_t n, int pool, uint8_t *mirror, uint8_t value)
+{
+    uint64_t c = 0;
+    pthread_mutex_lock(&m->lock);
+    for (uint64_t i = first; i < first + n && i < r->npages; i++) {
+        uint64_t pte = r->pte[i];
+        if ((pte & CDM_PTE_PRESENT) && pte_pool(pte) == pool) {
+            mirror[i] = value;
+            c++;
+        }
+    }
+    drop_flush();
     pthread_mutex_unlock(&m->lock);
     return c;
 }

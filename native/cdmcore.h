@@ -179,6 +179,11 @@ int cdm_region_populate(struct cdm_machine *m, struct cdm_region *r, uint64_t fi
 uint64_t cdm_region_count(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
                           uint64_t n, uint64_t flag);
 
+/* Sets mirror[i] = value for the pages i of [first, first + n) whose frame is
+ * in pool (a device mapping what now lives in its memory).  Returns how many. */
+uint64_t cdm_region_mirror_pool(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
+                                uint64_t n, int pool, uint8_t *mirror, uint8_t value);
+
 /* Clears the CPU-mapped belief of n pages from first (after an invalidation). */
 void cdm_region_uncache(struct cdm_machine *m, struct cdm_region *r, uint64_t first, uint64_t n);
 

@@ -1,0 +1,212 @@
+"""``cdmfs bench``: figures measured in one run beside in-run references (SPEC §9).
+
+Every row is a median of repetitions with min and max, and a ratio to a
+reference measured on this machine in the same run (tmpfs, memcpy, the host's
+sysfs), never an absolute target.  The CPU side is a C driver, so the figures
+measure the filesystem rather than a Python loop.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from .client import Mount, mounted
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DRIVERS = os.path.join(os.path.dirname(HERE), "native", "drivers")
+PAGE = 4096
+MB = 1 << 20
+
+
+@dataclass
+class Row:
+    name: str
+    unit: str
+    values: list[float]
+    ref_name: str
+    ref_values: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values)
+
+    @property
+    def ref(self) -> float:
+        return statistics.median(self.ref_values)
+
+    @property
+    def ratio(self) -> float:
+        return self.median / self.ref if self.ref else float("nan")
+
+
+def progress(text: str) -> None:
+    if sys.stderr.isatty():
+        sys.stderr.write(f"\r\033[K{text}")
+        sys.stderr.flush()
+
+
+def build_driver(name: str, out_dir: str) -> str:
+    exe = os.path.join(out_dir, name)
+    subprocess.run(["cc", "-O2", "-o", exe, os.path.join(DRIVERS, f"{name}.c")], check=True)
+    return exe
+
+
+def first_touch(driver: str, path: str, size: int, mode: str) -> float:
+    """Pages per second of the C driver on a fresh file of size bytes."""
+    with open(path, "ab") as f:
+        f.truncate(size)
+    out = subprocess.run([driver, path, str(size), mode], capture_output=True, text=True, check=True)
+    pages, seconds = out.stdout.split()
+    return int(pages) / float(seconds)
+
+
+def memcpy_rate(nbytes: int) -> float:
+    """Bytes per second of memcpy between two buffers in this process."""
+    a = ctypes.create_string_buffer(nbytes)
+    b = ctypes.create_string_buffer(nbytes)
+    ctypes.memmove(b, a, nbytes)          # fault both in first
+    t = time.perf_counter()
+    ctypes.memmove(b, a, nbytes)
+    return nbytes / (time.perf_counter() - t)
+
+
+def read_latency(path: str, n: int = 300) -> float:
+    """Median seconds of open + read + close of a small file."""
+    xs = []
+    for _ in range(n):
+        t = time.perf_counter()
+        with open(path, "rb", buffering=0) as f:
+            while f.read(65536):
+                pass
+        xs.append(time.perf_counter() - t)
+    return statistics.median(xs)
+
+
+def migrate_rate(m: Mount, mapped_dirty: bool, size: int, batch: int = 2 * MB) -> float:
+    """Bytes per second of migrating a region sysram -> gpu0 in batches."""
+    r = m.region("bench-mig", size)
+    try:
+        if mapped_dirty:
+            mm = r.mmap()
+            for off in range(0, size, PAGE):
+                mm[off] = 1                     # dirty, never synced
+        else:
+            with open(r.data, "r+b") as f:
+                f.write(b"\1" * size)
+            # Two migrations leave the pages on node 0 and out of the page cache.
+            r.migrate(0, size, "node:1")
+            r.migrate(0, size, "node:0")
+        t = time.perf_counter()
+        for off in range(0, size, batch):
+            res = r.migrate(off, batch, "gpu0")
+            assert res["migrated"] == batch // PAGE, res
+        rate = size / (time.perf_counter() - t)
+        if mapped_dirty:
+            mm.close()
+        return rate
+    finally:
+        r.truncate(0)
+        r.remove()
+
+
+def fault_back_rate(m: Mount, driver: str, size: int) -> float:
+    r = m.region("bench-fb", size)
+    try:
+        r.migrate(0, size, "gpu0")               # allocated directly in gpu0
+        out = subprocess.run([driver, r.data, str(size), "random"], capture_output=True, text=True, check=True)
+        pages, seconds = out.stdout.split()
+        return int(pages) / float(seconds)
+    finally:
+        r.remove()
+
+
+def run(quick: bool = False, json_path: Optional[str] = None) -> list[Row]:
+    reps = 3 if quick else 5
+    touch_size = (64 if quick else 256) * MB
+    mig_size = 64 * MB
+    rows: list[Row] = []
+    work = tempfile.mkdtemp(prefix="cdmfs-bench-")
+    tmpfs = os.path.join(work, "tmpfs")
+    os.mkdir(tmpfs)
+    try:
+        driver = build_driver("firsttouch", work)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={touch_size + 16 * MB}", "tmpfs", tmpfs], check=True)
+        with mounted() as m:
+            def reps_of(label: str, fn: Callable[[], float]) -> list[float]:
+                out = []
+                for i in range(reps):
+                    progress(f"{label} {i + 1}/{reps}")
+                    out.append(fn())
+                return out
+
+            def on_region(mode: str) -> Callable[[], float]:
+                def go() -> float:
+                    r = m.region("bench-touch")
+                    try:
+                        return first_touch(driver, r.data, touch_size, mode)
+                    finally:
+                        r.remove()
+                return go
+
+            def on_tmpfs(mode: str) -> Callable[[], float]:
+                def go() -> float:
+                    path = os.path.join(tmpfs, "f")
+                    try:
+                        return first_touch(driver, path, touch_size, mode)
+                    finally:
+                        os.unlink(path)
+                return go
+
+            random_ref = reps_of("tmpfs random first touch", on_tmpfs("random"))
+            random = reps_of("cdmfs random first touch", on_region("random"))
+            rows.append(Row(f"CPU first touch, random 4 KiB, {touch_size // MB} MiB", "faults/s",
+                            random, "tmpfs", random_ref))
+            seq_ref = [x * PAGE / MB for x in reps_of("tmpfs sequential first touch", on_tmpfs("seq"))]
+            seq = [x * PAGE / MB for x in reps_of("cdmfs sequential first touch", on_region("seq"))]
+            rows.append(Row(f"CPU first touch, sequential, {touch_size // MB} MiB", "MB/s", seq, "tmpfs", seq_ref))
+            fb = reps_of("fault-back from gpu0", lambda: fault_back_rate(m, driver, mig_size))
+            rows.append(Row("CPU fault-back from gpu0, random 4 KiB", "faults/s", fb,
+                            "cdmfs random first touch", random))
+            cpy = [x / MB for x in reps_of("memcpy", lambda: memcpy_rate(mig_size))]
+            unm = [x / MB for x in reps_of("migration, not mapped", lambda: migrate_rate(m, False, mig_size))]
+            rows.append(Row("migrate sysram -> gpu0, 64 MiB in 2 MiB batches, not CPU-mapped", "MB/s",
+                            unm, "memcpy", cpy))
+            dirty = [x / MB for x in reps_of("migration, mapped and dirty", lambda: migrate_rate(m, True, mig_size))]
+            rows.append(Row("migrate sysram -> gpu0, 64 MiB in 2 MiB batches, mapped and dirty", "MB/s",
+                            dirty, "memcpy", cpy))
+            emu = os.path.join(m.path, "sys/devices/system/node/node1/meminfo")
+            host = "/sys/devices/system/node/node0/meminfo"
+            lat = [read_latency(emu) * 1e6 for _ in reps_of("meminfo", lambda: 0.0)]
+            if os.path.exists(host):
+                host_lat = [read_latency(host) * 1e6 for _ in range(reps)]
+                rows.append(Row("read sys/.../node1/meminfo (open, read, close)", "us", lat,
+                                "host node0/meminfo", host_lat))
+    finally:
+        subprocess.run(["umount", tmpfs], stderr=subprocess.DEVNULL)
+        shutil.rmtree(work, ignore_errors=True)
+        progress("")
+    print(table(rows))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump([{"name": r.name, "unit": r.unit, "median": r.median, "min": min(r.values),
+                        "max": max(r.values), "reference": r.ref_name, "reference_median": r.ref,
+                        "ratio": r.ratio} for r in rows], f, indent=2)
+    return rows
+
+
+def table(rows: list[Row]) -> str:
+    head = f"{'measure':<72} {'median':>10} {'min':>10} {'max':>10}  {'unit':<9} {'reference':>10}  ratio  (reference)"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r.name:<72} {r.median:>10.1f} {min(r.values):>10.1f} {max(r.values):>10.1f}  "
+                     f"{r.unit:<9} {r.ref:>10.1f}  {r.ratio:5.2f}x ({r.ref_name})")
+    return "\n".join(lines)
