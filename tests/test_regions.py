@@ -189,3 +189,52 @@ def test_node0_full_sigbus_enospc_never_cdm(small, cprog):
     assert run(pattern, "write", r2.data, 8, 5, 8).returncode == 0
     assert run(pattern, "verify", r2.data, 8, 5, 8).returncode == 0
     r2.remove()
+
+
+TIB_CONFIG = """
+[[node]]
+id = 0
+kind = "sysram"
+size = "1G"
+cpus = "all"
+[[node]]
+id = 1
+kind = "cdm"
+size = "1T"
+[[device]]
+name = "cdm0"
+memory = "node:1"
+"""
+
+
+def daemon_rss_kb(mountpoint: str) -> int:
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+            if b"mount" not in argv or os.fsencode(mountpoint) not in argv:
+                continue
+            with open(f"/proc/{pid}/status") as f:
+                return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+        except OSError:
+            continue
+    raise LookupError(mountpoint)
+
+
+def test_terabyte_cdm_node_costs_only_touched_pages(cprog):
+    import cdmfs
+    pattern = cprog("pattern")
+    with cdmfs.mounted(TIB_CONFIG) as m:
+        assert m.node(1).meminfo["MemTotal"] == 1 << 30       # kB: 1 TiB
+        rss0 = daemon_rss_kb(m.path)
+        r = m.region("big", 8192 * PAGE)
+        r.policy = "bind:1"
+        assert run(pattern, "write", r.data, 8192, 2, 8192).returncode == 0
+        assert r.stat["N1"] == 8192
+        grown = daemon_rss_kb(m.path) - rss0
+        # 32 MiB of data on a 1 TiB node: the daemon grows by about that, not by the node.
+        assert 8192 * 4 <= grown < 8192 * 4 + 64 * 1024, grown
+        assert run(pattern, "verify", r.data, 8192, 2, 8192).returncode == 0
+        r.remove()
