@@ -15,6 +15,13 @@ from typing import Iterator, Optional
 from . import formats
 
 NODE_DIR = "sys/devices/system/node"
+WEIGHTS_DIR = "sys/kernel/mm/mempolicy/weighted_interleave"
+
+# pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst)
+PM_PFN_MASK = (1 << 55) - 1
+PM_FILE = 1 << 61        # a file page or shared anon: every region page with a frame
+PM_SWAP = 1 << 62        # here: a device-private (or poisoned) page, not CPU-present
+PM_PRESENT = 1 << 63
 
 
 def _read(path: str) -> str:
@@ -44,6 +51,30 @@ def transact(path: str, request: str) -> str:
         return b"".join(chunks).decode()
     finally:
         os.close(fd)
+
+
+def parse_numa_maps(text: str) -> list[dict]:
+    """numa_maps lines as dicts: ``start`` (bytes), ``policy`` (the kernel's
+    spelling, which may hold a space: ``prefer (many):0-1``), ``anon``,
+    ``dirty``, ``nodes`` ``{id: pages}``, ``private`` ``{device: pages}``,
+    ``kernelpagesize_kB`` (absent keys: 0)."""
+    out = []
+    for line in text.splitlines():
+        addr, _, rest = line.partition(" ")
+        words = rest.split(" ")
+        k = next((i for i, w in enumerate(words) if "=" in w), len(words))
+        entry: dict = {"start": int(addr, 16), "policy": " ".join(words[:k]), "anon": 0, "dirty": 0,
+                       "nodes": {}, "private": {}, "kernelpagesize_kB": 0}
+        for word in words[k:]:
+            key, _, value = word.partition("=")
+            if key.startswith("private:"):
+                entry["private"][key[len("private:"):]] = int(value)
+            elif key[:1] == "N" and key[1:].isdigit():
+                entry["nodes"][int(key[1:])] = int(value)
+            else:
+                entry[key] = int(value)
+        out.append(entry)
+    return out
 
 
 def _kv(text: str) -> dict[str, int]:
@@ -133,6 +164,47 @@ class Region:
                 out[key] = int(value)
         return out
 
+    def mbind(self, start: int, length: int, policy: str, move: bool = False, strict: bool = False) -> None:
+        """mbind(2) of [start, start+length) (bytes): ``policy`` for that range
+        (``default`` gives it back to the region's policy); ``move`` migrates
+        the pages that do not fit, ``strict`` raises EIO if some still do not."""
+        words = [str(start), str(length), policy] + (["move"] if move else []) + (["strict"] if strict else [])
+        _write(os.path.join(self.path, "mbind"), " ".join(words) + "\n")
+
+    @property
+    def mbinds(self) -> list[tuple[int, int, str]]:
+        """The per-range policies: ``[(start, length, policy)]`` in bytes."""
+        out = []
+        for line in _read(os.path.join(self.path, "mbind")).splitlines():
+            start, length, policy = line.split()
+            out.append((int(start), int(length), policy))
+        return out
+
+    @property
+    def numa_maps_text(self) -> str:
+        return _read(os.path.join(self.path, "numa_maps"))
+
+    @property
+    def numa_maps(self) -> list[dict]:
+        """The ``numa_maps`` lines, parsed (see ``parse_numa_maps``)."""
+        return parse_numa_maps(self.numa_maps_text)
+
+    def pagemap(self, start_page: int = 0, n: Optional[int] = None) -> list[int]:
+        """The pagemap entries (64-bit ints, ``PM_*`` bits) of n pages from start_page."""
+        if n is None:
+            n = max(-(-self.size // 4096) - start_page, 0)
+        fd = os.open(os.path.join(self.path, "pagemap"), os.O_RDONLY)
+        try:
+            data = bytearray()
+            while len(data) < 8 * n:
+                chunk = os.pread(fd, 8 * n - len(data), 8 * start_page + len(data))
+                if not chunk:
+                    break
+                data += chunk
+        finally:
+            os.close(fd)
+        return [int.from_bytes(data[i:i + 8], "little") for i in range(0, len(data), 8)]
+
     def remove(self) -> None:
         os.rmdir(self.path)
 
@@ -187,6 +259,16 @@ class Mount:
 
     def node(self, nid: int) -> Node:
         return Node(self, nid)
+
+    @property
+    def weights(self) -> dict[int, int]:
+        """weighted_interleave weights per node."""
+        d = os.path.join(self.path, WEIGHTS_DIR)
+        return {int(name[4:]): int(_read(os.path.join(d, name))) for name in os.listdir(d)
+                if name.startswith("node")}
+
+    def set_weight(self, nid: int, weight: int) -> None:
+        _write(os.path.join(self.path, WEIGHTS_DIR, f"node{nid}"), f"{weight}\n")
 
     def region(self, name: str, size: Optional[int] = None) -> Region:
         """The region ``name``, made if missing; ``size`` sets its size."""

@@ -34,6 +34,27 @@ class MemPolicy:
 
 DEFAULT = MemPolicy()
 
+# The kernel's names of the modes (mm/mempolicy.c policy_modes[]), as
+# mpol_to_str() prints them in /proc/PID/numa_maps and tmpfs mount options.
+_KERNEL_NAMES = {
+    "default": "default",
+    "local": "local",
+    "bind": "bind",
+    "preferred": "prefer",
+    "preferred_many": "prefer (many)",
+    "interleave": "interleave",
+    "weighted_interleave": "weighted interleave",
+}
+
+
+def kernel_str(policy: MemPolicy) -> str:
+    """The policy as mpol_to_str() prints it: ``prefer:1``, ``prefer (many):0-1``,
+    ``weighted interleave:0-1``, ``bind:1``, ``default``."""
+    name = _KERNEL_NAMES[policy.mode]
+    if policy.nodes:
+        return f"{name}:{formats.nodelist(policy.nodes).strip()}"
+    return name
+
 
 def parse(text: str, known_nodes: Sequence[int]) -> MemPolicy:
     """The policy written as text; ValueError with a one-line reason if it is not one."""

@@ -3,16 +3,23 @@
 A region's ``data`` file is the memory; the host page cache of that file is
 the CPU's page table (DESIGN §1).  ``fault`` serves a FUSE READ (a CPU fault,
 first touch allocating by policy), ``writeback`` a FUSE WRITE.  Each is one
-native call per request; Python only handles the rare outcomes (a page under
-migration, a page in device memory, no memory left).
+native call per request (one per policy range it spans); Python only handles
+the rare outcomes (a page under migration, a page in device memory, no memory
+left).
+
+Per-range policies (``mbind``) are kept as the kernel keeps VMA policies: a
+sorted list of non-overlapping page ranges, split and merged as mbind(2)
+splits and merges VMAs; pages outside every range follow the region's policy.
 """
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import errno
 import functools
 import logging
 import re
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import trio
 
@@ -26,6 +33,7 @@ log = logging.getLogger(__name__)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 MAX_REGION_SIZE = 1 << 46            # 64 TiB of address space per region
+SCAN_PAGES = 1 << 16                 # pages per native scan call (the machine lock is held)
 
 
 class Region:
@@ -38,6 +46,10 @@ class Region:
             raise MemoryError("cannot allocate a region")
         self.size = 0
         self.policy = mpol.DEFAULT
+        # mbind ranges: (first page, end page, policy), sorted, disjoint, none
+        # of them ``default``; _starts mirrors the first pages for bisect.
+        self.ranges: list[tuple[int, int, mpol.MemPolicy]] = []
+        self._starts: list[int] = []
         self.opens = 0                  # open data files (a mapping holds one)
         self.cpu_faults = 0             # READ requests: CPU faults (with fault-around)
         self.writebacks = 0             # WRITE requests: write-back and write()
@@ -56,8 +68,60 @@ class Region:
         return self.core.npages
 
     def policy_at(self, page: int) -> mpol.MemPolicy:
-        """The policy that places page."""
+        """The policy that places page: its mbind range's, else the region's."""
+        if self._starts:
+            k = bisect.bisect_right(self._starts, page) - 1
+            if k >= 0 and page < self.ranges[k][1]:
+                return self.ranges[k][2]
         return self.policy
+
+    def policy_segments(self, first: int, end: int) -> list[tuple[int, int, mpol.MemPolicy]]:
+        """[first, end) cut at the mbind range boundaries: (first, end, policy)
+        for every range and every gap between them (the region's policy)."""
+        if not self._starts:
+            return [(first, end, self.policy)] if first < end else []
+        out = []
+        pos = first
+        k = max(bisect.bisect_right(self._starts, first) - 1, 0)
+        for s, e, pol in self.ranges[k:]:
+            if s >= end:
+                break
+            if e <= pos:
+                continue
+            if s > pos:
+                out.append((pos, s, self.policy))
+                pos = s
+            pos_end = min(e, end)
+            out.append((pos, pos_end, pol))
+            pos = pos_end
+        if pos < end:
+            out.append((pos, end, self.policy))
+        return out
+
+    def set_range_policy(self, first: int, end: int, policy: Optional[mpol.MemPolicy]) -> None:
+        """Gives pages [first, end) their own policy (None or ``default``: the
+        region's again), splitting the ranges it cuts and merging neighbours
+        with an equal policy, as mbind_range() splits and merges VMAs."""
+        kept = []
+        for s, e, pol in self.ranges:
+            if e <= first or s >= end:
+                kept.append((s, e, pol))
+                continue
+            if s < first:
+                kept.append((s, first, pol))
+            if e > end:
+                kept.append((end, e, pol))
+        if policy is not None and policy.mode != "default" and first < end:
+            kept.append((first, end, policy))
+        kept.sort(key=lambda r: r[0])
+        merged: list[tuple[int, int, mpol.MemPolicy]] = []
+        for r in kept:
+            if merged and merged[-1][1] == r[0] and merged[-1][2] == r[2]:
+                merged[-1] = (merged[-1][0], r[1], r[2])
+            else:
+                merged.append(r)
+        self.ranges = merged
+        self._starts = [r[0] for r in merged]
 
     # -------------------------------------------------------------- CPU side
 
@@ -81,10 +145,29 @@ class Region:
         return len(data)
 
     async def _rw(self, off: int, size: int, buf, write: int, pid: int) -> None:
+        if not self._starts:
+            await self._rw_plan(off, size, buf, write, pid, self.policy)
+            return
+        # A request that spans several policy ranges: one call per range.
+        end = off + size
+        segs = self.policy_segments(off // PAGE_SIZE, (end - 1) // PAGE_SIZE + 1)
+        runs: list[list] = []
+        for s, e, pol in segs:
+            if runs and runs[-1][2] == pol:
+                runs[-1][1] = e
+            else:
+                runs.append([s, e, pol])
+        for s, e, pol in runs:
+            a, b = max(off, s * PAGE_SIZE), min(end, e * PAGE_SIZE)
+            await self._rw_plan(a, b - a, buf + (a - off), write, pid, pol)
+
+    async def _rw_plan(self, off: int, size: int, buf, write: int, pid: int,
+                       policy: mpol.MemPolicy) -> None:
+        """One native gather/scatter of [off, off + size), allocating by policy."""
         m = self.machine
         res = self._res
         while True:
-            plan = m.plan(self.policy_at(off // PAGE_SIZE), m.local_node(pid))
+            plan = m.plan(policy, m.local_node(pid))
             rc = lib.cdm_region_rw(m.core, self.core, off, size, buf, write, 1, plan, res)
             if rc == 0:
                 return
@@ -94,7 +177,7 @@ class Region:
             elif rc == -errno.EREMOTE and self.faultback is not None:
                 await self.faultback(self, off // PAGE_SIZE, (off + size - 1) // PAGE_SIZE + 1, pid)
             elif rc == -errno.ENOSPC:
-                log.info("region %s: no memory for page %d under %s", self.name, page, self.policy)
+                log.info("region %s: no memory for page %d under %s", self.name, page, policy)
                 # A fault that cannot allocate dies with SIGBUS (EIO), write() gets ENOSPC.
                 raise OSError(errno.ENOSPC if write else errno.EIO, "no memory left on any allowed node")
             elif rc == -errno.EIO:
@@ -131,6 +214,9 @@ class Region:
             raise OSError(-rc, "cannot resize the page table")
         if npages < old:
             self.machine.invalidate_devices(self, npages, old - npages)
+            if self.ranges:
+                # mbind ranges stay inside the file.
+                self.set_range_policy(npages, max(old, self.ranges[-1][1]), None)
         self.size = size
 
     def _zero_tail(self, size: int, tail: bytes) -> None:
@@ -144,7 +230,157 @@ class Region:
         lib.cdm_region_free(self.machine.core, self.core)
         self.core = ffi.NULL
 
+    # -------------------------------------------------------------- mbind
+
+    async def mbind(self, first: int, n: int, policy: mpol.MemPolicy, move: bool = False,
+                    strict: bool = False) -> int:
+        """mbind(2) of pages [first, first + n): the range takes policy
+        (``default``: the region's policy again).  ``move`` migrates the pages
+        that do not fit it; ``strict`` then raises EIO if some still do not.
+        As Linux (6.7 and later) does, the policy stays applied and the pages
+        that moved stay moved when the call fails with EIO; ``strict`` is
+        ignored for ``default``.  Returns the pages migrated."""
+        end = first + n
+        self.set_range_policy(first, end, policy)
+        local = self.machine.default_cpu_node
+        moved = 0
+        for s, e, pol in self.policy_segments(first, end):
+            if move:
+                moved += await self._move_misfits(s, e - s, pol, local)
+            if strict and policy.mode != "default" and self.misfits(s, e - s, pol, local):
+                raise OSError(errno.EIO, f"pages of [{s}, {e}) do not follow {pol}")
+        return moved
+
+    def _fit(self, policy: mpol.MemPolicy, local: int) -> tuple[list[list[int]], int]:
+        """Where a policy wants its pages: the pool tables to move misfits to,
+        in order of preference (page i wants pool table[i % len(table)]), and
+        the pools where a page fits wherever it is (a bit per pool)."""
+        m = self.machine
+        pl = m.placement(policy, local)
+        usable = set(m.usable_nodes())
+        named = set(policy.nodes)
+        mode = policy.mode
+        if pl.interleave:
+            return [[m.nodes[nid].pool for nid in pl.table]], 0
+        if mode in ("bind", "preferred_many"):
+            order = [nid for nid in pl.fallback[pl.table[0]] if nid in named]
+            fit = named & usable
+        else:   # preferred, default, local: the one node they name or the local one
+            order = [nid for nid in pl.table if nid in usable]
+            fit = set(order)
+        mask = 0
+        for nid in fit:
+            mask |= 1 << m.nodes[nid].pool
+        return [[m.nodes[nid].pool] for nid in order] or [[]], mask
+
+    def _misfit_scan(self, first: int, n: int, table: Sequence[int], fit: int, runs: int = 0):
+        """(misfit pages, [(first, count, wanted pool)] runs) of [first, first + n)."""
+        m = self.machine
+        skip = m.private_pools_mask()
+        ctable = ffi.new("int32_t[]", list(table) or [-1])
+        nruns = ffi.new("uint64_t *")
+        rf = ffi.new("uint64_t[]", runs) if runs else ffi.NULL
+        rl = ffi.new("uint64_t[]", runs) if runs else ffi.NULL
+        rp = ffi.new("int32_t[]", runs) if runs else ffi.NULL
+        count = 0
+        out: list[tuple[int, int, int]] = []
+        for s in range(first, first + n, SCAN_PAGES):
+            k = min(SCAN_PAGES, first + n - s)
+            count += lib.cdm_region_misfits(m.core, self.core, s, k, ctable, len(table), fit, skip,
+                                            rf, rl, rp, runs, nruns)
+            out += [(rf[j], rl[j], rp[j]) for j in range(nruns[0])]
+        return count, out
+
+    def misfits(self, first: int, n: int, policy: mpol.MemPolicy, local: int) -> int:
+        """Pages of [first, first + n) on a node where policy does not want
+        them (absent, poisoned and device-private pages are not counted)."""
+        tables, fit = self._fit(policy, local)
+        return self._misfit_scan(first, n, tables[0], fit)[0]
+
+    async def _move_misfits(self, first: int, n: int, policy: mpol.MemPolicy, local: int) -> int:
+        """Migrates the pages of [first, first + n) that do not fit policy:
+        to its node (bind, preferred_many: the nearest allowed node first,
+        then the next for the pages that found no room) or, interleaved, each
+        to its interleave node by page offset."""
+        m = self.machine
+        tables, fit = self._fit(policy, local)
+        node_pools = sum(1 << node.pool for node in m.nodes.values())
+        targets = {}
+        for nid, node in m.nodes.items():
+            try:
+                targets[node.pool] = dataclasses.replace(m.node_target(nid), device_memory=False)
+            except (OSError, ValueError):
+                pass    # offline: no page goes there
+        moved = 0
+        for table in tables:
+            if not table:
+                break
+            nomem = False
+            for s in range(first, first + n, SCAN_PAGES):
+                k = min(SCAN_PAGES, first + n - s)
+                _, runs = self._misfit_scan(s, k, table, fit, runs=k)
+                runs = [r for r in runs if r[2] in targets]
+                if not runs:
+                    continue
+                lo, hi = runs[0][0], runs[-1][0] + runs[-1][1]
+                if len(runs) > 1 and m.cpu_mapped(self, lo, hi - lo):
+                    # One invalidation for the whole span rather than one a run.
+                    await m.cpu_unmap(self, lo, hi - lo)
+                for rs, rn, pool in runs:
+                    res = await migrate.migrate_range(m, self, rs, rn, targets[pool],
+                                                      from_pools=node_pools & ~fit)
+                    moved += res.migrated
+                    nomem |= any(err == errno.ENOMEM for _, err in res.holes)
+            if not nomem:
+                break
+        return moved
+
     # -------------------------------------------------------------- views
+
+    def census(self, first: int, end: int) -> tuple[list[int], list[int]]:
+        """Pages of [first, end) per pool: (present, dirty)."""
+        present = ffi.new("uint64_t[]", lib.CDM_MAX_POOLS)
+        dirty = ffi.new("uint64_t[]", lib.CDM_MAX_POOLS)
+        for s in range(first, end, SCAN_PAGES):
+            lib.cdm_region_census(self.machine.core, self.core, s, min(SCAN_PAGES, end - s), present, dirty)
+        return list(present), list(dirty)
+
+    def numa_maps(self) -> str:
+        """The ``numa_maps`` file: a /proc/PID/numa_maps line per policy range
+        (show_numa_map() in fs/proc/task_mmu.c), the file offset as address."""
+        m = self.machine
+        lines = []
+        for s, e, pol in self.policy_segments(0, self.npages):
+            present, dirty = self.census(s, e)
+            words = [f"{s * PAGE_SIZE:08x}", mpol.kernel_str(pol)]
+            nodes = [(nid, present[node.pool]) for nid, node in sorted(m.nodes.items())]
+            private = [(name, present[p.pool]) for name, p in m.private.items()]
+            anon = sum(c for _, c in nodes)
+            ndirty = sum(dirty[node.pool] for node in m.nodes.values())
+            if anon or any(c for _, c in private):
+                if anon:
+                    words.append(f"anon={anon}")
+                if ndirty:
+                    words.append(f"dirty={ndirty}")
+                words += [f"N{nid}={c}" for nid, c in nodes if c]
+                words += [f"private:{name}={c}" for name, c in private if c]
+                words.append(f"kernelpagesize_kB={PAGE_SIZE // 1024}")
+            lines.append(" ".join(words) + "\n")
+        return "".join(lines)
+
+    def pagemap(self, first: int = 0, n: Optional[int] = None) -> bytes:
+        """``pagemap`` entries of pages [first, first + n), 8 bytes each."""
+        if n is None:
+            n = max(self.npages - first, 0)
+        if n <= 0:
+            return b""
+        out = ffi.new("uint64_t[]", n)
+        lib.cdm_region_pagemap(self.machine.core, self.core, first, n, out)
+        return ffi.buffer(out)[:]
+
+    def mbind_text(self) -> str:
+        """The ``mbind`` file: ``START LENGTH POLICY`` per range, in bytes (decimal)."""
+        return "".join(f"{s * PAGE_SIZE} {(e - s) * PAGE_SIZE} {pol}\n" for s, e, pol in self.ranges)
 
     def stat(self) -> list[tuple[str, object]]:
         """The ``stat`` file: SPEC §6."""

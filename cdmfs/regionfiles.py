@@ -53,11 +53,33 @@ def policy_store(m: Machine, region: Region, text: str) -> None:
     region.policy = mpol.parse(text, list(m.nodes))
 
 
+MBIND_FLAGS = ("move", "strict")
+
+
+async def mbind_request(m: Machine, region: Region, text: str) -> None:
+    """``START LENGTH POLICY [move] [strict]``: mbind(2) of the range.  Parsed
+    whole first: a bad request (EINVAL) changes nothing."""
+    words = text.split()
+    if len(words) < 3:
+        raise ValueError("expected START LENGTH POLICY [move] [strict]")
+    first, n = parse_range(region, words[0], words[1])
+    policy = mpol.parse(words[2], list(m.nodes))
+    flags = words[3:]
+    for flag in flags:
+        if flag not in MBIND_FLAGS:
+            raise ValueError(f"unknown mbind flag {flag!r} (expected move or strict)")
+    await region.mbind(first, n, policy, move="move" in flags, strict="strict" in flags)
+
+
 def add_region(tree: Tree, parent: Dir, m: Machine, region: Region) -> RegionDir:
     d = tree.add(parent, region.name, RegionDir(region))
     tree.add(d, "data", DataFile(region))
     tree.add(d, "policy", Attr(lambda: f"{region.policy}\n", lambda text: policy_store(m, region, text)))
     tree.add(d, "stat", Attr(lambda: formats.kv_lines(region.stat())))
+    tree.add(d, "mbind", Transaction(lambda state, text: mbind_request(m, region, text),
+                                     lambda state: region.mbind_text()))
+    tree.add(d, "numa_maps", Attr(region.numa_maps))
+    tree.add(d, "pagemap", Attr(region.pagemap, size=lambda: region.npages * 8))
     tree.add(d, "migrate", Transaction(lambda state, text: migrate_request(m, region, state, text),
                                        lambda state: state.get("result", "")))
     return d

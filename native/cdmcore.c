@@ -907,3 +907,74 @@ uint64_t cdm_region_mirror_pool(struct cdm_machine *m, struct cdm_region *r, uin
     pthread_mutex_unlock(&m->lock);
     return c;
 }
+
+/* ---------------------------------------------------------- introspection */
+
+void cdm_region_census(struct cdm_machine *m, struct cdm_region *r, uint64_t first, uint64_t n,
+                       uint64_t *present, uint64_t *dirty)
+{
+    pthread_mutex_lock(&m->lock);
+    uint64_t end = first + n < r->npages ? first + n : r->npages;
+    for (uint64_t i = first; i < end; i++) {
+        uint64_t pte = r->pte[i];
+        if (!(pte & CDM_PTE_PRESENT) || (pte & CDM_PTE_POISONED))
+            continue;
+        present[pte_pool(pte)]++;
+        if (pte & CDM_PTE_DIRTY)
+            dirty[pte_pool(pte)]++;
+    }
+    pthread_mutex_unlock(&m->lock);
+}
+
+void cdm_region_pagemap(struct cdm_machine *m, struct cdm_region *r, uint64_t first, uint64_t n,
+                        uint64_t *out)
+{
+    pthread_mutex_lock(&m->lock);
+    for (uint64_t k = 0; k < n; k++) {
+        uint64_t i = first + k;
+        uint64_t pte = i < r->npages ? r->pte[i] : 0;
+        if (!(pte & CDM_PTE_PRESENT)) {
+            out[k] = 0;
+            continue;
+        }
+        uint64_t e = (pte_pfn(pte) & CDM_PM_PFN_MASK) | CDM_PM_FILE;
+        /* Device-private pages are swap-like entries to the CPU, as the
+         * kernel's device-private entries; so are poisoned ones (hwpoison). */
+        e |= (pte & (CDM_PTE_PRIVATE | CDM_PTE_POISONED)) ? CDM_PM_SWAP : CDM_PM_PRESENT;
+        out[k] = e;
+    }
+    pthread_mutex_unlock(&m->lock);
+}
+
+uint64_t cdm_region_misfits(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
+                            uint64_t n, const int32_t *table, uint32_t ntable,
+                            uint64_t fit_pools, uint64_t skip_pools, uint64_t *run_first,
+                            uint64_t *run_len, int32_t *run_pool, uint64_t max, uint64_t *nruns)
+{
+    uint64_t count = 0, runs = 0;
+    pthread_mutex_lock(&m->lock);
+    uint64_t end = first + n < r->npages ? first + n : r->npages;
+    for (uint64_t i = first; i < end; i++) {
+        uint64_t pte = r->pte[i];
+        if (!(pte & CDM_PTE_PRESENT) || (pte & CDM_PTE_POISONED))
+            continue;
+        int pool = pte_pool(pte);
+        if (skip_pools & (1ULL << pool))
+            continue;
+        int32_t want = ntable ? table[i % ntable] : -1;
+        if ((fit_pools & (1ULL << pool)) || pool == want)
+            continue;
+        count++;
+        if (runs && run_first[runs - 1] + run_len[runs - 1] == i && run_pool[runs - 1] == want) {
+            run_len[runs - 1]++;
+        } else if (runs < max) {
+            run_first[runs] = i;
+            run_len[runs] = 1;
+            run_pool[runs] = want;
+            runs++;
+        }
+    }
+    pthread_mutex_unlock(&m->lock);
+    *nruns = runs;
+    return count;
+}

@@ -265,4 +265,39 @@ void cdm_copy_frames(struct cdm_machine *m, const uint64_t *src, const uint64_t 
  * the kernel has nothing cached for the inode). */
 int cdm_fuse_inval(int fd, uint64_t ino, int64_t off, int64_t len);
 
+/*
+ * Introspection of a region's pages (numa_maps, pagemap, mbind).
+ *
+ * census   — adds the pages of [first, first + n) to present[pool] and, for
+ *            those with CDM_PTE_DIRTY, to dirty[pool] (CDM_MAX_POOLS entries
+ *            each).  Poisoned pages and placeholders are not counted.
+ * pagemap  — one /proc/PID/pagemap entry per page of [first, first + n) into
+ *            out: PFN in bits 0-54, bit 61 for every page that has a frame
+ *            (a shared file page), bit 63 if the CPU can map it, bit 62
+ *            instead for device-private and poisoned pages; 0 for a page
+ *            never touched (or beyond the end).
+ * misfits  — pages of [first, first + n) on a node where a policy does not
+ *            want them.  A page fits if its pool's bit is in fit_pools or it
+ *            is in pool table[i % ntable] (i: its page index); absent and
+ *            poisoned pages and pages in skip_pools (device-private) are not
+ *            looked at.  The misfits are returned as runs of consecutive
+ *            pages with the same wanted pool table[i % ntable]: run_first,
+ *            run_len, run_pool, at most max runs.  Returns the number of
+ *            misfit pages (all of them, even past max runs); *nruns gets the
+ *            runs written.
+ */
+#define CDM_PM_PFN_MASK 0x7fffffffffffffULL   /* bits 0-54 */
+#define CDM_PM_FILE (1ULL << 61)
+#define CDM_PM_SWAP (1ULL << 62)
+#define CDM_PM_PRESENT (1ULL << 63)
+
+void cdm_region_census(struct cdm_machine *m, struct cdm_region *r, uint64_t first, uint64_t n,
+                       uint64_t *present, uint64_t *dirty);
+void cdm_region_pagemap(struct cdm_machine *m, struct cdm_region *r, uint64_t first, uint64_t n,
+                        uint64_t *out);
+uint64_t cdm_region_misfits(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
+                            uint64_t n, const int32_t *table, uint32_t ntable,
+                            uint64_t fit_pools, uint64_t skip_pools, uint64_t *run_first,
+                            uint64_t *run_len, int32_t *run_pool, uint64_t max, uint64_t *nruns);
+
 #endif
