@@ -161,15 +161,17 @@ class Machine:
         """Allocates absent pages by the region's policy without a CPU fault
         (a device's first touch of memory the CPU never touched)."""
         res = ffi.new("struct cdm_rw_result *")
-        while True:
-            plan = self.plan(region.policy_at(first), self.default_cpu_node)
-            rc = lib.cdm_region_populate(self.core, region.core, first, npages, plan, res)
-            if rc == 0:
-                return
-            if rc == -errno.EAGAIN:
-                await region.wait_unlocked()
-                continue
-            raise OSError(errno.ENOSPC if rc == -errno.ENOSPC else -rc, "no memory for the device's first touch")
+        for start, end, policy in region.policy_segments(first, first + npages):
+            while True:
+                plan = self.plan(policy, self.default_cpu_node)
+                rc = lib.cdm_region_populate(self.core, region.core, start, end - start, plan, res)
+                if rc == 0:
+                    break
+                if rc == -errno.EAGAIN:
+                    await region.wait_unlocked()
+                    continue
+                raise OSError(errno.ENOSPC if rc == -errno.ENOSPC else -rc,
+                              "no memory for the device's first touch")
 
     def _add_pool(self, base_pfn: int, npages: int, flags: int) -> int:
         pool = lib.cdm_pool_add(self.core, base_pfn, npages, flags)

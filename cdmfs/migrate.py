@@ -117,14 +117,15 @@ async def fault_back(m: "Machine", region: "Region", first: int, end: int, pid: 
     """A CPU access to device-private pages of [first, end): bring them to
     system RAM under the region's policy (the migrate_to_ram callback)."""
     private = m.private_pools_mask()
-    order = m.fault_back_order(region, first, pid)
-    for nid in order:
-        res = await migrate_range(m, region, first, end - first, m.node_target(nid), from_pools=private)
-        errs = {err for _, err in res.holes}
-        if errno.EBUSY in errs:
-            # Held by another migration: let it finish, the caller retries.
-            await region.wait_unlocked()
-            return
-        if errno.ENOMEM not in errs:
-            return      # every private page moved (absent ones are the caller's)
-    raise OSError(errno.EIO, "no system memory left to fault device-private pages back to")
+    for start, stop, _ in region.policy_segments(first, end):
+        for nid in m.fault_back_order(region, start, pid):
+            res = await migrate_range(m, region, start, stop - start, m.node_target(nid), from_pools=private)
+            errs = {err for _, err in res.holes}
+            if errno.EBUSY in errs:
+                # Held by another migration: let it finish, the caller retries.
+                await region.wait_unlocked()
+                return
+            if errno.ENOMEM not in errs:
+                break       # every private page moved (absent ones are the caller's)
+        else:
+            raise OSError(errno.EIO, "no system memory left to fault device-private pages back to")
