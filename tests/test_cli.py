@@ -155,3 +155,39 @@ def test_demo():
     assert res.returncode == 0, res.stderr
     assert "N0=16384  N1=0" in res.stdout
     assert "unmounted" in res.stdout
+
+
+MAPPED_CHILD = """
+import mmap, os, signal, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+m = mmap.mmap(fd, 0, mmap.MAP_SHARED)
+os.close(fd)
+m[0] = 1                         # page 0 is faulted in and cached
+print("ready", flush=True)
+sys.stdin.readline()             # the test kills the daemon meanwhile
+assert m[0] == 1                 # a cached page still reads
+print("cached ok", flush=True)
+m.madvise(mmap.MADV_RANDOM)
+m[300 * 4096] = 1                # an uncached page: the dead daemon cannot answer
+print("no signal", flush=True)
+"""
+
+
+def test_kill9_mapped_program_gets_sigbus_not_hang(mp):
+    assert cdmfs("mount", mp).returncode == 0
+    os.mkdir(mp / "regions" / "r")
+    os.truncate(mp / "regions" / "r" / "data", 1024 * 4096)
+    child = subprocess.Popen([sys.executable, "-c", MAPPED_CHILD, str(mp / "regions" / "r" / "data")],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "ready"
+    pid = daemon_pid(mp)
+    os.kill(pid, signal.SIGKILL)
+    wait_gone(pid)
+    child.stdin.write("go\n")
+    child.stdin.flush()
+    out, _ = child.communicate(timeout=30)
+    assert "cached ok" in out
+    assert child.returncode == -signal.SIGBUS, (child.returncode, out)
+    assert cdmfs("umount", mp).returncode == 0
+    assert cdmfs("mount", mp).returncode == 0
+    assert os.listdir(mp / "regions") == []
