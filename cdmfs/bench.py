@@ -118,6 +118,76 @@ def migrate_rate(m: Mount, mapped_dirty: bool, size: int, batch: int = 2 * MB) -
         r.remove()
 
 
+def device_read_rate(m: Mount, size: int) -> float:
+    """Bytes per second of gpu0 reading a range already in its own memory."""
+    r = m.region("bench-dev", size)
+    try:
+        r.migrate(0, size, "gpu0")
+        gpu = m.device("gpu0")
+        gpu.access("read", "bench-dev", 0, size)           # mapped in the device now
+        t = time.perf_counter()
+        res = gpu.access("read", "bench-dev", 0, size)
+        rate = size / (time.perf_counter() - t)
+        assert res["faults"] == 0 and res["local_bytes"] == size, res
+        return rate
+    finally:
+        r.remove()
+
+
+TIB_CONFIG = """
+[[node]]
+id = 0
+kind = "sysram"
+size = "2G"
+cpus = "all"
+[[node]]
+id = 1
+kind = "cdm"
+size = "1T"
+[[device]]
+name = "cdm0"
+memory = "node:1"
+"""
+
+
+def daemon_rss(mountpoint: str) -> int:
+    """Resident bytes of the daemon serving mountpoint."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+            if b"mount" not in argv or os.fsencode(mountpoint) not in argv:
+                continue
+            with open(f"/proc/{pid}/status") as f:
+                return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+        except OSError:
+            continue
+    raise LookupError(mountpoint)
+
+
+def rss_per_touched(size: int) -> tuple[float, float]:
+    """(daemon RSS growth, bytes touched) after touching size bytes on a 1 TiB CDM node."""
+    with mounted(TIB_CONFIG) as m:
+        before = daemon_rss(m.path)
+        r = m.region("bench-rss", size)
+        r.policy = "bind:1"
+        chunk = b"\1" * (4 * MB)
+        with open(r.data, "r+b") as f:
+            for _ in range(size // len(chunk)):
+                f.write(chunk)
+        grown = daemon_rss(m.path) - before
+        r.remove()
+    return grown, size
+
+
+def bindfs_mount(src: str, dst: str) -> bool:
+    if shutil.which("bindfs") is None:
+        return False
+    return subprocess.run(["bindfs", src, dst], stderr=subprocess.DEVNULL).returncode == 0
+
+
 def fault_back_rate(m: Mount, driver: str, size: int) -> float:
     r = m.region("bench-fb", size)
     try:
@@ -136,7 +206,9 @@ def run(quick: bool = False, json_path: Optional[str] = None) -> list[Row]:
     rows: list[Row] = []
     work = tempfile.mkdtemp(prefix="cdmfs-bench-")
     tmpfs = os.path.join(work, "tmpfs")
+    bindfs = os.path.join(work, "bindfs")
     os.mkdir(tmpfs)
+    os.mkdir(bindfs)
     try:
         driver = build_driver("firsttouch", work)
         subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={touch_size + 16 * MB}", "tmpfs", tmpfs], check=True)
@@ -166,13 +238,30 @@ def run(quick: bool = False, json_path: Optional[str] = None) -> list[Row]:
                         os.unlink(path)
                 return go
 
+            def on_bindfs(mode: str) -> Callable[[], float]:
+                def go() -> float:
+                    path = os.path.join(bindfs, "f")
+                    try:
+                        return first_touch(driver, path, touch_size, mode)
+                    finally:
+                        os.unlink(path)
+                return go
+
+            have_bindfs = bindfs_mount(tmpfs, bindfs)
             random_ref = reps_of("tmpfs random first touch", on_tmpfs("random"))
             random = reps_of("cdmfs random first touch", on_region("random"))
-            rows.append(Row(f"CPU first touch, random 4 KiB, {touch_size // MB} MiB", "faults/s",
-                            random, "tmpfs", random_ref))
+            label = f"CPU first touch, random 4 KiB, {touch_size // MB} MiB"
+            rows.append(Row(label, "faults/s", random, "tmpfs", random_ref))
+            if have_bindfs:
+                rows.append(Row(label, "faults/s", random, "bindfs",
+                                reps_of("bindfs random first touch", on_bindfs("random"))))
             seq_ref = [x * PAGE / MB for x in reps_of("tmpfs sequential first touch", on_tmpfs("seq"))]
             seq = [x * PAGE / MB for x in reps_of("cdmfs sequential first touch", on_region("seq"))]
-            rows.append(Row(f"CPU first touch, sequential, {touch_size // MB} MiB", "MB/s", seq, "tmpfs", seq_ref))
+            label = f"CPU first touch, sequential, {touch_size // MB} MiB"
+            rows.append(Row(label, "MB/s", seq, "tmpfs", seq_ref))
+            if have_bindfs:
+                rows.append(Row(label, "MB/s", seq, "bindfs",
+                                [x * PAGE / MB for x in reps_of("bindfs sequential", on_bindfs("seq"))]))
             fb = reps_of("fault-back from gpu0", lambda: fault_back_rate(m, driver, mig_size))
             rows.append(Row("CPU fault-back from gpu0, random 4 KiB", "faults/s", fb,
                             "cdmfs random first touch", random))
@@ -183,6 +272,8 @@ def run(quick: bool = False, json_path: Optional[str] = None) -> list[Row]:
             dirty = [x / MB for x in reps_of("migration, mapped and dirty", lambda: migrate_rate(m, True, mig_size))]
             rows.append(Row("migrate sysram -> gpu0, 64 MiB in 2 MiB batches, mapped and dirty", "MB/s",
                             dirty, "memcpy", cpy))
+            dev = [x / MB for x in reps_of("device read", lambda: device_read_rate(m, mig_size))]
+            rows.append(Row("gpu0 read of 64 MiB in its own memory", "MB/s", dev, "memcpy", cpy))
             emu = os.path.join(m.path, "sys/devices/system/node/node1/meminfo")
             host = "/sys/devices/system/node/node0/meminfo"
             lat = [read_latency(emu) * 1e6 for _ in reps_of("meminfo", lambda: 0.0)]
@@ -190,7 +281,13 @@ def run(quick: bool = False, json_path: Optional[str] = None) -> list[Row]:
                 host_lat = [read_latency(host) * 1e6 for _ in range(reps)]
                 rows.append(Row("read sys/.../node1/meminfo (open, read, close)", "us", lat,
                                 "host node0/meminfo", host_lat))
+        touched = (256 if quick else 1024) * MB
+        progress("daemon memory with a 1 TiB CDM node")
+        grown, size = rss_per_touched(touched)
+        rows.append(Row(f"daemon RSS growth after touching {touched // MB} MiB of a 1 TiB CDM node", "MiB",
+                        [grown / MB], "bytes touched", [size / MB]))
     finally:
+        subprocess.run(["umount", bindfs], stderr=subprocess.DEVNULL)
         subprocess.run(["umount", tmpfs], stderr=subprocess.DEVNULL)
         shutil.rmtree(work, ignore_errors=True)
         progress("")
