@@ -54,7 +54,7 @@ class MigrateResult:
 
 
 async def migrate_range(m: "Machine", region: "Region", first: int, npages: int, target: "Target",
-                        from_pools: int = 0) -> MigrateResult:
+                        from_pools: int = 0, takeover: bool = False) -> MigrateResult:
     """Moves pages [first, first + npages) of region to target.
 
     Untouched pages are allocated on the target only if it is device memory
@@ -65,24 +65,27 @@ async def migrate_range(m: "Machine", region: "Region", first: int, npages: int,
     result = MigrateResult()
     for start in range(first, first + npages, BATCH):
         n = min(BATCH, first + npages - start)
-        result.add(await _migrate_batch(m, region, start, n, target, from_pools))
+        result.add(await _migrate_batch(m, region, start, n, target, from_pools, takeover))
     return result
 
 
 async def _migrate_batch(m: "Machine", region: "Region", first: int, n: int, target: "Target",
-                         from_pools: int) -> MigrateResult:
+                         from_pools: int, takeover: bool = False) -> MigrateResult:
     src = ffi.new("uint64_t[]", n)
     dst = ffi.new("uint64_t[]", n)
     status = ffi.new("int32_t[]", n)
     before = m.device_resident(region)
     region.migrations += 1
     try:
-        lib.cdm_migrate_collect(m.core, region.core, first, n, target.pool, int(target.device_memory),
-                                from_pools, src, status)
+        flags = (lib.CDM_COLLECT_ALLOC_ABSENT if target.device_memory else 0) | \
+            (lib.CDM_COLLECT_TAKEOVER if takeover else 0)
+        lib.cdm_migrate_collect(m.core, region.core, first, n, target.pool, flags, from_pools, src, status)
         try:
-            if lib.cdm_migrate_count(src, status, n, lib.CDM_PTE_CPU):
-                await m.cpu_unmap(region, first, n)
-            lib.cdm_migrate_lock(m.core, region.core, first, n, status)
+            mapped = lib.cdm_migrate_count(src, status, n, lib.CDM_PTE_CPU)
+            if mapped:
+                for start, count in [(0, n)] if mapped == n else cpu_runs(src, status, n):
+                    await m.cpu_unmap(region, first + start, count)
+            lib.cdm_migrate_lock_src(m.core, region.core, first, n, src, status)
             got = lib.cdm_migrate_alloc(m.core, target.pool, n, status, dst)
             if got >= THREAD_COPY_PAGES:
                 await trio.to_thread.run_sync(lib.cdm_migrate_copy, m.core, n, status, src, dst)
@@ -105,6 +108,27 @@ async def _migrate_batch(m: "Machine", region: "Region", first: int, n: int, tar
     return MigrateResult(n, moved, holes(status, n, first))
 
 
+def cpu_runs(src, status, n: int) -> list[tuple[int, int]]:
+    """(offset, length) runs of the collected pages the CPU is believed to map:
+    the only ones to invalidate.  Invalidating the whole batch would also wait
+    on the page-cache folio of a CPU fault in flight on a device-private page
+    of the batch, and that fault's fault-back waits for this migration to
+    unlock the page: a deadlock (seen with CPU threads faulting while ranges
+    migrated between node 0, node 1 and gpu0)."""
+    runs: list[tuple[int, int]] = []
+    cpu = lib.CDM_PTE_CPU
+    k = 0
+    while k < n:
+        if status[k] in (lib.CDM_MIG_MOVE, lib.CDM_MIG_ALLOC) and src[k] & cpu:
+            start = k
+            while k < n and status[k] in (lib.CDM_MIG_MOVE, lib.CDM_MIG_ALLOC) and src[k] & cpu:
+                k += 1
+            runs.append((start, k - start))
+        else:
+            k += 1
+    return runs
+
+
 def holes(status, n: int, first: int) -> list[tuple[int, int]]:
     """(page, errno) of every skipped page of a batch."""
     idx = ffi.new("uint64_t[]", n)
@@ -119,11 +143,20 @@ async def fault_back(m: "Machine", region: "Region", first: int, end: int, pid: 
     private = m.private_pools_mask()
     for start, stop, _ in region.policy_segments(first, end):
         for nid in m.fault_back_order(region, start, pid):
-            res = await migrate_range(m, region, start, stop - start, m.node_target(nid), from_pools=private)
+            # takeover: pages another migration has collected but not locked
+            # come back too; that migration may be invalidating the very
+            # pages whose READ is waiting here (it would never finish).
+            res = await migrate_range(m, region, start, stop - start, m.node_target(nid),
+                                      from_pools=private, takeover=True)
             errs = {err for _, err in res.holes}
             if errno.EBUSY in errs:
                 # Held by another migration: let it finish, the caller retries.
-                await region.wait_unlocked()
+                # It may have finished while this one awaited its own steps:
+                # wait only if a page of the span is still held, or the wake-up
+                # is already gone and this waits for an unrelated migration.
+                if lib.cdm_region_count(m.core, region.core, start, stop - start,
+                                        lib.CDM_PTE_LOCKED | lib.CDM_PTE_MIGRATING):
+                    await region.wait_unlocked()
                 return
             if errno.ENOMEM not in errs:
                 break       # every private page moved (absent ones are the caller's)

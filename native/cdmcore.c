@@ -57,6 +57,7 @@ void cdm_machine_free(struct cdm_machine *m)
         munmap(p->rmap, p->npages * sizeof(uint64_t));
         munmap(p->fflags, p->npages);
         free(p->free_stack);
+        free(p->bflags);
     }
     pthread_mutex_destroy(&m->lock);
     free(m);
@@ -121,10 +122,47 @@ static void drop_frame(struct cdm_pool *p, uint64_t f)
     drop.len = 1;
 }
 
+/* Whether frame f of pool p is in an isolated memory block. */
+static inline int block_isolated(const struct cdm_pool *p, uint64_t f)
+{
+    return p->block_pages && (p->bflags[f / p->block_pages] & CDM_BLOCK_ISOLATED);
+}
+
+/* Whether the frame a present entry points at is on its way out (its block
+ * or pool is being offlined, or it is to be retired): its page moves even to
+ * its own pool. */
+static inline int frame_leaving(struct cdm_machine *m, uint64_t pte)
+{
+    struct cdm_pool *p = &m->pools[pte_pool(pte)];
+    uint64_t f = pte_pfn(pte) - p->base_pfn;
+    return (p->flags & CDM_POOL_ISOLATED) || (p->fflags[f] & CDM_FRAME_RETIRED)
+        || block_isolated(p, f);
+}
+
+/* The next never-used frame for the bump allocator, skipping retired frames
+ * and isolated blocks, or -1.  Caller holds m->lock. */
+static int64_t fresh_frame(struct cdm_pool *p)
+{
+    while (p->next_fresh < p->npages) {
+        uint64_t f = p->next_fresh;
+        if (block_isolated(p, f)) {
+            uint64_t end = (f / p->block_pages + 1) * p->block_pages;
+            p->next_fresh = end < p->npages ? end : p->npages;
+            continue;
+        }
+        p->next_fresh++;
+        if (!(p->fflags[f] & CDM_FRAME_RETIRED))
+            return (int64_t)f;
+    }
+    return -1;
+}
+
 /* One frame index of pool p, or -1.  Caller holds m->lock. */
 static int64_t frame_alloc(struct cdm_pool *p)
 {
     drop_flush();
+    if (p->flags & CDM_POOL_ISOLATED)
+        return -1;
     if (p->fail_alloc) {
         p->fail_alloc--;
         return -1;
@@ -132,10 +170,9 @@ static int64_t frame_alloc(struct cdm_pool *p)
     int64_t f;
     if (p->nfree_stack)
         f = (int64_t)p->free_stack[--p->nfree_stack];
-    else if (p->next_fresh < p->npages)
-        f = (int64_t)p->next_fresh++;
-    else
+    else if ((f = fresh_frame(p)) < 0)
         return -1;
+    p->fflags[f] |= CDM_FRAME_USED;
     p->nr_used++;
     p->counters[CDM_PGALLOC]++;
     return f;
@@ -146,6 +183,7 @@ static int64_t frame_alloc(struct cdm_pool *p)
 static void frame_free(struct cdm_pool *p, uint64_t f)
 {
     p->rmap[f] = 0;
+    p->fflags[f] &= ~CDM_FRAME_USED;
     p->nr_used--;
     p->counters[CDM_PGFREE]++;
     drop_frame(p, f);
@@ -153,12 +191,15 @@ static void frame_free(struct cdm_pool *p, uint64_t f)
         p->nr_retired++;
         return;
     }
+    if (block_isolated(p, f))
+        return;     /* back to the allocator when the block is released */
     if (p->nfree_stack == p->free_cap) {
         uint64_t cap = p->free_cap ? p->free_cap * 2 : 1024;
         uint64_t *s = realloc(p->free_stack, cap * sizeof(uint64_t));
         if (!s) {
             /* Out of host memory for the free list: leak the frame rather than
              * corrupt the allocator.  It stays counted as retired. */
+            p->fflags[f] |= CDM_FRAME_RETIRED;
             p->nr_retired++;
             return;
         }
@@ -175,6 +216,7 @@ static void frame_free(struct cdm_pool *p, uint64_t f)
 static void frame_unalloc(struct cdm_pool *p, uint64_t f)
 {
     p->rmap[f] = 0;
+    p->fflags[f] &= ~CDM_FRAME_USED;
     p->nr_used--;
     p->counters[CDM_PGALLOC]--;
     if (f + 1 == p->next_fresh)
@@ -485,10 +527,11 @@ void cdm_region_uncache(struct cdm_machine *m, struct cdm_region *r, uint64_t fi
 /* ------------------------------------------------------------ migration */
 
 int64_t cdm_migrate_collect(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
-                            uint64_t n, int target, int alloc_absent, uint64_t from_pools,
+                            uint64_t n, int target, int flags, uint64_t from_pools,
                             uint64_t *src, int32_t *status)
 {
     int64_t collected = 0;
+    int alloc_absent = flags & CDM_COLLECT_ALLOC_ABSENT;
     pthread_mutex_lock(&m->lock);
     for (uint64_t k = 0; k < n; k++) {
         uint64_t i = first + k;
@@ -498,11 +541,14 @@ int64_t cdm_migrate_collect(struct cdm_machine *m, struct cdm_region *r, uint64_
             status[k] = -EINVAL;
         else if (pte & CDM_PTE_POISONED)
             status[k] = -EIO;
-        else if (pte & (CDM_PTE_PINNED | CDM_PTE_LOCKED | CDM_PTE_MIGRATING))
+        else if (pte & (CDM_PTE_PINNED | CDM_PTE_LOCKED))
+            status[k] = -EBUSY;
+        else if ((pte & CDM_PTE_MIGRATING)
+                 && !((flags & CDM_COLLECT_TAKEOVER) && (pte & CDM_PTE_PRESENT) && !(pte & CDM_PTE_CPU)))
             status[k] = -EBUSY;
         else if (!(pte & CDM_PTE_PRESENT))
             status[k] = alloc_absent ? CDM_MIG_ALLOC : -ENOENT;
-        else if (pte_pool(pte) == target
+        else if ((pte_pool(pte) == target && !frame_leaving(m, pte))
                  || (from_pools && !(from_pools & (1ULL << pte_pool(pte)))))
             status[k] = CDM_MIG_THERE;
         else
@@ -524,6 +570,12 @@ int64_t cdm_migrate_collect(struct cdm_machine *m, struct cdm_region *r, uint64_
 int64_t cdm_migrate_lock(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
                          uint64_t n, int32_t *status)
 {
+    return cdm_migrate_lock_src(m, r, first, n, NULL, status);
+}
+
+int64_t cdm_migrate_lock_src(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
+                             uint64_t n, const uint64_t *src, int32_t *status)
+{
     int64_t locked = 0;
     pthread_mutex_lock(&m->lock);
     for (uint64_t k = 0; k < n; k++) {
@@ -531,9 +583,13 @@ int64_t cdm_migrate_lock(struct cdm_machine *m, struct cdm_region *r, uint64_t f
             continue;
         uint64_t i = first + k;
         if (i >= r->npages
-            || (status[k] == CDM_MIG_MOVE && !(r->pte[i] & CDM_PTE_MIGRATING))) {
-            /* Truncated since collect (and maybe grown again): the page that
-             * was collected is gone, its frame already freed. */
+            || (status[k] == CDM_MIG_MOVE && !(r->pte[i] & CDM_PTE_MIGRATING))
+            || (status[k] == CDM_MIG_MOVE && src
+                && (r->pte[i] & (CDM_PTE_PFN_MASK | CDM_PTE_POOL_MASK))
+                   != (src[k] & (CDM_PTE_PFN_MASK | CDM_PTE_POOL_MASK)))) {
+            /* Truncated since collect (and maybe grown again), or taken over
+             * by a CPU fault-back (and maybe collected again by another
+             * migration): the page we collected is not ours any more. */
             status[k] = -ENOENT;
             continue;
         }
@@ -933,8 +989,8 @@ void cdm_region_pagemap(struct cdm_machine *m, struct cdm_region *r, uint64_t fi
     for (uint64_t k = 0; k < n; k++) {
         uint64_t i = first + k;
         uint64_t pte = i < r->npages ? r->pte[i] : 0;
-        if (!(pte & CDM_PTE_PRESENT)) {
-            out[k] = 0;
+        if (!(pte & (CDM_PTE_PRESENT | CDM_PTE_POISONED))) {
+            out[k] = 0;     /* never touched (a poisoned entry keeps its old PFN) */
             continue;
         }
         uint64_t e = (pte_pfn(pte) & CDM_PM_PFN_MASK) | CDM_PM_FILE;
@@ -977,4 +1033,312 @@ uint64_t cdm_region_misfits(struct cdm_machine *m, struct cdm_region *r, uint64_
     pthread_mutex_unlock(&m->lock);
     *nruns = runs;
     return count;
+}
+
+/* -------------------------------------------------------------- lifecycle */
+
+/* Pushes free frame f on the free stack; -1 if the host has no memory for
+ * it (the frame is then leaked as retired).  Caller holds m->lock. */
+static int stack_push(struct cdm_pool *p, uint64_t f)
+{
+    if (p->nfree_stack == p->free_cap) {
+        uint64_t cap = p->free_cap ? p->free_cap * 2 : 1024;
+        uint64_t *s = realloc(p->free_stack, cap * sizeof(uint64_t));
+        if (!s) {
+            p->fflags[f] |= CDM_FRAME_RETIRED;
+            p->nr_retired++;
+            return -1;
+        }
+        p->free_stack = s;
+        p->free_cap = cap;
+    }
+    p->free_stack[p->nfree_stack++] = f;
+    return 0;
+}
+
+/* Removes the frames [lo, hi) from the free stack.  Caller holds m->lock. */
+static void stack_remove(struct cdm_pool *p, uint64_t lo, uint64_t hi)
+{
+    uint64_t k = 0;
+    for (uint64_t j = 0; j < p->nfree_stack; j++)
+        if (p->free_stack[j] < lo || p->free_stack[j] >= hi)
+            p->free_stack[k++] = p->free_stack[j];
+    p->nfree_stack = k;
+}
+
+int cdm_pool_set_blocks(struct cdm_machine *m, int pool, uint64_t block_pages)
+{
+    if (pool < 0 || pool >= m->npools || block_pages == 0)
+        return -EINVAL;
+    struct cdm_pool *p = &m->pools[pool];
+    if (p->block_pages || p->base_pfn % block_pages)
+        return -EINVAL;
+    uint64_t nblocks = (p->npages + block_pages - 1) / block_pages;
+    uint8_t *b = calloc(nblocks, 1);
+    if (!b)
+        return -ENOMEM;
+    pthread_mutex_lock(&m->lock);
+    p->bflags = b;
+    p->nblocks = nblocks;
+    p->block_pages = block_pages;
+    pthread_mutex_unlock(&m->lock);
+    return 0;
+}
+
+int64_t cdm_block_isolate(struct cdm_machine *m, int pool, uint64_t block, int isolate)
+{
+    if (pool < 0 || pool >= m->npools)
+        return -EINVAL;
+    struct cdm_pool *p = &m->pools[pool];
+    if (block >= p->nblocks)
+        return -EINVAL;
+    uint64_t lo = block * p->block_pages;
+    uint64_t hi = lo + p->block_pages < p->npages ? lo + p->block_pages : p->npages;
+    int64_t given = 0;
+    pthread_mutex_lock(&m->lock);
+    drop_flush();
+    if (isolate && !(p->bflags[block] & CDM_BLOCK_ISOLATED)) {
+        p->bflags[block] |= CDM_BLOCK_ISOLATED;
+        stack_remove(p, lo, hi);
+    } else if (!isolate && (p->bflags[block] & CDM_BLOCK_ISOLATED)) {
+        p->bflags[block] &= ~CDM_BLOCK_ISOLATED;
+        /* While isolated none of its frames was on the stack: the free ones
+         * below next_fresh go back now, each once; the bump pointer will
+         * reach the others. */
+        uint64_t end = hi < p->next_fresh ? hi : p->next_fresh;
+        for (uint64_t f = lo; f < end; f++)
+            if (!(p->fflags[f] & (CDM_FRAME_USED | CDM_FRAME_RETIRED)) && stack_push(p, f) == 0)
+                given++;
+        for (uint64_t f = end > lo ? end : lo; f < hi; f++)
+            if (!(p->fflags[f] & CDM_FRAME_RETIRED))
+                given++;
+    }
+    pthread_mutex_unlock(&m->lock);
+    return given;
+}
+
+void cdm_pool_isolate(struct cdm_machine *m, int pool, int isolate)
+{
+    pthread_mutex_lock(&m->lock);
+    if (isolate)
+        m->pools[pool].flags |= CDM_POOL_ISOLATED;
+    else
+        m->pools[pool].flags &= ~CDM_POOL_ISOLATED;
+    pthread_mutex_unlock(&m->lock);
+}
+
+/* The frames of [pfn, pfn + n) that are in pool p: [*lo, *hi) frame indices. */
+static int frame_range(struct cdm_machine *m, uint64_t pfn, uint64_t n, uint64_t *lo, uint64_t *hi)
+{
+    int pool = cdm_pfn_pool(m, pfn);
+    if (pool < 0)
+        return -1;
+    struct cdm_pool *p = &m->pools[pool];
+    *lo = pfn - p->base_pfn;
+    *hi = *lo + n < p->npages ? *lo + n : p->npages;
+    return pool;
+}
+
+void cdm_frames_census(struct cdm_machine *m, uint64_t pfn, uint64_t n, uint64_t *out)
+{
+    uint64_t lo, hi;
+    out[0] = out[1] = 0;
+    int pool = frame_range(m, pfn, n, &lo, &hi);
+    if (pool < 0)
+        return;
+    struct cdm_pool *p = &m->pools[pool];
+    pthread_mutex_lock(&m->lock);
+    for (uint64_t f = lo; f < hi; f++) {
+        uint8_t fl = p->fflags[f];
+        if (fl & CDM_FRAME_USED)
+            out[0]++;
+        if ((fl & CDM_FRAME_RETIRED) && !(fl & CDM_FRAME_USED))
+            out[1]++;
+    }
+    pthread_mutex_unlock(&m->lock);
+}
+
+uint64_t cdm_frames_owners(struct cdm_machine *m, uint64_t pfn, uint64_t n, uint32_t *region,
+                           uint64_t *page, uint64_t max, uint64_t *next)
+{
+    uint64_t lo, hi, count = 0;
+    *next = pfn + n;
+    int pool = frame_range(m, pfn, n, &lo, &hi);
+    if (pool < 0)
+        return 0;
+    struct cdm_pool *p = &m->pools[pool];
+    pthread_mutex_lock(&m->lock);
+    /* Frames at or above next_fresh were never used. */
+    uint64_t end = hi < p->next_fresh ? hi : p->next_fresh;
+    for (uint64_t f = lo; f < end; f++) {
+        uint64_t owner = p->rmap[f];
+        if (!owner)
+            continue;
+        if (count == max) {
+            *next = p->base_pfn + f;
+            break;
+        }
+        region[count] = (uint32_t)((owner >> 40) - 1);
+        page[count] = owner & CDM_PTE_PFN_MASK;
+        count++;
+    }
+    pthread_mutex_unlock(&m->lock);
+    return count;
+}
+
+int cdm_frame_retire(struct cdm_machine *m, uint64_t pfn, int flags)
+{
+    uint64_t lo, hi;
+    int pool = frame_range(m, pfn, 1, &lo, &hi);
+    if (pool < 0)
+        return -EINVAL;
+    struct cdm_pool *p = &m->pools[pool];
+    int ret;
+    pthread_mutex_lock(&m->lock);
+    drop_flush();
+    uint8_t fl = p->fflags[lo];
+    if (fl & CDM_FRAME_RETIRED) {
+        ret = -EALREADY;
+    } else if (fl & CDM_FRAME_USED) {
+        /* frame_free() retires it when its page leaves. */
+        p->fflags[lo] |= (uint8_t)(flags | CDM_FRAME_RETIRED);
+        ret = 1;
+    } else {
+        if (lo < p->next_fresh && !block_isolated(p, lo))
+            stack_remove(p, lo, lo + 1);
+        p->fflags[lo] |= (uint8_t)(flags | CDM_FRAME_RETIRED);
+        p->nr_retired++;
+        drop_frame(p, lo);
+        ret = 0;
+    }
+    drop_flush();
+    pthread_mutex_unlock(&m->lock);
+    return ret;
+}
+
+uint64_t cdm_frames_unretire(struct cdm_machine *m, uint64_t pfn, uint64_t n)
+{
+    uint64_t lo, hi, count = 0;
+    int pool = frame_range(m, pfn, n, &lo, &hi);
+    if (pool < 0)
+        return 0;
+    struct cdm_pool *p = &m->pools[pool];
+    pthread_mutex_lock(&m->lock);
+    for (uint64_t f = lo; f < hi; f++) {
+        uint8_t fl = p->fflags[f];
+        if (!(fl & CDM_FRAME_RETIRED))
+            continue;
+        p->fflags[f] = fl & (uint8_t)~(CDM_FRAME_RETIRED | CDM_FRAME_POISONED);
+        count++;
+        if (fl & CDM_FRAME_USED)
+            continue;       /* a pending retirement, called off */
+        p->nr_retired--;
+        if (f < p->next_fresh && !block_isolated(p, f))
+            stack_push(p, f);
+    }
+    pthread_mutex_unlock(&m->lock);
+    return count;
+}
+
+/* Page i of r loses its frame to a memory failure.  Caller holds m->lock. */
+static void page_poison(struct cdm_machine *m, struct cdm_region *r, uint64_t i)
+{
+    uint64_t pte = r->pte[i];
+    struct cdm_pool *p = &m->pools[pte_pool(pte)];
+    uint64_t f = pte_pfn(pte) - p->base_pfn;
+    if (pte & CDM_PTE_PINNED)
+        r->nr_pinned--;
+    pte_set(m, r, i, CDM_PTE_POISONED | (pte & (CDM_PTE_POOL_MASK | CDM_PTE_PFN_MASK)));
+    r->nr_poisoned++;
+    p->fflags[f] |= CDM_FRAME_RETIRED | CDM_FRAME_POISONED;
+    frame_free(p, f);       /* drops the data; counted as retired */
+}
+
+int cdm_page_poison(struct cdm_machine *m, struct cdm_region *r, uint64_t page, uint64_t pfn)
+{
+    int ret = 0;
+    pthread_mutex_lock(&m->lock);
+    uint64_t pte = page < r->npages ? r->pte[page] : 0;
+    if (!(pte & CDM_PTE_PRESENT) || (pte & CDM_PTE_POISONED) || pte_pfn(pte) != pfn)
+        ret = -ENOENT;
+    else if (pte & (CDM_PTE_LOCKED | CDM_PTE_MIGRATING))
+        ret = -EAGAIN;
+    else
+        page_poison(m, r, page);
+    drop_flush();
+    pthread_mutex_unlock(&m->lock);
+    return ret;
+}
+
+uint64_t cdm_region_poison_pool(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
+                                uint64_t n, int pool, uint64_t *busy)
+{
+    uint64_t count = 0;
+    *busy = 0;
+    pthread_mutex_lock(&m->lock);
+    uint64_t end = first + n < r->npages ? first + n : r->npages;
+    for (uint64_t i = first; i < end; i++) {
+        uint64_t pte = r->pte[i];
+        if (!(pte & CDM_PTE_PRESENT) || (pte & CDM_PTE_POISONED) || pte_pool(pte) != pool)
+            continue;
+        if (pte & (CDM_PTE_LOCKED | CDM_PTE_MIGRATING)) {
+            (*busy)++;
+            continue;
+        }
+        page_poison(m, r, i);
+        count++;
+    }
+    drop_flush();
+    pthread_mutex_unlock(&m->lock);
+    return count;
+}
+
+int cdm_region_pin(struct cdm_machine *m, struct cdm_region *r, uint64_t first, uint64_t n,
+                   int pin, uint64_t deny_pools, struct cdm_rw_result *res)
+{
+    int ret = 0;
+    res->allocated = 0;
+    res->page = 0;
+    pthread_mutex_lock(&m->lock);
+    uint64_t end = first + n < r->npages ? first + n : r->npages;
+    if (pin) {
+        if (first + n > r->npages) {
+            res->page = r->npages;
+            ret = -ENOENT;
+            goto out;
+        }
+        for (uint64_t i = first; i < end; i++) {
+            uint64_t pte = r->pte[i];
+            if (pte & CDM_PTE_POISONED)
+                ret = -EIO;
+            else if (pte & (CDM_PTE_LOCKED | CDM_PTE_MIGRATING))
+                ret = -EAGAIN;
+            else if (!(pte & CDM_PTE_PRESENT))
+                ret = -ENOENT;
+            else if (deny_pools & (1ULL << pte_pool(pte)))
+                ret = -EREMOTE;
+            else
+                continue;
+            res->page = i;
+            goto out;
+        }
+    }
+    for (uint64_t i = first; i < end; i++) {
+        uint64_t pte = r->pte[i];
+        if (pin && !(pte & CDM_PTE_PINNED)) {
+            pte_set(m, r, i, pte | CDM_PTE_PINNED);
+            r->nr_pinned++;
+            res->allocated++;
+        } else if (!pin && (pte & CDM_PTE_PINNED)) {
+            if (pte & CDM_PTE_PRESENT)
+                pte_set(m, r, i, pte & ~CDM_PTE_PINNED);
+            else
+                r->pte[i] = pte & ~CDM_PTE_PINNED;
+            r->nr_pinned--;
+            res->allocated++;
+        }
+    }
+out:
+    pthread_mutex_unlock(&m->lock);
+    return ret;
 }

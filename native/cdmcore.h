@@ -45,10 +45,15 @@
 
 /* Pool flags */
 #define CDM_POOL_PRIVATE 1             /* device-private: the CPU cannot map it */
+#define CDM_POOL_ISOLATED 2            /* no allocation at all (device going offline) */
+
+/* Per-block flags (struct cdm_pool.bflags) */
+#define CDM_BLOCK_ISOLATED 1           /* no allocation from it (offlining, offline, absent) */
 
 /* Per-frame flags (struct cdm_pool.fflags) */
 #define CDM_FRAME_RETIRED 1            /* soft- or hard-offlined: never reused */
 #define CDM_FRAME_POISONED 2
+#define CDM_FRAME_USED 4               /* handed out: holds a page, or a migration's copy */
 
 /* Event counters kept per pool, shown in numastat/vmstat. */
 enum cdm_counter {
@@ -83,6 +88,10 @@ struct cdm_pool {
     uint8_t *fflags;        /* per frame: CDM_FRAME_* */
     uint64_t counters[CDM_NR_COUNTERS];
     int flags;
+    /* Memory blocks (sys/devices/system/memory), see cdm_pool_set_blocks(). */
+    uint64_t block_pages;   /* frames per block; 0: the pool is not cut into blocks */
+    uint64_t nblocks;
+    uint8_t *bflags;        /* per block: CDM_BLOCK_* */
 };
 
 struct cdm_machine {
@@ -194,7 +203,8 @@ void cdm_region_uncache(struct cdm_machine *m, struct cdm_region *r, uint64_t fi
  *            target is marked MIGRATING and its old entry saved in src[i]
  *            (status CDM_MIG_MOVE; its CPU belief is cleared, the caller
  *            invalidates the CPU copies of pages whose src had CDM_PTE_CPU);
- *            an untouched page gets CDM_MIG_ALLOC if alloc_absent, else -ENOENT;
+ *            an untouched page gets CDM_MIG_ALLOC with CDM_COLLECT_ALLOC_ABSENT
+ *            in flags, else -ENOENT;
  *            others: CDM_MIG_THERE, -EBUSY (pinned, locked), -EIO (poisoned).
  *            from_pools, when not 0, limits the pages that move to those in
  *            pools whose bit is set (a CPU fault-back moves only private pages);
@@ -207,11 +217,18 @@ void cdm_region_uncache(struct cdm_machine *m, struct cdm_region *r, uint64_t fi
  * finalize — moving pages take their new entry, sources are freed, every
  *            page is unlocked; status becomes CDM_MIG_DONE.  Returns pages moved.
  */
+#define CDM_COLLECT_ALLOC_ABSENT 1  /* untouched pages are allocated on the target */
+#define CDM_COLLECT_TAKEOVER 2      /* take pages another migration collected but has not
+                                     * locked (a CPU fault-back must not wait for a migration
+                                     * whose invalidation waits for the faulting READ) */
 int64_t cdm_migrate_collect(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
-                            uint64_t n, int target, int alloc_absent, uint64_t from_pools,
+                            uint64_t n, int target, int flags, uint64_t from_pools,
                             uint64_t *src, int32_t *status);
 int64_t cdm_migrate_lock(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
                          uint64_t n, int32_t *status);
+/* lock, also skipping (-ENOENT) a page whose frame is no longer src[k]'s. */
+int64_t cdm_migrate_lock_src(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
+                             uint64_t n, const uint64_t *src, int32_t *status);
 int64_t cdm_migrate_alloc(struct cdm_machine *m, int target, uint64_t n,
                           int32_t *status, uint64_t *dst);
 void cdm_migrate_copy(struct cdm_machine *m, uint64_t n, const int32_t *status,
@@ -299,5 +316,60 @@ uint64_t cdm_region_misfits(struct cdm_machine *m, struct cdm_region *r, uint64_
                             uint64_t n, const int32_t *table, uint32_t ntable,
                             uint64_t fit_pools, uint64_t skip_pools, uint64_t *run_first,
                             uint64_t *run_len, int32_t *run_pool, uint64_t max, uint64_t *nruns);
+
+/*
+ * Lifecycle of memory (memory blocks, hot-add, device offline, memory
+ * failure, long-term pins).  The invariant that keeps the allocator exact:
+ * the free stack holds exactly the free frames below next_fresh that are
+ * neither retired nor in an isolated block; frames at or above next_fresh
+ * are free unless retired, and the bump allocator skips retired frames and
+ * isolated blocks.  CDM_FRAME_USED marks every frame handed out.
+ *
+ * set_blocks   — cuts a pool into blocks of block_pages frames (its base_pfn
+ *                a multiple of it; the last block may be short).  Once.
+ * block_isolate— isolate != 0: no allocation from the block any more (its
+ *                free frames leave the free stack; a page on it counts as
+ *                leaving: cdm_migrate_collect moves it even to its own pool);
+ *                isolate == 0: its free frames return to the allocator, once.
+ *                Returns the free frames given back (0 when isolating).
+ * pool_isolate — the same for a whole pool, without touching the free stack
+ *                (a device going offline: its memory takes no new page).
+ * frames_census— of the frames [pfn, pfn + n) of one pool: how many are used
+ *                (out[0]) and retired (out[1]).
+ * frames_owners— the (region id, page) owners of the used frames of [pfn,
+ *                pfn + n), at most max; *next gets the first PFN not looked
+ *                at (pfn + n when done).  Returns how many were written.
+ * frame_retire — takes a frame out of use for good with flags (RETIRED and
+ *                maybe POISONED): a free frame at once (returns 0), a used
+ *                one when its page leaves it (returns 1); -EALREADY if it was
+ *                retired already, -EINVAL outside every pool.
+ * frames_unretire — gives retired frames of [pfn, pfn + n) back (a used one
+ *                just loses its pending retirement).  Returns how many.
+ * page_poison  — the frame pfn that page of r lives on has failed: the page
+ *                loses its data and its frame (the entry keeps POISONED and
+ *                the old PFN, for pagemap), the frame is retired.  0, -ENOENT
+ *                (the page is not on that frame), -EAGAIN (under migration).
+ * region_poison_pool — page_poison for every page of [first, first + n) of
+ *                r whose frame is in pool (link loss).  Returns how many;
+ *                *busy gets the pages skipped because a migration holds them.
+ * region_pin   — pin != 0: sets CDM_PTE_PINNED on every page of [first,
+ *                first + n), all or none: -EIO poisoned, -EAGAIN under
+ *                migration, -ENOENT absent, -EREMOTE on a pool of deny_pools
+ *                (res->page); res->allocated gets the pages newly pinned.
+ *                pin == 0: clears it where set (res->allocated: how many).
+ */
+int cdm_pool_set_blocks(struct cdm_machine *m, int pool, uint64_t block_pages);
+int64_t cdm_block_isolate(struct cdm_machine *m, int pool, uint64_t block, int isolate);
+void cdm_pool_isolate(struct cdm_machine *m, int pool, int isolate);
+void cdm_frames_census(struct cdm_machine *m, uint64_t pfn, uint64_t n, uint64_t *out);
+uint64_t cdm_frames_owners(struct cdm_machine *m, uint64_t pfn, uint64_t n, uint32_t *region,
+                           uint64_t *page, uint64_t max, uint64_t *next);
+int cdm_frame_retire(struct cdm_machine *m, uint64_t pfn, int flags);
+uint64_t cdm_frames_unretire(struct cdm_machine *m, uint64_t pfn, uint64_t n);
+int cdm_page_poison(struct cdm_machine *m, struct cdm_region *r, uint64_t page, uint64_t pfn);
+uint64_t cdm_region_poison_pool(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
+                                uint64_t n, int pool, uint64_t *busy);
+int cdm_region_pin(struct cdm_machine *m, struct cdm_region *r, uint64_t first, uint64_t n,
+                   int pin, uint64_t deny_pools, struct cdm_rw_result *res);
 
 #endif

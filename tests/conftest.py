@@ -44,7 +44,7 @@ def cprog(tmp_path_factory):
     def build(name: str) -> str:
         if name not in built:
             exe = str(out / name)
-            subprocess.run(["cc", "-O2", "-Wall", "-o", exe, os.path.join(HERE, "c", f"{name}.c")],
+            subprocess.run(["cc", "-O2", "-Wall", "-pthread", "-o", exe, os.path.join(HERE, "c", f"{name}.c")],
                            check=True)
             built[name] = exe
         return built[name]

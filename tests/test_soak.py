@@ -1,0 +1,179 @@
+"""Soak: everything at once for a fixed time, then prove nothing was lost.
+
+CPU threads (tests/c/hmm_stress.c) write and verify sequence-numbered records
+in their own pages of a mapped region, never syncing, while other workers
+migrate random ranges of it among every node and device, change its policies,
+run device kernels (add/write/read) on a second region checked against a
+model, and grow and shrink a third region.  At the end: zero corrupt records
+(in the live mapping and in a fresh process), the device region equals the
+model, and every counter agrees (pages in the regions' stat files = pages
+used on the nodes and devices).
+
+CDMFS_SOAK_SECONDS sets the duration (CI: the short default; the long form
+is e.g. CDMFS_SOAK_SECONDS=600).
+"""
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import threading
+import time
+import zlib
+
+import cdmfs
+from conftest import PAGE
+
+SECONDS = float(os.environ.get("CDMFS_SOAK_SECONDS", "15"))
+CPU_PAGES = 2048
+DEV_PAGES = 256
+ELASTIC_KEEP = 64
+TARGETS = ("node:0", "node:1", "gpu0")
+POLICIES = ("default", "bind:0", "bind:1", "interleave:0-1", "preferred:1", "preferred_many:0-1")
+
+
+def page_of(value: int) -> bytes:
+    return (value & (2**64 - 1)).to_bytes(8, "little") * (PAGE // 8)
+
+
+class Workers:
+    """Background loops that run until the deadline, recording failures."""
+
+    def __init__(self, deadline: float):
+        self.deadline = deadline
+        self.errors: list[str] = []
+        self.counts: dict[str, int] = {}
+        self.threads: list[threading.Thread] = []
+
+    def start(self, name: str, step) -> None:
+        def loop() -> None:
+            rng = random.Random(name)
+            n = 0
+            try:
+                while time.monotonic() < self.deadline:
+                    step(rng)
+                    n += 1
+            except Exception as e:  # reported by the test, not swallowed
+                self.errors.append(f"{name}: {e!r}")
+            self.counts[name] = n
+        t = threading.Thread(target=loop, name=name)
+        t.start()
+        self.threads.append(t)
+
+    def join(self) -> None:
+        for t in self.threads:
+            t.join(timeout=120)
+            assert not t.is_alive(), f"{t.name} hangs"
+
+
+def test_soak(cprog, tmp_path):
+    stress = cprog("hmm_stress")
+    with cdmfs.mounted() as m:
+        cpu = m.region("cpu", CPU_PAGES * PAGE)
+        dev = m.region("dev", DEV_PAGES * PAGE)
+        elastic = m.region("elastic", ELASTIC_KEEP * PAGE)
+        shadow = tmp_path / "shadow"
+        proc = subprocess.Popen([stress, "run", cpu.data, str(CPU_PAGES), "0", str(CPU_PAGES), "4",
+                                 str(int(SECONDS) + 120), str(shadow)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "running"
+
+        # The device region's model: every page holds one 64-bit value in every word.
+        model = [0] * DEV_PAGES
+        model_lock = threading.Lock()
+        gpu, cdm = m.device("gpu0"), m.device("cdm0")
+        gpu.access("write", "dev", 0, DEV_PAGES * PAGE, 0)
+        keep = bytes(random.Random(1).randbytes(ELASTIC_KEEP * PAGE))
+        with open(elastic.data, "r+b") as f:
+            f.write(keep)
+
+        w = Workers(time.monotonic() + SECONDS)
+
+        def migrate_cpu(rng: random.Random) -> None:
+            first = rng.randrange(CPU_PAGES)
+            n = rng.randint(1, min(64, CPU_PAGES - first))
+            res = cpu.migrate(first * PAGE, n * PAGE, rng.choice(TARGETS))
+            assert res["requested"] == n
+
+        def policies(rng: random.Random) -> None:
+            first = rng.randrange(CPU_PAGES)
+            n = rng.randint(1, min(256, CPU_PAGES - first))
+            cpu.mbind(first * PAGE, n * PAGE, rng.choice(POLICIES), move=rng.random() < 0.3)
+            if rng.random() < 0.1:
+                cpu.policy = rng.choice(POLICIES)
+            time.sleep(0.01)
+
+        def device_kernels(rng: random.Random) -> None:
+            first = rng.randrange(DEV_PAGES)
+            n = rng.randint(1, DEV_PAGES - first)
+            d = rng.choice((gpu, cdm))
+            op = rng.choice(("add", "add", "read", "write"))
+            with model_lock:
+                if op == "add":
+                    k = rng.randrange(1, 1 << 40)
+                    d.access("add", "dev", first * PAGE, n * PAGE, k)
+                    for p in range(first, first + n):
+                        model[p] += k
+                elif op == "write":
+                    b = rng.randrange(256)
+                    d.access("write", "dev", first * PAGE, n * PAGE, b)
+                    for p in range(first, first + n):
+                        model[p] = int.from_bytes(bytes([b]) * 8, "little")
+                else:
+                    res = d.access("read", "dev", first * PAGE, n * PAGE)
+                    want = zlib.crc32(b"".join(page_of(model[p]) for p in range(first, first + n)))
+                    assert res["crc32"] == want, f"device read of pages {first}+{n} differs from the model"
+
+        def migrate_dev(rng: random.Random) -> None:
+            first = rng.randrange(DEV_PAGES)
+            n = rng.randint(1, DEV_PAGES - first)
+            dev.migrate(first * PAGE, n * PAGE, rng.choice(TARGETS))
+            if rng.random() < 0.05:
+                gpu.fault_policy = rng.choice(("migrate", "remote"))
+
+        def grow_shrink(rng: random.Random) -> None:
+            size = rng.randint(ELASTIC_KEEP, 4 * ELASTIC_KEEP) * PAGE
+            elastic.truncate(size)
+            with open(elastic.data, "rb") as f:
+                head = f.read(ELASTIC_KEEP * PAGE)
+                tail = f.read()
+            assert head == keep, "the kept part of a growing and shrinking region changed"
+            with open(elastic.data, "r+b") as f:      # dirty the grown part, then shrink it away
+                f.seek(ELASTIC_KEEP * PAGE)
+                f.write(b"\xee" * (size - ELASTIC_KEEP * PAGE))
+            assert tail == bytes(len(tail)) or tail.strip(b"\xee") == b"", "grown pages are not zero"
+            elastic.truncate(ELASTIC_KEEP * PAGE)
+
+        w.start("migrate-cpu-1", migrate_cpu)
+        w.start("migrate-cpu-2", migrate_cpu)
+        w.start("policies", policies)
+        w.start("device-kernels", device_kernels)
+        w.start("migrate-dev", migrate_dev)
+        w.start("grow-shrink", grow_shrink)
+        w.join()
+
+        out, err = proc.communicate("stop\n", timeout=120)
+        assert proc.returncode == 0, (out, err)
+        assert "corrupt=0" in out, out
+        assert not w.errors, w.errors
+        assert w.counts["migrate-cpu-1"] + w.counts["migrate-cpu-2"] > 0
+        assert w.counts["device-kernels"] > 0
+
+        # A fresh process sees exactly the records the threads last wrote.
+        check = subprocess.run([stress, "check", cpu.data, str(CPU_PAGES), "0", str(CPU_PAGES), str(shadow)],
+                               capture_output=True, text=True, timeout=120)
+        assert check.returncode == 0, check.stdout + check.stderr
+        # The device region is the model, page for page, read by the CPU.
+        with open(dev.data, "rb") as f:
+            data = f.read()
+        for p in range(DEV_PAGES):
+            assert data[p * PAGE:(p + 1) * PAGE] == page_of(model[p]), f"dev page {p}"
+
+        # Counters agree: every page a region holds is used on a node or device, and nothing else is.
+        regions = [m.region(name).stat for name in m.regions]
+        on_nodes = {n: sum(st[f"N{n}"] for st in regions) for n in m.nodes}
+        for n in m.nodes:
+            assert m.node(n).meminfo["MemUsed"] == on_nodes[n] * PAGE // 1024, n
+        private = sum(st["private:gpu0"] for st in regions)
+        assert gpu.meminfo["MemUsed"] == private * PAGE // 1024
+        print(f"soak {SECONDS:.0f}s: {w.counts}, stress: {out.strip()}")
