@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 from typing import Optional, Sequence
@@ -73,6 +74,76 @@ def cmd_numastat(args: argparse.Namespace) -> None:
     sys.stdout.write(text)
 
 
+def _mib(kb: int) -> str:
+    return f"{kb / 1024:.1f} MiB"
+
+
+def _used_kb(path: str) -> Optional[int]:
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith("MemUsed:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def cmd_device(args: argparse.Namespace) -> None:
+    """Takes a device out of service (its memory evacuated to system RAM) or
+    back in.  The write to devices/NAME/online returns when the evacuation is
+    done; meanwhile, on a terminal, the device's meminfo shows the progress."""
+    import os
+    import threading
+    d = os.path.join(args.mountpoint, "devices", args.name)
+    if not os.path.isdir(os.path.join(args.mountpoint, "devices")):
+        raise CliError(f"{args.mountpoint} is not a cdmfs mount")
+    if not os.path.isfile(os.path.join(d, "online")):
+        raise CliError(f"no device {args.name!r} in {args.mountpoint}")
+    meminfo = os.path.join(d, "meminfo")
+    value = "1" if args.state == "online" else "0"
+    start_kb = _used_kb(meminfo) or 0
+    error: list[OSError] = []
+
+    def write() -> None:
+        try:
+            fd = os.open(os.path.join(d, "online"), os.O_WRONLY)
+            try:
+                os.write(fd, f"{value}\n".encode())
+            finally:
+                os.close(fd)
+        except OSError as e:
+            error.append(e)
+
+    tty = sys.stderr.isatty()
+    worker = threading.Thread(target=write, daemon=True)
+    worker.start()
+    shown = 0       # width of the progress line on the terminal
+    while worker.is_alive():
+        worker.join(0.1)
+        if tty and value == "0" and worker.is_alive():
+            left = _used_kb(meminfo)
+            if left is not None:
+                done = start_kb - left
+                pct = 100 * done // start_kb if start_kb else 100
+                line = f"{args.name}: evacuating {_mib(done)} of {_mib(start_kb)} to system RAM ({pct}%)"
+                sys.stderr.write(f"\r{line:<{shown}}")
+                sys.stderr.flush()
+                shown = max(shown, len(line))
+    if shown:
+        sys.stderr.write("\r" + " " * shown + "\r")    # the result line takes its place
+    if error:
+        e = error[0]
+        reason = {errno.EBUSY: "a page in its memory is pinned or stays busy",
+                  errno.ENOMEM: "system RAM has no room for its memory"}.get(e.errno, e.strerror)
+        raise CliError(f"cannot take {args.name} {args.state}: {reason}")
+    if tty:
+        if value == "0":
+            sys.stderr.write(f"{args.name}: offline, {_mib(start_kb)} moved to system RAM\n")
+        else:
+            sys.stderr.write(f"{args.name}: online\n")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cdmfs", description=(
         "Coherent device memory and HMM, emulated in user space as a FUSE filesystem."))
@@ -103,6 +174,12 @@ def parser() -> argparse.ArgumentParser:
                    help="per-node memory of these regions, like numastat -p")
     n.set_defaults(func=cmd_numastat)
     n.__class__ = _IntermixedParser
+
+    dv = sub.add_parser("device", help="take a device out of service (evacuating its memory) or back in")
+    dv.add_argument("mountpoint")
+    dv.add_argument("name", help="the device (as in MOUNT/devices)")
+    dv.add_argument("state", choices=("online", "offline"))
+    dv.set_defaults(func=cmd_device)
 
     d = sub.add_parser("demo", help="mount in a temporary folder and run a short workload")
     d.set_defaults(func=cmd_demo)

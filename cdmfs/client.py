@@ -15,6 +15,7 @@ from typing import Iterator, Optional
 from . import formats
 
 NODE_DIR = "sys/devices/system/node"
+MEMORY_DIR = "sys/devices/system/memory"
 WEIGHTS_DIR = "sys/kernel/mm/mempolicy/weighted_interleave"
 
 # pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst)
@@ -115,6 +116,69 @@ class Node:
     def isolated(self, value: bool) -> None:
         _write(os.path.join(self.path, "isolated"), f"{int(value)}\n")
 
+    @property
+    def numa_balancing(self) -> bool:
+        return _read(os.path.join(self.path, "numa_balancing")).strip() == "1"
+
+    @numa_balancing.setter
+    def numa_balancing(self, value: bool) -> None:
+        _write(os.path.join(self.path, "numa_balancing"), f"{int(value)}\n")
+
+    @property
+    def reclaim(self) -> bool:
+        return _read(os.path.join(self.path, "reclaim")).strip() == "1"
+
+    @reclaim.setter
+    def reclaim(self, value: bool) -> None:
+        _write(os.path.join(self.path, "reclaim"), f"{int(value)}\n")
+
+    @property
+    def memory_blocks(self) -> list[int]:
+        """The memory blocks of this node (``memoryB`` links), by number."""
+        return sorted(int(n[6:]) for n in os.listdir(self.path) if n.startswith("memory"))
+
+
+class MemoryBlock:
+    """``sys/devices/system/memory/memoryB``."""
+
+    def __init__(self, mount: "Mount", block: int):
+        self.id = block
+        self.path = os.path.join(mount.path, MEMORY_DIR, f"memory{block}")
+
+    def _attr(self, name: str) -> str:
+        return _read(os.path.join(self.path, name)).strip()
+
+    @property
+    def state(self) -> str:
+        """``online``, ``offline`` or ``going-offline``."""
+        return self._attr("state")
+
+    @state.setter
+    def state(self, word: str) -> None:
+        """``online``, ``online_movable``, ``online_kernel`` or ``offline``
+        (offlining migrates every page off the block first)."""
+        _write(os.path.join(self.path, "state"), word + "\n")
+
+    @property
+    def online(self) -> bool:
+        return self._attr("online") == "1"
+
+    @online.setter
+    def online(self, value: bool) -> None:
+        _write(os.path.join(self.path, "online"), f"{int(value)}\n")
+
+    @property
+    def valid_zones(self) -> list[str]:
+        return self._attr("valid_zones").split()
+
+    @property
+    def phys_index(self) -> int:
+        return int(self._attr("phys_index"), 16)
+
+    @property
+    def node(self) -> int:
+        return next(int(n[4:]) for n in os.listdir(self.path) if n.startswith("node"))
+
 
 class Region:
     def __init__(self, mount: "Mount", name: str):
@@ -205,6 +269,25 @@ class Region:
             os.close(fd)
         return [int.from_bytes(data[i:i + 8], "little") for i in range(0, len(data), 8)]
 
+    def phys_addr(self, page: int) -> Optional[int]:
+        """The physical address of a page's frame (from pagemap), or None for
+        a page never touched."""
+        entry = self.pagemap(page, 1)
+        if not entry or not entry[0]:
+            return None
+        return (entry[0] & PM_PFN_MASK) * 4096
+
+    def advise(self, start: int, length: int, advice: str) -> None:
+        """``START LENGTH ADVICE`` (``pin``, ``unpin``) on [start, start+length)."""
+        _write(os.path.join(self.path, "advise"), f"{start} {length} {advice}\n")
+
+    def pin(self, start: int, length: int) -> None:
+        """A long-term pin: pages leave device memory first, then never migrate."""
+        self.advise(start, length, "pin")
+
+    def unpin(self, start: int, length: int) -> None:
+        self.advise(start, length, "unpin")
+
     def remove(self) -> None:
         os.rmdir(self.path)
 
@@ -248,6 +331,27 @@ class Device:
     def fault_policy(self, value: str) -> None:
         _write(os.path.join(self.path, "fault_policy"), value + "\n")
 
+    @property
+    def online(self) -> bool:
+        return _read(os.path.join(self.path, "online")).strip() == "1"
+
+    @online.setter
+    def online(self, value: bool) -> None:
+        """False evacuates the device's memory to system RAM, then takes it
+        out of service (OSError EBUSY if a pinned page is there); True brings
+        it back, empty."""
+        _write(os.path.join(self.path, "online"), f"{int(value)}\n")
+
+    def inject(self, text: str) -> None:
+        """Fault injection: ``link_down``, ``ecc ADDRESS``, ``fail_alloc N``."""
+        _write(os.path.join(self.path, "inject"), text + "\n")
+
+    @property
+    def resource(self) -> tuple[int, int]:
+        """The physical range of its memory, (start, end) inclusive."""
+        start, end = _read(os.path.join(self.path, "resource")).split()
+        return int(start, 16), int(end, 16)
+
 
 class Mount:
     def __init__(self, path: str):
@@ -269,6 +373,42 @@ class Mount:
 
     def set_weight(self, nid: int, weight: int) -> None:
         _write(os.path.join(self.path, WEIGHTS_DIR, f"node{nid}"), f"{weight}\n")
+
+    @property
+    def block_size(self) -> int:
+        return int(_read(os.path.join(self.path, MEMORY_DIR, "block_size_bytes")), 16)
+
+    @property
+    def memory_blocks(self) -> list[int]:
+        d = os.path.join(self.path, MEMORY_DIR)
+        return sorted(int(n[6:]) for n in os.listdir(d) if n.startswith("memory") and n[6:].isdigit())
+
+    def memory_block(self, block: int) -> MemoryBlock:
+        return MemoryBlock(self, block)
+
+    def block_of(self, address: int) -> MemoryBlock:
+        """The memory block holding a physical address."""
+        return MemoryBlock(self, address // self.block_size)
+
+    @property
+    def auto_online_blocks(self) -> str:
+        return _read(os.path.join(self.path, MEMORY_DIR, "auto_online_blocks")).strip()
+
+    @auto_online_blocks.setter
+    def auto_online_blocks(self, word: str) -> None:
+        _write(os.path.join(self.path, MEMORY_DIR, "auto_online_blocks"), word + "\n")
+
+    def probe(self, address: int) -> None:
+        """Memory hot-add of the block at a physical address."""
+        _write(os.path.join(self.path, MEMORY_DIR, "probe"), f"{address:#x}\n")
+
+    def hard_offline(self, address: int) -> None:
+        """Poisons the frame at a physical address (its page's data is lost)."""
+        _write(os.path.join(self.path, MEMORY_DIR, "hard_offline_page"), f"{address:#x}\n")
+
+    def soft_offline(self, address: int) -> None:
+        """Moves the page at a physical address away and retires its frame."""
+        _write(os.path.join(self.path, MEMORY_DIR, "soft_offline_page"), f"{address:#x}\n")
 
     def region(self, name: str, size: Optional[int] = None) -> Region:
         """The region ``name``, made if missing; ``size`` sets its size."""

@@ -64,7 +64,7 @@ def serve(mountpoint: str, topo: Topology, allow_other: bool = False,
     import pyfuse3
     import trio
 
-    from . import devicefiles, sysfs
+    from . import devicefiles, lifecycle, sysfs
     from .fs import Filesystem
     from .machine import Machine
     from .region import Regions
@@ -75,6 +75,7 @@ def serve(mountpoint: str, topo: Topology, allow_other: bool = False,
     tree = Tree()
     sysfs.build(tree, machine)
     devicefiles.build(tree, machine)
+    lifecycle.build(tree, machine)
     ops = Filesystem(machine, tree, regions)
     options = set(pyfuse3.default_options) | {"fsname=cdmfs", "subtype=cdmfs"}
     if allow_other:

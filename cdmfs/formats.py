@@ -11,7 +11,8 @@ Linux 6.18 (the host kernel this was checked against, byte for byte, by
   ``node_read_vmstat()``, ``node_read_distance()``, ``show_node_state()``,
   ``node_read_cpumap()``.
 * ``mm/hugetlb.c`` -- ``hugetlb_report_node_meminfo()``.
-* ``drivers/base/memory.c`` -- ``block_size_bytes_show()``.
+* ``drivers/base/memory.c`` -- ``block_size_bytes_show()``, ``phys_index_show()``,
+  ``state_show()``, ``valid_zones_show()``.
 * ``fs/proc/meminfo.c`` -- ``show_val_kb()`` (padding model for ``device_meminfo``).
 
 Counters are C ``unsigned long`` in the kernel; the functions here accept only
@@ -46,6 +47,9 @@ __all__ = [
     "kv_lines",
     "device_meminfo",
     "block_size_bytes",
+    "memory_phys_index",
+    "memory_state",
+    "memory_valid_zones",
 ]
 
 #: MAX_NUMNODES of the reference kernel (CONFIG_NODES_SHIFT=10 on x86_64 distro
@@ -493,3 +497,32 @@ def block_size_bytes(n: int) -> str:
     if n == 0:
         raise ValueError("block_size_bytes: must be positive")
     return f"{n:x}\n"
+
+
+def memory_phys_index(block: int) -> str:
+    """``memoryB/phys_index`` -- ``phys_index_show()``: ``"%08lx\\n"``, the
+    block number (physical address / block size)."""
+    return f"{_count('phys_index', block):08x}\n"
+
+
+_MEMORY_STATES = ("online", "offline", "going-offline")
+
+
+def memory_state(state: str) -> str:
+    """``memoryB/state`` -- ``state_show()``: ``online``, ``offline`` or
+    ``going-offline`` (while offline_pages() migrates the block's pages)."""
+    if state not in _MEMORY_STATES:
+        raise ValueError(f"memory_state: unknown state {state!r}")
+    return state + "\n"
+
+
+_ZONES = ("DMA", "DMA32", "Normal", "Movable", "Device")
+
+
+def memory_valid_zones(zones: Sequence[str]) -> str:
+    """``memoryB/valid_zones`` -- ``valid_zones_show()``: the zone of an online
+    block; for an offline one the default zone first, then the other zones it
+    could be onlined to, space separated (``"Normal Movable\\n"``)."""
+    if not zones or any(z not in _ZONES for z in zones) or len(set(zones)) != len(zones):
+        raise ValueError(f"memory_valid_zones: bad zones {zones!r}")
+    return " ".join(zones) + "\n"

@@ -262,7 +262,9 @@ class Filesystem(pyfuse3.Operations):
                 if hasattr(result, "__await__"):
                     await result
             elif isinstance(e, Attr) and e.store is not None:
-                e.store(text)
+                result = e.store(text)
+                if hasattr(result, "__await__"):
+                    await result     # a store that waits (offlining memory)
             else:
                 raise pyfuse3.FUSEError(errno.EACCES)
         except (OSError, ValueError) as err:

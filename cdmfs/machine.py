@@ -32,6 +32,10 @@ class Node:
     weight: int = 1                      # weighted_interleave weight (sysfs mempolicy)
     numa_balancing: bool = True
     reclaim: bool = True
+    # Kept by the lifecycle (memory blocks): frames in online blocks, and the
+    # free frames of the blocks that are not online (not in MemFree).
+    online_pages: int = 0
+    hidden_free: int = 0
 
     @property
     def id(self) -> int:
@@ -39,7 +43,8 @@ class Node:
 
     @property
     def online(self) -> bool:
-        return self.spec.present
+        """Whether the node has online memory (N_MEMORY)."""
+        return self.online_pages > 0
 
 
 @dataclass
@@ -96,6 +101,8 @@ class Machine:
             pool = self.nodes[dev.node].pool if dev.coherent else self.private[dev.name].pool
             self.devices[dev.name] = Device(self, dev, pool)
             self.pool_owner[pool] = dev.name
+        from .lifecycle import Lifecycle
+        self.lifecycle = Lifecycle(self)
 
     async def cpu_unmap(self, region: "Region", first: int, npages: int) -> None:
         """Invalidates the CPU's copies of pages; the filesystem installs the real one."""
@@ -198,7 +205,10 @@ class Machine:
         return self.cpu_node.get(cpu, self.default_cpu_node)
 
     def usable_nodes(self) -> list[int]:
-        return [nid for nid, n in self.nodes.items() if n.online]
+        """Nodes that can take pages: online memory, and not the memory of a
+        device that is offline (or going offline)."""
+        return [nid for nid, n in self.nodes.items() if n.online
+                and (n.pool not in self.pool_owner or self.devices[self.pool_owner[n.pool]].online)]
 
     def plan(self, policy: mpol.MemPolicy, local: int) -> object:
         """The native allocation plan of a policy for a CPU on node local."""
@@ -240,9 +250,10 @@ class Machine:
 
     def node_pages(self, nid: int) -> dict[str, int]:
         """Page counts of a node, as the sys tree shows them."""
-        p = self.core.pools[self.nodes[nid].pool]
-        total = p.npages if self.nodes[nid].online else 0
-        free = lib.cdm_pool_free_pages(self.core, self.nodes[nid].pool) if total else 0
+        node = self.nodes[nid]
+        p = self.core.pools[node.pool]
+        total = node.online_pages
+        free = max(lib.cdm_pool_free_pages(self.core, node.pool) - node.hidden_free, 0) if total else 0
         return {
             "total": total,
             "free": free,

@@ -82,4 +82,6 @@ def add_region(tree: Tree, parent: Dir, m: Machine, region: Region) -> RegionDir
     tree.add(d, "pagemap", Attr(region.pagemap, size=lambda: region.npages * 8))
     tree.add(d, "migrate", Transaction(lambda state, text: migrate_request(m, region, state, text),
                                        lambda state: state.get("result", "")))
+    tree.add(d, "advise", Attr(lambda: m.lifecycle.advise_show(region),
+                               lambda text: m.lifecycle.advise_store(region, text)))
     return d

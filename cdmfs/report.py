@@ -190,6 +190,8 @@ def _device_line(root: str, name: str) -> str:
             parts.append(f"size {kb['MemTotal'] >> 10} MB")
         if "MemFree" in kb:
             parts.append(f"free {kb['MemFree'] >> 10} MB")
+    if (_optional(os.path.join(d, "online")) or "").strip() == "0":
+        parts.append("offline")
     return f"device {name}:" + (" " + ", ".join(parts) if parts else "")
 
 

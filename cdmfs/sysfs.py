@@ -33,20 +33,26 @@ def parse_uint(text: str, lo: int, hi: int) -> int:
 
 # ----------------------------------------------------------- node masks
 
+def online_nodes(m: Machine) -> list[int]:
+    """N_ONLINE: nodes with online memory, and CPU nodes (a CPU node whose
+    memory is all offline stays online, as a memoryless node does)."""
+    return [nid for nid, n in m.nodes.items() if n.online or (n.spec.cpus and n.spec.present)]
+
+
 def node_masks(m: Machine) -> dict[str, Callable[[], str]]:
     """sys/devices/system/node/{possible,online,has_*}: node_state masks."""
-    online = lambda: [nid for nid, n in m.nodes.items() if n.online]
+    memory = lambda: [nid for nid, n in m.nodes.items() if n.online]
     return {
         "possible": lambda: formats.nodelist(m.nodes),
-        "online": lambda: formats.nodelist(online()),
-        "has_cpu": lambda: formats.nodelist(n for n in online() if m.nodes[n].spec.cpus),
-        "has_memory": lambda: formats.nodelist(online()),
-        # CDM memory is ZONE_MOVABLE only: not "normal" memory.
-        "has_normal_memory": lambda: formats.nodelist(
-            n for n in online() if m.nodes[n].spec.kind == "sysram"),
+        "online": lambda: formats.nodelist(online_nodes(m)),
+        "has_cpu": lambda: formats.nodelist(n for n in online_nodes(m) if m.nodes[n].spec.cpus),
+        "has_memory": lambda: formats.nodelist(memory()),
+        # CDM memory is ZONE_MOVABLE only: not "normal" memory; nor is sysram
+        # memory onlined as online_movable.
+        "has_normal_memory": lambda: formats.nodelist(m.lifecycle.normal_nodes()),
         "has_generic_initiator": lambda: formats.nodelist(()),
         "has_coherent_device": lambda: formats.nodelist(
-            n for n in online() if m.nodes[n].spec.kind == "cdm"),
+            n for n in memory() if m.nodes[n].spec.kind == "cdm"),
     }
 
 
@@ -108,7 +114,9 @@ def node_vmstat(m: Machine, nid: int) -> str:
 
 
 def node_distance(m: Machine, nid: int) -> str:
-    online = [o for o in m.nodes if m.nodes[o].online]
+    # One entry per node that has a nodeN directory (libnuma reads the k-th
+    # entry as the k-th node): a node whose memory went offline keeps both.
+    online = m.lifecycle.registered_nodes()
     return formats.node_distance([m.topo.distance[(nid, o)] for o in online], online)
 
 
@@ -127,6 +135,14 @@ def node_isolated_show(m: Machine, nid: int) -> str:
 def node_isolated_store(m: Machine, nid: int, text: str) -> None:
     m.nodes[nid].isolated = parse_bool01(text)
     m.placement_changed()
+
+
+def node_switch(m: Machine, nid: int, name: str) -> Attr:
+    """``nodeN/numa_balancing``, ``nodeN/reclaim``: per-node switches of the
+    CDM discussion, stored for the automatic placement that honours them."""
+    def store(text: str) -> None:
+        setattr(m.nodes[nid], name, parse_bool01(text))
+    return Attr(lambda: f"{int(getattr(m.nodes[nid], name))}\n", store)
 
 
 def best_initiators(m: Machine, nid: int) -> list[int]:
@@ -151,6 +167,8 @@ def add_node(tree: Tree, nodes: Dir, m: Machine, nid: int) -> None:
         tree.add(d, name, Attr(lambda show=show: show(m, nid)))
     tree.add(d, "isolated", Attr(lambda: node_isolated_show(m, nid),
                                  lambda text: node_isolated_store(m, nid, text)))
+    for switch in ("numa_balancing", "reclaim"):
+        tree.add(d, switch, node_switch(m, nid, switch))
     for cpu in sorted(m.nodes[nid].spec.cpus):
         tree.add(d, f"cpu{cpu}", Link(f"../../cpu/cpu{cpu}"))
     # HMAT access class 0: the figures of the nearest CPU initiator.
