@@ -200,9 +200,9 @@ class Region:
         """truncate(2): grows with zero pages, shrinking frees pages."""
         if size < 0 or size > MAX_REGION_SIZE:
             raise OSError(errno.EINVAL, f"size must be 0..{MAX_REGION_SIZE}")
-        if self.migrations and size < self.size:
-            # A shrink must not free frames a migration is copying.
-            raise OSError(errno.EBUSY, "a migration is under way")
+        # A shrink during a migration is allowed, as truncate(2) is: the
+        # migration's lock and finalize steps skip the pages that went away
+        # (-ENOENT) and give their target frames back.
         npages = (size + PAGE_SIZE - 1) // PAGE_SIZE
         if npages < self.npages and size % PAGE_SIZE:
             # The page that stays partly must read as zero past the new end.
