@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from .client import Mount, mounted
+from .daemon import daemon_pid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DRIVERS = os.path.join(os.path.dirname(HERE), "native", "drivers")
@@ -152,19 +153,8 @@ memory = "node:1"
 
 def daemon_rss(mountpoint: str) -> int:
     """Resident bytes of the daemon serving mountpoint."""
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-            if b"mount" not in argv or os.fsencode(mountpoint) not in argv:
-                continue
-            with open(f"/proc/{pid}/status") as f:
-                return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
-        except OSError:
-            continue
-    raise LookupError(mountpoint)
+    with open(f"/proc/{daemon_pid(mountpoint)}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
 
 
 def rss_per_touched(size: int) -> tuple[float, float]:

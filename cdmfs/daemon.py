@@ -47,6 +47,22 @@ def check_mountpoint(path: str) -> None:
         raise MountError(f"mount point {path} is not empty")
 
 
+def daemon_pid(mountpoint: str) -> int:
+    """The pid of the cdmfs daemon serving mountpoint (LookupError if none)."""
+    want = os.fsencode(str(mountpoint))
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"cdmfs" in b" ".join(argv) and b"mount" in argv and want in argv:
+            return int(pid)
+    raise LookupError(f"no cdmfs daemon serves {mountpoint}")
+
+
 def fuse_device_fd() -> int:
     """The daemon's /dev/fuse descriptor (pyfuse3 does not export it)."""
     for name in os.listdir("/proc/self/fd"):

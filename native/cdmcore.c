@@ -426,6 +426,38 @@ static uint64_t plan_alloc(struct cdm_machine *m, struct cdm_region *r, uint64_t
     return 0;
 }
 
+/* First touch of the absent pages of [first, end) by plan, all or nothing.
+ * New entries carry PTE_NEW until the caller commits them (and counts their
+ * NUMA events with numa_account()).  Returns 0, or -ENOSPC with res->page the
+ * page that found no frame: then every frame this call took is given back,
+ * newest first, as if never taken (no alloc/free/NUMA events).  Poisoned
+ * pages are left alone.  Caller holds m->lock. */
+static int alloc_absent(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
+                        uint64_t end, const struct cdm_plan *plan, struct cdm_rw_result *res)
+{
+    for (uint64_t i = first; i < end; i++) {
+        if (r->pte[i] & (CDM_PTE_PRESENT | CDM_PTE_POISONED))
+            continue;
+        uint64_t pte = plan && plan->ntable ? plan_alloc(m, r, i, plan) : 0;
+        if (!pte) {
+            res->page = i;
+            for (uint64_t j = i; j-- > first;) {
+                uint64_t new = r->pte[j];
+                if (!(new & PTE_NEW))
+                    continue;
+                struct cdm_pool *p = &m->pools[pte_pool(new)];
+                pte_set(m, r, j, 0);
+                frame_unalloc(p, pte_pfn(new) - p->base_pfn);
+            }
+            res->allocated = 0;
+            return -ENOSPC;
+        }
+        pte_set(m, r, i, pte | PTE_NEW);
+        res->allocated++;
+    }
+    return 0;
+}
+
 int cdm_region_rw(struct cdm_machine *m, struct cdm_region *r, uint64_t off, uint64_t len,
                   uint8_t *buf, int write, int mark_cpu, const struct cdm_plan *plan,
                   struct cdm_rw_result *res)
@@ -458,32 +490,9 @@ int cdm_region_rw(struct cdm_machine *m, struct cdm_region *r, uint64_t off, uin
         res->page = i;
         goto out;
     }
-    for (uint64_t i = first; i <= last; i++) {
-        if (r->pte[i] & CDM_PTE_PRESENT)
-            continue;
-        uint64_t pte = plan && plan->ntable ? plan_alloc(m, r, i, plan) : 0;
-        if (!pte) {
-            ret = -ENOSPC;
-            res->page = i;
-            break;
-        }
-        pte_set(m, r, i, pte | PTE_NEW);
-        res->allocated++;
-    }
-    if (ret) {
-        /* All or nothing: give back what this call allocated, newest first,
-         * as if it had never been taken (no alloc/free/NUMA events). */
-        for (uint64_t j = res->page; j-- > first;) {
-            uint64_t pte = r->pte[j];
-            if (!(pte & PTE_NEW))
-                continue;
-            struct cdm_pool *p = &m->pools[pte_pool(pte)];
-            pte_set(m, r, j, 0);
-            frame_unalloc(p, pte_pfn(pte) - p->base_pfn);
-        }
-        res->allocated = 0;
+    ret = alloc_absent(m, r, first, last + 1, plan, res);
+    if (ret)
         goto out;
-    }
     for (uint64_t i = first; i <= last; i++) {
         uint64_t pte = r->pte[i];
         uint64_t pstart = i << CDM_PAGE_SHIFT;
@@ -900,34 +909,16 @@ int cdm_region_populate(struct cdm_machine *m, struct cdm_region *r, uint64_t fi
             goto out;
         }
     }
-    for (uint64_t i = first; i < first + n; i++) {
-        if (r->pte[i] & (CDM_PTE_PRESENT | CDM_PTE_POISONED))
-            continue;
-        uint64_t pte = plan && plan->ntable ? plan_alloc(m, r, i, plan) : 0;
-        if (!pte) {
-            ret = -ENOSPC;
-            res->page = i;
-            break;
-        }
-        pte_set(m, r, i, pte | PTE_NEW);
-        res->allocated++;
-    }
-    /* As cdm_region_rw: all or nothing, events counted only on commit. */
-    for (uint64_t j = ret ? res->page : first + n; j-- > first;) {
-        uint64_t pte = r->pte[j];
-        if (!(pte & PTE_NEW))
-            continue;
-        struct cdm_pool *p = &m->pools[pte_pool(pte)];
-        if (ret) {
-            pte_set(m, r, j, 0);
-            frame_unalloc(p, pte_pfn(pte) - p->base_pfn);
-        } else {
-            numa_account(m, j, pte_pool(pte), plan);
-            r->pte[j] = pte & ~PTE_NEW;
-        }
-    }
+    ret = alloc_absent(m, r, first, first + n, plan, res);
     if (ret)
-        res->allocated = 0;
+        goto out;
+    for (uint64_t i = first; i < first + n; i++) {
+        uint64_t pte = r->pte[i];
+        if (pte & PTE_NEW) {
+            numa_account(m, i, pte_pool(pte), plan);
+            r->pte[i] = pte & ~PTE_NEW;
+        }
+    }
 out:
     drop_flush();
     pthread_mutex_unlock(&m->lock);

@@ -10,28 +10,13 @@ import time
 
 import pytest
 
-from cdmfs.daemon import is_mounted
+from cdmfs.daemon import daemon_pid, is_mounted
 
 CDMFS = [sys.executable, "-m", "cdmfs"]
 
 
 def cdmfs(*args, **kw):
     return subprocess.run(CDMFS + [str(a) for a in args], capture_output=True, text=True, timeout=60, **kw)
-
-
-def daemon_pid(mountpoint) -> int:
-    """The pid of the daemon serving mountpoint."""
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if b"mount" in argv and os.fsencode(str(mountpoint)) in argv:
-            return int(pid)
-    raise LookupError(mountpoint)
 
 
 def wait_gone(pid: int, timeout: float = 10) -> None:

@@ -8,6 +8,7 @@ import subprocess
 
 import pytest
 
+from cdmfs.daemon import daemon_pid
 from conftest import PAGE, xorshift_page, used_kb
 
 
@@ -208,19 +209,8 @@ memory = "node:1"
 
 
 def daemon_rss_kb(mountpoint: str) -> int:
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-            if b"mount" not in argv or os.fsencode(mountpoint) not in argv:
-                continue
-            with open(f"/proc/{pid}/status") as f:
-                return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-        except OSError:
-            continue
-    raise LookupError(mountpoint)
+    with open(f"/proc/{daemon_pid(mountpoint)}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
 
 def test_terabyte_cdm_node_costs_only_touched_pages(cprog):
