@@ -115,18 +115,10 @@ def cpu_runs(src, status, n: int) -> list[tuple[int, int]]:
     of the batch, and that fault's fault-back waits for this migration to
     unlock the page: a deadlock (seen with CPU threads faulting while ranges
     migrated between node 0, node 1 and gpu0)."""
-    runs: list[tuple[int, int]] = []
-    cpu = lib.CDM_PTE_CPU
-    k = 0
-    while k < n:
-        if status[k] in (lib.CDM_MIG_MOVE, lib.CDM_MIG_ALLOC) and src[k] & cpu:
-            start = k
-            while k < n and status[k] in (lib.CDM_MIG_MOVE, lib.CDM_MIG_ALLOC) and src[k] & cpu:
-                k += 1
-            runs.append((start, k - start))
-        else:
-            k += 1
-    return runs
+    start = ffi.new("uint64_t[]", n // 2 + 1)
+    length = ffi.new("uint64_t[]", n // 2 + 1)
+    count = lib.cdm_migrate_runs(src, status, n, lib.CDM_PTE_CPU, start, length)
+    return [(start[r], length[r]) for r in range(count)]
 
 
 def holes(status, n: int, first: int) -> list[tuple[int, int]]:

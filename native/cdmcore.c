@@ -1333,3 +1333,22 @@ out:
     pthread_mutex_unlock(&m->lock);
     return ret;
 }
+
+uint64_t cdm_migrate_runs(const uint64_t *src, const int32_t *status, uint64_t n, uint64_t flag,
+                          uint64_t *start, uint64_t *len)
+{
+    uint64_t runs = 0;
+    for (uint64_t k = 0; k < n;) {
+        int hit = (status[k] == CDM_MIG_MOVE || status[k] == CDM_MIG_ALLOC) && (src[k] & flag);
+        if (!hit) {
+            k++;
+            continue;
+        }
+        uint64_t s = k;
+        while (k < n && (status[k] == CDM_MIG_MOVE || status[k] == CDM_MIG_ALLOC) && (src[k] & flag))
+            k++;
+        start[runs] = s;
+        len[runs++] = k - s;
+    }
+    return runs;
+}

@@ -243,6 +243,11 @@ void cdm_migrate_abort(struct cdm_machine *m, struct cdm_region *r, uint64_t fir
                        uint64_t n, const uint64_t *dst, int32_t *status);
 /* The pages a migration skipped: their indices (from 0) and -errno.  Returns how many. */
 uint64_t cdm_migrate_holes(const int32_t *status, uint64_t n, uint64_t *idx, int32_t *err);
+/* Runs of collected pages (status MOVE/ALLOC) that had flag in their saved
+ * entry: offsets into start[], lengths into len[] (room for n/2 + 1 runs).
+ * Returns how many runs. */
+uint64_t cdm_migrate_runs(const uint64_t *src, const int32_t *status, uint64_t n, uint64_t flag,
+                          uint64_t *start, uint64_t *len);
 /* How many collected pages (status MOVE/ALLOC) had flag in their saved entry. */
 uint64_t cdm_migrate_count(const uint64_t *src, const int32_t *status, uint64_t n, uint64_t flag);
 

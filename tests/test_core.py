@@ -1082,3 +1082,16 @@ def test_fuse_inval_reaches_the_fuse_device():
         assert rc < 0 and rc != -errno.EINVAL
     finally:
         os.close(fd)
+
+
+def test_migrate_runs_finds_cpu_mapped_runs_of_collected_pages():
+    cpu = lib.CDM_PTE_CPU
+    src = ffi.new("uint64_t[]", [cpu, cpu, 0, cpu, cpu, cpu, cpu, 0, cpu])
+    status = ffi.new("int32_t[]", [lib.CDM_MIG_MOVE, lib.CDM_MIG_ALLOC, lib.CDM_MIG_MOVE,
+                                   lib.CDM_MIG_MOVE, -16, lib.CDM_MIG_THERE, lib.CDM_MIG_MOVE,
+                                   lib.CDM_MIG_MOVE, lib.CDM_MIG_MOVE])
+    start = ffi.new("uint64_t[]", 5)
+    length = ffi.new("uint64_t[]", 5)
+    n = lib.cdm_migrate_runs(src, status, 9, cpu, start, length)
+    # Skipped (-EBUSY) and already-there pages break runs; unmapped pages are not runs.
+    assert [(start[i], length[i]) for i in range(n)] == [(0, 2), (3, 1), (6, 1), (8, 1)]
