@@ -122,7 +122,16 @@ class Device:
     # ------------------------------------------------------------ access
 
     async def access(self, region: "Region", first: int, n: int, op: str, arg: int) -> AccessResult:
-        """A device kernel touching pages [first, first + n) of region."""
+        """A device kernel touching pages [first, first + n) of region.  A range
+        truncated under the access fails with EFAULT, whatever step noticed."""
+        try:
+            return await self._access(region, first, n, op, arg)
+        except OSError:
+            if first + n > region.npages:
+                raise OSError(errno.EFAULT, "the range was truncated during the access") from None
+            raise
+
+    async def _access(self, region: "Region", first: int, n: int, op: str, arg: int) -> AccessResult:
         if not self.online:
             raise OSError(errno.ENODEV, f"device {self.name} is offline")
         m = self.machine
