@@ -784,7 +784,9 @@ uint64_t cdm_migrate_count(const uint64_t *src, const int32_t *status, uint64_t 
 
 /* ------------------------------------------------------------ device ops */
 
-static uint32_t crc_table[256];
+/* Slicing-by-8 (little-endian hosts): eight table lookups per 8 bytes
+ * instead of one per byte; the result is zlib's crc32. */
+static uint32_t crc_table[8][256];
 
 static void crc_init(void)
 {
@@ -792,8 +794,11 @@ static void crc_init(void)
         uint32_t c = i;
         for (int k = 0; k < 8; k++)
             c = c & 1 ? 0xedb88320U ^ (c >> 1) : c >> 1;
-        crc_table[i] = c;
+        crc_table[0][i] = c;
     }
+    for (uint32_t i = 0; i < 256; i++)
+        for (int t = 1; t < 8; t++)
+            crc_table[t][i] = (crc_table[t - 1][i] >> 8) ^ crc_table[0][crc_table[t - 1][i] & 0xff];
 }
 
 uint32_t cdm_crc32(uint32_t crc, const uint8_t *buf, uint64_t len)
@@ -801,8 +806,20 @@ uint32_t cdm_crc32(uint32_t crc, const uint8_t *buf, uint64_t len)
     static pthread_once_t once = PTHREAD_ONCE_INIT;
     pthread_once(&once, crc_init);
     crc = ~crc;
+    while (len >= 8) {
+        uint32_t lo, hi;
+        memcpy(&lo, buf, 4);
+        memcpy(&hi, buf + 4, 4);
+        lo ^= crc;
+        crc = crc_table[7][lo & 0xff] ^ crc_table[6][(lo >> 8) & 0xff]
+            ^ crc_table[5][(lo >> 16) & 0xff] ^ crc_table[4][lo >> 24]
+            ^ crc_table[3][hi & 0xff] ^ crc_table[2][(hi >> 8) & 0xff]
+            ^ crc_table[1][(hi >> 16) & 0xff] ^ crc_table[0][hi >> 24];
+        buf += 8;
+        len -= 8;
+    }
     while (len--)
-        crc = crc_table[(crc ^ *buf++) & 0xff] ^ (crc >> 8);
+        crc = crc_table[0][(crc ^ *buf++) & 0xff] ^ (crc >> 8);
     return ~crc;
 }
 

@@ -1095,3 +1095,14 @@ def test_migrate_runs_finds_cpu_mapped_runs_of_collected_pages():
     n = lib.cdm_migrate_runs(src, status, 9, cpu, start, length)
     # Skipped (-EBUSY) and already-there pages break runs; unmapped pages are not runs.
     assert [(start[i], length[i]) for i in range(n)] == [(0, 2), (3, 1), (6, 1), (8, 1)]
+
+
+def test_crc32_equals_zlib_at_every_length_and_across_calls():
+    import zlib
+    rng = random.Random(5)
+    for n in (0, 1, 3, 7, 8, 9, 15, 16, 4095, 4096, 4097, 65537):
+        data = bytes(rng.getrandbits(8) for _ in range(n))
+        assert lib.cdm_crc32(0, data, n) == zlib.crc32(data), n
+        cut = n // 3
+        part = lib.cdm_crc32(0, data[:cut], cut)
+        assert lib.cdm_crc32(part, data[cut:], n - cut) == zlib.crc32(data), n
