@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from .client import Mount, mounted
-from .daemon import daemon_pid
+from .daemon import daemon_rss
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DRIVERS = os.path.join(os.path.dirname(HERE), "native", "drivers")
@@ -149,12 +149,6 @@ size = "1T"
 name = "cdm0"
 memory = "node:1"
 """
-
-
-def daemon_rss(mountpoint: str) -> int:
-    """Resident bytes of the daemon serving mountpoint."""
-    with open(f"/proc/{daemon_pid(mountpoint)}/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
 
 
 def rss_per_touched(size: int) -> tuple[float, float]:

@@ -63,6 +63,12 @@ def daemon_pid(mountpoint: str) -> int:
     raise LookupError(f"no cdmfs daemon serves {mountpoint}")
 
 
+def daemon_rss(mountpoint: str) -> int:
+    """Resident bytes of the daemon serving mountpoint."""
+    with open(f"/proc/{daemon_pid(mountpoint)}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
 def fuse_device_fd() -> int:
     """The daemon's /dev/fuse descriptor (pyfuse3 does not export it)."""
     for name in os.listdir("/proc/self/fd"):

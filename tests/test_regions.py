@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from cdmfs.daemon import daemon_pid
+from cdmfs.daemon import daemon_rss
 from conftest import PAGE, xorshift_page, used_kb
 
 
@@ -209,8 +209,7 @@ memory = "node:1"
 
 
 def daemon_rss_kb(mountpoint: str) -> int:
-    with open(f"/proc/{daemon_pid(mountpoint)}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    return daemon_rss(mountpoint) // 1024
 
 
 def test_terabyte_cdm_node_costs_only_touched_pages(cprog):
