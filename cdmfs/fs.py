@@ -259,14 +259,12 @@ class Filesystem(pyfuse3.Operations):
         try:
             if isinstance(e, Transaction):
                 result = e.request(of.state, text)
-                if hasattr(result, "__await__"):
-                    await result
             elif isinstance(e, Attr) and e.store is not None:
                 result = e.store(text)
-                if hasattr(result, "__await__"):
-                    await result     # a store that waits (offlining memory)
             else:
                 raise pyfuse3.FUSEError(errno.EACCES)
+            if hasattr(result, "__await__"):
+                await result     # a request or store that waits (migration, offlining)
         except (OSError, ValueError) as err:
             log.info("write %r to %s: %s", text.strip(), e.name, err)
             raise fuse_error(err) from None
