@@ -42,7 +42,7 @@ ffibuilder.set_source(
     sources=[os.path.relpath(os.path.join(HERE, "cdmcore.c"))],
     include_dirs=[os.path.relpath(HERE)],
     extra_compile_args=["-O2", "-Wall"],
-    libraries=["pthread"],
+    libraries=["pthread", "deflate"],
 )
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 #include "cdmcore.h"
 
 #include <errno.h>
+#include <libdeflate.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -10,6 +11,9 @@
 #include <sys/sysmacros.h>
 #include <sys/uio.h>
 #include <unistd.h>
+#ifdef __SSE2__
+#include <emmintrin.h>
+#endif
 
 #define PAGE CDM_PAGE_SIZE
 /* Internal: allocated by the cdm_region_rw call under way. */
@@ -92,10 +96,13 @@ uint64_t cdm_pool_free_pages(struct cdm_machine *m, int pool)
 }
 
 /* Freed frames give their host memory back with madvise(MADV_DONTNEED), which
- * also makes them read as zeros for the next user.  Consecutive frees of
- * adjacent frames (a migrated batch, a truncated range) are gathered into one
- * call: drop_flush() runs before any allocation and before m->lock is
- * released, so no frame is reused before it is dropped. */
+ * also makes them read as zeros for the next user.  The newest
+ * CDM_RESIDENT_FREE_PAGES frees of a pool are kept (CDM_FRAME_STALE) and
+ * dropped only as newer ones push them out: a host page fault costs more than
+ * the copy into the page, and device memory is always backed.  Consecutive
+ * drops of adjacent frames (a migrated batch, a truncated range) are gathered
+ * into one call: drop_flush() runs before any allocation and before m->lock
+ * is released, so no frame is reused before it is dropped. */
 static __thread struct { struct cdm_pool *pool; uint64_t start, len; } drop;
 
 static void drop_flush(void)
@@ -139,6 +146,57 @@ static inline int frame_leaving(struct cdm_machine *m, uint64_t pte)
         || block_isolated(p, f);
 }
 
+/* Free frame f leaves the allocator's reach (isolated, retired): its bytes go. */
+static void frame_unstale(struct cdm_pool *p, uint64_t f)
+{
+    if (p->fflags[f] & CDM_FRAME_STALE) {
+        p->fflags[f] &= (uint8_t)~CDM_FRAME_STALE;
+        drop_frame(p, f);
+    }
+}
+
+/* Pushes free frame f on the free stack; -1 if the host has no memory for
+ * it (the frame is then leaked as retired).  Caller holds m->lock. */
+static int stack_push(struct cdm_pool *p, uint64_t f)
+{
+    if (p->nfree_stack == p->free_cap) {
+        uint64_t cap = p->free_cap ? p->free_cap * 2 : 1024;
+        uint64_t *s = realloc(p->free_stack, cap * sizeof(uint64_t));
+        if (!s) {
+            p->fflags[f] |= CDM_FRAME_RETIRED;
+            p->nr_retired++;
+            return -1;
+        }
+        p->free_stack = s;
+        p->free_cap = cap;
+    }
+    p->free_stack[p->nfree_stack++] = f;
+    /* The entry pushed out of the resident window loses its bytes. */
+    if (++p->nresident > CDM_RESIDENT_FREE_PAGES) {
+        uint64_t old = p->free_stack[p->nfree_stack - p->nresident];
+        p->nresident--;
+        if (p->fflags[old] & CDM_FRAME_STALE) {
+            p->fflags[old] &= (uint8_t)~CDM_FRAME_STALE;
+            drop_frame(p, old);
+        }
+    }
+    return 0;
+}
+
+/* Removes the frames [lo, hi) from the free stack.  Caller holds m->lock. */
+static void stack_remove(struct cdm_pool *p, uint64_t lo, uint64_t hi)
+{
+    uint64_t k = 0;
+    for (uint64_t j = 0; j < p->nfree_stack; j++)
+        if (p->free_stack[j] < lo || p->free_stack[j] >= hi)
+            p->free_stack[k++] = p->free_stack[j];
+        else
+            frame_unstale(p, p->free_stack[j]);
+    p->nfree_stack = k;
+    if (p->nresident > k)
+        p->nresident = k;
+}
+
 /* The next never-used frame for the bump allocator, skipping retired frames
  * and isolated blocks, or -1.  Caller holds m->lock. */
 static int64_t fresh_frame(struct cdm_pool *p)
@@ -157,8 +215,10 @@ static int64_t fresh_frame(struct cdm_pool *p)
     return -1;
 }
 
-/* One frame index of pool p, or -1.  Caller holds m->lock. */
-static int64_t frame_alloc(struct cdm_pool *p)
+/* One frame index of pool p, or -1; zero: its bytes must read as zeros (a
+ * new page), else the caller overwrites them all (a migration's copy).
+ * Caller holds m->lock. */
+static int64_t frame_alloc(struct cdm_pool *p, int zero)
 {
     drop_flush();
     if (p->flags & CDM_POOL_ISOLATED)
@@ -168,45 +228,49 @@ static int64_t frame_alloc(struct cdm_pool *p)
         return -1;
     }
     int64_t f;
-    if (p->nfree_stack)
+    if (p->nfree_stack) {
         f = (int64_t)p->free_stack[--p->nfree_stack];
-    else if ((f = fresh_frame(p)) < 0)
+        if (p->nresident)
+            p->nresident--;
+    } else if ((f = fresh_frame(p)) < 0) {
         return -1;
+    }
+    if (p->fflags[f] & CDM_FRAME_STALE) {
+        p->fflags[f] &= (uint8_t)~CDM_FRAME_STALE;
+        if (zero)
+            memset(p->base + (uint64_t)f * PAGE, 0, PAGE);
+    }
     p->fflags[f] |= CDM_FRAME_USED;
     p->nr_used++;
     p->counters[CDM_PGALLOC]++;
     return f;
 }
 
-/* Returns frame f of pool p to the allocator; its contents are dropped so the
- * host memory goes back and the next user sees zeros.  Caller holds m->lock. */
+/* Returns frame f of pool p to the allocator, keeping its bytes for a while
+ * (see drop_frame); a frame that cannot be reused soon is dropped at once.
+ * Caller holds m->lock. */
 static void frame_free(struct cdm_pool *p, uint64_t f)
 {
     p->rmap[f] = 0;
     p->fflags[f] &= ~CDM_FRAME_USED;
     p->nr_used--;
     p->counters[CDM_PGFREE]++;
-    drop_frame(p, f);
     if (p->fflags[f] & CDM_FRAME_RETIRED) {
+        drop_frame(p, f);
         p->nr_retired++;
         return;
     }
-    if (block_isolated(p, f))
-        return;     /* back to the allocator when the block is released */
-    if (p->nfree_stack == p->free_cap) {
-        uint64_t cap = p->free_cap ? p->free_cap * 2 : 1024;
-        uint64_t *s = realloc(p->free_stack, cap * sizeof(uint64_t));
-        if (!s) {
-            /* Out of host memory for the free list: leak the frame rather than
-             * corrupt the allocator.  It stays counted as retired. */
-            p->fflags[f] |= CDM_FRAME_RETIRED;
-            p->nr_retired++;
-            return;
-        }
-        p->free_stack = s;
-        p->free_cap = cap;
+    if (block_isolated(p, f) || (p->flags & CDM_POOL_ISOLATED)) {
+        drop_frame(p, f);
+        if (block_isolated(p, f))
+            return;     /* back to the allocator when the block is released */
+    } else {
+        p->fflags[f] |= CDM_FRAME_STALE;
     }
-    p->free_stack[p->nfree_stack++] = f;
+    /* Out of host memory for the free list, stack_push leaks the frame as
+     * retired rather than corrupt the allocator. */
+    if (stack_push(p, f) < 0)
+        frame_unstale(p, f);
 }
 
 /* Undoes the latest frame_alloc() of pool p that is still standing (calls
@@ -221,8 +285,10 @@ static void frame_unalloc(struct cdm_pool *p, uint64_t f)
     p->counters[CDM_PGALLOC]--;
     if (f + 1 == p->next_fresh)
         p->next_fresh--;
-    else
+    else {
         p->free_stack[p->nfree_stack++] = f;  /* the slot it was popped from */
+        p->nresident++;
+    }
 }
 
 int cdm_pool_alloc(struct cdm_machine *m, int pool, uint64_t n, uint64_t *out)
@@ -230,7 +296,7 @@ int cdm_pool_alloc(struct cdm_machine *m, int pool, uint64_t n, uint64_t *out)
     struct cdm_pool *p = &m->pools[pool];
     pthread_mutex_lock(&m->lock);
     for (uint64_t i = 0; i < n; i++) {
-        int64_t f = frame_alloc(p);
+        int64_t f = frame_alloc(p, 1);
         if (f < 0) {
             while (i--)
                 frame_unalloc(p, out[i] - p->base_pfn);
@@ -360,8 +426,9 @@ int cdm_region_resize(struct cdm_machine *m, struct cdm_region *r, uint64_t npag
         r->cap = cap;
     }
     /* Only entries that hold something: writing every entry of a huge sparse
-     * table would make all of it resident. */
-    for (uint64_t i = npages; i < r->npages; i++)
+     * table would make all of it resident.  Last page first, so that the free
+     * stack hands the frames out again in address order (see frame_alloc). */
+    for (uint64_t i = r->npages; i-- > npages;)
         if (r->pte[i])
             page_release(m, r, i);
     r->npages = npages;
@@ -417,7 +484,7 @@ static uint64_t plan_alloc(struct cdm_machine *m, struct cdm_region *r, uint64_t
     for (int k = 0; k < CDM_MAX_POOLS && row[k] >= 0; k++) {
         int pool = row[k];
         struct cdm_pool *p = &m->pools[pool];
-        int64_t f = frame_alloc(p);
+        int64_t f = frame_alloc(p, 1);
         if (f < 0)
             continue;
         p->rmap[f] = ((uint64_t)(r->id + 1) << 40) | idx;
@@ -634,7 +701,7 @@ int64_t cdm_migrate_alloc(struct cdm_machine *m, int target, uint64_t n,
         dst[k] = 0;
         if (status[k] != CDM_MIG_MOVE && status[k] != CDM_MIG_ALLOC)
             continue;
-        int64_t f = frame_alloc(p);
+        int64_t f = frame_alloc(p, status[k] == CDM_MIG_ALLOC);
         if (f < 0) {
             status[k] = -ENOMEM;
             continue;
@@ -659,6 +726,29 @@ void cdm_copy_frames(struct cdm_machine *m, const uint64_t *src, const uint64_t 
     }
 }
 
+/* Copies whole frames with non-temporal stores: like a DMA engine, the copy
+ * does not pull its target into the CPU's caches (or read it first), which
+ * makes 2 MiB batches about 20% faster than memcpy here.  Frames are page
+ * aligned. */
+static void copy_frames(uint8_t *dst, const uint8_t *src, uint64_t bytes)
+{
+#ifdef __SSE2__
+    __m128i *d = (__m128i *)dst;
+    const __m128i *s = (const __m128i *)src;
+    for (uint64_t k = 0; k < bytes / 16; k += 4) {
+        __m128i a = _mm_load_si128(s + k), b = _mm_load_si128(s + k + 1);
+        __m128i c = _mm_load_si128(s + k + 2), e = _mm_load_si128(s + k + 3);
+        _mm_stream_si128(d + k, a);
+        _mm_stream_si128(d + k + 1, b);
+        _mm_stream_si128(d + k + 2, c);
+        _mm_stream_si128(d + k + 3, e);
+    }
+    _mm_sfence();
+#else
+    memcpy(dst, src, bytes);
+#endif
+}
+
 void cdm_migrate_copy(struct cdm_machine *m, uint64_t n, const int32_t *status,
                       const uint64_t *src, const uint64_t *dst)
 {
@@ -676,7 +766,7 @@ void cdm_migrate_copy(struct cdm_machine *m, uint64_t n, const int32_t *status,
                && pte_pool(src[k + run]) == pte_pool(src[k])
                && dst[k + run] == dst[k] + run)
             run++;
-        memcpy(cdm_pfn_addr(m, dst[k]), frame_addr(m, src[k]), run * PAGE);
+        copy_frames(cdm_pfn_addr(m, dst[k]), frame_addr(m, src[k]), run * PAGE);
         k += run;
     }
 }
@@ -686,7 +776,10 @@ int64_t cdm_migrate_finalize(struct cdm_machine *m, struct cdm_region *r, uint64
 {
     int64_t moved = 0;
     pthread_mutex_lock(&m->lock);
-    for (uint64_t k = 0; k < n; k++) {
+    /* Last page first: the source frames go on the free stack so that the
+     * next batch gets them back in address order, where its copy is one
+     * memcpy per run of frames rather than one per page. */
+    for (uint64_t k = n; k-- > 0;) {
         uint64_t i = first + k;
         int32_t st = status[k];
         if (st != CDM_MIG_MOVE && st != CDM_MIG_ALLOC) {
@@ -784,43 +877,122 @@ uint64_t cdm_migrate_count(const uint64_t *src, const int32_t *status, uint64_t 
 
 /* ------------------------------------------------------------ device ops */
 
-/* Slicing-by-8 (little-endian hosts): eight table lookups per 8 bytes
- * instead of one per byte; the result is zlib's crc32. */
-static uint32_t crc_table[8][256];
-
-static void crc_init(void)
-{
-    for (uint32_t i = 0; i < 256; i++) {
-        uint32_t c = i;
-        for (int k = 0; k < 8; k++)
-            c = c & 1 ? 0xedb88320U ^ (c >> 1) : c >> 1;
-        crc_table[0][i] = c;
-    }
-    for (uint32_t i = 0; i < 256; i++)
-        for (int t = 1; t < 8; t++)
-            crc_table[t][i] = (crc_table[t - 1][i] >> 8) ^ crc_table[0][crc_table[t - 1][i] & 0xff];
-}
-
+/* libdeflate's CRC-32 (PCLMULQDQ folding where the CPU has it, picked at run
+ * time); the result is zlib's crc32, continuing from crc as zlib does. */
 uint32_t cdm_crc32(uint32_t crc, const uint8_t *buf, uint64_t len)
 {
-    static pthread_once_t once = PTHREAD_ONCE_INIT;
-    pthread_once(&once, crc_init);
-    crc = ~crc;
-    while (len >= 8) {
-        uint32_t lo, hi;
-        memcpy(&lo, buf, 4);
-        memcpy(&hi, buf + 4, 4);
-        lo ^= crc;
-        crc = crc_table[7][lo & 0xff] ^ crc_table[6][(lo >> 8) & 0xff]
-            ^ crc_table[5][(lo >> 16) & 0xff] ^ crc_table[4][lo >> 24]
-            ^ crc_table[3][hi & 0xff] ^ crc_table[2][(hi >> 8) & 0xff]
-            ^ crc_table[1][(hi >> 16) & 0xff] ^ crc_table[0][hi >> 24];
-        buf += 8;
-        len -= 8;
+    return libdeflate_crc32(crc, buf, (size_t)len);
+}
+
+/*
+ * Pages are read in address order whatever their order in the region: frames
+ * handed out again from the free stack come back descending or scattered,
+ * and reading memory a page at a time out of order is up to 40% slower than
+ * one forward sweep.  The CRC register is linear over GF(2): with T(s, M) the
+ * register after message M from state s (zlib's crc32 is ~T(~crc, M)),
+ * T(s, P) = A(s) ^ T(0, P) for a page P, A advancing a state over a page of
+ * zero bytes.  So each page's T(0, P) is taken in address order, then they
+ * are chained in page order, four table lookups a page.
+ */
+#define CRC_CHUNK_SHIFT 16
+#define CRC_CHUNK (1U << CRC_CHUNK_SHIFT)  /* pages sorted at once (256 MiB of data) */
+static uint32_t crc_shift[4][256];         /* A, a byte of the state at a time */
+
+static void crc_shift_init(void)
+{
+    static const uint8_t zero[PAGE];
+    uint32_t basis[32];
+    for (int i = 0; i < 32; i++)
+        basis[i] = ~libdeflate_crc32(~(1U << i), zero, PAGE);
+    for (int b = 0; b < 4; b++)
+        for (int v = 0; v < 256; v++) {
+            uint32_t x = 0;
+            for (int i = 0; i < 8; i++)
+                if (v & (1 << i))
+                    x ^= basis[8 * b + i];
+            crc_shift[b][v] = x;
+        }
+}
+
+static inline uint32_t crc_advance_page(uint32_t s)
+{
+    return crc_shift[0][s & 0xff] ^ crc_shift[1][(s >> 8) & 0xff]
+        ^ crc_shift[2][(s >> 16) & 0xff] ^ crc_shift[3][s >> 24];
+}
+
+/* Sorts n keys (LSD radix, a byte at a time from bit lo up, skipping bytes
+ * that are the same in every key); tmp has room for n. */
+static void radix_sort(uint64_t *key, uint64_t *tmp, uint64_t n, int lo)
+{
+    uint64_t all_or = 0, all_and = ~0ULL;
+    for (uint64_t k = 0; k < n; k++) {
+        all_or |= key[k];
+        all_and &= key[k];
     }
-    while (len--)
-        crc = crc_table[0][(crc ^ *buf++) & 0xff] ^ (crc >> 8);
-    return ~crc;
+    for (int sh = lo; sh < 64; sh += 8) {
+        if (!(((all_or ^ all_and) >> sh) & 0xff))
+            continue;
+        uint64_t count[257] = {0};
+        for (uint64_t k = 0; k < n; k++)
+            count[((key[k] >> sh) & 0xff) + 1]++;
+        for (int d = 0; d < 256; d++)
+            count[d + 1] += count[d];
+        for (uint64_t k = 0; k < n; k++)
+            tmp[count[(key[k] >> sh) & 0xff]++] = key[k];
+        memcpy(key, tmp, n * sizeof(*key));
+    }
+}
+
+/* Up to CRC_CHUNK pages: in order if ascending, else sorted (0, or -ENOMEM). */
+static int crc_pages_chunk(uint32_t *crc, uint8_t *const *pages, uint64_t n)
+{
+    uint64_t k = 1;
+    while (k < n && (uintptr_t)pages[k] > (uintptr_t)pages[k - 1])
+        k++;
+    if (k >= n) {
+        for (k = 0; k < n; k++)
+            *crc = libdeflate_crc32(*crc, pages[k], PAGE);
+        return 0;
+    }
+    /* key: the page's address above bit CRC_CHUNK_SHIFT, its index below
+     * (user addresses are page aligned and below 2^48). */
+    uint64_t *key = malloc(n * sizeof(*key));
+    uint64_t *tmp = malloc(n * sizeof(*tmp));
+    uint32_t *part = malloc(n * sizeof(*part));
+    if (!key || !tmp || !part) {
+        free(key);
+        free(tmp);
+        free(part);
+        return -ENOMEM;
+    }
+    for (k = 0; k < n; k++)
+        key[k] = ((uint64_t)(uintptr_t)pages[k] >> CDM_PAGE_SHIFT << CRC_CHUNK_SHIFT) | k;
+    radix_sort(key, tmp, n, CRC_CHUNK_SHIFT);
+    for (k = 0; k < n; k++) {
+        const uint8_t *f = (const uint8_t *)(uintptr_t)(key[k] >> CRC_CHUNK_SHIFT << CDM_PAGE_SHIFT);
+        part[key[k] & (CRC_CHUNK - 1)] = ~libdeflate_crc32(~0U, f, PAGE);  /* T(0, P) */
+    }
+    uint32_t s = ~*crc;
+    for (k = 0; k < n; k++)
+        s = crc_advance_page(s) ^ part[k];
+    *crc = ~s;
+    free(key);
+    free(tmp);
+    free(part);
+    return 0;
+}
+
+uint32_t cdm_crc32_pages(uint32_t crc, uint8_t *const *pages, uint64_t n)
+{
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, crc_shift_init);
+    for (uint64_t o = 0; o < n; o += CRC_CHUNK) {
+        uint64_t c = n - o < CRC_CHUNK ? n - o : CRC_CHUNK;
+        if (crc_pages_chunk(&crc, pages + o, c) < 0)
+            for (uint64_t k = o; k < o + c; k++)    /* no memory: in page order */
+                crc = libdeflate_crc32(crc, pages[k], PAGE);
+    }
+    return crc;
 }
 
 int cdm_device_op(struct cdm_machine *m, struct cdm_region *r, uint64_t first, uint64_t n,
@@ -845,6 +1017,10 @@ int cdm_device_op(struct cdm_machine *m, struct cdm_region *r, uint64_t first, u
         res->page = i;
         goto out;
     }
+    /* A read collects the frames of up to CRC_CHUNK pages at a time, then
+     * checksums them in address order (in page order if there is no memory). */
+    uint64_t npages = 0, room = n < CRC_CHUNK ? n : CRC_CHUNK;
+    uint8_t **pages = op == CDM_OP_READ ? malloc(room * sizeof(*pages)) : NULL;
     for (uint64_t i = first; i < first + n; i++) {
         uint64_t pte = r->pte[i];
         uint8_t *f = frame_addr(m, pte);
@@ -856,7 +1032,14 @@ int cdm_device_op(struct cdm_machine *m, struct cdm_region *r, uint64_t first, u
             res->cpu_pages++;
         switch (op) {
         case CDM_OP_READ:
-            res->crc = cdm_crc32(res->crc, f, PAGE);
+            if (pages) {
+                pages[npages++] = f;
+                if (npages == room) {
+                    res->crc = cdm_crc32_pages(res->crc, pages, npages);
+                    npages = 0;
+                }
+            } else
+                res->crc = cdm_crc32(res->crc, f, PAGE);
             break;
         case CDM_OP_WRITE:
             memset(f, (int)(arg & 0xff), PAGE);
@@ -874,6 +1057,10 @@ int cdm_device_op(struct cdm_machine *m, struct cdm_region *r, uint64_t first, u
         }
         if ((op == CDM_OP_WRITE || op == CDM_OP_ADD) && !(pte & CDM_PTE_DIRTY))
             pte_set(m, r, i, pte | CDM_PTE_DIRTY);
+    }
+    if (pages) {
+        res->crc = cdm_crc32_pages(res->crc, pages, npages);
+        free(pages);
     }
 out:
     drop_flush();
@@ -1044,35 +1231,6 @@ uint64_t cdm_region_misfits(struct cdm_machine *m, struct cdm_region *r, uint64_
 }
 
 /* -------------------------------------------------------------- lifecycle */
-
-/* Pushes free frame f on the free stack; -1 if the host has no memory for
- * it (the frame is then leaked as retired).  Caller holds m->lock. */
-static int stack_push(struct cdm_pool *p, uint64_t f)
-{
-    if (p->nfree_stack == p->free_cap) {
-        uint64_t cap = p->free_cap ? p->free_cap * 2 : 1024;
-        uint64_t *s = realloc(p->free_stack, cap * sizeof(uint64_t));
-        if (!s) {
-            p->fflags[f] |= CDM_FRAME_RETIRED;
-            p->nr_retired++;
-            return -1;
-        }
-        p->free_stack = s;
-        p->free_cap = cap;
-    }
-    p->free_stack[p->nfree_stack++] = f;
-    return 0;
-}
-
-/* Removes the frames [lo, hi) from the free stack.  Caller holds m->lock. */
-static void stack_remove(struct cdm_pool *p, uint64_t lo, uint64_t hi)
-{
-    uint64_t k = 0;
-    for (uint64_t j = 0; j < p->nfree_stack; j++)
-        if (p->free_stack[j] < lo || p->free_stack[j] >= hi)
-            p->free_stack[k++] = p->free_stack[j];
-    p->nfree_stack = k;
-}
 
 int cdm_pool_set_blocks(struct cdm_machine *m, int pool, uint64_t block_pages)
 {

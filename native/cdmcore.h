@@ -54,6 +54,11 @@
 #define CDM_FRAME_RETIRED 1            /* soft- or hard-offlined: never reused */
 #define CDM_FRAME_POISONED 2
 #define CDM_FRAME_USED 4               /* handed out: holds a page, or a migration's copy */
+#define CDM_FRAME_STALE 8              /* free but not dropped: holds old bytes */
+
+/* Freed frames that stay resident per pool, for reuse without a host page
+ * fault (device memory is always backed); beyond it they go back to the host. */
+#define CDM_RESIDENT_FREE_PAGES 16384
 
 /* Event counters kept per pool, shown in numastat/vmstat. */
 enum cdm_counter {
@@ -78,6 +83,7 @@ struct cdm_pool {
     uint64_t next_fresh;    /* frames at or above it were never allocated */
     uint64_t *free_stack;   /* frame indices freed and reusable */
     uint64_t nfree_stack, free_cap;
+    uint64_t nresident;     /* the top entries of free_stack that may be STALE */
     uint64_t nr_used;       /* frames holding a region page */
     uint64_t nr_retired;    /* frames taken out of use (poison, soft offline) */
     uint64_t nr_mapped;     /* used frames believed CPU-mapped */
@@ -278,6 +284,9 @@ int cdm_device_op(struct cdm_machine *m, struct cdm_region *r, uint64_t first, u
                   struct cdm_op_result *res);
 /* zlib-compatible CRC-32 of len bytes, continuing from crc. */
 uint32_t cdm_crc32(uint32_t crc, const uint8_t *buf, uint64_t len);
+/* The same over n pages (CDM_PAGE_SIZE bytes each, page aligned) in the order
+ * of pages[]; the pages are read in address order, not in that order. */
+uint32_t cdm_crc32_pages(uint32_t crc, uint8_t *const *pages, uint64_t n);
 
 /* Copies n frames src[i] -> dst[i] (global PFNs); 0 in either is a hole. */
 void cdm_copy_frames(struct cdm_machine *m, const uint64_t *src, const uint64_t *dst, uint64_t n);

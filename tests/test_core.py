@@ -306,6 +306,57 @@ def test_free_then_alloc_reuses_frames_zeroed(mach):
         assert mach.frame(pfn) == pattern(pfn, PAGE)
 
 
+def test_freed_frames_stay_resident_up_to_the_window(mach):
+    """The newest CDM_RESIDENT_FREE_PAGES frees keep their host memory (reuse
+    costs no host page fault); older ones are given back to the host."""
+    window = lib.CDM_RESIDENT_FREE_PAGES
+    extra = 1000
+    p = mach.add_pool(window + extra)
+    rc, pfns = mach.alloc(p, window + extra)
+    assert rc == 0
+    base = mach.pool(p).base_pfn
+    for pfn in pfns:
+        ffi.memmove(lib.cdm_pfn_addr(mach.m, pfn), b"\x77", 1)
+    rss_full = vm_rss_kib()
+    mach.pool_free(pfns)
+    stale = [bool(mach.pool(p).fflags[pfn - base] & lib.CDM_FRAME_STALE) for pfn in pfns]
+    assert stale == [False] * extra + [True] * window
+    assert mach.pool(p).nresident == window
+    # Only the pushed-out frames went back to the host.
+    assert rss_full - vm_rss_kib() >= extra * PAGE // 1024 - 256
+    # Every frame handed out again reads as zeros, stale or dropped.
+    rc, again = mach.alloc(p, window + extra)
+    assert rc == 0 and sorted(again) == sorted(pfns)
+    assert all(mach.frame(pfn)[:1] == b"\0" for pfn in again)
+    assert mach.pool(p).nresident == 0
+
+
+def test_migration_copy_target_skips_zeroing_but_allocated_pages_are_zero(mach):
+    """A stale frame taken as a copy's target is overwritten whole; one taken
+    for a page never touched (CDM_MIG_ALLOC) must read as zeros."""
+    p = mach.add_pool(8)
+    rc, pfns = mach.alloc(p, 2)
+    for pfn in pfns:
+        mach.fill(pfn, pattern(pfn, PAGE))
+    mach.pool_free(pfns)
+    status = ffi.new("int32_t[]", [lib.CDM_MIG_MOVE, lib.CDM_MIG_ALLOC])
+    dst = ffi.new("uint64_t[]", 2)
+    assert lib.cdm_migrate_alloc(mach.m, p, 2, status, dst) == 2
+    assert mach.frame(dst[1]) == bytes(PAGE)
+    assert not any(mach.pool(p).fflags[d - mach.pool(p).base_pfn] & lib.CDM_FRAME_STALE for d in dst)
+
+
+def test_first_touch_of_a_reused_frame_reads_zeros_around_the_write(mach):
+    p = mach.add_pool(4)
+    plan = simple_plan(p)
+    r = mach.region(1)
+    mach.write(r, 0, b"\xee" * PAGE, plan)
+    lib.cdm_region_resize(mach.m, r, 0)            # the frame is freed, still resident
+    lib.cdm_region_resize(mach.m, r, 1)
+    mach.write(r, 100, b"abc", plan)              # first touch takes the same frame
+    assert mach.read(r, 0, PAGE, plan) == bytes(100) + b"abc" + bytes(PAGE - 103)
+
+
 def test_fail_alloc_injection_fails_exactly_n(mach):
     p = mach.add_pool(16)
     mach.m.pools[p].fail_alloc = 3
@@ -1106,3 +1157,98 @@ def test_crc32_equals_zlib_at_every_length_and_across_calls():
         cut = n // 3
         part = lib.cdm_crc32(0, data[:cut], cut)
         assert lib.cdm_crc32(part, data[cut:], n - cut) == zlib.crc32(data), n
+
+
+def test_crc32_pages_is_zlib_of_the_pages_in_their_order():
+    """cdm_crc32_pages reads pages in address order but checksums them in the
+    order given: ascending, descending, shuffled, repeated, and past one sort
+    chunk (65536 pages)."""
+    import zlib
+    rng = random.Random(7)
+    npages = 64
+    mem = ffi.new("uint8_t[]", (npages + 1) * PAGE)
+    base = ffi.cast("uintptr_t", mem)
+    base = (int(base) + PAGE - 1) // PAGE * PAGE                 # page aligned
+    data = rng.randbytes(npages * PAGE)
+    ffi.memmove(ffi.cast("uint8_t *", base), data, len(data))
+    page = [data[k * PAGE:(k + 1) * PAGE] for k in range(npages)]
+
+    def check(order, start=0):
+        ptrs = ffi.new("uint8_t *[]", [ffi.cast("uint8_t *", base + k * PAGE) for k in order])
+        want = start
+        for k in order:
+            want = zlib.crc32(page[k], want)
+        assert lib.cdm_crc32_pages(start, ptrs, len(order)) == want, order[:8]
+
+    shuffled = list(range(npages))
+    rng.shuffle(shuffled)
+    for order in ([], [5], list(range(npages)), list(range(npages))[::2], list(range(npages))[::-1],
+                  shuffled, [3, 3, 1, 1, 2], list(range(10)) + [0]):
+        check(order)
+        check(order, start=zlib.crc32(b"before"))
+    check([rng.randrange(npages) for _ in range(65536 + 100)])             # two chunks
+    check(list(range(npages)) * 1025 + list(range(npages))[::-1])          # repeats across chunks
+
+
+def test_device_read_crc_is_zlib_whatever_the_frame_order(mach):
+    """Runs of pages on ascending, descending and scattered frames, read whole
+    and from every start: the device's CRC is zlib's of the bytes in page order."""
+    import zlib
+    n = 48
+    src = mach.add_pool(n)
+    dev = mach.add_pool(n)
+    r = mach.region(n)
+    data = random.Random(11).randbytes(n * PAGE)
+    mach.write(r, 0, data, simple_plan(src))
+    # Fresh frames come off the bump pointer in order, so the order pages move
+    # in is the order of their frames.
+    order = list(range(19, 9, -1)) + list(range(10)) + list(range(47, 39, -1))
+    rest = list(range(20, 40))
+    random.Random(3).shuffle(rest)
+    order += rest
+    for i in order:
+        assert mach.migrate(r, i, 1, dev)["moved"] == 1
+    pfns = [pfn_of(pte) for pte in mach.ptes(r)]
+    assert all(pfns[i + 1] == pfns[i] - 1 for i in range(10, 19))       # descending run
+    assert all(pfns[i + 1] == pfns[i] - 1 for i in range(40, 47))
+    res = ffi.new("struct cdm_op_result *")
+    for first in range(n):
+        for count in {1, 2, 3, 9, n - first}:
+            if first + count > n:
+                continue
+            rc = lib.cdm_device_op(mach.m, r, first, count, lib.CDM_OP_READ, 0, 1 << dev, 0, res)
+            assert rc == 0
+            want = zlib.crc32(data[first * PAGE:(first + count) * PAGE])
+            assert res.crc == want, (first, count)
+            assert res.local_bytes == count * PAGE
+
+
+def test_device_read_crc_across_sort_chunks(mach):
+    """A read of more pages than the core sorts at once (65536) on frames out
+    of order: still zlib's CRC of the bytes.  The pages are populated, not
+    written, so the frames cost no host memory but a few."""
+    import zlib
+    n = 65536 + 100
+    half = n // 2
+    p = mach.add_pool(n)
+    r = mach.region(n)
+    plan = simple_plan(p)
+    res = ffi.new("struct cdm_rw_result *")
+    # The second half first: the first half lands on the higher frames.
+    assert lib.cdm_region_populate(mach.m, r, half, n - half, plan.c, res) == 0
+    assert lib.cdm_region_populate(mach.m, r, 0, half, plan.c, res) == 0
+    pfns = [pfn_of(pte) for pte in mach.ptes(r, 0, 2)] + [pfn_of(pte) for pte in mach.ptes(r, half, 1)]
+    assert pfns[1] == pfns[0] + 1 and pfns[2] < pfns[0]
+    marks = {0: b"a", half - 1: b"b", half: b"c", 65535: b"d", 65536: b"e", n - 1: b"f"}
+    for page, mark in marks.items():
+        mach.write(r, page * PAGE + 7, mark * 100)
+    zero = bytes(PAGE)
+    want = 0
+    for page in range(n):
+        data = zero
+        if page in marks:
+            data = bytes(7) + marks[page] * 100 + bytes(PAGE - 107)
+        want = zlib.crc32(data, want)
+    out = ffi.new("struct cdm_op_result *")
+    assert lib.cdm_device_op(mach.m, r, 0, n, lib.CDM_OP_READ, 0, 1 << p, 0, out) == 0
+    assert out.crc == want
