@@ -24,6 +24,8 @@ cannot silently print 0.
 
 from __future__ import annotations
 
+import functools
+
 import re
 from typing import Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
@@ -287,19 +289,29 @@ def node_meminfo(nid: int, kb: Mapping[str, int]) -> str:
     """
     _count("nid", nid, _UINT_MAX >> 1)
     _check_keys("node_meminfo", kb, NODE_MEMINFO_KEYS)
-    for key, value in kb.items():
-        _count(key, value)
     values = dict(kb)
     values.update(_meminfo_derived(kb))
-    lines = []
-    for key in NODE_MEMINFO_KEYS:
-        if key in NODE_MEMINFO_HUGEPAGES_KEYS:
-            v = _count(key, values.get(key, 0), _UINT_MAX)
-            lines.append(f"Node {nid} {key + ':':<17}{v:5d}\n")
-        else:
-            v = _count(key, values.get(key, 0))
-            lines.append(f"Node {nid} {key + ':':<16}{v:8d} kB\n")
-    return "".join(lines)
+    row = [values.get(key, 0) for key in NODE_MEMINFO_KEYS]
+    # One check over the row, not one call per value: this file is read often.
+    if not all(type(v) is int for v in row) or min(row) < 0 or max(row) > _ULONG_MAX \
+            or max(row[-len(NODE_MEMINFO_HUGEPAGES_KEYS):]) > _UINT_MAX:
+        for key, v in zip(NODE_MEMINFO_KEYS, row):
+            _count(key, v, _UINT_MAX if key in NODE_MEMINFO_HUGEPAGES_KEYS else _ULONG_MAX)
+    return _node_meminfo_text(nid, tuple(row))
+
+
+@functools.lru_cache(maxsize=64)
+def _node_meminfo_text(nid: int, row: Tuple[int, ...]) -> str:
+    # Between two reads the counters rarely change: render each state once.
+    return _NODE_MEMINFO_TEMPLATE.format(nid, *row)
+
+
+#: The kernel's literal format strings, one per line, with the node id as {0}.
+_NODE_MEMINFO_TEMPLATE = "".join(
+    f"Node {{0}} {key + ':':<17}{{{i}:5d}}\n" if key in NODE_MEMINFO_HUGEPAGES_KEYS
+    else f"Node {{0}} {key + ':':<16}{{{i}:8d}} kB\n"
+    for i, key in enumerate(NODE_MEMINFO_KEYS, 1))
+assert NODE_MEMINFO_KEYS[-len(NODE_MEMINFO_HUGEPAGES_KEYS):] == NODE_MEMINFO_HUGEPAGES_KEYS
 
 
 #: ``nodeN/numastat`` lines, in ``node_read_numastat()`` order (page counts).
