@@ -3,7 +3,10 @@
 Every row is a median of repetitions with min and max, and a ratio to a
 reference measured on this machine in the same run (tmpfs, memcpy, the host's
 sysfs), never an absolute target.  The CPU side is a C driver, so the figures
-measure the filesystem rather than a Python loop.
+measure the filesystem rather than a Python loop.  Two more references show
+where the floor is: bindfs (a C FUSE filesystem) and cdmfs.benchfloor (pyfuse3
+on trio answering and doing nothing else), for the rows a FUSE round trip
+bounds.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from .daemon import daemon_rss
 HERE = os.path.dirname(os.path.abspath(__file__))
 DRIVERS = os.path.join(os.path.dirname(HERE), "native", "drivers")
 PAGE = 4096
+FLOOR = "pyfuse3 floor"      # the reference filesystem of cdmfs.benchfloor
 MB = 1 << 20
 
 
@@ -92,8 +96,9 @@ def read_latency(path: str, n: int = 300) -> float:
     return statistics.median(xs)
 
 
-def migrate_rate(m: Mount, mapped_dirty: bool, size: int, batch: int = 2 * MB) -> float:
-    """Bytes per second of migrating a region sysram -> gpu0 in batches."""
+def migrate_rate(m: Mount, mapped_dirty: bool, size: int, request: int) -> float:
+    """Bytes per second of migrating a region sysram -> gpu0, one ``migrate``
+    request per ``request`` bytes (the daemon moves 2 MiB batches either way)."""
     r = m.region("bench-mig", size)
     try:
         if mapped_dirty:
@@ -103,13 +108,15 @@ def migrate_rate(m: Mount, mapped_dirty: bool, size: int, batch: int = 2 * MB) -
         else:
             with open(r.data, "r+b") as f:
                 f.write(b"\1" * size)
-            # Two migrations leave the pages on node 0 and out of the page cache.
-            r.migrate(0, size, "node:1")
+            # As memcpy_rate faults both buffers in first: one round trip to
+            # gpu0 backs both sides with host memory, and leaves the pages on
+            # node 0 and out of the page cache.
+            r.migrate(0, size, "gpu0")
             r.migrate(0, size, "node:0")
         t = time.perf_counter()
-        for off in range(0, size, batch):
-            res = r.migrate(off, batch, "gpu0")
-            assert res["migrated"] == batch // PAGE, res
+        for off in range(0, size, request):
+            res = r.migrate(off, request, "gpu0")
+            assert res["migrated"] == request // PAGE, res
         rate = size / (time.perf_counter() - t)
         if mapped_dirty:
             mm.close()
@@ -172,6 +179,20 @@ def bindfs_mount(src: str, dst: str) -> bool:
     return subprocess.run(["bindfs", src, dst], stderr=subprocess.DEVNULL).returncode == 0
 
 
+def floor_mount(mountpoint: str, size: int) -> Optional[subprocess.Popen]:
+    """Mounts cdmfs.benchfloor (pyfuse3 answering, doing nothing else) there."""
+    proc = subprocess.Popen([sys.executable, "-m", "cdmfs.benchfloor", mountpoint, str(size)],
+                            stderr=subprocess.DEVNULL)
+    for _ in range(200):
+        if os.path.ismount(mountpoint):
+            return proc
+        if proc.poll() is not None:
+            return None
+        time.sleep(0.02)
+    proc.kill()
+    return None
+
+
 def fault_back_rate(m: Mount, driver: str, size: int) -> float:
     r = m.region("bench-fb", size)
     try:
@@ -191,8 +212,10 @@ def run(quick: bool = False, json_path: Optional[str] = None) -> list[Row]:
     work = tempfile.mkdtemp(prefix="cdmfs-bench-")
     tmpfs = os.path.join(work, "tmpfs")
     bindfs = os.path.join(work, "bindfs")
-    os.mkdir(tmpfs)
-    os.mkdir(bindfs)
+    floor = os.path.join(work, "floor")
+    for d in (tmpfs, bindfs, floor):
+        os.mkdir(d)
+    floor_proc = None
     try:
         driver = build_driver("firsttouch", work)
         subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={touch_size + 16 * MB}", "tmpfs", tmpfs], check=True)
@@ -231,7 +254,14 @@ def run(quick: bool = False, json_path: Optional[str] = None) -> list[Row]:
                         os.unlink(path)
                 return go
 
+            def on_floor(mode: str) -> Callable[[], float]:
+                runs = iter(range(1 << 30))
+                def go() -> float:
+                    return first_touch(driver, os.path.join(floor, f"d{next(runs)}"), touch_size, mode)
+                return go
+
             have_bindfs = bindfs_mount(tmpfs, bindfs)
+            floor_proc = floor_mount(floor, touch_size)
             random_ref = reps_of("tmpfs random first touch", on_tmpfs("random"))
             random = reps_of("cdmfs random first touch", on_region("random"))
             label = f"CPU first touch, random 4 KiB, {touch_size // MB} MiB"
@@ -239,6 +269,9 @@ def run(quick: bool = False, json_path: Optional[str] = None) -> list[Row]:
             if have_bindfs:
                 rows.append(Row(label, "faults/s", random, "bindfs",
                                 reps_of("bindfs random first touch", on_bindfs("random"))))
+            if floor_proc:
+                rows.append(Row(label, "faults/s", random, FLOOR,
+                                reps_of("pyfuse3 floor random first touch", on_floor("random"))))
             seq_ref = [x * PAGE / MB for x in reps_of("tmpfs sequential first touch", on_tmpfs("seq"))]
             seq = [x * PAGE / MB for x in reps_of("cdmfs sequential first touch", on_region("seq"))]
             label = f"CPU first touch, sequential, {touch_size // MB} MiB"
@@ -246,25 +279,46 @@ def run(quick: bool = False, json_path: Optional[str] = None) -> list[Row]:
             if have_bindfs:
                 rows.append(Row(label, "MB/s", seq, "bindfs",
                                 [x * PAGE / MB for x in reps_of("bindfs sequential", on_bindfs("seq"))]))
+            if floor_proc:
+                rows.append(Row(label, "MB/s", seq, FLOOR,
+                                [x * PAGE / MB for x in reps_of("pyfuse3 floor sequential", on_floor("seq"))]))
             fb = reps_of("fault-back from gpu0", lambda: fault_back_rate(m, driver, mig_size))
             rows.append(Row("CPU fault-back from gpu0, random 4 KiB", "faults/s", fb,
                             "cdmfs random first touch", random))
-            cpy = [x / MB for x in reps_of("memcpy", lambda: memcpy_rate(mig_size))]
-            unm = [x / MB for x in reps_of("migration, not mapped", lambda: migrate_rate(m, False, mig_size))]
-            rows.append(Row("migrate sysram -> gpu0, 64 MiB in 2 MiB batches, not CPU-mapped", "MB/s",
-                            unm, "memcpy", cpy))
-            dirty = [x / MB for x in reps_of("migration, mapped and dirty", lambda: migrate_rate(m, True, mig_size))]
-            rows.append(Row("migrate sysram -> gpu0, 64 MiB in 2 MiB batches, mapped and dirty", "MB/s",
-                            dirty, "memcpy", cpy))
-            dev = [x / MB for x in reps_of("device read", lambda: device_read_rate(m, mig_size))]
-            rows.append(Row("gpu0 read of 64 MiB in its own memory", "MB/s", dev, "memcpy", cpy))
+            # Migration and device rows on a fresh machine: the first-touch rows
+            # leave the free lists in random order, and copies between scattered
+            # frames would measure that fragmentation, not migration.
+            with mounted() as fresh:
+                cpy = [x / MB for x in reps_of("memcpy", lambda: memcpy_rate(mig_size))]
+                unm = [x / MB for x in reps_of("migration, not mapped",
+                                               lambda: migrate_rate(fresh, False, mig_size, mig_size))]
+                rows.append(Row("migrate sysram -> gpu0, 64 MiB, one request (2 MiB batches), not CPU-mapped",
+                                "MB/s", unm, "memcpy", cpy))
+                per = [x / MB for x in reps_of("migration, a request per batch",
+                                               lambda: migrate_rate(fresh, False, mig_size, 2 * MB))]
+                rows.append(Row("migrate sysram -> gpu0, 64 MiB, a request per 2 MiB, not CPU-mapped",
+                                "MB/s", per, "memcpy", cpy))
+                dirty = [x / MB for x in reps_of("migration, mapped and dirty",
+                                                 lambda: migrate_rate(fresh, True, mig_size, mig_size))]
+                rows.append(Row("migrate sysram -> gpu0, 64 MiB, one request (2 MiB batches), mapped and dirty",
+                                "MB/s", dirty, "memcpy", cpy))
+                dev = [x / MB for x in reps_of("device read", lambda: device_read_rate(fresh, mig_size))]
+                rows.append(Row("gpu0 read of 64 MiB in its own memory", "MB/s", dev, "memcpy", cpy))
             emu = os.path.join(m.path, "sys/devices/system/node/node1/meminfo")
             host = "/sys/devices/system/node/node0/meminfo"
             lat = [read_latency(emu) * 1e6 for _ in reps_of("meminfo", lambda: 0.0)]
+            label = "read sys/.../node1/meminfo (open, read, close)"
             if os.path.exists(host):
                 host_lat = [read_latency(host) * 1e6 for _ in range(reps)]
-                rows.append(Row("read sys/.../node1/meminfo (open, read, close)", "us", lat,
-                                "host node0/meminfo", host_lat))
+                rows.append(Row(label, "us", lat, "host node0/meminfo", host_lat))
+            if have_bindfs:
+                small = os.path.join(tmpfs, "meminfo")
+                shutil.copyfile(host if os.path.exists(host) else emu, small)
+                rows.append(Row(label, "us", lat, "bindfs, same bytes",
+                                [read_latency(os.path.join(bindfs, "meminfo")) * 1e6 for _ in range(reps)]))
+            if floor_proc:
+                rows.append(Row(label, "us", lat, FLOOR,
+                                [read_latency(os.path.join(floor, "attr")) * 1e6 for _ in range(reps)]))
         touched = (256 if quick else 1024) * MB
         progress("daemon memory with a 1 TiB CDM node")
         grown, size = rss_per_touched(touched)
@@ -272,6 +326,9 @@ def run(quick: bool = False, json_path: Optional[str] = None) -> list[Row]:
                         [grown / MB], "bytes touched", [size / MB]))
     finally:
         subprocess.run(["umount", bindfs], stderr=subprocess.DEVNULL)
+        if floor_proc:
+            subprocess.run(["umount", floor], stderr=subprocess.DEVNULL)
+            floor_proc.wait()
         subprocess.run(["umount", tmpfs], stderr=subprocess.DEVNULL)
         shutil.rmtree(work, ignore_errors=True)
         progress("")
@@ -285,9 +342,10 @@ def run(quick: bool = False, json_path: Optional[str] = None) -> list[Row]:
 
 
 def table(rows: list[Row]) -> str:
-    head = f"{'measure':<72} {'median':>10} {'min':>10} {'max':>10}  {'unit':<9} {'reference':>10}  ratio  (reference)"
+    w = max(len(r.name) for r in rows)
+    head = f"{'measure':<{w}} {'median':>10} {'min':>10} {'max':>10}  {'unit':<9} {'reference':>10}  ratio  (reference)"
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r.name:<72} {r.median:>10.1f} {min(r.values):>10.1f} {max(r.values):>10.1f}  "
+        lines.append(f"{r.name:<{w}} {r.median:>10.1f} {min(r.values):>10.1f} {max(r.values):>10.1f}  "
                      f"{r.unit:<9} {r.ref:>10.1f}  {r.ratio:5.2f}x ({r.ref_name})")
     return "\n".join(lines)
