@@ -62,7 +62,9 @@ class Workers:
 
     def join(self) -> None:
         for t in self.threads:
-            t.join(timeout=120)
+            # The loops run until the deadline: a hang is a step still going
+            # two minutes after it.
+            t.join(timeout=max(0.0, self.deadline - time.monotonic()) + 120)
             assert not t.is_alive(), f"{t.name} hangs"
 
 
