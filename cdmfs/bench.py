@@ -236,18 +236,9 @@ def run(quick: bool = False, json_path: Optional[str] = None) -> list[Row]:
                         r.remove()
                 return go
 
-            def on_tmpfs(mode: str) -> Callable[[], float]:
+            def on_folder(folder: str, mode: str) -> Callable[[], float]:
                 def go() -> float:
-                    path = os.path.join(tmpfs, "f")
-                    try:
-                        return first_touch(driver, path, touch_size, mode)
-                    finally:
-                        os.unlink(path)
-                return go
-
-            def on_bindfs(mode: str) -> Callable[[], float]:
-                def go() -> float:
-                    path = os.path.join(bindfs, "f")
+                    path = os.path.join(folder, "f")
                     try:
                         return first_touch(driver, path, touch_size, mode)
                     finally:
@@ -262,23 +253,23 @@ def run(quick: bool = False, json_path: Optional[str] = None) -> list[Row]:
 
             have_bindfs = bindfs_mount(tmpfs, bindfs)
             floor_proc = floor_mount(floor, touch_size)
-            random_ref = reps_of("tmpfs random first touch", on_tmpfs("random"))
+            random_ref = reps_of("tmpfs random first touch", on_folder(tmpfs, "random"))
             random = reps_of("cdmfs random first touch", on_region("random"))
             label = f"CPU first touch, random 4 KiB, {touch_size // MB} MiB"
             rows.append(Row(label, "faults/s", random, "tmpfs", random_ref))
             if have_bindfs:
                 rows.append(Row(label, "faults/s", random, "bindfs",
-                                reps_of("bindfs random first touch", on_bindfs("random"))))
+                                reps_of("bindfs random first touch", on_folder(bindfs, "random"))))
             if floor_proc:
                 rows.append(Row(label, "faults/s", random, FLOOR,
                                 reps_of("pyfuse3 floor random first touch", on_floor("random"))))
-            seq_ref = [x * PAGE / MB for x in reps_of("tmpfs sequential first touch", on_tmpfs("seq"))]
+            seq_ref = [x * PAGE / MB for x in reps_of("tmpfs sequential first touch", on_folder(tmpfs, "seq"))]
             seq = [x * PAGE / MB for x in reps_of("cdmfs sequential first touch", on_region("seq"))]
             label = f"CPU first touch, sequential, {touch_size // MB} MiB"
             rows.append(Row(label, "MB/s", seq, "tmpfs", seq_ref))
             if have_bindfs:
                 rows.append(Row(label, "MB/s", seq, "bindfs",
-                                [x * PAGE / MB for x in reps_of("bindfs sequential", on_bindfs("seq"))]))
+                                [x * PAGE / MB for x in reps_of("bindfs sequential", on_folder(bindfs, "seq"))]))
             if floor_proc:
                 rows.append(Row(label, "MB/s", seq, FLOOR,
                                 [x * PAGE / MB for x in reps_of("pyfuse3 floor sequential", on_floor("seq"))]))
@@ -312,8 +303,7 @@ def run(quick: bool = False, json_path: Optional[str] = None) -> list[Row]:
                 host_lat = [read_latency(host) * 1e6 for _ in range(reps)]
                 rows.append(Row(label, "us", lat, "host node0/meminfo", host_lat))
             if have_bindfs:
-                small = os.path.join(tmpfs, "meminfo")
-                shutil.copyfile(host if os.path.exists(host) else emu, small)
+                shutil.copyfile(host if os.path.exists(host) else emu, os.path.join(tmpfs, "meminfo"))
                 rows.append(Row(label, "us", lat, "bindfs, same bytes",
                                 [read_latency(os.path.join(bindfs, "meminfo")) * 1e6 for _ in range(reps)]))
             if floor_proc:

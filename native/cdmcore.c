@@ -173,12 +173,8 @@ static int stack_push(struct cdm_pool *p, uint64_t f)
     p->free_stack[p->nfree_stack++] = f;
     /* The entry pushed out of the resident window loses its bytes. */
     if (++p->nresident > CDM_RESIDENT_FREE_PAGES) {
-        uint64_t old = p->free_stack[p->nfree_stack - p->nresident];
+        frame_unstale(p, p->free_stack[p->nfree_stack - p->nresident]);
         p->nresident--;
-        if (p->fflags[old] & CDM_FRAME_STALE) {
-            p->fflags[old] &= (uint8_t)~CDM_FRAME_STALE;
-            drop_frame(p, old);
-        }
     }
     return 0;
 }
@@ -260,9 +256,10 @@ static void frame_free(struct cdm_pool *p, uint64_t f)
         p->nr_retired++;
         return;
     }
-    if (block_isolated(p, f) || (p->flags & CDM_POOL_ISOLATED)) {
+    int in_isolated_block = block_isolated(p, f);
+    if (in_isolated_block || (p->flags & CDM_POOL_ISOLATED)) {
         drop_frame(p, f);
-        if (block_isolated(p, f))
+        if (in_isolated_block)
             return;     /* back to the allocator when the block is released */
     } else {
         p->fflags[f] |= CDM_FRAME_STALE;

@@ -8,6 +8,7 @@ import subprocess
 
 import pytest
 
+from cdmfs.bench import TIB_CONFIG
 from cdmfs.daemon import daemon_rss
 from conftest import PAGE, xorshift_page, used_kb
 
@@ -190,22 +191,6 @@ def test_node0_full_sigbus_enospc_never_cdm(small, cprog):
     assert run(pattern, "write", r2.data, 8, 5, 8).returncode == 0
     assert run(pattern, "verify", r2.data, 8, 5, 8).returncode == 0
     r2.remove()
-
-
-TIB_CONFIG = """
-[[node]]
-id = 0
-kind = "sysram"
-size = "1G"
-cpus = "all"
-[[node]]
-id = 1
-kind = "cdm"
-size = "1T"
-[[device]]
-name = "cdm0"
-memory = "node:1"
-"""
 
 
 def daemon_rss_kb(mountpoint: str) -> int:
