@@ -18,12 +18,16 @@ class CliError(Exception):
 
 def cmd_mount(args: argparse.Namespace) -> None:
     topo = config.load(args.config)
+    log_file = args.log_file or daemon.default_log_file(args.mountpoint)
     if args.foreground:
         daemon.check_mountpoint(args.mountpoint)
-        logging.basicConfig(level=args.log_level or "WARNING", format="cdmfs %(levelname)s %(name)s: %(message)s")
+        daemon.setup_logging(log_file, args.log_level, to_stderr=True)
         daemon.serve(args.mountpoint, topo, args.allow_other)
+        logging.shutdown()
+        daemon.drop_empty_log(log_file)
     else:
-        daemon.start(args.mountpoint, topo, args.allow_other, args.log_level)
+        daemon.start(args.mountpoint, topo, args.allow_other, args.log_level, log_file)
+        print(f"mounted {args.mountpoint}, log in {log_file}")
 
 
 def cmd_umount(args: argparse.Namespace) -> None:
@@ -155,7 +159,9 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--foreground", action="store_true", help="serve in this process")
     m.add_argument("--allow-other", action="store_true", help="let other users access the mount")
     m.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS,
-                   help="log to stderr at this level (default: warnings only, none once daemonized)")
+                   help="log at this level (default: warnings); also to stderr when given")
+    m.add_argument("--log-file", metavar="FILE",
+                   help="the daemon's log (default: /run/cdmfs/MOUNT.log for root, else in $XDG_RUNTIME_DIR)")
     m.set_defaults(func=cmd_mount)
 
     u = sub.add_parser("umount", help="unmount (also a stale mount)")

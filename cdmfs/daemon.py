@@ -4,9 +4,9 @@ from __future__ import annotations
 import ctypes
 import errno
 import logging
+import logging.handlers
 import os
 import signal
-import sys
 from typing import Callable, Optional
 
 from .config import Topology
@@ -17,6 +17,9 @@ log = logging.getLogger(__name__)
 # kernel's write-back) must not stall the request loop, so more than one.
 MIN_TASKS = 2
 MAX_TASKS = 16
+
+LOG_BYTES = 1 << 20          # a log file rotates at 1 MiB, keeping one old file
+LOG_FORMAT = "%(asctime)s cdmfs[%(process)d] %(levelname)s %(name)s: %(message)s"
 
 
 class MountError(Exception):
@@ -32,6 +35,38 @@ def is_mounted(path: str) -> bool:
     path = os.path.realpath(path)
     with open("/proc/self/mounts") as f:
         return any(_unescape(line.split()[1]) == path for line in f)
+
+
+def default_log_file(mountpoint: str) -> str:
+    """Where a mount's daemon logs unless told otherwise: /run/cdmfs/ for
+    root, the user's runtime directory otherwise, one file per mount point
+    (``/mnt/cdm`` logs to ``mnt-cdm.log``)."""
+    if os.getuid() == 0:
+        folder = "/run/cdmfs"
+    else:
+        runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/cdmfs-{os.getuid()}"
+        folder = os.path.join(runtime, "cdmfs")
+    name = os.path.realpath(mountpoint).strip("/").replace("/", "-") or "root"
+    return os.path.join(folder, f"{name}.log")
+
+
+def setup_logging(log_file: str, level: Optional[str], to_stderr: bool) -> None:
+    """Logs to log_file (bounded: rotated at LOG_BYTES) and, when asked, to stderr."""
+    os.makedirs(os.path.dirname(log_file), mode=0o700, exist_ok=True)
+    handlers: list[logging.Handler] = [
+        logging.handlers.RotatingFileHandler(log_file, maxBytes=LOG_BYTES, backupCount=1)]
+    if to_stderr:
+        handlers.append(logging.StreamHandler())
+    logging.basicConfig(level=level or "WARNING", format=LOG_FORMAT, handlers=handlers, force=True)
+
+
+def drop_empty_log(log_file: str) -> None:
+    """A clean run that logged nothing leaves no file behind."""
+    try:
+        if os.path.getsize(log_file) == 0:
+            os.unlink(log_file)
+    except OSError:
+        pass
 
 
 def check_mountpoint(path: str) -> None:
@@ -124,6 +159,9 @@ def serve(mountpoint: str, topo: Topology, allow_other: bool = False,
 
     try:
         trio.run(main)
+    except BaseException:
+        log.critical("the daemon is ending on an error", exc_info=True)
+        raise
     finally:
         try:
             pyfuse3.close(unmount=True)
@@ -132,13 +170,18 @@ def serve(mountpoint: str, topo: Topology, allow_other: bool = False,
 
 
 def start(mountpoint: str, topo: Topology, allow_other: bool = False,
-          log_level: Optional[str] = None) -> int:
+          log_level: Optional[str] = None, log_file: Optional[str] = None) -> int:
     """Forks a daemon that serves the mount; returns its pid once the mount answers.
 
     The daemon detaches from the terminal and from this process's output (so
-    ``$(cdmfs mount ...)`` returns); with an explicit log_level it keeps
-    stderr for its log."""
+    ``$(cdmfs mount ...)`` returns) and logs to log_file; with an explicit
+    log_level it also keeps stderr for its log."""
     check_mountpoint(mountpoint)
+    log_file = log_file or default_log_file(mountpoint)
+    try:
+        setup_logging(log_file, log_level, to_stderr=False)
+    except OSError as e:
+        raise MountError(f"cannot open the log file {log_file}: {e.strerror}") from None
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid == 0:  # the daemon
@@ -150,14 +193,18 @@ def start(mountpoint: str, topo: Topology, allow_other: bool = False,
             os.dup2(devnull, 1)
             if log_level is None:
                 os.dup2(devnull, 2)
-            logging.basicConfig(level=log_level or "WARNING", format="cdmfs[%(process)d] %(levelname)s %(name)s: %(message)s")
+            setup_logging(log_file, log_level, to_stderr=log_level is not None)
 
             def ready() -> None:
                 os.write(wfd, b"ok\n")
                 os.close(wfd)
             serve(mountpoint, topo, allow_other, ready)
+            logging.shutdown()
+            drop_empty_log(log_file)
             os._exit(0)
         except BaseException as e:  # report anything before ready, then die
+            log.critical("the daemon ends: %s", e, exc_info=True)
+            logging.shutdown()
             try:
                 os.write(wfd, f"{e}\n".encode())
             except OSError:

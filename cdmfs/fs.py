@@ -7,6 +7,8 @@ cache, because that cache *is* the CPU's page table (DESIGN §1, §2).
 from __future__ import annotations
 
 import errno
+import functools
+import inspect
 import logging
 import os
 import stat
@@ -45,6 +47,33 @@ def fuse_error(e: BaseException) -> pyfuse3.FUSEError:
     return pyfuse3.FUSEError(errno.EINVAL)
 
 
+def never_fatal(cls: type) -> type:
+    """Wraps every request handler of cls so that no request can end the
+    daemon: pyfuse3 ends its loop on any exception but FUSEError, so anything
+    unexpected (MemoryError included) fails that one request with EIO and is
+    logged with its traceback."""
+    def guard(name: str, handler):
+        @functools.wraps(handler)
+        async def guarded(self, *args):
+            try:
+                return await handler(self, *args)
+            except pyfuse3.FUSEError:
+                raise
+            except Exception:
+                try:
+                    log.exception("%s failed; the request gets EIO", name)
+                except Exception:       # no memory even to log: still answer
+                    pass
+                raise pyfuse3.FUSEError(errno.EIO) from None
+        return guarded
+
+    for name, handler in list(vars(cls).items()):
+        if inspect.iscoroutinefunction(handler) and hasattr(pyfuse3.Operations, name):
+            setattr(cls, name, guard(name, handler))
+    return cls
+
+
+@never_fatal
 class Filesystem(pyfuse3.Operations):
     enable_writeback_cache = False
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from cdmfs.daemon import daemon_pid, is_mounted
+from cdmfs.daemon import daemon_pid, default_log_file, is_mounted
 
 CDMFS = [sys.executable, "-m", "cdmfs"]
 
@@ -52,7 +52,7 @@ def one_line_error(res) -> str:
 def test_mount_umount_and_sigterm(mp):
     res = cdmfs("mount", mp)
     assert res.returncode == 0, res.stderr
-    assert res.stdout == "" and res.stderr == ""
+    assert res.stdout == f"mounted {mp}, log in {default_log_file(str(mp))}\n" and res.stderr == ""
     assert is_mounted(str(mp))
     assert sorted(os.listdir(mp)) == ["devices", "regions", "sys"]
     res = cdmfs("umount", mp)
