@@ -372,10 +372,196 @@ static void page_account(struct cdm_machine *m, struct cdm_region *r, uint64_t p
         p->nr_pinned += sign;
 }
 
+/* ------------------------------------------------------ populated index */
+
+/* See struct cdm_region: a chunk is CDM_CHUNK_PAGES entries, one 4 KiB page
+ * of the pte mapping, so a chunk never marked is also a page of the mapping
+ * the host never had to back. */
+#define CHUNK_SHIFT 9
+#define CHUNK CDM_CHUNK_PAGES
+_Static_assert(CHUNK == 1 << CHUNK_SHIFT && CHUNK * sizeof(uint64_t) == PAGE,
+               "a chunk is one page of the pte mapping");
+
+static inline uint64_t chunk_base(uint64_t c) { return c << CHUNK_SHIFT; }
+
+/* Bytes of the three sparse mappings of a region with cap entries (cap is a
+ * multiple of CHUNK): whole pages, as mremap() wants them. */
+static inline uint64_t page_round(uint64_t bytes) { return (bytes + PAGE - 1) & ~(uint64_t)(PAGE - 1); }
+static inline uint64_t words_for(uint64_t bits) { return (bits + 63) >> 6; }
+static inline uint64_t pte_bytes(uint64_t cap) { return cap * sizeof(uint64_t); }
+static inline uint64_t chunks_bytes(uint64_t cap)
+{
+    return page_round(words_for(cap >> CHUNK_SHIFT) * sizeof(uint64_t));
+}
+static inline uint64_t summary_bytes(uint64_t cap)
+{
+    return page_round(words_for(words_for(cap >> CHUNK_SHIFT)) * sizeof(uint64_t));
+}
+
+/* Entry i is about to hold something.  Caller holds m->lock. */
+static inline void chunk_mark(struct cdm_region *r, uint64_t i)
+{
+    uint64_t c = i >> CHUNK_SHIFT, w = c >> 6, bit = 1ULL << (c & 63);
+    if (!(r->chunks[w] & bit)) {
+        r->chunks[w] |= bit;
+        r->summary[w >> 6] |= 1ULL << (w & 63);
+    }
+}
+
+/* Chunk c is known to be all zero.  Caller holds m->lock. */
+static void chunk_clear(struct cdm_region *r, uint64_t c)
+{
+    uint64_t w = c >> 6;
+    r->chunks[w] &= ~(1ULL << (c & 63));
+    if (!r->chunks[w])
+        r->summary[w >> 6] &= ~(1ULL << (w & 63));
+}
+
+/* Clears chunk c if its entries below npages are all zero (those beyond are
+ * zero anyway).  Costs one chunk: for a chunk a call has just emptied in part. */
+static void chunk_settle(struct cdm_region *r, uint64_t c)
+{
+    if (!(r->chunks[c >> 6] & (1ULL << (c & 63))))
+        return;
+    uint64_t lo = chunk_base(c), hi = lo + CHUNK < r->npages ? lo + CHUNK : r->npages;
+    uint64_t seen = 0;
+    for (uint64_t i = lo; i < hi; i++)
+        seen |= r->pte[i];
+    if (!seen)
+        chunk_clear(r, c);
+}
+
+/* The first marked chunk of [c, cend), or cend.  The summary skips 64 words
+ * (2^21 entries) per word read, so this is microseconds even over 2^34
+ * entries; cend must not exceed the chunks cap reserves. */
+static uint64_t next_populated_chunk(const struct cdm_region *r, uint64_t c, uint64_t cend)
+{
+    uint64_t wend = words_for(cend);
+    while (c < cend) {
+        uint64_t w = c >> 6;
+        uint64_t bits = r->chunks[w] & (~0ULL << (c & 63));
+        if (bits) {
+            c = (w << 6) + (uint64_t)__builtin_ctzll(bits);
+            return c < cend ? c : cend;
+        }
+        /* Nothing more in word w: the next word the summary says is not zero. */
+        uint64_t v = w + 1;
+        for (;;) {
+            if (v >= wend)
+                return cend;
+            uint64_t s = r->summary[v >> 6] & (~0ULL << (v & 63));
+            if (s) {
+                v = (v & ~63ULL) + (uint64_t)__builtin_ctzll(s);
+                break;
+            }
+            v = (v | 63) + 1;
+        }
+        if (v >= wend)
+            return cend;
+        c = v << 6;
+    }
+    return cend;
+}
+
+/* The last marked chunk of [cfloor, c), or -1: next_populated_chunk
+ * backwards, for walks that must go from the last page down. */
+static int64_t prev_populated_chunk(const struct cdm_region *r, uint64_t cfloor, uint64_t c)
+{
+    uint64_t wfloor = cfloor >> 6;
+    while (c > cfloor) {
+        uint64_t last = c - 1, w = last >> 6;
+        uint64_t bits = r->chunks[w] & (~0ULL >> (63 - (last & 63)));
+        if (bits) {
+            uint64_t found = (w << 6) + 63 - (uint64_t)__builtin_clzll(bits);
+            return found >= cfloor ? (int64_t)found : -1;
+        }
+        if (w <= wfloor)
+            return -1;
+        uint64_t v = w - 1;
+        for (;;) {
+            uint64_t s = r->summary[v >> 6] & (~0ULL >> (63 - (v & 63)));
+            if (s) {
+                v = (v & ~63ULL) + 63 - (uint64_t)__builtin_clzll(s);
+                break;
+            }
+            if (v < 64 || (v & ~63ULL) - 1 < wfloor)
+                return -1;
+            v = (v & ~63ULL) - 1;
+        }
+        if (v < wfloor)
+            return -1;
+        c = (v + 1) << 6;
+    }
+    return -1;
+}
+
+/* The next stretch [*lo, *hi) of [from, end) inside one marked chunk; 0 when
+ * there is none.  end must not exceed npages.  The walks over a range are
+ *     for (x = first; next_populated_span(r, x, end, &lo, &hi); x = hi)
+ * and look at the entries of [lo, hi) only. */
+static int next_populated_span(const struct cdm_region *r, uint64_t from, uint64_t end,
+                               uint64_t *lo, uint64_t *hi)
+{
+    if (from >= end)
+        return 0;
+    uint64_t cend = (end + CHUNK - 1) >> CHUNK_SHIFT;
+    uint64_t c = next_populated_chunk(r, from >> CHUNK_SHIFT, cend);
+    if (c == cend)
+        return 0;
+    uint64_t base = chunk_base(c);
+    *lo = base > from ? base : from;
+    *hi = base + CHUNK < end ? base + CHUNK : end;
+    return 1;
+}
+
+/* The last stretch [*lo, *hi) of [floor, to) inside one marked chunk; 0 when
+ * there is none.  to must not exceed npages. */
+static int prev_populated_span(const struct cdm_region *r, uint64_t floor, uint64_t to,
+                               uint64_t *lo, uint64_t *hi)
+{
+    if (floor >= to)
+        return 0;
+    int64_t c = prev_populated_chunk(r, floor >> CHUNK_SHIFT, (to + CHUNK - 1) >> CHUNK_SHIFT);
+    if (c < 0)
+        return 0;
+    uint64_t base = chunk_base((uint64_t)c);
+    *lo = base > floor ? base : floor;
+    *hi = base + CHUNK < to ? base + CHUNK : to;
+    return 1;
+}
+
+/* A walk read the entries of [lo, hi), seen is their OR after it: when that is
+ * zero and the stretch is the whole chunk (up to npages), the mark was stale. */
+static inline void span_settle(struct cdm_region *r, uint64_t lo, uint64_t hi, uint64_t seen)
+{
+    uint64_t base = lo & ~(uint64_t)(CHUNK - 1);
+    if (!seen && lo == base && (hi == base + CHUNK || hi >= r->npages))
+        chunk_clear(r, lo >> CHUNK_SHIFT);
+}
+
+/* The end of a walk over [first, first + n): never past npages, and never
+ * before first, so that the walk is empty when first is beyond the end. */
+static inline uint64_t walk_end(const struct cdm_region *r, uint64_t first, uint64_t n)
+{
+    if (first >= r->npages)
+        return first;
+    return n < r->npages - first ? first + n : r->npages;
+}
+
+/* Every write of an entry goes through pte_store() (or pte_set(), which also
+ * keeps the counters), so that no non-zero entry is ever outside a marked
+ * chunk.  Caller holds m->lock. */
+static inline void pte_store(struct cdm_region *r, uint64_t i, uint64_t pte)
+{
+    if (pte)
+        chunk_mark(r, i);
+    r->pte[i] = pte;
+}
+
 static inline void pte_set(struct cdm_machine *m, struct cdm_region *r, uint64_t i, uint64_t pte)
 {
     page_account(m, r, r->pte[i], -1);
-    r->pte[i] = pte;
+    pte_store(r, i, pte);
     page_account(m, r, pte, +1);
 }
 
@@ -403,6 +589,48 @@ struct cdm_region *cdm_region_new(struct cdm_machine *m, uint32_t id)
     return r;
 }
 
+/* Grows a sparse mapping of old bytes (NULL: none yet) to new bytes, moving
+ * it if need be; NULL, with the old one untouched, if the host refuses. */
+static void *sparse_grow(void *old, uint64_t old_bytes, uint64_t new_bytes)
+{
+    if (!old)
+        return sparse_map(new_bytes);
+    if (new_bytes == old_bytes)
+        return old;
+    void *p = mremap(old, old_bytes, new_bytes, MREMAP_MAYMOVE);
+    return p == MAP_FAILED ? NULL : p;
+}
+
+/* Reserves cap entries: the page table and its index grow together, all or
+ * none, so that their sizes can always be told from r->cap.  Caller holds
+ * m->lock. */
+static int region_reserve(struct cdm_region *r, uint64_t cap)
+{
+    void **map[3] = {(void **)&r->chunks, (void **)&r->summary, (void **)&r->pte};
+    uint64_t old[3] = {chunks_bytes(r->cap), summary_bytes(r->cap), pte_bytes(r->cap)};
+    uint64_t new[3] = {chunks_bytes(cap), summary_bytes(cap), pte_bytes(cap)};
+    for (int k = 0; k < 3; k++) {
+        void *p = sparse_grow(*map[k], old[k], new[k]);
+        if (p) {
+            *map[k] = p;
+            continue;
+        }
+        /* Back to the old sizes.  Shrinking in place does not fail short of
+         * the host's limit on mappings, and then only leaks address space. */
+        while (k-- > 0) {
+            if (!r->cap) {
+                munmap(*map[k], new[k]);
+                *map[k] = NULL;
+            } else if (new[k] != old[k]) {
+                mremap(*map[k], new[k], old[k], 0);
+            }
+        }
+        return -ENOMEM;
+    }
+    r->cap = cap;
+    return 0;
+}
+
 int cdm_region_resize(struct cdm_machine *m, struct cdm_region *r, uint64_t npages)
 {
     pthread_mutex_lock(&m->lock);
@@ -411,24 +639,28 @@ int cdm_region_resize(struct cdm_machine *m, struct cdm_region *r, uint64_t npag
         uint64_t cap = r->cap ? r->cap : 1024;
         while (cap < npages)
             cap *= 2;
-        uint64_t *pte = r->pte
-            ? mremap(r->pte, r->cap * sizeof(uint64_t), cap * sizeof(uint64_t), MREMAP_MAYMOVE)
-            : sparse_map(cap * sizeof(uint64_t));
-        if (pte == NULL || pte == MAP_FAILED) {
+        if (region_reserve(r, cap) < 0) {
             drop_flush();
-    pthread_mutex_unlock(&m->lock);
+            pthread_mutex_unlock(&m->lock);
             return -ENOMEM;
         }
-        r->pte = pte;
-        r->cap = cap;
     }
     /* Only entries that hold something: writing every entry of a huge sparse
      * table would make all of it resident.  Last page first, so that the free
      * stack hands the frames out again in address order (see frame_alloc). */
-    for (uint64_t i = r->npages; i-- > npages;)
-        if (r->pte[i])
-            page_release(m, r, i);
+    uint64_t lo, hi;
+    for (uint64_t to = r->npages; prev_populated_span(r, npages, to, &lo, &hi); to = lo) {
+        for (uint64_t i = hi; i-- > lo;)
+            if (r->pte[i])
+                page_release(m, r, i);
+        if (chunk_base(lo >> CHUNK_SHIFT) >= npages)
+            chunk_clear(r, lo >> CHUNK_SHIFT);
+    }
+    uint64_t old_npages = r->npages;
     r->npages = npages;
+    /* The chunk the new end cuts: its mark may only hold for pages now gone. */
+    if (npages < old_npages && npages % CHUNK)
+        chunk_settle(r, npages >> CHUNK_SHIFT);
     drop_flush();
     pthread_mutex_unlock(&m->lock);
     return 0;
@@ -437,17 +669,23 @@ int cdm_region_resize(struct cdm_machine *m, struct cdm_region *r, uint64_t npag
 void cdm_region_free(struct cdm_machine *m, struct cdm_region *r)
 {
     cdm_region_resize(m, r, 0);
-    if (r->pte)
-        munmap(r->pte, r->cap * sizeof(uint64_t));
+    if (r->pte) {
+        munmap(r->pte, pte_bytes(r->cap));
+        munmap(r->chunks, chunks_bytes(r->cap));
+        munmap(r->summary, summary_bytes(r->cap));
+    }
     free(r);
 }
 
 void cdm_region_ptes(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
                      uint64_t n, uint64_t *out)
 {
+    memset(out, 0, n * sizeof(*out));
+    uint64_t lo, hi;
     pthread_mutex_lock(&m->lock);
-    for (uint64_t i = 0; i < n; i++)
-        out[i] = first + i < r->npages ? r->pte[first + i] : 0;
+    uint64_t end = walk_end(r, first, n);
+    for (uint64_t x = first; next_populated_span(r, x, end, &lo, &hi); x = hi)
+        memcpy(out + (lo - first), r->pte + lo, (hi - lo) * sizeof(*out));
     drop_flush();
     pthread_mutex_unlock(&m->lock);
 }
@@ -589,10 +827,18 @@ out:
 
 void cdm_region_uncache(struct cdm_machine *m, struct cdm_region *r, uint64_t first, uint64_t n)
 {
+    uint64_t lo, hi;
     pthread_mutex_lock(&m->lock);
-    for (uint64_t i = first; i < first + n && i < r->npages; i++)
-        if (r->pte[i] & CDM_PTE_CPU)
-            pte_set(m, r, i, r->pte[i] & ~CDM_PTE_CPU);
+    uint64_t end = walk_end(r, first, n);
+    for (uint64_t x = first; next_populated_span(r, x, end, &lo, &hi); x = hi) {
+        uint64_t seen = 0;
+        for (uint64_t i = lo; i < hi; i++) {
+            seen |= r->pte[i];
+            if (r->pte[i] & CDM_PTE_CPU)
+                pte_set(m, r, i, r->pte[i] & ~CDM_PTE_CPU);
+        }
+        span_settle(r, lo, hi, seen);
+    }
     drop_flush();
     pthread_mutex_unlock(&m->lock);
 }
@@ -631,7 +877,7 @@ int64_t cdm_migrate_collect(struct cdm_machine *m, struct cdm_region *r, uint64_
             collected++;
         } else if (status[k] == CDM_MIG_ALLOC) {
             /* A placeholder so that a first touch during the migration waits. */
-            r->pte[i] = CDM_PTE_MIGRATING;
+            pte_store(r, i, CDM_PTE_MIGRATING);
             collected++;
         }
     }
@@ -680,7 +926,7 @@ int64_t cdm_migrate_lock_src(struct cdm_machine *m, struct cdm_region *r, uint64
             status[k] = -EBUSY;
             continue;
         }
-        r->pte[i] = (pte & ~CDM_PTE_MIGRATING) | CDM_PTE_LOCKED;
+        pte_store(r, i, (pte & ~CDM_PTE_MIGRATING) | CDM_PTE_LOCKED);
         locked++;
     }
     drop_flush();
@@ -863,6 +1109,23 @@ uint64_t cdm_migrate_holes(const int32_t *status, uint64_t n, uint64_t *idx, int
     return h;
 }
 
+uint64_t cdm_migrate_hole_runs(const int32_t *status, uint64_t n, uint64_t *run_first,
+                               uint64_t *run_last, int32_t *err)
+{
+    uint64_t h = 0;
+    for (uint64_t k = 0; k < n; k++) {
+        if (status[k] >= 0)
+            continue;
+        if (h && run_last[h - 1] + 1 == k && err[h - 1] == status[k]) {
+            run_last[h - 1] = k;
+        } else {
+            run_first[h] = run_last[h] = k;
+            err[h++] = status[k];
+        }
+    }
+    return h;
+}
+
 uint64_t cdm_migrate_count(const uint64_t *src, const int32_t *status, uint64_t n, uint64_t flag)
 {
     uint64_t c = 0;
@@ -996,7 +1259,9 @@ int cdm_device_op(struct cdm_machine *m, struct cdm_region *r, uint64_t first, u
                   int op, uint64_t arg, uint64_t own_pools, uint64_t private_ok,
                   struct cdm_op_result *res)
 {
+    uint32_t crc = res->crc;    /* a read cut into calls goes on from the last */
     memset(res, 0, sizeof(*res));
+    res->crc = crc;
     int ret = 0;
     pthread_mutex_lock(&m->lock);
     for (uint64_t i = first; i < first + n; i++) {
@@ -1117,7 +1382,7 @@ int cdm_region_populate(struct cdm_machine *m, struct cdm_region *r, uint64_t fi
         uint64_t pte = r->pte[i];
         if (pte & PTE_NEW) {
             numa_account(m, i, pte_pool(pte), plan);
-            r->pte[i] = pte & ~PTE_NEW;
+            pte_store(r, i, pte & ~PTE_NEW);
         }
     }
 out:
@@ -1129,27 +1394,92 @@ out:
 uint64_t cdm_region_count(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
                           uint64_t n, uint64_t flag)
 {
-    uint64_t c = 0;
+    uint64_t c = 0, lo, hi;
     pthread_mutex_lock(&m->lock);
-    for (uint64_t i = first; i < first + n && i < r->npages; i++)
-        if (r->pte[i] & flag)
-            c++;
+    uint64_t end = walk_end(r, first, n);
+    for (uint64_t x = first; next_populated_span(r, x, end, &lo, &hi); x = hi) {
+        uint64_t seen = 0;
+        for (uint64_t i = lo; i < hi; i++) {
+            seen |= r->pte[i];
+            c += (r->pte[i] & flag) != 0;
+        }
+        span_settle(r, lo, hi, seen);
+    }
     drop_flush();
     pthread_mutex_unlock(&m->lock);
     return c;
 }
 
+uint64_t cdm_region_next_present(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
+                                 uint64_t end)
+{
+    uint64_t found = end, lo, hi;
+    pthread_mutex_lock(&m->lock);
+    uint64_t stop = end < r->npages ? end : r->npages;
+    for (uint64_t x = first; next_populated_span(r, x, stop, &lo, &hi); x = hi) {
+        uint64_t i = lo;
+        while (i < hi && !r->pte[i])
+            i++;
+        if (i < hi) {
+            found = i;
+            break;
+        }
+        span_settle(r, lo, hi, 0);
+    }
+    pthread_mutex_unlock(&m->lock);
+    return found;
+}
+
+uint64_t cdm_region_flag_runs(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
+                              uint64_t n, uint64_t flag, uint64_t *run_first, uint64_t *run_len,
+                              uint64_t max, uint64_t *next)
+{
+    uint64_t runs = 0, lo, hi;
+    pthread_mutex_lock(&m->lock);
+    uint64_t end = walk_end(r, first, n);
+    *next = end < r->npages ? end : r->npages;
+    for (uint64_t x = first; next_populated_span(r, x, end, &lo, &hi); x = hi) {
+        uint64_t seen = 0;
+        for (uint64_t i = lo; i < hi; i++) {
+            uint64_t pte = r->pte[i];
+            seen |= pte;
+            if (!(pte & flag))
+                continue;
+            /* Skipped chunks are all zero, so a run never spans one. */
+            if (runs && run_first[runs - 1] + run_len[runs - 1] == i) {
+                run_len[runs - 1]++;
+            } else if (runs < max) {
+                run_first[runs] = i;
+                run_len[runs++] = 1;
+            } else {
+                *next = i;
+                goto out;
+            }
+        }
+        span_settle(r, lo, hi, seen);
+    }
+out:
+    pthread_mutex_unlock(&m->lock);
+    return runs;
+}
+
 uint64_t cdm_region_mirror_pool(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
                                 uint64_t n, int pool, uint8_t *mirror, uint8_t value)
 {
-    uint64_t c = 0;
+    uint64_t c = 0, lo, hi;
     pthread_mutex_lock(&m->lock);
-    for (uint64_t i = first; i < first + n && i < r->npages; i++) {
-        uint64_t pte = r->pte[i];
-        if ((pte & CDM_PTE_PRESENT) && pte_pool(pte) == pool) {
-            mirror[i] = value;
-            c++;
+    uint64_t end = walk_end(r, first, n);
+    for (uint64_t x = first; next_populated_span(r, x, end, &lo, &hi); x = hi) {
+        uint64_t seen = 0;
+        for (uint64_t i = lo; i < hi; i++) {
+            uint64_t pte = r->pte[i];
+            seen |= pte;
+            if ((pte & CDM_PTE_PRESENT) && pte_pool(pte) == pool) {
+                mirror[i] = value;
+                c++;
+            }
         }
+        span_settle(r, lo, hi, seen);
     }
     drop_flush();
     pthread_mutex_unlock(&m->lock);
@@ -1161,35 +1491,48 @@ uint64_t cdm_region_mirror_pool(struct cdm_machine *m, struct cdm_region *r, uin
 void cdm_region_census(struct cdm_machine *m, struct cdm_region *r, uint64_t first, uint64_t n,
                        uint64_t *present, uint64_t *dirty)
 {
+    uint64_t lo, hi;
     pthread_mutex_lock(&m->lock);
-    uint64_t end = first + n < r->npages ? first + n : r->npages;
-    for (uint64_t i = first; i < end; i++) {
-        uint64_t pte = r->pte[i];
-        if (!(pte & CDM_PTE_PRESENT) || (pte & CDM_PTE_POISONED))
-            continue;
-        present[pte_pool(pte)]++;
-        if (pte & CDM_PTE_DIRTY)
-            dirty[pte_pool(pte)]++;
+    uint64_t end = walk_end(r, first, n);
+    for (uint64_t x = first; next_populated_span(r, x, end, &lo, &hi); x = hi) {
+        uint64_t seen = 0;
+        for (uint64_t i = lo; i < hi; i++) {
+            uint64_t pte = r->pte[i];
+            seen |= pte;
+            if (!(pte & CDM_PTE_PRESENT) || (pte & CDM_PTE_POISONED))
+                continue;
+            present[pte_pool(pte)]++;
+            if (pte & CDM_PTE_DIRTY)
+                dirty[pte_pool(pte)]++;
+        }
+        span_settle(r, lo, hi, seen);
     }
     pthread_mutex_unlock(&m->lock);
 }
 
 void cdm_region_pagemap(struct cdm_machine *m, struct cdm_region *r, uint64_t first, uint64_t n,
-                        uint64_t *out)
+                        uint64_t *out, int show_pfn)
 {
+    uint64_t pfn_mask = show_pfn ? CDM_PM_PFN_MASK : 0;
+    /* Pages in chunks never populated (and beyond the end) read as never touched. */
+    memset(out, 0, n * sizeof(*out));
+    uint64_t lo, hi;
     pthread_mutex_lock(&m->lock);
-    for (uint64_t k = 0; k < n; k++) {
-        uint64_t i = first + k;
-        uint64_t pte = i < r->npages ? r->pte[i] : 0;
-        if (!(pte & (CDM_PTE_PRESENT | CDM_PTE_POISONED))) {
-            out[k] = 0;     /* never touched (a poisoned entry keeps its old PFN) */
-            continue;
+    uint64_t end = walk_end(r, first, n);
+    for (uint64_t x = first; next_populated_span(r, x, end, &lo, &hi); x = hi) {
+        uint64_t seen = 0;
+        for (uint64_t i = lo; i < hi; i++) {
+            uint64_t pte = r->pte[i];
+            seen |= pte;
+            if (!(pte & (CDM_PTE_PRESENT | CDM_PTE_POISONED)))
+                continue;   /* never touched (a poisoned entry keeps its old PFN) */
+            uint64_t e = (pte_pfn(pte) & pfn_mask) | CDM_PM_FILE;
+            /* Device-private pages are swap-like entries to the CPU, as the
+             * kernel's device-private entries; so are poisoned ones (hwpoison). */
+            e |= (pte & (CDM_PTE_PRIVATE | CDM_PTE_POISONED)) ? CDM_PM_SWAP : CDM_PM_PRESENT;
+            out[i - first] = e;
         }
-        uint64_t e = (pte_pfn(pte) & CDM_PM_PFN_MASK) | CDM_PM_FILE;
-        /* Device-private pages are swap-like entries to the CPU, as the
-         * kernel's device-private entries; so are poisoned ones (hwpoison). */
-        e |= (pte & (CDM_PTE_PRIVATE | CDM_PTE_POISONED)) ? CDM_PM_SWAP : CDM_PM_PRESENT;
-        out[k] = e;
+        span_settle(r, lo, hi, seen);
     }
     pthread_mutex_unlock(&m->lock);
 }
@@ -1199,28 +1542,33 @@ uint64_t cdm_region_misfits(struct cdm_machine *m, struct cdm_region *r, uint64_
                             uint64_t fit_pools, uint64_t skip_pools, uint64_t *run_first,
                             uint64_t *run_len, int32_t *run_pool, uint64_t max, uint64_t *nruns)
 {
-    uint64_t count = 0, runs = 0;
+    uint64_t count = 0, runs = 0, lo, hi;
     pthread_mutex_lock(&m->lock);
-    uint64_t end = first + n < r->npages ? first + n : r->npages;
-    for (uint64_t i = first; i < end; i++) {
-        uint64_t pte = r->pte[i];
-        if (!(pte & CDM_PTE_PRESENT) || (pte & CDM_PTE_POISONED))
-            continue;
-        int pool = pte_pool(pte);
-        if (skip_pools & (1ULL << pool))
-            continue;
-        int32_t want = ntable ? table[i % ntable] : -1;
-        if ((fit_pools & (1ULL << pool)) || pool == want)
-            continue;
-        count++;
-        if (runs && run_first[runs - 1] + run_len[runs - 1] == i && run_pool[runs - 1] == want) {
-            run_len[runs - 1]++;
-        } else if (runs < max) {
-            run_first[runs] = i;
-            run_len[runs] = 1;
-            run_pool[runs] = want;
-            runs++;
+    uint64_t end = walk_end(r, first, n);
+    for (uint64_t x = first; next_populated_span(r, x, end, &lo, &hi); x = hi) {
+        uint64_t seen = 0;
+        for (uint64_t i = lo; i < hi; i++) {
+            uint64_t pte = r->pte[i];
+            seen |= pte;
+            if (!(pte & CDM_PTE_PRESENT) || (pte & CDM_PTE_POISONED))
+                continue;
+            int pool = pte_pool(pte);
+            if (skip_pools & (1ULL << pool))
+                continue;
+            int32_t want = ntable ? table[i % ntable] : -1;
+            if ((fit_pools & (1ULL << pool)) || pool == want)
+                continue;
+            count++;
+            if (runs && run_first[runs - 1] + run_len[runs - 1] == i && run_pool[runs - 1] == want) {
+                run_len[runs - 1]++;
+            } else if (runs < max) {
+                run_first[runs] = i;
+                run_len[runs] = 1;
+                run_pool[runs] = want;
+                runs++;
+            }
         }
+        span_settle(r, lo, hi, seen);
     }
     pthread_mutex_unlock(&m->lock);
     *nruns = runs;
@@ -1436,20 +1784,25 @@ int cdm_page_poison(struct cdm_machine *m, struct cdm_region *r, uint64_t page, 
 uint64_t cdm_region_poison_pool(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
                                 uint64_t n, int pool, uint64_t *busy)
 {
-    uint64_t count = 0;
+    uint64_t count = 0, lo, hi;
     *busy = 0;
     pthread_mutex_lock(&m->lock);
-    uint64_t end = first + n < r->npages ? first + n : r->npages;
-    for (uint64_t i = first; i < end; i++) {
-        uint64_t pte = r->pte[i];
-        if (!(pte & CDM_PTE_PRESENT) || (pte & CDM_PTE_POISONED) || pte_pool(pte) != pool)
-            continue;
-        if (pte & (CDM_PTE_LOCKED | CDM_PTE_MIGRATING)) {
-            (*busy)++;
-            continue;
+    uint64_t end = walk_end(r, first, n);
+    for (uint64_t x = first; next_populated_span(r, x, end, &lo, &hi); x = hi) {
+        uint64_t seen = 0;  /* poisoning leaves an entry non-zero */
+        for (uint64_t i = lo; i < hi; i++) {
+            uint64_t pte = r->pte[i];
+            seen |= pte;
+            if (!(pte & CDM_PTE_PRESENT) || (pte & CDM_PTE_POISONED) || pte_pool(pte) != pool)
+                continue;
+            if (pte & (CDM_PTE_LOCKED | CDM_PTE_MIGRATING)) {
+                (*busy)++;
+                continue;
+            }
+            page_poison(m, r, i);
+            count++;
         }
-        page_poison(m, r, i);
-        count++;
+        span_settle(r, lo, hi, seen);
     }
     drop_flush();
     pthread_mutex_unlock(&m->lock);
@@ -1460,10 +1813,11 @@ int cdm_region_pin(struct cdm_machine *m, struct cdm_region *r, uint64_t first, 
                    int pin, uint64_t deny_pools, struct cdm_rw_result *res)
 {
     int ret = 0;
+    uint64_t lo, hi;
     res->allocated = 0;
     res->page = 0;
     pthread_mutex_lock(&m->lock);
-    uint64_t end = first + n < r->npages ? first + n : r->npages;
+    uint64_t end = walk_end(r, first, n);
     if (pin) {
         if (first + n > r->npages) {
             res->page = r->npages;
@@ -1486,20 +1840,33 @@ int cdm_region_pin(struct cdm_machine *m, struct cdm_region *r, uint64_t first, 
             goto out;
         }
     }
-    for (uint64_t i = first; i < end; i++) {
-        uint64_t pte = r->pte[i];
-        if (pin && !(pte & CDM_PTE_PINNED)) {
-            pte_set(m, r, i, pte | CDM_PTE_PINNED);
-            r->nr_pinned++;
-            res->allocated++;
-        } else if (!pin && (pte & CDM_PTE_PINNED)) {
+    if (pin) {
+        /* Every page of the range is present (checked above): no chunk to skip. */
+        for (uint64_t i = first; i < end; i++) {
+            uint64_t pte = r->pte[i];
+            if (!(pte & CDM_PTE_PINNED)) {
+                pte_set(m, r, i, pte | CDM_PTE_PINNED);
+                r->nr_pinned++;
+                res->allocated++;
+            }
+        }
+        goto out;
+    }
+    for (uint64_t x = first; next_populated_span(r, x, end, &lo, &hi); x = hi) {
+        uint64_t seen = 0;
+        for (uint64_t i = lo; i < hi; i++) {
+            uint64_t pte = r->pte[i];
+            seen |= pte;
+            if (!(pte & CDM_PTE_PINNED))
+                continue;
             if (pte & CDM_PTE_PRESENT)
                 pte_set(m, r, i, pte & ~CDM_PTE_PINNED);
             else
-                r->pte[i] = pte & ~CDM_PTE_PINNED;
+                pte_store(r, i, pte & ~CDM_PTE_PINNED);
             r->nr_pinned--;
             res->allocated++;
         }
+        span_settle(r, lo, hi, seen);
     }
 out:
     pthread_mutex_unlock(&m->lock);

@@ -106,6 +106,21 @@ struct cdm_machine {
     struct cdm_pool pools[CDM_MAX_POOLS];
 };
 
+/*
+ * A region's page table is reserved for a whole file (up to 2^34 entries for
+ * 64 TiB) and mostly never written.  Walks over a range find the entries that
+ * hold something through a populated index, so that they cost time and host
+ * memory in proportion to the pages present, not to the range: a bit per
+ * chunk of CDM_CHUNK_PAGES entries (one 4 KiB page of pte), set whenever an
+ * entry of the chunk becomes non-zero, and a summary bit per 64-bit word of
+ * that bitmap, set when the word is not zero.  A set chunk bit may be stale
+ * (the chunk has become all zero; walks clear it when they find so), a clear
+ * one never hides a non-zero entry.  Entries at or beyond npages are zero.
+ * Code outside the core that writes pte[] directly may change only entries
+ * that are already non-zero: the index would not know of any other.
+ */
+#define CDM_CHUNK_PAGES 512
+
 struct cdm_region {
     uint64_t *pte;          /* sparse mapping of cap entries */
     uint64_t npages;        /* pages of the file (size rounded up) */
@@ -114,6 +129,8 @@ struct cdm_region {
     uint64_t resident[CDM_MAX_POOLS]; /* pages per pool */
     uint64_t nr_pinned;
     uint64_t nr_poisoned;
+    uint64_t *chunks;       /* sparse: a bit per CDM_CHUNK_PAGES entries, set if any may be non-zero */
+    uint64_t *summary;      /* sparse: a bit per word of chunks, set if the word is not zero */
 };
 
 /*
@@ -162,7 +179,8 @@ uint8_t *cdm_pfn_addr(struct cdm_machine *m, uint64_t pfn);
 int cdm_pfn_owner(struct cdm_machine *m, uint64_t pfn, uint32_t *region, uint64_t *page);
 
 struct cdm_region *cdm_region_new(struct cdm_machine *m, uint32_t id);
-/* Sets the region's size in pages; shrinking frees the pages beyond.  0 or -ENOMEM. */
+/* Sets the region's size in pages; shrinking frees the pages beyond, the last
+ * first (the free stack then hands their frames out in address order).  0 or -ENOMEM. */
 int cdm_region_resize(struct cdm_machine *m, struct cdm_region *r, uint64_t npages);
 /* Frees every page and the region itself. */
 void cdm_region_free(struct cdm_machine *m, struct cdm_region *r);
@@ -193,6 +211,20 @@ int cdm_region_populate(struct cdm_machine *m, struct cdm_region *r, uint64_t fi
 /* How many pages of [first, first + n) have flag set in their entry. */
 uint64_t cdm_region_count(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
                           uint64_t n, uint64_t flag);
+
+/* The first page i of [first, min(end, npages)) whose entry is not zero (any
+ * flag: present, poisoned, a migration's placeholder), or end if there is none.
+ * Costs the chunks populated in the range, not its size. */
+uint64_t cdm_region_next_present(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
+                                 uint64_t end);
+
+/* Runs of consecutive pages of [first, first + n) whose entry has any bit of
+ * flag set: run_first, run_len, at most max runs.  *next gets the page to go
+ * on from: the start of the first run that found no room, else first + n
+ * clipped to npages (done).  Returns the runs written. */
+uint64_t cdm_region_flag_runs(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
+                              uint64_t n, uint64_t flag, uint64_t *run_first, uint64_t *run_len,
+                              uint64_t max, uint64_t *next);
 
 /* Sets mirror[i] = value for the pages i of [first, first + n) whose frame is
  * in pool (a device mapping what now lives in its memory).  Returns how many. */
@@ -249,6 +281,11 @@ void cdm_migrate_abort(struct cdm_machine *m, struct cdm_region *r, uint64_t fir
                        uint64_t n, const uint64_t *dst, int32_t *status);
 /* The pages a migration skipped: their indices (from 0) and -errno.  Returns how many. */
 uint64_t cdm_migrate_holes(const int32_t *status, uint64_t n, uint64_t *idx, int32_t *err);
+/* The same as runs of consecutive skipped pages with the same -errno: first and
+ * last index (from 0, inclusive) into run_first/run_last, the -errno into err
+ * (room for as many runs as skipped pages).  Returns how many runs. */
+uint64_t cdm_migrate_hole_runs(const int32_t *status, uint64_t n, uint64_t *run_first,
+                               uint64_t *run_last, int32_t *err);
 /* Runs of collected pages (status MOVE/ALLOC) that had flag in their saved
  * entry: offsets into start[], lengths into len[] (room for n/2 + 1 runs).
  * Returns how many runs. */
@@ -266,8 +303,11 @@ uint64_t cdm_migrate_count(const uint64_t *src, const int32_t *status, uint64_t 
  *   -EAGAIN  a page is locked by a migration: wait, then retry
  *   -EREMOTE a page is in another device's private memory
  * Bytes on pools in own_pools (a bit per pool) count as local, others remote.
+ * res->crc is the CRC-32 to continue from (0 to start): a long read can be cut
+ * into calls, each given the crc the last one returned; every other field is
+ * cleared on entry.
  */
-#define CDM_OP_READ 0      /* reads, CRC-32 (zlib's) of the bytes in res->crc */
+#define CDM_OP_READ 0      /* reads, CRC-32 (zlib's) of the bytes so far in res->crc */
 #define CDM_OP_WRITE 1     /* fills with the byte arg */
 #define CDM_OP_ADD 2       /* adds arg to every little-endian 64-bit word */
 #define CDM_OP_TOUCH 3     /* reads, no checksum */
@@ -306,7 +346,8 @@ int cdm_fuse_inval(int fd, uint64_t ino, int64_t off, int64_t len);
  *            out: PFN in bits 0-54, bit 61 for every page that has a frame
  *            (a shared file page), bit 63 if the CPU can map it, bit 62
  *            instead for device-private and poisoned pages; 0 for a page
- *            never touched (or beyond the end).
+ *            never touched (or beyond the end).  Without show_pfn the PFN
+ *            bits are 0, as the kernel shows them only with CAP_SYS_ADMIN.
  * misfits  — pages of [first, first + n) on a node where a policy does not
  *            want them.  A page fits if its pool's bit is in fit_pools or it
  *            is in pool table[i % ntable] (i: its page index); absent and
@@ -325,7 +366,7 @@ int cdm_fuse_inval(int fd, uint64_t ino, int64_t off, int64_t len);
 void cdm_region_census(struct cdm_machine *m, struct cdm_region *r, uint64_t first, uint64_t n,
                        uint64_t *present, uint64_t *dirty);
 void cdm_region_pagemap(struct cdm_machine *m, struct cdm_region *r, uint64_t first, uint64_t n,
-                        uint64_t *out);
+                        uint64_t *out, int show_pfn);
 uint64_t cdm_region_misfits(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
                             uint64_t n, const int32_t *table, uint32_t ntable,
                             uint64_t fit_pools, uint64_t skip_pools, uint64_t *run_first,
