@@ -216,14 +216,16 @@ class Region:
 
     def migrate(self, start: int, length: int, target: str) -> dict:
         """Migrates [start, start+length) to target (``1``, ``node:1``, ``gpu0``):
-        ``{"requested": n, "migrated": n, "skipped": n, "holes": {page: "-EBUSY"}}``."""
+        ``{"requested": n, "migrated": n, "skipped": n, "holes": [(first, last, "-EBUSY")]}``,
+        the skipped pages as runs with one reason (page numbers, inclusive)."""
         text = transact(os.path.join(self.path, "migrate"), f"{start} {length} {target}\n")
-        out: dict = {"holes": {}}
+        out: dict = {"holes": []}
         for line in text.splitlines():
             key, value = line.split(" ", 1)
-            if key == "page":
-                page, err = value.split()
-                out["holes"][int(page)] = err
+            if key in ("page", "pages"):
+                pages, err = value.split()
+                first, _, last = pages.partition("-")
+                out["holes"].append((int(first), int(last or first), err))
             else:
                 out[key] = int(value)
         return out
@@ -449,7 +451,7 @@ def mount(mountpoint: str, config: Optional[str] = None, log_level: Optional[str
     # stderr open, and a pipe would not reach end-of-file while it runs.
     with tempfile.TemporaryFile("w+") as err:
         try:
-            done = subprocess.run(cmd, stderr=err if log_level is None else None)
+            done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=err if log_level is None else None)
         finally:
             if tmp is not None:
                 os.unlink(tmp.name)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 
 from . import formats
 from .config import PAGE_SIZE
@@ -64,13 +65,28 @@ async def access_request(m: Machine, dev: Device, state: dict, text: str) -> Non
     state["result"] = (await dev.access(region, first, n, op, arg)).text()
 
 
+SNAPSHOT_AT_ONCE = 1 << 16      # pages: a snapshot up to 256 MiB is taken at the request
+
+
 def snapshot_request(m: Machine, dev: Device, state: dict, text: str) -> None:
+    """``REGION START LENGTH``: the device's view of each page.  A snapshot of
+    a range larger than SNAPSHOT_AT_ONCE is rendered as it is read instead of
+    whole, so its memory stays bounded whatever the range."""
     words = text.split()
     if len(words) != 3:
         raise ValueError("expected REGION START LENGTH")
     region = region_of(m, words[0])
     first, n = parse_range(region, words[1], words[2])
-    state["result"] = dev.snapshot(region, first, n)
+    if n <= SNAPSHOT_AT_ONCE:
+        state["result"] = "".join(dev.snapshot(region, first, n))
+    else:
+        state["result"] = functools.partial(dev.snapshot, region, first, n)
+
+
+def answer(state: dict):
+    """The answer of a transaction file: text, or a function giving it in pieces."""
+    result = state.get("result", "")
+    return result() if callable(result) else result
 
 
 def add_device(tree: Tree, m: Machine, dev: Device) -> None:
@@ -80,10 +96,8 @@ def add_device(tree: Tree, m: Machine, dev: Device) -> None:
     tree.add(d, "meminfo", Attr(lambda: device_meminfo(m, dev)))
     tree.add(d, "resource", Attr(lambda: device_resource(m, dev)))
     tree.add(d, "fault_policy", Attr(lambda: f"{dev.fault_policy}\n", lambda t: fault_policy_store(dev, t)))
-    tree.add(d, "access", Transaction(lambda state, text: access_request(m, dev, state, text),
-                                      lambda state: state.get("result", "")))
-    tree.add(d, "snapshot", Transaction(lambda state, text: snapshot_request(m, dev, state, text),
-                                        lambda state: state.get("result", "")))
+    tree.add(d, "access", Transaction(lambda state, text: access_request(m, dev, state, text), answer))
+    tree.add(d, "snapshot", Transaction(lambda state, text: snapshot_request(m, dev, state, text), answer))
     tree.add(d, "stat", Attr(lambda: formats.kv_lines(dev.stats.items())))
 
 

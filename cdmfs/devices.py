@@ -1,8 +1,10 @@
 """The emulated devices (SPEC §7), in the manner of Linux's lib/test_hmm.c.
 
 A device mirrors the process address space: its page table (one byte a page
-per region: none, read, write) fills on device faults and loses pages when
-they migrate, get truncated, poisoned or faulted back by the CPU.  A device
+per region: none, read, write, kept sparse in chunks so that it costs memory
+by the pages mirrored, not by the region's size) fills on device faults and
+loses pages when they migrate, get truncated, poisoned or faulted back by the
+CPU.  A device
 fault under ``migrate`` moves the pages into device memory (allocating there
 if the CPU never touched them); under ``remote`` the device reaches them where
 they lie.  Every access sees what a CPU access would see at that moment: CPU
@@ -13,11 +15,12 @@ from __future__ import annotations
 
 import errno
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 from . import migrate
 from ._core import ffi, lib
 from .config import PAGE_SIZE, DeviceSpec
+from .sched import cond_resched
 
 if TYPE_CHECKING:
     from .machine import Machine, Target
@@ -31,6 +34,8 @@ MAP_WRITE = bytes([PT_WRITE] * 3) + bytes(253)
 OPS = {"read": lib.CDM_OP_READ, "write": lib.CDM_OP_WRITE, "add": lib.CDM_OP_ADD,
        "touch": lib.CDM_OP_TOUCH}
 FAULT_POLICIES = ("migrate", "remote")
+MIRROR_CHUNK = 1 << 12      # pages per chunk of a device page table
+OP_CHUNK = 1 << 12          # pages per native device op: 16 MiB, a few ms at most
 STAT_KEYS = ("faults", "fault_batches", "migrated_to", "migrated_from", "local_bytes",
              "remote_bytes", "invalidations", "modeled_ns")
 
@@ -59,6 +64,66 @@ def transfer_ns(nbytes: int, bandwidth_mbps: int) -> int:
     return nbytes * 1000 // bandwidth_mbps
 
 
+class Mirror:
+    """A device's page table of one region: a byte a page (PT_*), in chunks
+    of MIRROR_CHUNK pages that exist only where something is mapped."""
+
+    def __init__(self) -> None:
+        self.chunks: dict[int, bytearray] = {}
+
+    def _spans(self, first: int, end: int) -> Iterator[tuple[int, int, int]]:
+        """(chunk index, start, stop) of [first, end) cut at chunk boundaries."""
+        pos = first
+        while pos < end:
+            c = pos // MIRROR_CHUNK
+            stop = min(end, (c + 1) * MIRROR_CHUNK)
+            yield c, pos - c * MIRROR_CHUNK, stop - c * MIRROR_CHUNK
+            pos = stop
+
+    def _chunk(self, c: int) -> bytearray:
+        chunk = self.chunks.get(c)
+        if chunk is None:
+            chunk = self.chunks[c] = bytearray(MIRROR_CHUNK)
+        return chunk
+
+    def unmapped(self, first: int, end: int) -> int:
+        """Pages of [first, end) the device has no entry for."""
+        count = 0
+        for c, a, b in self._spans(first, end):
+            chunk = self.chunks.get(c)
+            count += b - a if chunk is None else chunk.count(PT_NONE, a, b)
+        return count
+
+    def map(self, first: int, end: int, table: bytes) -> None:
+        """Entries of [first, end) become table[entry] (MAP_READ, MAP_WRITE)."""
+        for c, a, b in self._spans(first, end):
+            chunk = self._chunk(c)
+            chunk[a:b] = chunk[a:b].translate(table)
+
+    def clear(self, first: int, end: int) -> bool:
+        """Drops the entries of [first, end); whether any was there.  Walks
+        the chunks that exist, not the range (a truncation of terabytes)."""
+        lo, hi = first // MIRROR_CHUNK, (end - 1) // MIRROR_CHUNK
+        if hi - lo + 1 > len(self.chunks):
+            keys = [c for c in self.chunks if lo <= c <= hi]
+        else:
+            keys = [c for c in range(lo, hi + 1) if c in self.chunks]
+        dropped = False
+        for c in keys:
+            chunk = self.chunks[c]
+            a, b = max(first - c * MIRROR_CHUNK, 0), min(end - c * MIRROR_CHUNK, MIRROR_CHUNK)
+            if chunk.count(PT_NONE, a, b) != b - a:
+                dropped = True
+                chunk[a:b] = bytes(b - a)
+            if not any(chunk):
+                del self.chunks[c]
+        return dropped
+
+    def entry(self, page: int) -> int:
+        chunk = self.chunks.get(page // MIRROR_CHUNK)
+        return PT_NONE if chunk is None else chunk[page % MIRROR_CHUNK]
+
+
 @dataclass
 class Device:
     machine: "Machine"
@@ -67,7 +132,7 @@ class Device:
     fault_policy: str = ""
     online: bool = True
     stats: dict = field(default_factory=lambda: dict.fromkeys(STAT_KEYS, 0))
-    mirrors: dict = field(default_factory=dict)   # region id -> bytearray
+    mirrors: dict = field(default_factory=dict)   # region id -> Mirror
 
     def __post_init__(self) -> None:
         if not self.fault_policy:
@@ -90,31 +155,29 @@ class Device:
 
     # ------------------------------------------------------------ page table
 
-    def mirror(self, region: "Region") -> bytearray:
+    def mirror(self, region: "Region") -> Mirror:
         pt = self.mirrors.get(region.id)
-        if pt is None or len(pt) < region.npages:
-            grown = bytearray(region.npages)
-            if pt is not None:
-                grown[:len(pt)] = pt
-            pt = self.mirrors[region.id] = grown
+        if pt is None:
+            pt = self.mirrors[region.id] = Mirror()
         return pt
 
     def invalidate(self, region: "Region", first: int, n: int) -> None:
         """mmu_notifier: drop the device's entries of pages [first, first + n)."""
         pt = self.mirrors.get(region.id)
-        if pt is None:
-            return
-        end = min(first + n, len(pt))
-        if first < end and pt.count(PT_NONE, first, end) != end - first:
-            pt[first:end] = bytes(end - first)
+        if pt is not None and n > 0 and pt.clear(first, first + n):
             self.stats["invalidations"] += 1
 
     def map_own(self, region: "Region", first: int, n: int) -> None:
         """Maps the pages of [first, first + n) that live in this device's
         memory, as test_hmm maps what it migrated to itself."""
         pt = self.mirror(region)
-        lib.cdm_region_mirror_pool(self.machine.core, region.core, first, n, self.pool,
-                                   ffi.from_buffer(pt), PT_WRITE)
+        for c, a, b in pt._spans(first, first + n):
+            chunk = pt._chunk(c)
+            base = c * MIRROR_CHUNK
+            lib.cdm_region_mirror_pool(self.machine.core, region.core, base + a, b - a, self.pool,
+                                       ffi.from_buffer(chunk) - base, PT_WRITE)
+            if not any(chunk):
+                del pt.chunks[c]
 
     def forget(self, region: "Region") -> None:
         self.mirrors.pop(region.id, None)
@@ -123,10 +186,14 @@ class Device:
 
     async def access(self, region: "Region", first: int, n: int, op: str, arg: int) -> AccessResult:
         """A device kernel touching pages [first, first + n) of region.  A range
-        truncated under the access fails with EFAULT, whatever step noticed."""
+        truncated under the access fails with EFAULT, a region removed under
+        it with ENOENT, whatever step noticed."""
         try:
-            return await self._access(region, first, n, op, arg)
+            with region.hold():
+                return await self._access(region, first, n, op, arg)
         except OSError:
+            if region.removed:
+                raise OSError(errno.ENOENT, f"region {region.name} was removed during the access") from None
             if first + n > region.npages:
                 raise OSError(errno.EFAULT, "the range was truncated during the access") from None
             raise
@@ -137,7 +204,7 @@ class Device:
         m = self.machine
         pt = self.mirror(region)
         res = AccessResult(bytes=n * PAGE_SIZE)
-        res.faults = pt.count(PT_NONE, first, first + n)
+        res.faults = pt.unmapped(first, first + n)
         if res.faults:
             self.stats["faults"] += res.faults
             self.stats["fault_batches"] += 1
@@ -147,14 +214,44 @@ class Device:
         # Coherence: take the CPU's dirty copies back before the device looks.
         if m.cpu_mapped(region, first, n):
             await m.cpu_unmap(region, first, n)
+        writing = op in ("write", "add")
+        crc = cpu_pages = 0
+        # The kernel runs in chunks that yield in between: a device reading a
+        # gigabyte must not hold up everyone else's requests.
+        for start in range(first, first + n, OP_CHUNK):
+            out = await self._op_chunk(region, start, min(OP_CHUNK, first + n - start), op, arg, crc, res)
+            crc = out.crc
+            cpu_pages += out.cpu_pages
+            res.local_bytes += out.local_bytes
+            res.remote_bytes += out.remote_bytes
+            await cond_resched()
+        if writing and cpu_pages:
+            # The CPU faulted pages in meanwhile: its next access must see our bytes.
+            await m.cpu_unmap(region, first, n)
+        pt.map(first, first + n, MAP_WRITE if writing else MAP_READ)
+        own_fig, remote_fig = self.own_figures(), self.remote_figures()
+        res.modeled_ns += transfer_ns(res.local_bytes, own_fig.write_bandwidth if writing else own_fig.read_bandwidth)
+        res.modeled_ns += transfer_ns(res.remote_bytes, remote_fig.write_bandwidth if writing else remote_fig.read_bandwidth)
+        if op == "read":
+            res.crc32 = crc
+        for key in ("local_bytes", "remote_bytes", "modeled_ns"):
+            self.stats[key] += getattr(res, key)
+        return res
+
+    async def _op_chunk(self, region: "Region", first: int, n: int, op: str, arg: int, crc: int,
+                        res: AccessResult):
+        """One native device op over [first, first + n), the CRC continuing
+        from crc; pages that moved or went meanwhile are brought back first."""
+        m = self.machine
         out = ffi.new("struct cdm_op_result *")
         own = 1 << self.pool
         private_ok = own if not self.spec.coherent else 0
         for _ in range(64):
+            out.crc = crc
             rc = lib.cdm_device_op(m.core, region.core, first, n, OPS[op], arg & 0xFFFFFFFFFFFFFFFF,
                                    own, private_ok, out)
             if rc == 0:
-                break
+                return out
             if rc == -errno.EAGAIN:
                 await region.wait_unlocked()
             elif rc == -errno.EREMOTE:
@@ -164,22 +261,7 @@ class Device:
                 await self._fault(region, first, n, res)     # truncated and regrown meanwhile
             else:
                 raise OSError(-rc, f"page {out.page}: {errno.errorcode.get(-rc, rc)}")
-        else:
-            raise OSError(errno.EAGAIN, "pages kept moving under the device")
-        if op in ("write", "add") and out.cpu_pages:
-            # The CPU faulted pages in meanwhile: its next access must see our bytes.
-            await m.cpu_unmap(region, first, n)
-        pt[first:first + n] = pt[first:first + n].translate(MAP_WRITE if op in ("write", "add") else MAP_READ)
-        res.local_bytes, res.remote_bytes = out.local_bytes, out.remote_bytes
-        own_fig, remote_fig = self.own_figures(), self.remote_figures()
-        writing = op in ("write", "add")
-        res.modeled_ns += transfer_ns(res.local_bytes, own_fig.write_bandwidth if writing else own_fig.read_bandwidth)
-        res.modeled_ns += transfer_ns(res.remote_bytes, remote_fig.write_bandwidth if writing else remote_fig.read_bandwidth)
-        if op == "read":
-            res.crc32 = out.crc
-        for key in ("local_bytes", "remote_bytes", "modeled_ns"):
-            self.stats[key] += getattr(res, key)
-        return res
+        raise OSError(errno.EAGAIN, "pages kept moving under the device")
 
     async def _fault(self, region: "Region", first: int, n: int, res: AccessResult) -> None:
         """Device fault on pages [first, first + n): batched, as HMM does."""
@@ -200,20 +282,21 @@ class Device:
 
     # ------------------------------------------------------------ snapshot
 
-    def snapshot(self, region: "Region", first: int, n: int) -> str:
-        """One ``PAGE FLAGS`` line a page, after test_hmm's HMM_DMIRROR_SNAPSHOT."""
+    def snapshot(self, region: "Region", first: int, n: int) -> Iterator[str]:
+        """One ``PAGE FLAGS`` line a page, after test_hmm's HMM_DMIRROR_SNAPSHOT,
+        rendered a chunk at a time as the answer is read."""
         m = self.machine
-        ptes = ffi.new("uint64_t[]", n)
-        lib.cdm_region_ptes(m.core, region.core, first, n, ptes)
         pt = self.mirror(region)
-        lines = []
-        for k in range(n):
-            i, pte = first + k, ptes[k]
-            lines.append(f"{i} {self._flag(pte, i, region, pt)}")
-        return "\n".join(lines) + "\n"
+        for start in range(first, first + n, MIRROR_CHUNK):
+            k = min(MIRROR_CHUNK, first + n - start)
+            ptes = ffi.new("uint64_t[]", k)
+            with region.hold():
+                lib.cdm_region_ptes(m.core, region.core, start, k, ptes)
+                npages = region.npages
+            yield "".join(f"{start + j} {self._flag(ptes[j], start + j, npages, pt)}\n" for j in range(k))
 
-    def _flag(self, pte: int, i: int, region: "Region", pt: bytearray) -> str:
-        if i >= region.npages or pte & lib.CDM_PTE_POISONED:
+    def _flag(self, pte: int, i: int, npages: int, pt: Mirror) -> str:
+        if i >= npages or pte & lib.CDM_PTE_POISONED:
             return "error"
         if not pte & lib.CDM_PTE_PRESENT:
             return "none"
@@ -223,8 +306,9 @@ class Device:
             return "private-local" if owner == self.name else "private-remote"
         if owner is not None:
             return "coherent-local" if owner == self.name else "coherent-remote"
-        if pt[i] == PT_NONE:
+        entry = pt.entry(i)
+        if entry == PT_NONE:
             return "none"
         if not pte & lib.CDM_PTE_DIRTY:
             return "zero"
-        return "write" if pt[i] == PT_WRITE else "read"
+        return "write" if entry == PT_WRITE else "read"

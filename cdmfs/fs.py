@@ -14,7 +14,7 @@ import os
 import stat
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterable, Iterator, Optional, Union
 
 import pyfuse3
 import trio
@@ -22,29 +22,62 @@ import trio
 from ._core import lib
 from .config import PAGE_SIZE
 from .machine import Machine
-from .region import Regions
+from .region import Region, Regions
 from .regionfiles import DataFile, RegionDir, add_region
 from .tree import Attr, Dir, Entry, Link, Transaction, Tree
 
 log = logging.getLogger(__name__)
 
 ATTR_SIZE = 4096          # what sysfs reports for every attribute
+MAX_CONTROL_WRITE = 4096  # a control write is one page at most, as sysfs takes
 TIMEOUT = 300.0           # entries and attributes change only through us
+
+
+class Answer:
+    """A transaction's answer, rendered as it is read: a migration's holes or
+    a snapshot of a large range never sit in memory whole."""
+
+    def __init__(self, text: Union[str, Iterable[str]]):
+        self._chunks: Iterator[str] = iter((text,) if isinstance(text, str) else text)
+        self._buf = bytearray()
+
+    def read(self, size: int) -> bytes:
+        while len(self._buf) < size:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                break
+            self._buf += chunk.encode()
+        out = bytes(self._buf[:size])
+        del self._buf[:size]
+        return out
 
 
 @dataclass
 class OpenFile:
     entry: Entry
     pid: int
+    uid: int
     writable: bool
+    region: Optional[Region] = None      # the region whose file it is (a reference)
     content: bytes = b""
     state: dict = field(default_factory=dict)
+    answer: Optional[Answer] = None      # a transaction's answer, being read
+    write_end: Optional[int] = None      # where the last control write ended
 
 
 def fuse_error(e: BaseException) -> pyfuse3.FUSEError:
     if isinstance(e, OSError) and e.errno:
         return pyfuse3.FUSEError(e.errno)
     return pyfuse3.FUSEError(errno.EINVAL)
+
+
+def region_of(e: Entry) -> Optional[Region]:
+    """The region an entry belongs to (its data file or a control file)."""
+    if isinstance(e, (DataFile, RegionDir)):
+        return e.region
+    if isinstance(e.parent, RegionDir):
+        return e.parent.region
+    return None
 
 
 def never_fatal(cls: type) -> type:
@@ -83,8 +116,11 @@ class Filesystem(pyfuse3.Operations):
         self.tree = tree
         self.regions = regions
         self.regions_dir = tree.dir(tree.root, "regions")
+        # Like /tmp: anyone may create a region, only its owner (or root) remove it.
+        self.regions_dir.mode = stat.S_IFDIR | 0o1777
         tree.dir(tree.root, "devices")
         self.files: dict[int, OpenFile] = {}
+        self.data_inodes: dict[int, int] = {}      # region id -> inode of its data
         self._next_fh = 1
         self.uid, self.gid = os.getuid(), os.getgid()
         self.mount_ns = time.time_ns()
@@ -104,7 +140,8 @@ class Filesystem(pyfuse3.Operations):
         a.st_ino = e.inode
         a.st_mode = e.mode
         a.st_nlink = 2 if isinstance(e, Dir) else 1
-        a.st_uid, a.st_gid = self.uid, self.gid
+        a.st_uid = self.uid if e.uid is None else e.uid
+        a.st_gid = self.gid if e.gid is None else e.gid
         a.st_blksize = PAGE_SIZE
         if isinstance(e, DataFile):
             a.st_size = e.region.size
@@ -190,11 +227,13 @@ class Filesystem(pyfuse3.Operations):
         if parent_inode != self.regions_dir.inode:
             raise pyfuse3.FUSEError(errno.EPERM)
         try:
-            region = self.regions.create(os.fsdecode(name))
+            region = self.regions.create(os.fsdecode(name), owner=ctx.uid)
         except OSError as e:
             raise fuse_error(e) from None
-        log.info("region %s created", region.name)
-        return self._attrs(add_region(self.tree, self.regions_dir, self.machine, region))
+        log.info("region %s created by uid %d", region.name, ctx.uid)
+        d = add_region(self.tree, self.regions_dir, self.machine, region, ctx.uid, ctx.gid)
+        self.data_inodes[region.id] = d.children["data"].inode
+        return self._attrs(d)
 
     async def rmdir(self, parent_inode, name, ctx):
         if parent_inode != self.regions_dir.inode:
@@ -207,6 +246,7 @@ class Filesystem(pyfuse3.Operations):
         except OSError as e:
             raise fuse_error(e) from None
         self.tree.remove(entry)
+        self.data_inodes.pop(entry.region.id, None)
         log.info("region %s removed", entry.region.name)
 
     async def create(self, parent_inode, name, mode, flags, ctx):
@@ -226,27 +266,38 @@ class Filesystem(pyfuse3.Operations):
             # As kernfs does: no store means no write, even for root; no show, no read.
             if writable and e.store is None:
                 raise pyfuse3.FUSEError(errno.EACCES)
-            if (flags & os.O_ACCMODE) != os.O_WRONLY and e.show is None:
+            if (flags & os.O_ACCMODE) != os.O_WRONLY and not e.readable:
                 raise pyfuse3.FUSEError(errno.EACCES)
-        fh = self._next_fh
-        self._next_fh += 1
-        self.files[fh] = OpenFile(e, ctx.pid, writable)
+        region = region_of(e)
+        if region is not None:
+            try:
+                region.get()
+            except OSError as err:
+                raise fuse_error(err) from None
+        of = OpenFile(e, ctx.pid, ctx.uid, writable, region)
         if isinstance(e, DataFile):
             if flags & os.O_TRUNC and writable:
                 # libfuse enables atomic O_TRUNC: the truncation is ours to do.
                 try:
                     e.region.resize(0)
                 except OSError as err:
-                    del self.files[fh]
+                    region.put()
                     raise fuse_error(err) from None
             e.region.opens += 1
+        fh = self._next_fh
+        self._next_fh += 1
+        self.files[fh] = of
+        if isinstance(e, DataFile):
             return pyfuse3.FileInfo(fh=fh, keep_cache=True)
         return pyfuse3.FileInfo(fh=fh, direct_io=True)
 
     async def release(self, fh):
         of = self.files.pop(fh, None)
-        if of is not None and isinstance(of.entry, DataFile):
-            of.entry.region.opens -= 1
+        if of is None or of.region is None:
+            return
+        if isinstance(of.entry, DataFile):
+            of.region.opens -= 1
+        of.region.put()
 
     async def flush(self, fh):
         # Nothing to do on close(): ENOSYS tells the kernel never to ask again,
@@ -256,39 +307,57 @@ class Filesystem(pyfuse3.Operations):
     async def fsync(self, fh, datasync):
         pass   # a WRITE has already landed in the page's frame
 
-    async def read(self, fh, off, size):
+    def _open_file(self, fh: int) -> OpenFile:
         of = self.files[fh]
+        if of.region is not None and of.region.removed:
+            # A control file held open across rmdir: the region is gone.
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return of
+
+    async def read(self, fh, off, size):
+        of = self._open_file(fh)
         e = of.entry
-        if isinstance(e, DataFile):
-            try:
+        try:
+            if isinstance(e, DataFile):
                 return await e.region.fault(off, size, of.pid)
-            except OSError as err:
-                raise fuse_error(err) from None
-        if off == 0 or not of.content:
-            try:
-                if isinstance(e, Transaction):
-                    text = e.response(of.state)
-                else:
-                    text = e.show()
-            except (OSError, ValueError) as err:
-                raise fuse_error(err) from None
-            of.content = text.encode() if isinstance(text, str) else bytes(text)
-        return of.content[off:off + size]
+            of.write_end = None
+            if isinstance(e, Transaction):
+                # A stream: the answer reads from its start after a request,
+                # whatever the descriptor's offset; lseek(0) reads it again.
+                if of.answer is None or off == 0:
+                    of.answer = Answer(e.response(of.state))
+                return of.answer.read(size)
+            if e.read is not None:
+                return e.read(off, size, of.uid == 0)
+            if off == 0 or not of.content:
+                text = e.show()
+                of.content = text.encode() if isinstance(text, str) else bytes(text)
+            return of.content[off:off + size]
+        except (OSError, ValueError) as err:
+            raise fuse_error(err) from None
 
     async def write(self, fh, off, buf):
-        of = self.files[fh]
+        of = self._open_file(fh)
         e = of.entry
         if isinstance(e, DataFile):
             try:
                 return await e.region.writeback(off, buf, of.pid)
             except OSError as err:
                 raise fuse_error(err) from None
+        # All or nothing: a control write is one WRITE of at most a page.  A
+        # longer one, or a piece continuing the previous write, changes nothing.
+        continues = off > 0 and off == of.write_end
+        of.write_end = off + len(buf)
+        if len(buf) > MAX_CONTROL_WRITE or continues:
+            log.info("write to %s refused: %d bytes at offset %d", e.name, len(buf), off)
+            raise pyfuse3.FUSEError(errno.EINVAL)
         try:
             text = buf.decode("ascii")
         except UnicodeDecodeError:
             raise pyfuse3.FUSEError(errno.EINVAL) from None
         try:
             if isinstance(e, Transaction):
+                of.answer = None
                 result = e.request(of.state, text)
             elif isinstance(e, Attr) and e.store is not None:
                 result = e.store(text)
@@ -304,22 +373,19 @@ class Filesystem(pyfuse3.Operations):
 
     # ------------------------------------------------------------ CPU page table
 
-    def data_inode(self, region) -> Optional[int]:
-        d = self.regions_dir.children.get(region.name)
-        return d.children["data"].inode if isinstance(d, RegionDir) else None
-
-    async def cpu_unmap(self, region, first: int, npages: int) -> None:
+    async def cpu_unmap(self, region: Region, first: int, npages: int) -> None:
         """mmu_notifier invalidate of pages [first, first+npages): the host
         kernel writes back dirty pages (WRITEs we serve meanwhile), unmaps and
         drops them; the next CPU access faults.  Runs in a thread that serves
         no requests, since the write blocks on those WRITEs (DESIGN §2)."""
-        ino = self.data_inode(region)
-        if ino is None or self.fuse_fd is None:
+        ino = self.data_inodes.get(region.id)
+        if ino is None or self.fuse_fd is None or region.removed:
             return
-        # Forget the belief first: a fault racing the invalidation sets it again.
-        lib.cdm_region_uncache(self.machine.core, region.core, first, npages)
-        rc = await trio.to_thread.run_sync(
-            lib.cdm_fuse_inval, self.fuse_fd, ino, first * PAGE_SIZE, npages * PAGE_SIZE)
-        if rc not in (0, -errno.ENOENT):
-            raise OSError(-rc, "invalidating the CPU's copies failed")
-        region.invalidations += 1
+        with region.hold():
+            # Forget the belief first: a fault racing the invalidation sets it again.
+            lib.cdm_region_uncache(self.machine.core, region.core, first, npages)
+            rc = await trio.to_thread.run_sync(
+                lib.cdm_fuse_inval, self.fuse_fd, ino, first * PAGE_SIZE, npages * PAGE_SIZE)
+            if rc not in (0, -errno.ENOENT):
+                raise OSError(-rc, "invalidating the CPU's copies failed")
+            region.invalidations += 1

@@ -54,7 +54,6 @@ ADVICE = ("pin", "unpin")
 INJECT = ("link_down", "ecc", "fail_alloc")
 MAX_PASSES = 200            # evacuation passes before giving up with EBUSY
 OWNER_BATCH = 1 << 16       # reverse-map entries per native call
-SCAN_PAGES = 1 << 16
 
 MEMORY_DIR = "sys/devices/system/memory"
 NODE_DIR = "sys/devices/system/node"
@@ -174,6 +173,7 @@ class Lifecycle:
 
     def regions_by_id(self) -> dict[int, "Region"]:
         regions = self.m.regions
+        # A removed region has no pages left (rmdir frees them at once).
         return {r.id: r for r in regions.by_name.values()} if regions is not None else {}
 
     def _refresh(self, nid: int) -> None:
@@ -287,11 +287,11 @@ class Lifecycle:
                 for first, n in runs(remaining):
                     res = await migrate.migrate_range(m, region, first, n, target, from_pools=1 << pool)
                     moved += res.migrated
-                    for page, err in res.holes:
+                    for lo, hi, err in res.holes:
                         if err == errno.ENOMEM:
-                            nomem.append(page)
+                            nomem += range(lo, hi + 1)
                         elif err not in (errno.ENOENT, errno.EIO, errno.EINVAL):
-                            failed.append((page, err))
+                            failed += [(page, err) for page in range(lo, hi + 1)]
                 remaining = nomem
                 if not remaining:
                     break
@@ -333,6 +333,8 @@ class Lifecycle:
         raise OSError(errno.EBUSY, "pages stayed busy")
 
     def _page_pinned(self, region: "Region", page: int) -> bool:
+        if region.removed:
+            return False
         pte = ffi.new("uint64_t[1]")
         lib.cdm_region_ptes(self.m.core, region.core, page, 1, pte)
         return bool(pte[0] & lib.CDM_PTE_PINNED)
@@ -556,7 +558,7 @@ class Lifecycle:
                 waiting = None
                 for rid, pages in owners.items():
                     region = regions.get(rid)
-                    if region is None:
+                    if region is None or region.removed:     # removed meanwhile: no pages left
                         continue
                     lo, n = pages[0], pages[-1] + 1 - pages[0]
                     cached = [run for run in runs(pages) if coherent and m.cpu_mapped(region, *run)]
@@ -727,8 +729,7 @@ class Lifecycle:
     def _pages_in(self, region: "Region", first: int, n: int, mask: int) -> list[int]:
         core = self.m.core
         out = []
-        for s in range(first, first + n, SCAN_PAGES):
-            k = min(SCAN_PAGES, first + n - s)
+        for s, k in region.present_spans(first, first + n):
             ptes = ffi.new("uint64_t[]", k)
             lib.cdm_region_ptes(core, region.core, s, k, ptes)
             for i, pte in enumerate(ptes):
@@ -777,16 +778,28 @@ class Lifecycle:
         return res.allocated
 
     def pinned_ranges(self, region: "Region") -> list[tuple[int, int]]:
-        """Runs of pinned pages: (first, count)."""
+        """Runs of pinned pages: (first, count), found by the core's walk of
+        the populated parts of the page table."""
         if not region.core.nr_pinned:
             return []
-        pages = []
-        for s in range(0, region.npages, SCAN_PAGES):
-            k = min(SCAN_PAGES, region.npages - s)
-            ptes = ffi.new("uint64_t[]", k)
-            lib.cdm_region_ptes(self.m.core, region.core, s, k, ptes)
-            pages += [s + i for i, pte in enumerate(ptes) if pte & lib.CDM_PTE_PINNED]
-        return runs(pages)
+        core = self.m.core
+        lo = ffi.new("uint64_t[]", OWNER_BATCH)
+        length = ffi.new("uint64_t[]", OWNER_BATCH)
+        nxt = ffi.new("uint64_t *")
+        out: list[tuple[int, int]] = []
+        start = 0
+        while start < region.npages:
+            count = lib.cdm_region_flag_runs(core, region.core, start, region.npages - start,
+                                             lib.CDM_PTE_PINNED, lo, length, OWNER_BATCH, nxt)
+            for a, k in zip(ffi.unpack(lo, count), ffi.unpack(length, count)):
+                if out and out[-1][0] + out[-1][1] == a:
+                    out[-1] = (out[-1][0], out[-1][1] + k)
+                else:
+                    out.append((a, k))
+            if nxt[0] <= start:
+                break
+            start = nxt[0]
+        return out
 
     async def advise_store(self, region: "Region", text: str) -> None:
         """``START LENGTH ADVICE`` (SPEC §6.3): ``pin`` or ``unpin`` for now."""

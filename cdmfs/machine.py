@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Optional
 from . import policy as mpol
 from ._core import ffi, lib
 from .config import PAGE_SIZE, Topology
+from .sched import cond_resched
 
 if TYPE_CHECKING:
     from .region import Region
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 KB_PER_PAGE = PAGE_SIZE // 1024
+POPULATE_CHUNK = 1 << 16     # pages allocated per native call (a few ms at most)
 
 
 @dataclass
@@ -166,19 +168,24 @@ class Machine:
 
     async def populate(self, region: "Region", first: int, npages: int) -> None:
         """Allocates absent pages by the region's policy without a CPU fault
-        (a device's first touch of memory the CPU never touched)."""
+        (a device's first touch of memory the CPU never touched), a chunk at
+        a time so that a large range does not hold up other requests."""
         res = ffi.new("struct cdm_rw_result *")
-        for start, end, policy in region.policy_segments(first, first + npages):
-            while True:
-                plan = self.plan(policy, self.default_cpu_node)
-                rc = lib.cdm_region_populate(self.core, region.core, start, end - start, plan, res)
-                if rc == 0:
-                    break
-                if rc == -errno.EAGAIN:
-                    await region.wait_unlocked()
-                    continue
-                raise OSError(errno.ENOSPC if rc == -errno.ENOSPC else -rc,
-                              "no memory for the device's first touch")
+        with region.hold():
+            for seg_start, seg_end, policy in region.policy_segments(first, first + npages):
+                for start in range(seg_start, seg_end, POPULATE_CHUNK):
+                    end = min(start + POPULATE_CHUNK, seg_end)
+                    while True:
+                        plan = self.plan(policy, self.default_cpu_node)
+                        rc = lib.cdm_region_populate(self.core, region.core, start, end - start, plan, res)
+                        if rc == 0:
+                            break
+                        if rc == -errno.EAGAIN:
+                            await region.wait_unlocked()
+                            continue
+                        raise OSError(errno.ENOSPC if rc == -errno.ENOSPC else -rc,
+                                      "no memory for the device's first touch")
+                    await cond_resched()
 
     def _add_pool(self, base_pfn: int, npages: int, flags: int) -> int:
         pool = lib.cdm_pool_add(self.core, base_pfn, npages, flags)
@@ -223,7 +230,8 @@ class Machine:
             policy, local, self.usable_nodes(),
             isolated=lambda n: self.nodes[n].isolated,
             distance=lambda a, b: self.topo.distance[(a, b)],
-            weight=lambda n: self.nodes[n].weight)
+            weight=lambda n: self.nodes[n].weight,
+            sysram=lambda n: self.nodes[n].spec.kind == "sysram")
 
     def _make_plan(self, policy: mpol.MemPolicy, local: int) -> _Plan:
         pl = self.placement(policy, local)

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import errno
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 
 from ._core import ffi, lib
+from .sched import cond_resched
 
 if TYPE_CHECKING:
     from .machine import Machine, Target
@@ -34,22 +35,31 @@ BATCH = 512                 # pages per step: 2 MiB, the size of a PMD
 class MigrateResult:
     requested: int = 0
     migrated: int = 0
-    holes: list[tuple[int, int]] = field(default_factory=list)   # (page, errno)
+    skipped: int = 0
+    # Skipped pages as runs (first, last, errno): a migration of an untouched
+    # gigabyte is one run, not a quarter of a million lines.
+    holes: list[tuple[int, int, int]] = field(default_factory=list)
 
-    @property
-    def skipped(self) -> int:
-        return len(self.holes)
+    def skip(self, first: int, last: int, err: int) -> None:
+        """Pages [first, last] were skipped with err; merges with the last run."""
+        self.skipped += last - first + 1
+        if self.holes and self.holes[-1][1] + 1 == first and self.holes[-1][2] == err:
+            self.holes[-1] = (self.holes[-1][0], last, err)
+        else:
+            self.holes.append((first, last, err))
+
+    def errors(self) -> set[int]:
+        return {err for _, _, err in self.holes}
+
+    def lines(self) -> Iterator[str]:
+        """The ``migrate`` file's answer (SPEC §6.2), a line at a time."""
+        yield f"requested {self.requested}\nmigrated {self.migrated}\nskipped {self.skipped}\n"
+        for first, last, err in self.holes:
+            name = errno.errorcode.get(err, str(err))
+            yield f"page {first} -{name}\n" if first == last else f"pages {first}-{last} -{name}\n"
 
     def text(self) -> str:
-        """The ``migrate`` file's answer."""
-        lines = [f"requested {self.requested}", f"migrated {self.migrated}", f"skipped {self.skipped}"]
-        lines += [f"page {page} -{errno.errorcode.get(err, str(err))}" for page, err in self.holes]
-        return "\n".join(lines) + "\n"
-
-    def add(self, other: "MigrateResult") -> None:
-        self.requested += other.requested
-        self.migrated += other.migrated
-        self.holes += other.holes
+        return "".join(self.lines())
 
 
 async def migrate_range(m: "Machine", region: "Region", first: int, npages: int, target: "Target",
@@ -58,18 +68,43 @@ async def migrate_range(m: "Machine", region: "Region", first: int, npages: int,
 
     Untouched pages are allocated on the target only if it is device memory
     (a device may allocate when the CPU page table is empty); otherwise they
-    are holes with ENOENT.  ``from_pools`` limits the move to pages in those
-    pools (a bit per pool; 0: any).
+    are holes with ENOENT, found in bulk: the work is by the pages present,
+    not by the length of the range.  ``from_pools`` limits the move to pages
+    in those pools (a bit per pool; 0: any).
     """
-    result = MigrateResult()
-    for start in range(first, first + npages, BATCH):
-        n = min(BATCH, first + npages - start)
-        result.add(await _migrate_batch(m, region, start, n, target, from_pools, takeover))
+    result = MigrateResult(requested=npages)
+    end = first + npages
+    if region.removed:          # a mover that looked it up before the rmdir
+        result.skip(first, end - 1, errno.ENOENT)
+        return result
+    with region.hold():
+        start = first
+        while start < end:
+            absent_err = _absent_error(m, target)
+            if absent_err:
+                present = lib.cdm_region_next_present(m.core, region.core, start, end)
+                if present > start:
+                    result.skip(start, present - 1, absent_err)
+                    start = present
+                    continue
+            n = min(BATCH, end - start)
+            await _migrate_batch(m, region, start, n, target, from_pools, takeover, result)
+            start += n
+            await cond_resched()
     return result
 
 
+def _absent_error(m: "Machine", target: "Target") -> int:
+    """Why an untouched page cannot go to target (0: it can be allocated there)."""
+    if not target.device_memory:
+        return errno.ENOENT
+    if not lib.cdm_pool_free_pages(m.core, target.pool):
+        return errno.ENOMEM
+    return 0
+
+
 async def _migrate_batch(m: "Machine", region: "Region", first: int, n: int, target: "Target",
-                         from_pools: int, takeover: bool = False) -> MigrateResult:
+                         from_pools: int, takeover: bool, result: MigrateResult) -> None:
     src = ffi.new("uint64_t[]", n)
     dst = ffi.new("uint64_t[]", n)
     status = ffi.new("int32_t[]", n)
@@ -103,7 +138,8 @@ async def _migrate_batch(m: "Machine", region: "Region", first: int, n: int, tar
         owner = m.pool_owner.get(target.pool)
         if owner is not None:
             m.devices[owner].map_own(region, first, n)
-    return MigrateResult(n, moved, holes(status, n, first))
+    result.migrated += moved
+    skip_holes(result, status, n, first)
 
 
 def cpu_runs(src, status, n: int) -> list[tuple[int, int]]:
@@ -119,12 +155,13 @@ def cpu_runs(src, status, n: int) -> list[tuple[int, int]]:
     return [(start[r], length[r]) for r in range(count)]
 
 
-def holes(status, n: int, first: int) -> list[tuple[int, int]]:
-    """(page, errno) of every skipped page of a batch."""
-    idx = ffi.new("uint64_t[]", n)
+def skip_holes(result: MigrateResult, status, n: int, first: int) -> None:
+    """Adds the runs of pages a batch skipped to result."""
+    lo = ffi.new("uint64_t[]", n)
+    hi = ffi.new("uint64_t[]", n)
     err = ffi.new("int32_t[]", n)
-    count = lib.cdm_migrate_holes(status, n, idx, err)
-    return [(first + idx[k], -err[k]) for k in range(count)]
+    for k in range(lib.cdm_migrate_hole_runs(status, n, lo, hi, err)):
+        result.skip(first + lo[k], first + hi[k], -err[k])
 
 
 async def fault_back(m: "Machine", region: "Region", first: int, end: int, pid: int) -> None:
@@ -138,7 +175,7 @@ async def fault_back(m: "Machine", region: "Region", first: int, end: int, pid: 
             # pages whose READ is waiting here (it would never finish).
             res = await migrate_range(m, region, start, stop - start, m.node_target(nid),
                                       from_pools=private, takeover=True)
-            errs = {err for _, err in res.holes}
+            errs = res.errors()
             if errno.EBUSY in errs:
                 # Held by another migration: let it finish, the caller retries.
                 # It may have finished while this one awaited its own steps:

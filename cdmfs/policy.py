@@ -88,11 +88,16 @@ class Placement:
 
 
 def placement(policy: MemPolicy, local: int, usable: Sequence[int], isolated: Callable[[int], bool],
-              distance: Callable[[int, int], int], weight: Callable[[int], int]) -> Placement:
-    """The placement of a policy for a CPU on node ``local``.
+              distance: Callable[[int, int], int], weight: Callable[[int], int],
+              sysram: Callable[[int], bool] = lambda n: True) -> Placement:
+    """The placement of a policy for a CPU on node ``local``: where a page
+    may go now, for a first touch and for every mover alike.
 
     ``usable`` are the nodes that can take pages now (present, online, with
-    memory); ``isolated(n)`` tells the CDM isolation of a node.
+    memory); ``isolated(n)`` tells the CDM isolation of a node, ``sysram(n)``
+    whether it is system RAM.  A policy whose nodes are all offline or absent
+    falls back to the online system RAM nearest to ``local``, so a page never
+    dies with SIGBUS for want of a node while system RAM has room.
     """
     def by_distance(src: int, nodes) -> tuple[int, ...]:
         return tuple(sorted(nodes, key=lambda n: (distance(src, n), n)))
@@ -103,7 +108,8 @@ def placement(policy: MemPolicy, local: int, usable: Sequence[int], isolated: Ca
     if mode in ("default", "local"):
         return Placement((local,), {local: by_distance(local, implicit)}, False)
     if mode == "bind":
-        order = by_distance(local, [n for n in usable if n in named])
+        order = by_distance(local, [n for n in usable if n in named]) or \
+            by_distance(local, [n for n in usable if sysram(n) and not isolated(n)])
         intended = order[0] if order else min(named)
         return Placement((intended,), {intended: order}, False)
     if mode == "preferred":

@@ -14,12 +14,13 @@ splits and merges VMAs; pages outside every range follow the region's policy.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 import errno
 import functools
 import logging
 import re
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import trio
 
@@ -34,16 +35,33 @@ log = logging.getLogger(__name__)
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 MAX_REGION_SIZE = 1 << 46            # 64 TiB of address space per region
 SCAN_PAGES = 1 << 16                 # pages per native scan call (the machine lock is held)
+MAX_MBIND_RANGES = 65530             # as vm.max_map_count bounds a process's VMAs
+# What one user other than root may hold on a shared mount: regions, and the
+# address space they span together (their page tables are reserved by it).
+USER_MAX_REGIONS = 1024
+USER_MAX_SPACE = MAX_REGION_SIZE
 
 
 class Region:
-    def __init__(self, machine: Machine, name: str, rid: int):
+    """A region's memory and its lifetime.
+
+    Every open file of the region and every operation in flight on it holds
+    a reference (``get``/``put``, or ``with region.hold()``).  Removing the
+    region (rmdir) frees its pages at once and takes it out of every lookup;
+    the native region itself goes with the last reference, so no native call
+    in flight ever sees it freed, and whatever comes later gets ENOENT.
+    """
+
+    def __init__(self, machine: Machine, name: str, rid: int, owner: int = 0):
         self.machine = machine
         self.name = name
         self.id = rid
-        self.core = lib.cdm_region_new(machine.core, rid)
-        if self.core == ffi.NULL:
+        self.owner = owner              # the uid that created it
+        self._core = lib.cdm_region_new(machine.core, rid)
+        if self._core == ffi.NULL:
             raise MemoryError("cannot allocate a region")
+        self.refs = 0
+        self.removed = False
         self.size = 0
         self.policy = mpol.DEFAULT
         # mbind ranges: (first page, end page, policy), sorted, disjoint, none
@@ -66,6 +84,40 @@ class Region:
     @property
     def npages(self) -> int:
         return self.core.npages
+
+    # -------------------------------------------------------------- lifetime
+
+    def get(self) -> None:
+        """Takes a reference; ENOENT once the region has been removed."""
+        if self.removed:
+            raise OSError(errno.ENOENT, f"region {self.name} was removed")
+        self.refs += 1
+
+    def put(self) -> None:
+        """Drops a reference; the last one of a removed region frees it."""
+        self.refs -= 1
+        self._free_if_unused()
+
+    def _free_if_unused(self) -> None:
+        if self.removed and self.refs == 0 and self._core is not None:
+            core, self._core = self._core, None
+            lib.cdm_region_free(self.machine.core, core)
+
+    @property
+    def core(self):
+        """The native region; ENOENT once freed, never a dangling pointer."""
+        if self._core is None:
+            raise OSError(errno.ENOENT, f"region {self.name} was removed")
+        return self._core
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator["Region"]:
+        """A reference for the duration of an operation."""
+        self.get()
+        try:
+            yield self
+        finally:
+            self.put()
 
     def policy_at(self, page: int) -> mpol.MemPolicy:
         """The policy that places page: its mbind range's, else the region's."""
@@ -113,6 +165,8 @@ class Region:
                 kept.append((end, e, pol))
         if policy is not None and policy.mode != "default" and first < end:
             kept.append((first, end, policy))
+        if len(kept) > MAX_MBIND_RANGES:
+            raise OSError(errno.ENOMEM, f"more than {MAX_MBIND_RANGES} policy ranges")
         kept.sort(key=lambda r: r[0])
         merged: list[tuple[int, int, mpol.MemPolicy]] = []
         for r in kept:
@@ -200,6 +254,10 @@ class Region:
         """truncate(2): grows with zero pages, shrinking frees pages."""
         if size < 0 or size > MAX_REGION_SIZE:
             raise OSError(errno.EINVAL, f"size must be 0..{MAX_REGION_SIZE}")
+        if self.removed:
+            raise OSError(errno.ENOENT, f"region {self.name} was removed")
+        if size > self.size:
+            self.machine.regions.may_grow(self, size)
         # A shrink during a migration is allowed, as truncate(2) is: the
         # migration's lock and finalize steps skip the pages that went away
         # (-ENOENT) and give their target frames back.
@@ -226,9 +284,6 @@ class Region:
             addr = lib.cdm_pfn_addr(self.machine.core, ptes[0] & lib.CDM_PTE_PFN_MASK)
             ffi.memmove(addr + size % PAGE_SIZE, tail, len(tail))
 
-    def free(self) -> None:
-        lib.cdm_region_free(self.machine.core, self.core)
-        self.core = ffi.NULL
 
     # -------------------------------------------------------------- mbind
 
@@ -273,6 +328,19 @@ class Region:
             mask |= 1 << m.nodes[nid].pool
         return [[m.nodes[nid].pool] for nid in order] or [[]], mask
 
+    def present_spans(self, first: int, end: int) -> Iterator[tuple[int, int]]:
+        """(start, count) spans of at most SCAN_PAGES that cover every page
+        of [first, end) holding something; the untouched parts between are
+        skipped by the core, so a walk costs by the pages present."""
+        s = first
+        while s < end:
+            s = lib.cdm_region_next_present(self.machine.core, self.core, s, end)
+            if s >= end:
+                return
+            k = min(SCAN_PAGES, end - s)
+            yield s, k
+            s += k
+
     def _misfit_scan(self, first: int, n: int, table: Sequence[int], fit: int, runs: int = 0):
         """(misfit pages, [(first, count, wanted pool)] runs) of [first, first + n)."""
         m = self.machine
@@ -284,8 +352,7 @@ class Region:
         rp = ffi.new("int32_t[]", runs) if runs else ffi.NULL
         count = 0
         out: list[tuple[int, int, int]] = []
-        for s in range(first, first + n, SCAN_PAGES):
-            k = min(SCAN_PAGES, first + n - s)
+        for s, k in self.present_spans(first, first + n):
             count += lib.cdm_region_misfits(m.core, self.core, s, k, ctable, len(table), fit, skip,
                                             rf, rl, rp, runs, nruns)
             out += [(rf[j], rl[j], rp[j]) for j in range(nruns[0])]
@@ -316,8 +383,7 @@ class Region:
             if not table:
                 break
             nomem = False
-            for s in range(first, first + n, SCAN_PAGES):
-                k = min(SCAN_PAGES, first + n - s)
+            for s, k in self.present_spans(first, first + n):
                 _, runs = self._misfit_scan(s, k, table, fit, runs=k)
                 runs = [r for r in runs if r[2] in targets]
                 if not runs:
@@ -330,7 +396,7 @@ class Region:
                     res = await migrate.migrate_range(m, self, rs, rn, targets[pool],
                                                       from_pools=node_pools & ~fit)
                     moved += res.migrated
-                    nomem |= any(err == errno.ENOMEM for _, err in res.holes)
+                    nomem |= errno.ENOMEM in res.errors()
             if not nomem:
                 break
         return moved
@@ -341,8 +407,8 @@ class Region:
         """Pages of [first, end) per pool: (present, dirty)."""
         present = ffi.new("uint64_t[]", lib.CDM_MAX_POOLS)
         dirty = ffi.new("uint64_t[]", lib.CDM_MAX_POOLS)
-        for s in range(first, end, SCAN_PAGES):
-            lib.cdm_region_census(self.machine.core, self.core, s, min(SCAN_PAGES, end - s), present, dirty)
+        for s, k in self.present_spans(first, end):
+            lib.cdm_region_census(self.machine.core, self.core, s, k, present, dirty)
         return list(present), list(dirty)
 
     def numa_maps(self) -> str:
@@ -368,14 +434,15 @@ class Region:
             lines.append(" ".join(words) + "\n")
         return "".join(lines)
 
-    def pagemap(self, first: int = 0, n: Optional[int] = None) -> bytes:
-        """``pagemap`` entries of pages [first, first + n), 8 bytes each."""
+    def pagemap(self, first: int = 0, n: Optional[int] = None, show_pfn: bool = True) -> bytes:
+        """``pagemap`` entries of pages [first, first + n), 8 bytes each;
+        without show_pfn the PFN bits read as 0 (the flags stay)."""
         if n is None:
             n = max(self.npages - first, 0)
         if n <= 0:
             return b""
         out = ffi.new("uint64_t[]", n)
-        lib.cdm_region_pagemap(self.machine.core, self.core, first, n, out)
+        lib.cdm_region_pagemap(self.machine.core, self.core, first, n, out, int(show_pfn))
         return ffi.buffer(out)[:]
 
     def mbind_text(self) -> str:
@@ -409,22 +476,39 @@ class Regions:
         self._next_id = 0
         machine.regions = self
 
-    def create(self, name: str) -> Region:
+    def create(self, name: str, owner: int = 0) -> Region:
         if not NAME_RE.match(name):
             raise OSError(errno.EINVAL, "region names are 1-64 of [A-Za-z0-9_.-]")
         if name in self.by_name:
             raise OSError(errno.EEXIST, f"region {name} exists")
-        region = Region(self.machine, name, self._next_id)
+        if owner and sum(r.owner == owner for r in self.by_name.values()) >= USER_MAX_REGIONS:
+            raise OSError(errno.EDQUOT, f"a user may hold at most {USER_MAX_REGIONS} regions")
+        region = Region(self.machine, name, self._next_id, owner)
         region.faultback = functools.partial(migrate.fault_back, self.machine)
         self._next_id += 1
         self.by_name[name] = region
         return region
 
-    def remove(self, name: str) -> None:
+    def may_grow(self, region: Region, size: int) -> None:
+        """EDQUOT if region growing to size would take its owner (not root)
+        past USER_MAX_SPACE of address space."""
+        if not region.owner:
+            return
+        others = sum(r.size for r in self.by_name.values() if r.owner == region.owner and r is not region)
+        if others + size > USER_MAX_SPACE:
+            raise OSError(errno.EDQUOT, f"a user's regions may span at most {USER_MAX_SPACE >> 40} TiB")
+
+    def remove(self, name: str) -> Region:
+        """rmdir: EBUSY while data is open or mapped; else the region leaves
+        every lookup and its pages are freed now, the native region with its
+        last reference."""
         region = self.by_name[name]
-        if region.opens or region.migrations:
+        if region.opens:
             raise OSError(errno.EBUSY, f"region {name} is open or mapped")
+        region.resize(0)
         del self.by_name[name]
+        region.removed = True
         for dev in self.machine.devices.values():
             dev.forget(region)
-        region.free()
+        region._free_if_unused()
+        return region

@@ -1,6 +1,7 @@
 """The files of ``regions/NAME/`` (SPEC §6): one show/store per file."""
 from __future__ import annotations
 
+import errno
 import stat
 
 from . import formats, migrate
@@ -8,7 +9,7 @@ from . import policy as mpol
 from .config import PAGE_SIZE
 from .machine import Machine
 from .region import Region
-from .tree import Attr, Dir, Entry, Transaction, Tree
+from .tree import Attr, Dir, Entry, Transaction, Tree, walk
 
 
 class DataFile(Entry):
@@ -46,7 +47,7 @@ async def migrate_request(m: Machine, region: Region, state: dict, text: str) ->
         raise ValueError("expected START LENGTH TARGET")
     first, n = parse_range(region, words[0], words[1])
     target = m.target(words[2])
-    state["result"] = (await migrate.migrate_range(m, region, first, n, target)).text()
+    state["result"] = await migrate.migrate_range(m, region, first, n, target)
 
 
 def policy_store(m: Machine, region: Region, text: str) -> None:
@@ -71,7 +72,20 @@ async def mbind_request(m: Machine, region: Region, text: str) -> None:
     await region.mbind(first, n, policy, move="move" in flags, strict="strict" in flags)
 
 
-def add_region(tree: Tree, parent: Dir, m: Machine, region: Region) -> RegionDir:
+def pagemap_read(region: Region, off: int, size: int, privileged: bool) -> bytes:
+    """A slice of ``pagemap``: only the entries asked for are built.  As the
+    kernel does without CAP_SYS_ADMIN, PFNs read as 0 to everyone but root."""
+    if off % 8 or size % 8:
+        raise OSError(errno.EINVAL, "pagemap is read in whole 8-byte entries")
+    first = off // 8
+    n = min(size // 8, max(region.npages - first, 0))
+    with region.hold():
+        return region.pagemap(first, n, show_pfn=privileged)
+
+
+def add_region(tree: Tree, parent: Dir, m: Machine, region: Region, uid: int = 0, gid: int = 0) -> RegionDir:
+    """The files of a region, owned by its creator: the directory 0700 and
+    data 0600, as a process's memory is its own."""
     d = tree.add(parent, region.name, RegionDir(region))
     tree.add(d, "data", DataFile(region))
     tree.add(d, "policy", Attr(lambda: f"{region.policy}\n", lambda text: policy_store(m, region, text)))
@@ -79,9 +93,14 @@ def add_region(tree: Tree, parent: Dir, m: Machine, region: Region) -> RegionDir
     tree.add(d, "mbind", Transaction(lambda state, text: mbind_request(m, region, text),
                                      lambda state: region.mbind_text()))
     tree.add(d, "numa_maps", Attr(region.numa_maps))
-    tree.add(d, "pagemap", Attr(region.pagemap, size=lambda: region.npages * 8))
+    tree.add(d, "pagemap", Attr(None, size=lambda: region.npages * 8,
+                                read=lambda off, size, privileged: pagemap_read(region, off, size, privileged)))
     tree.add(d, "migrate", Transaction(lambda state, text: migrate_request(m, region, state, text),
-                                       lambda state: state.get("result", "")))
+                                       lambda state: state["result"].lines() if "result" in state else ""))
     tree.add(d, "advise", Attr(lambda: m.lifecycle.advise_show(region),
                                lambda text: m.lifecycle.advise_store(region, text)))
+    for entry in walk(d):
+        entry.uid, entry.gid = uid, gid
+    d.mode = stat.S_IFDIR | 0o700
+    d.children["data"].mode = stat.S_IFREG | 0o600
     return d

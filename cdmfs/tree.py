@@ -4,15 +4,19 @@ An ``Attr`` is a sysfs attribute in the kernel's DEVICE_ATTR_RO/RW style: a
 ``show`` that returns the whole file and, if writable, a ``store`` that parses
 and applies a write whole or raises (ValueError -> EINVAL, OSError -> its errno).
 A ``Transaction`` file keeps state per open file: a write makes a request, a
-read on the same open file returns its result (SPEC §6, §7).
+read on the same open file returns its result (SPEC §6, §7); the result may
+be a string or an iterable of strings, rendered as it is read.
 """
 from __future__ import annotations
 
 import stat
-from typing import Callable, Iterator, Optional, Union
+from typing import Callable, Iterable, Iterator, Optional, Union
 
 Show = Callable[[], Union[str, bytes]]
 Store = Callable[[str], None]
+# read(offset, size, privileged) -> bytes: a binary file read by slices
+Read = Callable[[int, int, bool], bytes]
+Response = Callable[[dict], Union[str, Iterable[str]]]
 
 
 class Entry:
@@ -20,6 +24,8 @@ class Entry:
     inode: int = 0
     parent: Optional["Dir"] = None
     name: str = ""
+    uid: Optional[int] = None       # owner; None: the user who mounted
+    gid: Optional[int] = None
 
 
 class Dir(Entry):
@@ -29,22 +35,29 @@ class Dir(Entry):
 
 
 class Attr(Entry):
-    """A sysfs attribute; mode 0444 without a store, 0644 with one."""
+    """A sysfs attribute; mode 0444 without a store, 0644 with one.  A binary
+    attribute too large to render whole (pagemap) gives ``read`` instead of
+    ``show``: only the slice asked for is built."""
 
     def __init__(self, show: Optional[Show], store: Optional[Store] = None, mode: Optional[int] = None,
-                 size: Optional[Callable[[], int]] = None):
+                 size: Optional[Callable[[], int]] = None, read: Optional[Read] = None):
         if mode is None:
-            mode = (0o444 if show else 0) | (0o200 if store else 0)
+            mode = (0o444 if show or read else 0) | (0o200 if store else 0)
         self.mode = stat.S_IFREG | mode
         self.show = show
         self.store = store
         self.size = size
+        self.read = read
+
+    @property
+    def readable(self) -> bool:
+        return self.show is not None or self.read is not None
 
 
 class Transaction(Entry):
     """A request/response file: ``request(state, text)`` on write, ``response(state)`` on read."""
 
-    def __init__(self, request: Callable[[dict, str], object], response: Callable[[dict], str],
+    def __init__(self, request: Callable[[dict, str], object], response: Response,
                  mode: int = 0o644):
         self.mode = stat.S_IFREG | mode
         self.request = request

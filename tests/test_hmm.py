@@ -375,7 +375,7 @@ def test_migrate(mnt, hmm_cpu, kind):
         n0, used0, st0 = mnt.node(0).meminfo["MemUsed"], kind.used_kb(mnt), dev.stat
 
         res = r.migrate(0, SIZE, kind.target)
-        assert res == {"requested": NPAGES, "migrated": NPAGES, "skipped": 0, "holes": {}}
+        assert res == {"requested": NPAGES, "migrated": NPAGES, "skipped": 0, "holes": []}
         assert placement(r)["N0"] == 0 and placement(r)[kind.key] == NPAGES
         assert n0 - mnt.node(0).meminfo["MemUsed"] == NPAGES * KB
         assert kind.used_kb(mnt) - used0 == NPAGES * KB
@@ -427,7 +427,7 @@ def test_migrate_fault(mnt, hmm_cpu, kind):
         res = r.migrate(0, SIZE, kind.target)
         # Pages already there are neither moved nor holes.
         assert res == {"requested": NPAGES, "migrated": 0 if kind.coherent else half,
-                       "skipped": 0, "holes": {}}
+                       "skipped": 0, "holes": []}
         assert placement(r)[kind.key] == NPAGES
         res = dev.access("read", r.name, 0, SIZE)
         assert res["crc32"] == crc(ints(0, NPAGES)) and res["local_bytes"] == SIZE
@@ -766,7 +766,7 @@ def test_concurrent_cpu_threads_migrations_and_device(cprog, hmm_cpu, tmp_path):
                     done["moved"] += res["migrated"]
                     if first + n <= CPU_PAGES:
                         done["moved_cpu"] += res["migrated"]
-                    done["holes"].update(res["holes"].values())
+                    done["holes"].update(err for _, _, err in res["holes"])
             except Exception as e:
                 errors.append(f"migrator: {e!r}")
 
