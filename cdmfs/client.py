@@ -80,6 +80,23 @@ def parse_numa_maps(text: str) -> list[dict]:
     return out
 
 
+def parse_migrate(text: str) -> dict:
+    """A ``migrate`` answer as ``{"requested": n, "migrated": n, "skipped": n,
+    "holes": {page: "-EBUSY"}}``: a skipped page is ``page N -ERRNO``, a run of
+    them with one reason ``pages FIRST-LAST -ERRNO``."""
+    out: dict = {"holes": {}}
+    for line in text.splitlines():
+        key, value = line.split(" ", 1)
+        if key in ("page", "pages"):
+            pages, err = value.split()
+            first, _, last = pages.partition("-")
+            for page in range(int(first), int(last or first) + 1):
+                out["holes"][page] = err
+        else:
+            out[key] = int(value)
+    return out
+
+
 def _kv(text: str) -> dict[str, int]:
     out = {}
     for line in text.splitlines():
@@ -219,16 +236,7 @@ class Region:
     def migrate(self, start: int, length: int, target: str) -> dict:
         """Migrates [start, start+length) to target (``1``, ``node:1``, ``gpu0``):
         ``{"requested": n, "migrated": n, "skipped": n, "holes": {page: "-EBUSY"}}``."""
-        text = transact(os.path.join(self.path, "migrate"), f"{start} {length} {target}\n")
-        out: dict = {"holes": {}}
-        for line in text.splitlines():
-            key, value = line.split(" ", 1)
-            if key == "page":
-                page, err = value.split()
-                out["holes"][int(page)] = err
-            else:
-                out[key] = int(value)
-        return out
+        return parse_migrate(transact(os.path.join(self.path, "migrate"), f"{start} {length} {target}\n"))
 
     def mbind(self, start: int, length: int, policy: str, move: bool = False, strict: bool = False) -> None:
         """mbind(2) of [start, start+length) (bytes): ``policy`` for that range

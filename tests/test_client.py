@@ -77,3 +77,11 @@ def test_an_exception_in_the_block_still_unmounts():
         f.close()
         os.chdir(here)
     assert wait_gone(pid)
+
+
+def test_parse_migrate_single_pages_and_runs():
+    from cdmfs.client import parse_migrate
+    text = "requested 8\nmigrated 3\nskipped 5\npage 1 -EBUSY\npages 4-6 -ENOMEM\npage 7 -EIO\n"
+    assert parse_migrate(text) == {"requested": 8, "migrated": 3, "skipped": 5,
+                                   "holes": {1: "-EBUSY", 4: "-ENOMEM", 5: "-ENOMEM", 6: "-ENOMEM", 7: "-EIO"}}
+    assert parse_migrate("requested 2\nmigrated 2\nskipped 0\n")["holes"] == {}
