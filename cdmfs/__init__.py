@@ -2,6 +2,6 @@
 
 ``import cdmfs`` gives the client (SPEC §8); the daemon lives in ``cdmfs.daemon``.
 """
-from .client import Device, Mount, Node, Region, mount, mounted, transact, umount
+from .client import BusyMountWarning, Device, Mount, Node, Region, mount, mounted, transact, umount
 
-__all__ = ["Device", "Mount", "Node", "Region", "mount", "mounted", "transact", "umount"]
+__all__ = ["BusyMountWarning", "Device", "Mount", "Node", "Region", "mount", "mounted", "transact", "umount"]

@@ -32,6 +32,7 @@ def cmd_mount(args: argparse.Namespace) -> None:
 
 def cmd_umount(args: argparse.Namespace) -> None:
     daemon.umount(args.mountpoint)
+    print(f"unmounted {args.mountpoint}")
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -40,8 +41,11 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from .demo import run
-    run()
+    from .demo import DemoError, run
+    try:
+        run()
+    except DemoError as e:
+        raise CliError(f"the demo failed: {e}") from None
 
 
 class _IntermixedParser(argparse.ArgumentParser):
@@ -141,17 +145,57 @@ def cmd_device(args: argparse.Namespace) -> None:
         reason = {errno.EBUSY: "a page in its memory is pinned or stays busy",
                   errno.ENOMEM: "system RAM has no room for its memory"}.get(e.errno, e.strerror)
         raise CliError(f"cannot take {args.name} {args.state}: {reason}")
-    if tty:
-        if value == "0":
-            sys.stderr.write(f"{args.name}: offline, {_mib(start_kb)} moved to system RAM\n")
-        else:
-            sys.stderr.write(f"{args.name}: online\n")
+    # The outcome goes to stdout, terminal or not; only the progress is for a terminal.
+    if value == "0":
+        print(f"{args.name}: offline, {_mib(start_kb)} moved to system RAM")
+    else:
+        print(f"{args.name}: online")
+
+
+BENCH_EPILOG = """\
+Each row is a median beside a reference measured in the same run on this machine:
+  tmpfs                     CPU first touch on the kernel's own shared memory
+  bindfs                    the same on bindfs over that tmpfs: a FUSE filesystem in C
+                            (its rows are left out when bindfs is not installed)
+  pyfuse3 floor             cdmfs.benchfloor: pyfuse3 on trio answering each request
+                            and doing nothing else, the floor of a Python FUSE daemon
+  memcpy                    memcpy of the same size, for migration and device reads
+  host node0/meminfo        the host's sysfs (/sys/devices/system/node/node0/meminfo),
+                            for attribute reads; also bindfs over a copy of it and the
+                            floor's small attribute file
+  cdmfs random first touch  cdmfs's own first-touch rate, for fault-back from gpu0
+  bytes touched             for the daemon's memory growth with a 1 TiB CDM node
+ratio = median / reference: for faults/s and MB/s higher is better (1.00x matches
+the reference); for us (latency) and MiB (memory) lower is better.
+"""
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+    try:
+        return dist_version("cdmfs")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+class _VersionAction(argparse.Action):
+    """--version, reading the package metadata only when asked."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
+                 help="print the version and exit"):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{parser.prog} {version()}")
+        parser.exit()
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cdmfs", description=(
         "Coherent device memory and HMM, emulated in user space as a FUSE filesystem."))
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p.add_argument("--version", action=_VersionAction)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     m = sub.add_parser("mount", help="mount the emulated machine")
     m.add_argument("mountpoint")
@@ -190,7 +234,9 @@ def parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="mount in a temporary folder and run a short workload")
     d.set_defaults(func=cmd_demo)
 
-    b = sub.add_parser("bench", help="measure against in-run references (tmpfs, memcpy, host sysfs)")
+    b = sub.add_parser("bench", help="measure against in-run references (tmpfs, bindfs, pyfuse3, memcpy, sysfs)",
+                       description="The benchmark table: cdmfs's figures beside references taken in the same run.",
+                       epilog=BENCH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     b.add_argument("--quick", action="store_true", help="fewer repetitions, smaller sizes")
     b.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     b.set_defaults(func=cmd_bench)
@@ -198,7 +244,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if args.command is None:        # `cdmfs` alone: the help, as git and ip give theirs
+        p.print_help()
+        return 0
     try:
         args.func(args)
     except (CliError, config.ConfigError, daemon.MountError, OSError) as e:

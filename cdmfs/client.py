@@ -4,12 +4,14 @@ be done with ``cat`` and ``echo``.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import mmap
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 from typing import Iterator, Optional
 
 from . import formats
@@ -75,6 +77,23 @@ def parse_numa_maps(text: str) -> list[dict]:
             else:
                 entry[key] = int(value)
         out.append(entry)
+    return out
+
+
+def parse_migrate(text: str) -> dict:
+    """A ``migrate`` answer as ``{"requested": n, "migrated": n, "skipped": n,
+    "holes": [(first, last, "-EBUSY")]}``: the skipped pages as runs with one
+    reason (page numbers, inclusive), as the file gives them (``page N -ERRNO``
+    for one, ``pages FIRST-LAST -ERRNO`` for a run)."""
+    out: dict = {"holes": []}
+    for line in text.splitlines():
+        key, value = line.split(" ", 1)
+        if key in ("page", "pages"):
+            pages, err = value.split()
+            first, _, last = pages.partition("-")
+            out["holes"].append((int(first), int(last or first), err))
+        else:
+            out[key] = int(value)
     return out
 
 
@@ -216,19 +235,8 @@ class Region:
 
     def migrate(self, start: int, length: int, target: str) -> dict:
         """Migrates [start, start+length) to target (``1``, ``node:1``, ``gpu0``):
-        ``{"requested": n, "migrated": n, "skipped": n, "holes": [(first, last, "-EBUSY")]}``,
-        the skipped pages as runs with one reason (page numbers, inclusive)."""
-        text = transact(os.path.join(self.path, "migrate"), f"{start} {length} {target}\n")
-        out: dict = {"holes": []}
-        for line in text.splitlines():
-            key, value = line.split(" ", 1)
-            if key in ("page", "pages"):
-                pages, err = value.split()
-                first, _, last = pages.partition("-")
-                out["holes"].append((int(first), int(last or first), err))
-            else:
-                out[key] = int(value)
-        return out
+        ``{"requested": n, "migrated": n, "skipped": n, "holes": [(first, last, "-EBUSY")]}``."""
+        return parse_migrate(transact(os.path.join(self.path, "migrate"), f"{start} {length} {target}\n"))
 
     def mbind(self, start: int, length: int, policy: str, move: bool = False, strict: bool = False) -> None:
         """mbind(2) of [start, start+length) (bytes): ``policy`` for that range
@@ -356,8 +364,9 @@ class Device:
 
 
 class Mount:
-    def __init__(self, path: str):
+    def __init__(self, path: str, log_file: Optional[str] = None):
         self.path = os.path.abspath(path)
+        self.log_file = log_file        # the daemon's log, when this client mounted it
 
     @property
     def nodes(self) -> list[int]:
@@ -448,35 +457,105 @@ def mount(mountpoint: str, config: Optional[str] = None, log_level: Optional[str
     if log_level:
         cmd += ["--log-level", log_level]
     # The error goes to a file, not a pipe: with a log level the daemon keeps
-    # stderr open, and a pipe would not reach end-of-file while it runs.
+    # stderr open, and a pipe would not reach end-of-file while it runs.  Its
+    # stdout is /dev/null, so the "mounted ..., log in ..." line can be piped.
     with tempfile.TemporaryFile("w+") as err:
         try:
-            done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=err if log_level is None else None)
+            done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True,
+                                  stderr=err if log_level is None else None)
         finally:
             if tmp is not None:
                 os.unlink(tmp.name)
         if done.returncode:
             err.seek(0)
             raise RuntimeError(err.read().strip() or f"cdmfs mount failed ({done.returncode})")
-    return Mount(mountpoint)
+    _, sep, log_file = done.stdout.strip().rpartition(", log in ")
+    return Mount(mountpoint, log_file if sep else None)
 
 
 def umount(mountpoint: str) -> None:
     done = subprocess.run([sys.executable, "-m", "cdmfs", "umount", mountpoint],
-                          stderr=subprocess.PIPE, text=True)
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if done.returncode:
         raise RuntimeError(done.stderr.strip())
 
 
+class BusyMountWarning(UserWarning):
+    """A mount was still in use when ``mounted()`` ended, and was detached."""
+
+
+MNT_DETACH = 2
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def users(mountpoint: str) -> list[str]:
+    """What keeps a mount busy, one string each: which process has which file
+    of it open or mapped, or its working directory there (from /proc)."""
+    root = os.path.realpath(mountpoint)
+    found: dict[tuple[int, str], set[str]] = {}
+
+    def note(pid: int, comm: str, what: str, path: str) -> None:
+        if path == root or path.startswith(root + "/"):
+            rel = os.path.relpath(path, root)
+            found.setdefault((pid, comm), set()).add(f"{what} {rel}" if rel != "." else f"{what} the mount point")
+
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        pid = int(name)
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                comm = f.read().strip()
+            for link, what in (("cwd", "has its working directory in"), ("root", "has its root in")):
+                with contextlib.suppress(OSError):
+                    note(pid, comm, what, os.readlink(f"/proc/{pid}/{link}"))
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    note(pid, comm, "has open", os.readlink(f"/proc/{pid}/fd/{fd}"))
+            with open(f"/proc/{pid}/maps") as f:
+                for line in f:
+                    fields = line.split(maxsplit=5)
+                    if len(fields) == 6:
+                        note(pid, comm, "maps", fields[5].rstrip("\n").removesuffix(" (deleted)"))
+        except OSError:
+            continue        # gone meanwhile, or not ours to read
+    return [f"{comm} (pid {pid}) " + ", ".join(sorted(whats)) for (pid, comm), whats in sorted(found.items())]
+
+
+def release(mountpoint: str, stacklevel: int = 2) -> None:
+    """Unmounts; a mount still in use is detached instead (``umount -l``,
+    MNT_DETACH) with a BusyMountWarning naming what holds it.  A detached
+    mount leaves the file tree at once; its daemon serves the open files and
+    mappings and ends when the last one is closed."""
+    path = os.fsencode(os.path.realpath(mountpoint))
+    if _libc.umount2(path, 0) == 0:
+        return
+    err = ctypes.get_errno()
+    if err != errno.EBUSY:
+        umount(mountpoint)      # a stale mount, or a user without the right: as the command does
+        return
+    holders = users(mountpoint)
+    if _libc.umount2(path, MNT_DETACH) != 0:
+        err = ctypes.get_errno()
+        raise RuntimeError(f"cannot unmount {mountpoint}: {os.strerror(err)}")
+    warnings.warn(f"{mountpoint} was still in use, detached it (umount -l): "
+                  + ("; ".join(holders) or "by a file or mapping no process lists")
+                  + "; its daemon ends when these are closed", BusyMountWarning, stacklevel=stacklevel)
+
+
 @contextlib.contextmanager
 def mounted(config: Optional[str] = None, log_level: Optional[str] = None) -> Iterator[Mount]:
-    """A mount in a temporary folder for the duration of a with-block."""
+    """A mount in a temporary folder for the duration of a with-block.  At
+    the end the mount goes in every case: if a file of it is still open or
+    mapped, it is detached (see ``release``) and a BusyMountWarning names
+    what was open."""
     folder = tempfile.mkdtemp(prefix="cdmfs-")
     try:
         m = mount(folder, config, log_level)
         try:
             yield m
         finally:
-            umount(folder)
+            release(folder, stacklevel=4)      # warns at the user's with-statement
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)

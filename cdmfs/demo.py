@@ -1,9 +1,12 @@
-"""``cdmfs demo``: the main job on the embedded default machine.
+"""``cdmfs demo``: the main job on the embedded default machine, explained.
 
 Mounts in a temporary folder and walks through both designs with a child
 program as the CPU side: first touch, migration to gpu0's private memory, CPU
-fault-back, migration to the CDM node, a device kernel adding to the data.
-Prints where the pages are after each step, then unmounts.
+fault-back (with the kernel's read-ahead), migration to the CDM node, the two
+devices adding to the data, and a last check of every page.  Each step prints
+one line saying what happened and why, then where the region's pages are (in
+pages) and how much memory each node and device uses (in MiB).  The check at
+the end fails the command if a single page is wrong.
 """
 from __future__ import annotations
 
@@ -11,14 +14,22 @@ import subprocess
 import sys
 import textwrap
 
-from .client import Mount, mounted
+from .client import Mount, Region, mounted
 
-REGION_MB = 64
+REGION_MIB = 64
 PAGE = 4096
+ADD = 1000          # what the devices add to every page's first word
+READ_BACK = 1024    # pages the CPU reads back from gpu0
+WIDTH = 88          # the explanations wrap at this width
+
+
+class DemoError(Exception):
+    """The workload did not see what it wrote: the demo fails."""
+
 
 # The CPU side runs in a child process, as a user's program would.
 # argv: data file, "write" or "check", the value added to every page's word,
-# and how many leading pages to look at.
+# and how many leading pages to look at.  Prints how many pages are wrong.
 CHILD = textwrap.dedent("""
     import mmap, os, sys
     fd = os.open(sys.argv[1], os.O_RDWR)
@@ -33,71 +44,111 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def cpu(data: str, mode: str, add: int, pages: int) -> None:
-    """Runs the CPU side; fails loudly if any page does not hold what it should."""
+def cpu(data: str, mode: str, add: int, pages: int) -> int:
+    """Runs the CPU side over the first ``pages`` pages; returns how many of
+    them do not hold their page number + add."""
     out = subprocess.run([sys.executable, "-c", CHILD, data, mode, str(add), str(pages)],
                          capture_output=True, text=True)
-    if out.returncode or out.stdout.strip() != "0":
-        raise RuntimeError(f"workload failed: {out.stderr.strip() or out.stdout.strip() + ' pages wrong'}")
+    if out.returncode:
+        raise DemoError(f"the CPU side failed: {out.stderr.strip().splitlines()[-1:]}")
+    return int(out.stdout)
 
 
-def placement(m: Mount, region: str) -> str:
-    """One line: pages of the region per node and device, and node usage."""
-    st = m.region(region).stat
-    where = "  ".join(f"{k}={v}" for k, v in st.items() if k.startswith(("N", "private:")))
-    used = "  ".join(f"node{n} {m.node(n).meminfo['MemUsed'] // 1024} MB used" for n in m.nodes)
-    return f"{where:<40} | {used}"
+def mib(kb: int) -> str:
+    return f"{kb / 1024:.1f}"
 
 
-def step(title: str) -> None:
-    print(f"\n== {title}")
-    sys.stdout.flush()
+def size(kb: int) -> str:
+    return f"{kb // 1024} MiB" if kb % 1024 == 0 else f"{mib(kb)} MiB"
+
+
+def say(text: str) -> None:
+    print(textwrap.fill(text, width=WIDTH, subsequent_indent="  "))
+
+
+class Demo:
+    def __init__(self, m: Mount, r: Region):
+        self.m, self.r = m, r
+        self.n = 0
+
+    def pages(self) -> dict[str, int]:
+        st = self.r.stat
+        return {"node0": st["N0"], "node1": st["N1"], "gpu0": st["private:gpu0"]}
+
+    def step(self, what: str) -> None:
+        """One step: what happened and why, then placement and usage."""
+        self.n += 1
+        print(textwrap.fill(f"{self.n}. {what}", width=WIDTH, subsequent_indent="   "))
+        p = self.pages()
+        used = {"node0": self.m.node(0).meminfo["MemUsed"], "node1": self.m.node(1).meminfo["MemUsed"],
+                "gpu0": self.m.device("gpu0").meminfo["MemUsed"]}
+        print("   pages: " + "  ".join(f"{k} {v:>5}" for k, v in p.items())
+              + "   MiB used: " + "  ".join(f"{k} {mib(v):>4}" for k, v in used.items()))
+        sys.stdout.flush()
 
 
 def run() -> None:
-    print("cdmfs demo: node 0 sysram, node 1 CDM (device cdm0, isolated), gpu0 private memory")
+    size_b = REGION_MIB << 20
+    pages = size_b // PAGE
+    half = size_b // 2
     with mounted() as m:
-        print(f"mounted at {m.path}")
-        r = m.region("demo", REGION_MB << 20)
-        step(f"a {REGION_MB} MiB region, nothing touched yet")
-        print(placement(m, "demo"))
+        node0, node1 = m.node(0).meminfo["MemTotal"], m.node(1).meminfo["MemTotal"]
+        gpu_kb = m.device("gpu0").meminfo["MemTotal"]
+        print("cdmfs demo on the embedded default machine:")
+        print(f"  node 0  system RAM, {size(node0)}, with the CPUs")
+        print(f"  node 1  coherent device memory (CDM), {size(node1)}: device cdm0's memory, which the")
+        print("          CPU maps like any node's; isolated from implicit allocation")
+        print(f"  gpu0    device-private memory (HMM), {size(gpu_kb)}: the CPU cannot map it")
+        print(f"mounted at {m.path}" + (f", daemon log in {m.log_file}" if m.log_file else ""))
+        r = m.region("demo", size_b)
+        d = Demo(m, r)
+        say(f"region demo: {REGION_MIB} MiB, {pages} pages of 4 KiB. After each step: where its pages are, "
+            "in pages, and the memory each node and device uses, in MiB.")
 
-        pages = (REGION_MB << 20) // PAGE
-        size = REGION_MB << 20
-        half = size // 2
+        d.step("created: nothing touched yet, so no page is placed")
 
-        step("a child program first-touches every page (default policy: local node 0)")
-        cpu(r.data, "write", 0, pages)
-        print(placement(m, "demo"))
-        print("the CDM node stayed empty: it is isolated from implicit allocation")
+        bad = cpu(r.data, "write", 0, pages)
+        if bad:
+            raise DemoError(f"{bad} pages did not hold what the CPU wrote")
+        d.step(f"a child program wrote all {pages} pages through mmap: each first-touch fault placed its "
+               "page on node 0, the CPU's node (default policy); node 1 got none: it is isolated")
 
-        step("migrate the first half to gpu0's private memory (migrate_vma)")
         res = r.migrate(0, half, "gpu0")
-        print(f"migrated {res['migrated']} pages, skipped {res['skipped']}")
-        print(placement(m, "demo"))
+        d.step(f"migrated the first half to gpu0 (migrate_vma): {res['migrated']} pages moved, "
+               f"{res['skipped']} skipped; the CPU's mappings of them were invalidated")
 
-        step("the CPU reads the first 1024 pages again: each fault migrates its page back")
-        cpu(r.data, "check", 0, 1024)
-        print(placement(m, "demo"))
+        before, stat0 = d.pages(), r.stat
+        bad = cpu(r.data, "check", 0, READ_BACK)
+        if bad:
+            raise DemoError(f"{bad} of the {READ_BACK} pages read back are wrong")
+        back = d.pages()["node0"] - before["node0"]
+        faults = r.stat["cpu_faults"] - stat0["cpu_faults"]
+        ahead = back - READ_BACK
+        why = (f", {ahead} more than read: the kernel reads ahead, each of the {faults} faults "
+               f"asked for {back // max(faults, 1)} pages" if ahead > 0 else "")
+        d.step(f"the CPU read the first {READ_BACK} pages: the CPU cannot map gpu0's memory, so each fault "
+               f"migrated pages back to node 0; {back} pages came back{why}")
 
-        step("migrate the second half to the CDM node (node 1, device cdm0's memory)")
         res = r.migrate(half, half, "node:1")
-        print(f"migrated {res['migrated']} pages, skipped {res['skipped']}")
-        print(placement(m, "demo"))
+        d.step(f"migrated the second half to node 1, cdm0's memory: {res['migrated']} pages moved, "
+               f"{res['skipped']} skipped; the CPU maps them where they are now")
 
-        step("gpu0 adds 1000 to every page (device faults migrate pages it lacks into gpu0)")
-        gpu = m.device("gpu0")
-        out = gpu.access("add", "demo", 0, half, 1000)
-        print(f"gpu0: {out['faults']} device faults, {out['migrated']} pages migrated, "
-              f"{out['modeled_ns'] / 1e6:.2f} ms modeled")
-        cdm = m.device("cdm0")
-        out = cdm.access("add", "demo", half, half, 1000)
-        print(f"cdm0: {out['local_bytes'] >> 20} MiB local, {out['remote_bytes'] >> 20} MiB remote, "
-              f"{out['modeled_ns'] / 1e6:.2f} ms modeled (coherent: accessed in place)")
-        print(placement(m, "demo"))
+        gpu = m.device("gpu0").access("add", "demo", 0, half, ADD)
+        d.step(f"gpu0 added {ADD} to every page of the first half: it faulted on the {gpu['faults']} "
+               f"pages not in its memory and migrated them in (fault policy migrate): "
+               f"{gpu['migrated']} pages migrated, {gpu['modeled_ns'] / 1e6:.2f} ms modeled")
 
-        step("the CPU checks every page: +1000 everywhere (CDM pages read in place)")
-        cpu(r.data, "check", 1000, pages)
-        print(placement(m, "demo"))
+        cdm = m.device("cdm0").access("add", "demo", half, half, ADD)
+        d.step(f"cdm0 added {ADD} to every page of the second half where it lies (fault policy remote): "
+               f"they are on node 1, its own memory, so {cdm['local_bytes'] >> 20} MiB local, "
+               f"{cdm['remote_bytes'] >> 20} MiB remote, {cdm['migrated']} pages migrated, "
+               f"{cdm['modeled_ns'] / 1e6:.2f} ms modeled")
+
+        bad = cpu(r.data, "check", ADD, pages)
+        d.step(f"the CPU read every page: gpu0's {half // PAGE} pages faulted back to node 0, "
+               "node 1's were read in place (coherent memory: no migration)")
+        print(f"verification: {pages - bad} of {pages} pages correct (each holds its page number + {ADD})")
+        if bad:
+            raise DemoError(f"{bad} of {pages} pages do not hold what the devices wrote")
         r.remove()
-    print("\nunmounted")
+    print("unmounted; the demo passed")

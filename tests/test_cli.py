@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -57,6 +58,7 @@ def test_mount_umount_and_sigterm(mp):
     assert sorted(os.listdir(mp)) == ["devices", "regions", "sys"]
     res = cdmfs("umount", mp)
     assert res.returncode == 0, res.stderr
+    assert res.stdout == f"unmounted {mp}\n" and res.stderr == ""
     assert not is_mounted(str(mp))
     # SIGTERM unmounts cleanly too.
     assert cdmfs("mount", mp).returncode == 0
@@ -135,11 +137,111 @@ def test_foreground_mount(mp):
     assert not is_mounted(str(mp))
 
 
+DEMO_STEPS = [
+    "1. created: nothing touched yet, so no page is placed",
+    "   pages: node0     0  node1     0  gpu0     0   MiB used: node0  0.0  node1  0.0  gpu0  0.0",
+    "2. a child program wrote all 16384 pages through mmap: each first-touch fault placed its",
+    "   pages: node0 16384  node1     0  gpu0     0   MiB used: node0 64.0  node1  0.0  gpu0  0.0",
+    "3. migrated the first half to gpu0 (migrate_vma): 8192 pages moved, 0 skipped; the CPU's",
+    "   pages: node0  8192  node1     0  gpu0  8192   MiB used: node0 32.0  node1  0.0  gpu0 32.0",
+    "4. the CPU read the first 1024 pages: the CPU cannot map gpu0's memory, so each fault",
+    "5. migrated the second half to node 1, cdm0's memory: 8192 pages moved, 0 skipped; the",
+    "6. gpu0 added 1000 to every page of the first half: it faulted on the",
+    "   pages: node0     0  node1  8192  gpu0  8192   MiB used: node0  0.0  node1 32.0  gpu0 32.0",
+    "7. cdm0 added 1000 to every page of the second half where it lies (fault policy remote):",
+    "   they are on node 1, its own memory, so 32 MiB local, 0 MiB remote, 0 pages migrated,",
+    "8. the CPU read every page: gpu0's 8192 pages faulted back to node 0, node 1's were read",
+    "   pages: node0  8192  node1  8192  gpu0     0   MiB used: node0 32.0  node1 32.0  gpu0  0.0",
+    "verification: 16384 of 16384 pages correct (each holds its page number + 1000)",
+    "unmounted; the demo passed",
+]
+
+
 def test_demo():
+    """The demo piped, as a script runs it; README.md shows its whole output."""
     res = subprocess.run(CDMFS + ["demo"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
-    assert "N0=16384  N1=0" in res.stdout
-    assert "unmounted" in res.stdout
+    assert res.stderr == ""
+    lines = res.stdout.splitlines()
+    at = 0
+    for want in DEMO_STEPS:                     # each line starts so, in this order
+        found = [i for i in range(at, len(lines)) if lines[i].startswith(want)]
+        assert found, (want, res.stdout)
+        at = found[0] + 1
+    assert re.search(r"came back, (\d+) more than read: the kernel\n   reads ahead", res.stdout) or \
+        "1024 pages came back\n" in res.stdout, res.stdout
+
+
+def test_demo_fails_loudly(monkeypatch, capsys):
+    """A wrong page in the last check: the verification line says so and the command fails."""
+    from cdmfs import cli, demo
+    real = demo.cpu
+
+    def one_wrong(data, mode, add, pages):
+        bad = real(data, mode, add, pages)
+        return bad + 1 if add == demo.ADD else bad
+    monkeypatch.setattr(demo, "cpu", one_wrong)
+    assert cli.main(["demo"]) == 1
+    out, err = capsys.readouterr()
+    assert "verification: 16383 of 16384 pages correct (each holds its page number + 1000)\n" in out
+    assert "unmounted" not in out
+    assert err == "cdmfs: the demo failed: 1 of 16384 pages do not hold what the devices wrote\n"
+
+
+def test_no_arguments_prints_help():
+    res = cdmfs()
+    assert res.returncode == 0 and res.stderr == ""
+    assert res.stdout.startswith("usage: cdmfs [-h] [--version] COMMAND ...\n")
+    for command in ("mount", "umount", "hardware", "numastat", "device", "demo", "bench"):
+        assert re.search(rf"^    {command} +\S", res.stdout, re.M), command
+
+
+def test_version():
+    from importlib.metadata import version
+    res = cdmfs("--version")
+    assert (res.returncode, res.stdout, res.stderr) == (0, f"cdmfs {version('cdmfs')}\n", "")
+
+
+def bench_references() -> set[str]:
+    """The reference names of every row cdmfs bench makes (4th argument of Row)."""
+    import ast
+    from cdmfs import bench
+    tree = ast.parse(open(bench.__file__).read())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Row" and len(node.args) >= 4:
+            ref = node.args[3]
+            names.add(ref.value if isinstance(ref, ast.Constant) else getattr(bench, ref.id))
+    return names
+
+
+def test_bench_help_names_every_reference():
+    res = cdmfs("bench", "--help")
+    assert res.returncode == 0, res.stderr
+    refs = bench_references()
+    assert {"tmpfs", "bindfs", "pyfuse3 floor", "memcpy", "host node0/meminfo"} <= refs
+    for ref in refs:
+        assert ref.split(",")[0] in res.stdout, ref      # "bindfs, same bytes" is bindfs's row
+    assert "higher is better" in res.stdout and "lower is better" in res.stdout
+
+
+def test_device_reports_when_piped(mp):
+    """device offline/online print their outcome on stdout with no terminal; nothing on stderr."""
+    assert cdmfs("mount", mp).returncode == 0
+    os.mkdir(mp / "regions" / "r")
+    with open(mp / "regions" / "r" / "data", "wb") as f:
+        f.write(b"\1" * (12 << 20))
+    fd = os.open(mp / "regions" / "r" / "migrate", os.O_RDWR)
+    try:
+        os.write(fd, b"0 12582912 gpu0\n")
+    finally:
+        os.close(fd)
+    res = cdmfs("device", mp, "gpu0", "offline")
+    assert (res.returncode, res.stdout, res.stderr) == (0, "gpu0: offline, 12.0 MiB moved to system RAM\n", "")
+    res = cdmfs("device", mp, "gpu0", "online")
+    assert (res.returncode, res.stdout, res.stderr) == (0, "gpu0: online\n", "")
+    res = cdmfs("device", mp, "nope", "online")
+    assert res.stdout == "" and one_line_error(res) == f"cdmfs: no device 'nope' in {mp}"
 
 
 MAPPED_CHILD = """
