@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
+import sys
 import threading
 import time
 
@@ -16,6 +17,8 @@ import cdmfs
 from cdmfs.daemon import daemon_pid, daemon_rss
 
 from conftest import PAGE
+
+CDMFS = [sys.executable, "-m", "cdmfs"]
 
 TIB = 1 << 40
 MIB = 1 << 20
@@ -338,7 +341,7 @@ def test_a_failing_request_is_logged_and_the_mount_serves_on(tmp_path):
     mp = tmp_path / "mnt"
     mp.mkdir()
     log = tmp_path / "cdmfs.log"
-    subprocess.run(["cdmfs", "mount", str(mp), "--log-file", str(log)], check=True, capture_output=True)
+    subprocess.run([*CDMFS, "mount", str(mp), "--log-file", str(log)], check=True, capture_output=True)
     try:
         m = cdmfs.Mount(str(mp))
         r = m.region("big", 16 * MIB)
@@ -365,4 +368,4 @@ def test_a_failing_request_is_logged_and_the_mount_serves_on(tmp_path):
         with open(r.data, "rb") as f:
             assert f.read() == data
     finally:
-        subprocess.run(["cdmfs", "umount", str(mp)], capture_output=True)
+        subprocess.run([*CDMFS, "umount", str(mp)], capture_output=True)

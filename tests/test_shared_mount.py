@@ -7,12 +7,15 @@ import pwd
 import shutil
 import struct
 import subprocess
+import sys
 
 import pytest
 
 from cdmfs.daemon import is_mounted
 
 from conftest import PAGE
+
+CDMFS = [sys.executable, "-m", "cdmfs"]
 
 USER = "cdmfs-test"
 
@@ -35,9 +38,9 @@ def shared(tmp_path_factory, user):
     mp.mkdir()
     for d in (mp.parent, mp.parent.parent, mp.parent.parent.parent):
         os.chmod(d, os.stat(d).st_mode | 0o011)
-    subprocess.run(["cdmfs", "mount", str(mp), "--allow-other"], check=True, capture_output=True)
+    subprocess.run([*CDMFS, "mount", str(mp), "--allow-other"], check=True, capture_output=True)
     yield str(mp)
-    subprocess.run(["cdmfs", "umount", str(mp)], capture_output=True)
+    subprocess.run([*CDMFS, "umount", str(mp)], capture_output=True)
     assert not is_mounted(str(mp))
 
 
