@@ -1,4 +1,5 @@
-"""cffi (API mode) builder of cdmfs._core from native/cdmcore.{h,c}.
+"""cffi (API mode) builder of cdmfs._core from native/cdmcore.h and the parts of
+the C core (SOURCES; internal.h is what they share).
 
 The cdef is derived from cdmcore.h so that the C layout is written once:
 comments and include guards go, a ``#define`` of anything but a plain number
@@ -12,6 +13,18 @@ import re
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+# The parts of the core, as the kernel's mm tree cuts it.
+SOURCES = [
+    "page_alloc.c",
+    "pagetable.c",
+    "migrate.c",
+    "device.c",
+    "hotplug.c",
+    "memory_failure.c",
+    "gup.c",
+    "fuse.c",
+]
 
 
 def header_cdef(path: str) -> str:
@@ -39,8 +52,9 @@ ffibuilder.cdef(header_cdef(os.path.join(HERE, "cdmcore.h")))
 ffibuilder.set_source(
     "cdmfs._core",
     '#include "cdmcore.h"',
-    sources=[os.path.relpath(os.path.join(HERE, "cdmcore.c"))],
+    sources=[os.path.relpath(os.path.join(HERE, name)) for name in SOURCES],
     include_dirs=[os.path.relpath(HERE)],
+    depends=[os.path.relpath(os.path.join(HERE, name)) for name in ("cdmcore.h", "internal.h")],
     extra_compile_args=["-O2", "-Wall"],
     libraries=["pthread", "deflate"],
 )

@@ -18,6 +18,12 @@
  * Every entry point that changes shared state takes the machine's mutex; bulk
  * copies of locked pages run without it, so a worker thread can copy while the
  * FUSE loop serves other pages.  cffi releases the GIL around every call.
+ *
+ * The code is cut as the kernel's mm tree: page_alloc.c (pools, frames),
+ * pagetable.c (page tables, gather/scatter, walks, introspection), migrate.c,
+ * device.c (device ops, CRC-32), hotplug.c (memory blocks), memory_failure.c
+ * (retire, poison), gup.c (long-term pins) and fuse.c; internal.h is what they
+ * share.  This header is the only public one: cffi's cdef is made from it.
  */
 #ifndef CDMCORE_H
 #define CDMCORE_H

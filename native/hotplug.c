@@ -1,0 +1,118 @@
+/* hotplug.c — memory blocks: a pool cut into blocks, block and pool
+ * isolation (offlining), and the census and owners of a range of frames
+ * (the kernel's mm/memory_hotplug.c). */
+#define _GNU_SOURCE
+#include "internal.h"
+
+#include <errno.h>
+#include <stdlib.h>
+
+/* -------------------------------------------------------------- lifecycle */
+
+int cdm_pool_set_blocks(struct cdm_machine *m, int pool, uint64_t block_pages)
+{
+    if (pool < 0 || pool >= m->npools || block_pages == 0)
+        return -EINVAL;
+    struct cdm_pool *p = &m->pools[pool];
+    if (p->block_pages || p->base_pfn % block_pages)
+        return -EINVAL;
+    uint64_t nblocks = (p->npages + block_pages - 1) / block_pages;
+    uint8_t *b = calloc(nblocks, 1);
+    if (!b)
+        return -ENOMEM;
+    pthread_mutex_lock(&m->lock);
+    p->bflags = b;
+    p->nblocks = nblocks;
+    p->block_pages = block_pages;
+    pthread_mutex_unlock(&m->lock);
+    return 0;
+}
+
+int64_t cdm_block_isolate(struct cdm_machine *m, int pool, uint64_t block, int isolate)
+{
+    if (pool < 0 || pool >= m->npools)
+        return -EINVAL;
+    struct cdm_pool *p = &m->pools[pool];
+    if (block >= p->nblocks)
+        return -EINVAL;
+    uint64_t lo = block * p->block_pages;
+    uint64_t hi = lo + p->block_pages < p->npages ? lo + p->block_pages : p->npages;
+    int64_t given = 0;
+    pthread_mutex_lock(&m->lock);
+    drop_flush();
+    if (isolate && !(p->bflags[block] & CDM_BLOCK_ISOLATED)) {
+        p->bflags[block] |= CDM_BLOCK_ISOLATED;
+        stack_remove(p, lo, hi);
+    } else if (!isolate && (p->bflags[block] & CDM_BLOCK_ISOLATED)) {
+        p->bflags[block] &= ~CDM_BLOCK_ISOLATED;
+        /* While isolated none of its frames was on the stack: the free ones
+         * below next_fresh go back now, each once; the bump pointer will
+         * reach the others. */
+        uint64_t end = hi < p->next_fresh ? hi : p->next_fresh;
+        for (uint64_t f = lo; f < end; f++)
+            if (!(p->fflags[f] & (CDM_FRAME_USED | CDM_FRAME_RETIRED)) && stack_push(p, f) == 0)
+                given++;
+        for (uint64_t f = end > lo ? end : lo; f < hi; f++)
+            if (!(p->fflags[f] & CDM_FRAME_RETIRED))
+                given++;
+    }
+    pthread_mutex_unlock(&m->lock);
+    return given;
+}
+
+void cdm_pool_isolate(struct cdm_machine *m, int pool, int isolate)
+{
+    pthread_mutex_lock(&m->lock);
+    if (isolate)
+        m->pools[pool].flags |= CDM_POOL_ISOLATED;
+    else
+        m->pools[pool].flags &= ~CDM_POOL_ISOLATED;
+    pthread_mutex_unlock(&m->lock);
+}
+
+void cdm_frames_census(struct cdm_machine *m, uint64_t pfn, uint64_t n, uint64_t *out)
+{
+    uint64_t lo, hi;
+    out[0] = out[1] = 0;
+    int pool = frame_range(m, pfn, n, &lo, &hi);
+    if (pool < 0)
+        return;
+    struct cdm_pool *p = &m->pools[pool];
+    pthread_mutex_lock(&m->lock);
+    for (uint64_t f = lo; f < hi; f++) {
+        uint8_t fl = p->fflags[f];
+        if (fl & CDM_FRAME_USED)
+            out[0]++;
+        if ((fl & CDM_FRAME_RETIRED) && !(fl & CDM_FRAME_USED))
+            out[1]++;
+    }
+    pthread_mutex_unlock(&m->lock);
+}
+
+uint64_t cdm_frames_owners(struct cdm_machine *m, uint64_t pfn, uint64_t n, uint32_t *region,
+                           uint64_t *page, uint64_t max, uint64_t *next)
+{
+    uint64_t lo, hi, count = 0;
+    *next = pfn + n;
+    int pool = frame_range(m, pfn, n, &lo, &hi);
+    if (pool < 0)
+        return 0;
+    struct cdm_pool *p = &m->pools[pool];
+    pthread_mutex_lock(&m->lock);
+    /* Frames at or above next_fresh were never used. */
+    uint64_t end = hi < p->next_fresh ? hi : p->next_fresh;
+    for (uint64_t f = lo; f < end; f++) {
+        uint64_t owner = p->rmap[f];
+        if (!owner)
+            continue;
+        if (count == max) {
+            *next = p->base_pfn + f;
+            break;
+        }
+        region[count] = (uint32_t)((owner >> 40) - 1);
+        page[count] = owner & CDM_PTE_PFN_MASK;
+        count++;
+    }
+    pthread_mutex_unlock(&m->lock);
+    return count;
+}

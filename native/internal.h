@@ -1,0 +1,155 @@
+/*
+ * internal.h — what the parts of the core share and Python never sees (the
+ * kernel's mm/internal.h): page-table entry accessors, the populated index's
+ * inline helpers, page accounting, and the functions one part calls in another.
+ * Each mm part defines _GNU_SOURCE, then includes this first.
+ */
+#ifndef CDM_INTERNAL_H
+#define CDM_INTERNAL_H
+
+#include "cdmcore.h"
+
+#include <sys/mman.h>
+
+#define PAGE CDM_PAGE_SIZE
+/* Internal: allocated by the cdm_region_rw call under way. */
+#define PTE_NEW (1ULL << 48)
+
+static inline void *sparse_map(uint64_t bytes)
+{
+    void *p = mmap(NULL, bytes ? bytes : PAGE, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    return p == MAP_FAILED ? NULL : p;
+}
+
+static inline uint64_t pte_pfn(uint64_t pte) { return pte & CDM_PTE_PFN_MASK; }
+static inline int pte_pool(uint64_t pte) { return (int)((pte & CDM_PTE_POOL_MASK) >> CDM_PTE_POOL_SHIFT); }
+
+static inline uint64_t make_pte(struct cdm_machine *m, int pool, uint64_t pfn)
+{
+    uint64_t pte = CDM_PTE_PRESENT | ((uint64_t)pool << CDM_PTE_POOL_SHIFT) | pfn;
+    if (m->pools[pool].flags & CDM_POOL_PRIVATE)
+        pte |= CDM_PTE_PRIVATE;
+    return pte;
+}
+
+static inline uint8_t *frame_addr(struct cdm_machine *m, uint64_t pte)
+{
+    struct cdm_pool *p = &m->pools[pte_pool(pte)];
+    return p->base + (pte_pfn(pte) - p->base_pfn) * PAGE;
+}
+
+/* Whether frame f of pool p is in an isolated memory block. */
+static inline int block_isolated(const struct cdm_pool *p, uint64_t f)
+{
+    return p->block_pages && (p->bflags[f / p->block_pages] & CDM_BLOCK_ISOLATED);
+}
+
+/*
+ * Defined in one part, called from others; see the comments at the
+ * definitions.  Hidden: the module exports only the cdm_* entry points, and
+ * calls within the core need no PLT.
+ */
+#pragma GCC visibility push(hidden)
+
+/* page_alloc.c: the free stack and frames.  Caller holds m->lock. */
+void drop_flush(void);
+void drop_frame(struct cdm_pool *p, uint64_t f);
+int stack_push(struct cdm_pool *p, uint64_t f);
+void stack_remove(struct cdm_pool *p, uint64_t lo, uint64_t hi);
+int64_t frame_alloc(struct cdm_pool *p, int zero);
+void frame_free(struct cdm_pool *p, uint64_t f);
+void frame_unalloc(struct cdm_pool *p, uint64_t f);
+
+/* page_alloc.c: the frames of a PFN range that are in one pool. */
+int frame_range(struct cdm_machine *m, uint64_t pfn, uint64_t n, uint64_t *lo, uint64_t *hi);
+
+/* pagetable.c: walks of the populated index. */
+int next_populated_span(const struct cdm_region *r, uint64_t from, uint64_t end,
+                        uint64_t *lo, uint64_t *hi);
+
+#pragma GCC visibility pop
+
+/* ------------------------------------------------------- page accounting */
+
+/* Every change of a page's frame or of its counted flags goes through these
+ * two, so pool and region counters never drift from the page tables. */
+static inline void page_account(struct cdm_machine *m, struct cdm_region *r, uint64_t pte, int sign)
+{
+    if (!(pte & CDM_PTE_PRESENT))
+        return;
+    struct cdm_pool *p = &m->pools[pte_pool(pte)];
+    r->resident[pte_pool(pte)] += sign;
+    if (pte & CDM_PTE_CPU)
+        p->nr_mapped += sign;
+    if (pte & CDM_PTE_DIRTY)
+        p->nr_dirty += sign;
+    if (pte & CDM_PTE_PINNED)
+        p->nr_pinned += sign;
+}
+
+/* ------------------------------------------------------ populated index */
+
+/* See struct cdm_region: a chunk is CDM_CHUNK_PAGES entries, one 4 KiB page
+ * of the pte mapping, so a chunk never marked is also a page of the mapping
+ * the host never had to back. */
+#define CHUNK_SHIFT 9
+#define CHUNK CDM_CHUNK_PAGES
+_Static_assert(CHUNK == 1 << CHUNK_SHIFT && CHUNK * sizeof(uint64_t) == PAGE,
+               "a chunk is one page of the pte mapping");
+
+/* Entry i is about to hold something.  Caller holds m->lock. */
+static inline void chunk_mark(struct cdm_region *r, uint64_t i)
+{
+    uint64_t c = i >> CHUNK_SHIFT, w = c >> 6, bit = 1ULL << (c & 63);
+    if (!(r->chunks[w] & bit)) {
+        r->chunks[w] |= bit;
+        r->summary[w >> 6] |= 1ULL << (w & 63);
+    }
+}
+
+/* Chunk c is known to be all zero.  Caller holds m->lock. */
+static inline void chunk_clear(struct cdm_region *r, uint64_t c)
+{
+    uint64_t w = c >> 6;
+    r->chunks[w] &= ~(1ULL << (c & 63));
+    if (!r->chunks[w])
+        r->summary[w >> 6] &= ~(1ULL << (w & 63));
+}
+
+/* A walk read the entries of [lo, hi), seen is their OR after it: when that is
+ * zero and the stretch is the whole chunk (up to npages), the mark was stale. */
+static inline void span_settle(struct cdm_region *r, uint64_t lo, uint64_t hi, uint64_t seen)
+{
+    uint64_t base = lo & ~(uint64_t)(CHUNK - 1);
+    if (!seen && lo == base && (hi == base + CHUNK || hi >= r->npages))
+        chunk_clear(r, lo >> CHUNK_SHIFT);
+}
+
+/* The end of a walk over [first, first + n): never past npages, and never
+ * before first, so that the walk is empty when first is beyond the end. */
+static inline uint64_t walk_end(const struct cdm_region *r, uint64_t first, uint64_t n)
+{
+    if (first >= r->npages)
+        return first;
+    return n < r->npages - first ? first + n : r->npages;
+}
+
+/* Every write of an entry goes through pte_store() (or pte_set(), which also
+ * keeps the counters), so that no non-zero entry is ever outside a marked
+ * chunk.  Caller holds m->lock. */
+static inline void pte_store(struct cdm_region *r, uint64_t i, uint64_t pte)
+{
+    if (pte)
+        chunk_mark(r, i);
+    r->pte[i] = pte;
+}
+
+static inline void pte_set(struct cdm_machine *m, struct cdm_region *r, uint64_t i, uint64_t pte)
+{
+    page_account(m, r, r->pte[i], -1);
+    pte_store(r, i, pte);
+    page_account(m, r, pte, +1);
+}
+
+#endif
