@@ -14,7 +14,7 @@ import tempfile
 import warnings
 from typing import Iterator, Optional
 
-from . import formats
+from .lib import bitmap
 
 NODE_DIR = "sys/devices/system/node"
 MEMORY_DIR = "sys/devices/system/memory"
@@ -370,7 +370,7 @@ class Mount:
 
     @property
     def nodes(self) -> list[int]:
-        return sorted(formats.parse_nodelist(_read(os.path.join(self.path, NODE_DIR, "online"))))
+        return sorted(bitmap.parse_nodelist(_read(os.path.join(self.path, NODE_DIR, "online"))))
 
     def node(self, nid: int) -> Node:
         return Node(self, nid)

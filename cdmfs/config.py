@@ -11,7 +11,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from . import formats
+from .lib import bitmap
 
 PAGE_SIZE = 4096
 
@@ -151,7 +151,7 @@ def host_cpus() -> frozenset[int]:
     """The host's online CPUs."""
     try:
         with open("/sys/devices/system/cpu/online") as f:
-            return frozenset(formats.parse_cpulist(f.read()))
+            return frozenset(bitmap.parse_cpulist(f.read()))
     except OSError:
         return frozenset(range(os.cpu_count() or 1))
 
@@ -228,7 +228,7 @@ def _parse_nodes(raw: Any) -> list[NodeSpec]:
             cpus = host_cpus()
         elif isinstance(cpus_raw, str):
             try:
-                cpus = frozenset(formats.parse_cpulist(cpus_raw)) if cpus_raw.strip() else frozenset()
+                cpus = frozenset(bitmap.parse_cpulist(cpus_raw)) if cpus_raw.strip() else frozenset()
             except ValueError:
                 raise ConfigError(f"{where}cpus: expected a cpulist like \"0-3,8\" or \"all\", got {cpus_raw!r}") from None
         else:

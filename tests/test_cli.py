@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from cdmfs.daemon import daemon_pid, default_log_file, is_mounted
+from cdmfs.fs.daemon import daemon_pid, default_log_file, is_mounted
 
 CDMFS = [sys.executable, "-m", "cdmfs"]
 
@@ -174,7 +174,7 @@ def test_demo():
 
 def test_demo_fails_loudly(monkeypatch, capsys):
     """A wrong page in the last check: the verification line says so and the command fails."""
-    from cdmfs import cli, demo
+    from cdmfs.tools import cli, demo
     real = demo.cpu
 
     def one_wrong(data, mode, add, pages):
@@ -205,7 +205,7 @@ def test_version():
 def bench_references() -> set[str]:
     """The reference names of every row cdmfs bench makes (4th argument of Row)."""
     import ast
-    from cdmfs import bench
+    from cdmfs.tools import bench
     tree = ast.parse(open(bench.__file__).read())
     names = set()
     for node in ast.walk(tree):

@@ -8,7 +8,7 @@ import warnings
 import pytest
 
 import cdmfs
-from cdmfs.daemon import daemon_pid, is_mounted
+from cdmfs.fs.daemon import daemon_pid, is_mounted
 
 
 def wait_gone(pid: int, timeout: float = 20) -> bool:

@@ -1,4 +1,4 @@
-"""Unit tests of the native core (native/cdmcore.c) without FUSE.
+"""Unit tests of the native core (native/*.c, through cdmcore.h) without FUSE.
 
 Everything here talks to cdmfs._core directly: pools and the frame allocator,
 region page tables, gather/scatter with allocation plans and the NUMA event

@@ -1,4 +1,4 @@
-"""Unit tests of the native core's populated index (native/cdmcore.c).
+"""Unit tests of the native core's populated index (native/pagetable.c).
 
 A region's page table is reserved for the whole file, up to 2^34 entries
 (64 TiB), and mostly never written.  Every walk over a range must cost time

@@ -1,4 +1,4 @@
-"""Tests for cdmfs.formats: byte-for-byte against this host's sysfs, plus tables.
+"""Tests for cdmfs.fs.formats: byte-for-byte against this host's sysfs, plus tables.
 
 Host comparisons parse one read of a file into values and re-render them, so
 counters moving between reads cannot make them flaky.  Missing host files skip.
@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cdmfs import formats as F
+from cdmfs.fs import formats as F
 
 NODE_ROOT = "/sys/devices/system/node"
 CPU_ROOT = "/sys/devices/system/cpu"
@@ -48,7 +48,7 @@ def _node_params():
 
 
 def _parse_hex_mask(text: str) -> set:
-    """Test-side inverse of %*pb (independent of cdmfs.formats)."""
+    """Test-side inverse of %*pb (independent of cdmfs.fs.formats)."""
     body = text.rstrip("\n")
     if body == "":
         return set()

@@ -14,7 +14,7 @@ import time
 import pytest
 
 import cdmfs
-from cdmfs.daemon import daemon_pid, daemon_rss
+from cdmfs.fs.daemon import daemon_pid, daemon_rss
 
 from conftest import PAGE
 

@@ -19,6 +19,7 @@ import pytest
 
 import cdmfs
 from cdmfs.client import PM_PFN_MASK, PM_PRESENT, PM_SWAP
+from cdmfs.lib.bitmap import parse_nodelist
 from conftest import PAGE, xorshift_page
 
 BLOCK = 4 << 20
@@ -122,7 +123,7 @@ def meminfo_kb(m: cdmfs.Mount, nid: int, key: str) -> int:
 
 
 def nodelist(m: cdmfs.Mount, name: str) -> set[int]:
-    return cdmfs.formats.parse_nodelist(cat(m, f"{SYS}/node/{name}"))
+    return parse_nodelist(cat(m, f"{SYS}/node/{name}"))
 
 
 # ------------------------------------------------------------ the allocator

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from cdmfs.client import MNT_DETACH, _libc
-from cdmfs.daemon import daemon_pid, is_mounted
+from cdmfs.fs.daemon import daemon_pid, is_mounted
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")

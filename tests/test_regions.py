@@ -8,8 +8,8 @@ import subprocess
 
 import pytest
 
-from cdmfs.bench import TIB_CONFIG
-from cdmfs.daemon import daemon_rss
+from cdmfs.tools.bench import TIB_CONFIG
+from cdmfs.fs.daemon import daemon_rss
 from conftest import PAGE, xorshift_page, used_kb
 
 

@@ -22,7 +22,7 @@ import sys
 import pytest
 
 import cdmfs
-from cdmfs import report
+from cdmfs.tools import report
 
 PAGE = 4096
 MB = 1 << 20

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from cdmfs.daemon import is_mounted
+from cdmfs.fs.daemon import is_mounted
 
 from conftest import PAGE
 

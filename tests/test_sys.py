@@ -19,7 +19,7 @@ import subprocess
 import pytest
 
 import cdmfs
-from cdmfs import formats
+from cdmfs.fs import formats
 
 HOST_NODE = "/sys/devices/system/node"
 HOST_CPU = "/sys/devices/system/cpu"

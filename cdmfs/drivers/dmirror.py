@@ -17,14 +17,16 @@ import errno
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator
 
-from . import migrate
-from ._core import ffi, lib
-from .config import PAGE_SIZE, DeviceSpec
-from .sched import cond_resched
+from .._core import ffi, lib
+from ..config import PAGE_SIZE, DeviceSpec
+from ..lib.sched import cond_resched
+from ..mm import memory_failure
+from ..mm import migrate_device as migrate
+from ..mm.machine import Machine, PageMap
+from ..mm.migrate_device import Target
 
 if TYPE_CHECKING:
-    from .machine import Machine, Target
-    from .region import Region
+    from ..mm.region import Region
 
 # Device page-table entries: one byte a page.
 PT_NONE, PT_READ, PT_WRITE = 0, 1, 2
@@ -126,17 +128,24 @@ class Mirror:
 
 @dataclass
 class Device:
-    machine: "Machine"
+    machine: Machine
     spec: DeviceSpec
-    pool: int                               # its memory: private pool or its CDM node's pool
+    pgmap: PageMap                          # its memory, as the memory manager knows it
     fault_policy: str = ""
-    online: bool = True
     stats: dict = field(default_factory=lambda: dict.fromkeys(STAT_KEYS, 0))
     mirrors: dict = field(default_factory=dict)   # region id -> Mirror
 
     def __post_init__(self) -> None:
         if not self.fault_policy:
             self.fault_policy = "remote" if self.spec.coherent else "migrate"
+
+    @property
+    def pool(self) -> int:
+        return self.pgmap.pool
+
+    @property
+    def online(self) -> bool:
+        return self.pgmap.online
 
     @property
     def name(self) -> str:
@@ -312,3 +321,56 @@ class Device:
         if not pte & lib.CDM_PTE_DIRTY:
             return "zero"
         return "write" if entry == PT_WRITE else "read"
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def set_online(self, online: bool) -> None:
+        """Out of service (its memory evacuated to system RAM; EBUSY, and no
+        change, if a pinned page is there) or back in, its memory empty."""
+        hp = self.machine.hotplug
+        changed = await (hp.online_device_memory(self.pgmap) if online
+                         else hp.offline_device_memory(self.pgmap))
+        if changed:
+            self.mirrors.clear()
+
+    async def link_down(self) -> None:
+        """The link is lost: every page in its memory is poisoned at once."""
+        await memory_failure.link_down(self.machine.hotplug, self.pgmap)
+        self.mirrors.clear()
+
+    async def ecc(self, addr: int) -> None:
+        """An uncorrectable error at a physical address of its memory."""
+        pool = self.machine.pool(self.pool)
+        if not pool.base_pfn <= addr // PAGE_SIZE < pool.base_pfn + pool.npages:
+            raise ValueError(f"address outside {self.name}'s memory")
+        await memory_failure.hard_offline(self.machine.hotplug, addr)
+
+    def fail_alloc(self, count: int) -> None:
+        """The next count allocations from its memory fail (fault injection)."""
+        self.machine.pool(self.pool).fail_alloc = count
+
+    # ------------------------------------------------------------ events
+
+    def on_migrate(self, region: "Region", first: int, n: int, target: Target, moved: int,
+                   device_moves: dict[str, int]) -> None:
+        """Counts what came into and left its memory; maps what came in."""
+        delta = device_moves.get(self.name, 0)
+        if delta > 0:
+            self.stats["migrated_to"] += delta
+        elif delta < 0:
+            self.stats["migrated_from"] -= delta
+        if target.pool == self.pool:
+            self.map_own(region, first, n)
+
+
+def probe(m: Machine) -> dict[str, Device]:
+    """The devices of the machine's topology, each mirroring the regions it
+    touches: they drop entries on the memory manager's invalidations and
+    follow its migrations."""
+    devices = {}
+    for spec in m.topo.devices:
+        dev = devices[spec.name] = Device(m, spec, m.pgmaps[spec.name])
+        m.mmu_notifiers.append(dev.invalidate)
+        m.events.subscribe("migrate", dev.on_migrate)
+        m.events.subscribe("region_removed", dev.forget)
+    return devices

@@ -9,7 +9,7 @@ import os
 import signal
 from typing import Callable, Optional
 
-from .config import Topology
+from ..config import Topology
 
 log = logging.getLogger(__name__)
 
@@ -121,18 +121,18 @@ def serve(mountpoint: str, topo: Topology, allow_other: bool = False,
     import pyfuse3
     import trio
 
-    from . import devicefiles, lifecycle, sysfs
-    from .fs import Filesystem
-    from .machine import Machine
-    from .region import Regions
+    from ..drivers import dmirror
+    from ..mm.machine import Machine
+    from ..mm.region import Regions
+    from . import devices, sysfs
+    from .ops import Filesystem
     from .tree import Tree
 
     machine = Machine(topo)
     regions = Regions(machine)
     tree = Tree()
     sysfs.build(tree, machine)
-    devicefiles.build(tree, machine)
-    lifecycle.build(tree, machine)
+    devices.build(tree, machine, dmirror.probe(machine))
     ops = Filesystem(machine, tree, regions)
     options = set(pyfuse3.default_options) | {"fsname=cdmfs", "subtype=cdmfs"}
     if allow_other:

@@ -4,12 +4,16 @@ from __future__ import annotations
 import errno
 import functools
 
+from ..config import PAGE_SIZE
+from ..drivers.dmirror import FAULT_POLICIES, OPS, Device
+from ..mm.machine import KB_PER_PAGE, Machine
 from . import formats
-from .config import PAGE_SIZE
-from .devices import FAULT_POLICIES, OPS, Device
-from .machine import KB_PER_PAGE, Machine
-from .regionfiles import parse_range
+from .regions import parse_range
+from .sysfs.memory import parse_address
+from .sysfs.node import parse_bool01
 from .tree import Attr, Dir, Transaction, Tree
+
+INJECT = ("link_down", "ecc", "fail_alloc")
 
 
 def parse_int(word: str) -> int:
@@ -89,6 +93,32 @@ def answer(state: dict):
     return result() if callable(result) else result
 
 
+async def online_store(dev: Device, text: str) -> None:
+    await dev.set_online(parse_bool01(text))
+
+
+async def inject_store(dev: Device, text: str) -> None:
+    """``link_down`` | ``ecc ADDRESS`` | ``fail_alloc N``."""
+    words = text.split()
+    if not words or words[0] not in INJECT:
+        raise ValueError(f"expected one of {', '.join(INJECT)}")
+    if words[0] == "link_down":
+        if len(words) != 1:
+            raise ValueError("link_down takes no argument")
+        await dev.link_down()
+    elif words[0] == "ecc":
+        if len(words) != 2:
+            raise ValueError("expected ecc ADDRESS")
+        await dev.ecc(parse_address(words[1]))
+    else:
+        if len(words) != 2 or not words[1].isdigit():
+            raise ValueError("expected fail_alloc N")
+        count = int(words[1])
+        if count >= 1 << 64:
+            raise ValueError("N out of range")
+        dev.fail_alloc(count)
+
+
 def add_device(tree: Tree, m: Machine, dev: Device) -> None:
     d = tree.add(tree.dir(tree.root, "devices"), dev.name, Dir())
     tree.add(d, "type", Attr(lambda: f"{dev.kind}\n"))
@@ -99,9 +129,11 @@ def add_device(tree: Tree, m: Machine, dev: Device) -> None:
     tree.add(d, "access", Transaction(lambda state, text: access_request(m, dev, state, text), answer))
     tree.add(d, "snapshot", Transaction(lambda state, text: snapshot_request(m, dev, state, text), answer))
     tree.add(d, "stat", Attr(lambda: formats.kv_lines(dev.stats.items())))
+    tree.add(d, "online", Attr(lambda: f"{int(dev.online)}\n", lambda t: online_store(dev, t)))
+    tree.add(d, "inject", Attr(None, lambda t: inject_store(dev, t)))
 
 
-def build(tree: Tree, m: Machine) -> None:
+def build(tree: Tree, m: Machine, devices: dict[str, Device]) -> None:
     tree.dir(tree.root, "devices")
-    for dev in m.devices.values():
+    for dev in devices.values():
         add_device(tree, m, dev)

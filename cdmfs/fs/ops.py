@@ -19,11 +19,11 @@ from typing import Iterable, Iterator, Optional, Union
 import pyfuse3
 import trio
 
-from ._core import lib
-from .config import PAGE_SIZE
-from .machine import Machine
-from .region import Region, Regions
-from .regionfiles import DataFile, RegionDir, add_region
+from .._core import lib
+from ..config import PAGE_SIZE
+from ..mm.machine import Machine
+from ..mm.region import Region, Regions
+from .regions import DataFile, RegionDir, add_region
 from .tree import Attr, Dir, Entry, Link, Transaction, Tree
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ class Filesystem(pyfuse3.Operations):
         self.uid, self.gid = os.getuid(), os.getgid()
         self.mount_ns = time.time_ns()
         self.fuse_fd: Optional[int] = None
-        machine.cpu_unmap = self.cpu_unmap
+        machine.cpu_unmapper = self.cpu_unmap
 
     # ------------------------------------------------------------ inodes
 

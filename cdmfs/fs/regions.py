@@ -4,12 +4,16 @@ from __future__ import annotations
 import errno
 import stat
 
-from . import formats, migrate
-from . import policy as mpol
-from .config import PAGE_SIZE
-from .machine import Machine
-from .region import Region
+from ..config import PAGE_SIZE
+from ..mm import gup
+from ..mm import mempolicy as mpol
+from ..mm import migrate_device as migrate
+from ..mm.machine import Machine
+from ..mm.region import Region
+from . import formats
 from .tree import Attr, Dir, Entry, Transaction, Tree, walk
+
+ADVICE = ("pin", "unpin")
 
 
 class DataFile(Entry):
@@ -83,6 +87,24 @@ def pagemap_read(region: Region, off: int, size: int, privileged: bool) -> bytes
         return region.pagemap(first, n, show_pfn=privileged)
 
 
+async def advise_store(m: Machine, region: Region, text: str) -> None:
+    """``START LENGTH ADVICE`` (SPEC §6.3): ``pin`` or ``unpin`` for now."""
+    words = text.split()
+    if len(words) != 3:
+        raise ValueError("expected START LENGTH ADVICE")
+    first, n = parse_range(region, words[0], words[1])
+    if words[2] not in ADVICE:
+        raise ValueError(f"unknown advice {words[2]!r} (expected {' or '.join(ADVICE)})")
+    if words[2] == "pin":
+        await gup.pin(m, region, first, n)
+    else:
+        gup.unpin(m, region, first, n)
+
+
+def advise_show(m: Machine, region: Region) -> str:
+    return "".join(f"{a * PAGE_SIZE} {k * PAGE_SIZE} pin\n" for a, k in gup.pinned_ranges(m, region))
+
+
 def add_region(tree: Tree, parent: Dir, m: Machine, region: Region, uid: int = 0, gid: int = 0) -> RegionDir:
     """The files of a region, owned by its creator: the directory 0700 and
     data 0600, as a process's memory is its own."""
@@ -97,8 +119,7 @@ def add_region(tree: Tree, parent: Dir, m: Machine, region: Region, uid: int = 0
                                 read=lambda off, size, privileged: pagemap_read(region, off, size, privileged)))
     tree.add(d, "migrate", Transaction(lambda state, text: migrate_request(m, region, state, text),
                                        lambda state: state["result"].lines() if "result" in state else ""))
-    tree.add(d, "advise", Attr(lambda: m.lifecycle.advise_show(region),
-                               lambda text: m.lifecycle.advise_store(region, text)))
+    tree.add(d, "advise", Attr(lambda: advise_show(m, region), lambda text: advise_store(m, region, text)))
     for entry in walk(d):
         entry.uid, entry.gid = uid, gid
     d.mode = stat.S_IFDIR | 0o700

@@ -1,20 +1,27 @@
 """The emulated machine: NUMA nodes and device memory as native pools, regions,
-and the allocation plans that policies turn into.
+and the allocation plans that policies turn into (mm/page_alloc.c's part).
 
-This is the memory manager's root object.  The sys tree, the filesystem and
-the devices ask it; it never knows about FUSE.
+This is the memory manager's root object.  The drivers, the sys tree and the
+filesystem ask it; it knows none of them.  What it needs from above it takes
+as hooks: ``cpu_unmap`` (the filesystem invalidates the CPU's copies) and
+``mmu_notifiers`` (each device drops its mirrored entries); what it tells the
+world goes out as ``events``.
 """
 from __future__ import annotations
 
 import errno
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Awaitable, Callable, Optional
 
-from . import policy as mpol
-from ._core import ffi, lib
-from .config import PAGE_SIZE, Topology
-from .sched import cond_resched
+from .. import config
+from .._core import ffi, lib
+from ..config import PAGE_SIZE, Topology
+from ..lib.events import Events
+from ..lib.sched import cond_resched
+from . import mempolicy as mpol
+from .memory_hotplug import MemoryHotplug
+from .migrate_device import Target
 
 if TYPE_CHECKING:
     from .region import Region
@@ -34,7 +41,7 @@ class Node:
     weight: int = 1                      # weighted_interleave weight (sysfs mempolicy)
     numa_balancing: bool = True
     reclaim: bool = True
-    # Kept by the lifecycle (memory blocks): frames in online blocks, and the
+    # Kept by memory hotplug (memory blocks): frames in online blocks, and the
     # free frames of the blocks that are not online (not in MemFree).
     online_pages: int = 0
     hidden_free: int = 0
@@ -57,12 +64,15 @@ class PrivateMemory:
     pool: int
 
 
-@dataclass(frozen=True)
-class Target:
-    """Where a migration sends pages: a node, or a device's private memory."""
-    name: str               # "node:1" or "private:gpu0"
+@dataclass
+class PageMap:
+    """A device's memory as the memory manager knows it (struct dev_pagemap):
+    its owner, its pool (its CDM node's, or its private memory), and whether
+    the device is in service.  The device itself is the driver's."""
+    owner: str
+    spec: config.DeviceSpec
     pool: int
-    device_memory: bool     # a device's memory (its CDM node or private): may allocate
+    online: bool = True
 
 
 @dataclass
@@ -96,25 +106,30 @@ class Machine:
         self._plans: dict[tuple, _Plan] = {}
         self.regions = None  # set by Regions
         self.first_sysram = next(n.id for n in topo.nodes if n.kind == "sysram")
-        from .devices import Device
-        self.devices: dict[str, Device] = {}
+        self.pgmaps: dict[str, PageMap] = {}
         self.pool_owner: dict[int, str] = {}      # pool -> the device whose memory it is
         for dev in topo.devices:
             pool = self.nodes[dev.node].pool if dev.coherent else self.private[dev.name].pool
-            self.devices[dev.name] = Device(self, dev, pool)
+            self.pgmaps[dev.name] = PageMap(dev.name, dev, pool)
             self.pool_owner[pool] = dev.name
-        from .lifecycle import Lifecycle
-        self.lifecycle = Lifecycle(self)
+        self.events = Events()
+        # mmu_interval_notifier: fn(region, first, npages) drops a mirror's entries.
+        self.mmu_notifiers: list[Callable[["Region", int, int], None]] = []
+        self.cpu_unmapper: Optional[Callable[["Region", int, int], Awaitable[None]]] = None
+        self.hotplug = MemoryHotplug(self)
 
     async def cpu_unmap(self, region: "Region", first: int, npages: int) -> None:
-        """Invalidates the CPU's copies of pages; the filesystem installs the real one."""
+        """Invalidates the CPU's copies of pages (the host page cache's, which
+        only the filesystem can reach: it installs ``cpu_unmapper``)."""
+        if self.cpu_unmapper is not None:
+            await self.cpu_unmapper(region, first, npages)
 
     def cpu_mapped(self, region: "Region", first: int, npages: int) -> int:
         return lib.cdm_region_count(self.core, region.core, first, npages, lib.CDM_PTE_CPU)
 
     def invalidate_devices(self, region: "Region", first: int, npages: int) -> None:
-        for dev in self.devices.values():
-            dev.invalidate(region, first, npages)
+        for notify in self.mmu_notifiers:
+            notify(region, first, npages)
 
     # ------------------------------------------------------------ targets
 
@@ -130,11 +145,11 @@ class Machine:
             if not node.online:
                 raise OSError(errno.ENODEV, f"node {arg} is offline")
             owner = self.pool_owner.get(node.pool)
-            if owner is not None and not self.devices[owner].online:
+            if owner is not None and not self.pgmaps[owner].online:
                 raise OSError(errno.ENODEV, f"device {owner} is offline")
             return Target(f"node:{arg}", node.pool, owner is not None)
         if kind == "private" and arg in self.private:
-            if not self.devices[arg].online:
+            if not self.pgmaps[arg].online:
                 raise OSError(errno.ENODEV, f"device {arg} is offline")
             return Target(f"private:{arg}", self.private[arg].pool, True)
         raise ValueError(f"no migration target {word!r} (a node id, node:N, or a device's private memory)")
@@ -154,17 +169,8 @@ class Machine:
         return pl.fallback[pl.table[page % len(pl.table)]]
 
     def device_resident(self, region: "Region") -> dict[str, int]:
-        return {name: region.core.resident[d.pool] for name, d in self.devices.items()}
-
-    def account_device_moves(self, region: "Region", before: dict[str, int]) -> None:
-        """Counts pages that moved into (migrated_to) or out of (migrated_from)
-        each device's memory since ``before``."""
-        for name, d in self.devices.items():
-            delta = region.core.resident[d.pool] - before[name]
-            if delta > 0:
-                d.stats["migrated_to"] += delta
-            elif delta < 0:
-                d.stats["migrated_from"] -= delta
+        """Pages of region in each device's memory."""
+        return {name: region.core.resident[d.pool] for name, d in self.pgmaps.items()}
 
     async def populate(self, region: "Region", first: int, npages: int) -> None:
         """Allocates absent pages by the region's policy without a CPU fault
@@ -215,7 +221,7 @@ class Machine:
         """Nodes that can take pages: online memory, and not the memory of a
         device that is offline (or going offline)."""
         return [nid for nid, n in self.nodes.items() if n.online
-                and (n.pool not in self.pool_owner or self.devices[self.pool_owner[n.pool]].online)]
+                and (n.pool not in self.pool_owner or self.pgmaps[self.pool_owner[n.pool]].online)]
 
     def plan(self, policy: mpol.MemPolicy, local: int) -> object:
         """The native allocation plan of a policy for a CPU on node local."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
-from . import formats
+from ..lib import bitmap
 
 MODES = ("default", "local", "bind", "preferred", "preferred_many", "interleave",
          "weighted_interleave")
@@ -24,7 +24,7 @@ class MemPolicy:
 
     def __str__(self) -> str:
         if self.mode in _TAKES_NODES:
-            return f"{self.mode}:{formats.nodelist(self.nodes).strip()}"
+            return f"{self.mode}:{bitmap.nodelist(self.nodes).strip()}"
         return self.mode
 
     @property
@@ -52,7 +52,7 @@ def kernel_str(policy: MemPolicy) -> str:
     ``weighted interleave:0-1``, ``bind:1``, ``default``."""
     name = _KERNEL_NAMES[policy.mode]
     if policy.nodes:
-        return f"{name}:{formats.nodelist(policy.nodes).strip()}"
+        return f"{name}:{bitmap.nodelist(policy.nodes).strip()}"
     return name
 
 
@@ -68,7 +68,7 @@ def parse(text: str, known_nodes: Sequence[int]) -> MemPolicy:
         return MemPolicy(mode)
     if not arg.strip():
         raise ValueError(f"policy {mode!r} needs a node list, like {mode}:0-1")
-    nodes = formats.parse_nodelist(arg)
+    nodes = bitmap.parse_nodelist(arg)
     unknown = sorted(set(nodes) - set(known_nodes))
     if unknown:
         raise ValueError(f"node {unknown[0]} does not exist")

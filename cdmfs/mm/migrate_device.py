@@ -21,14 +21,22 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator
 
 
-from ._core import ffi, lib
-from .sched import cond_resched
+from .._core import ffi, lib
+from ..lib.sched import cond_resched
 
 if TYPE_CHECKING:
-    from .machine import Machine, Target
+    from .machine import Machine
     from .region import Region
 
 BATCH = 512                 # pages per step: 2 MiB, the size of a PMD
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a migration sends pages: a node, or a device's private memory."""
+    name: str               # "node:1" or "private:gpu0"
+    pool: int
+    device_memory: bool     # a device's memory (its CDM node or private): may allocate
 
 
 @dataclass
@@ -133,11 +141,12 @@ async def _migrate_batch(m: "Machine", region: "Region", first: int, n: int, tar
         region.wake_waiters()
     if moved:
         region.migrated_pages += moved
-        m.account_device_moves(region, before)
+        after = m.device_resident(region)
         m.invalidate_devices(region, first, n)
-        owner = m.pool_owner.get(target.pool)
-        if owner is not None:
-            m.devices[owner].map_own(region, first, n)
+        # The devices count what came into and left their memory, and the
+        # one that received pages maps them, as test_hmm maps what it migrated.
+        m.events.emit("migrate", region=region, first=first, n=n, target=target, moved=moved,
+                      device_moves={d: after[d] - before[d] for d in after if after[d] != before[d]})
     result.migrated += moved
     skip_holes(result, status, n, first)
 

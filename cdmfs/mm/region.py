@@ -24,10 +24,10 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import trio
 
-from . import migrate
-from . import policy as mpol
-from ._core import ffi, lib
-from .config import PAGE_SIZE
+from .._core import ffi, lib
+from ..config import PAGE_SIZE
+from . import mempolicy as mpol
+from . import migrate_device as migrate
 from .machine import Machine
 
 log = logging.getLogger(__name__)
@@ -508,7 +508,6 @@ class Regions:
         region.resize(0)
         del self.by_name[name]
         region.removed = True
-        for dev in self.machine.devices.values():
-            dev.forget(region)
+        self.machine.events.emit("region_removed", region=region)
         region._free_if_unused()
         return region

@@ -4,7 +4,7 @@ Every row is a median of repetitions with min and max, and a ratio to a
 reference measured on this machine in the same run (tmpfs, memcpy, the host's
 sysfs), never an absolute target.  The CPU side is a C driver, so the figures
 measure the filesystem rather than a Python loop.  Two more references show
-where the floor is: bindfs (a C FUSE filesystem) and cdmfs.benchfloor (pyfuse3
+where the floor is: bindfs (a C FUSE filesystem) and cdmfs.tools.benchfloor (pyfuse3
 on trio answering and doing nothing else), for the rows a FUSE round trip
 bounds.
 """
@@ -22,13 +22,14 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from .client import Mount, mounted
-from .daemon import daemon_rss
+from ..client import Mount, mounted
+from ..fs.daemon import daemon_rss
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DRIVERS = os.path.join(os.path.dirname(HERE), "native", "drivers")
+# The C workload programs live beside the package, in the source tree's native/.
+DRIVERS = os.path.join(os.path.dirname(os.path.dirname(HERE)), "native", "drivers")
 PAGE = 4096
-FLOOR = "pyfuse3 floor"      # the reference filesystem of cdmfs.benchfloor
+FLOOR = "pyfuse3 floor"      # the reference filesystem of cdmfs.tools.benchfloor
 MB = 1 << 20
 
 
@@ -180,8 +181,8 @@ def bindfs_mount(src: str, dst: str) -> bool:
 
 
 def floor_mount(mountpoint: str, size: int) -> Optional[subprocess.Popen]:
-    """Mounts cdmfs.benchfloor (pyfuse3 answering, doing nothing else) there."""
-    proc = subprocess.Popen([sys.executable, "-m", "cdmfs.benchfloor", mountpoint, str(size)],
+    """Mounts cdmfs.tools.benchfloor (pyfuse3 answering, doing nothing else) there."""
+    proc = subprocess.Popen([sys.executable, "-m", "cdmfs.tools.benchfloor", mountpoint, str(size)],
                             stderr=subprocess.DEVNULL)
     for _ in range(200):
         if os.path.ismount(mountpoint):

@@ -6,7 +6,7 @@ dropped, kept in the page cache like a region's data (a new N, a cold cache);
 ``attr`` is a small direct_io file like a sysfs attribute.  What cdmfs costs above these is cdmfs; what these cost
 above a C FUSE filesystem (bindfs) is pyfuse3 and trio.
 
-    python -m cdmfs.benchfloor MOUNTPOINT SIZE
+    python -m cdmfs.tools.benchfloor MOUNTPOINT SIZE
 """
 from __future__ import annotations
 

@@ -7,7 +7,8 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from . import config, daemon
+from .. import config
+from ..fs import daemon
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -157,7 +158,7 @@ Each row is a median beside a reference measured in the same run on this machine
   tmpfs                     CPU first touch on the kernel's own shared memory
   bindfs                    the same on bindfs over that tmpfs: a FUSE filesystem in C
                             (its rows are left out when bindfs is not installed)
-  pyfuse3 floor             cdmfs.benchfloor: pyfuse3 on trio answering each request
+  pyfuse3 floor             cdmfs.tools.benchfloor: pyfuse3 on trio answering each request
                             and doing nothing else, the floor of a Python FUSE daemon
   memcpy                    memcpy of the same size, for migration and device reads
   host node0/meminfo        the host's sysfs (/sys/devices/system/node/node0/meminfo),

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import textwrap
 
-from .client import Mount, Region, mounted
+from ..client import Mount, Region, mounted
 
 REGION_MIB = 64
 PAGE = 4096

@@ -64,7 +64,7 @@ import re
 import stat
 from typing import Iterable, List, Optional, Sequence
 
-from . import formats
+from ..lib import bitmap
 
 PAGE_SIZE = 4096                 # SPEC §3: fixed base page
 HUGE_PAGE_SIZE = 2 * 1024 * 1024  # numastat's multiplier for HugePages_* rows
@@ -200,10 +200,10 @@ def hardware(mountpoint: str) -> str:
     line per device."""
     root = _check_mount(mountpoint)
     nodes = _nodes(root)
-    out = [f"available: {len(nodes)} nodes ({formats.nodelist(nodes).strip()})"]
+    out = [f"available: {len(nodes)} nodes ({bitmap.nodelist(nodes).strip()})"]
     distances = {}
     for nid in nodes:
-        cpus = sorted(formats.parse_cpulist(_node_file(root, nid, "cpulist").strip()))
+        cpus = sorted(bitmap.parse_cpulist(_node_file(root, nid, "cpulist").strip()))
         kb = _meminfo_kb(_node_file(root, nid, "meminfo"))
         out.append(f"node {nid} cpus:" + "".join(f" {c}" for c in cpus))
         out.append(f"node {nid} size: {kb.get('MemTotal', 0) >> 10} MB")

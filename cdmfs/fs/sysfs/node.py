@@ -1,18 +1,17 @@
-"""The emulated machine's sysfs (SPEC §5): one show/store function per attribute,
-in the manner of drivers/base/node.c.  Formats live in ``formats``.
+"""``sys/devices/system/node`` and the memory policy files (SPEC §5): one
+show/store function per attribute, in the manner of drivers/base/node.c.
+Formats live in ``formats``.
 """
 from __future__ import annotations
 
-import functools
-import os
 from typing import Callable
 
-from . import formats
-from ._core import lib
-from .machine import KB_PER_PAGE, Machine
-from .tree import Attr, Dir, Link, Tree
+from ..._core import lib
+from ...mm.machine import KB_PER_PAGE, Machine
+from .. import formats
+from .cpu import nr_cpu_ids
+from ..tree import Attr, Dir, Link, Tree
 
-HOST_CPU = "/sys/devices/system/cpu"
 NODE_DIR = "devices/system/node"
 
 
@@ -49,7 +48,7 @@ def node_masks(m: Machine) -> dict[str, Callable[[], str]]:
         "has_memory": lambda: formats.nodelist(memory()),
         # CDM memory is ZONE_MOVABLE only: not "normal" memory; nor is sysram
         # memory onlined as online_movable.
-        "has_normal_memory": lambda: formats.nodelist(m.lifecycle.normal_nodes()),
+        "has_normal_memory": lambda: formats.nodelist(m.hotplug.normal_nodes()),
         "has_generic_initiator": lambda: formats.nodelist(()),
         "has_coherent_device": lambda: formats.nodelist(
             n for n in memory() if m.nodes[n].spec.kind == "cdm"),
@@ -116,7 +115,7 @@ def node_vmstat(m: Machine, nid: int) -> str:
 def node_distance(m: Machine, nid: int) -> str:
     # One entry per node that has a nodeN directory (libnuma reads the k-th
     # entry as the k-th node): a node whose memory went offline keeps both.
-    online = m.lifecycle.registered_nodes()
+    online = m.hotplug.registered_nodes()
     return formats.node_distance([m.topo.distance[(nid, o)] for o in online], online)
 
 
@@ -190,77 +189,3 @@ def add_weighted_interleave(tree: Tree, m: Machine) -> None:
             m.nodes[nid].weight = parse_uint(text, 1, 255)
             m.placement_changed()
         tree.add(d, f"node{nid}", Attr(lambda nid=nid: f"{m.nodes[nid].weight}\n", store))
-
-
-# ----------------------------------------------------------- cpus
-
-def _host_read(path: str, fallback: str) -> Callable[[], str]:
-    def show() -> str:
-        try:
-            with open(path) as f:
-                return f.read()
-        except OSError:
-            return fallback
-    return show
-
-
-@functools.lru_cache(maxsize=None)
-def _host_cpus(name: str) -> frozenset[int]:
-    """The host's cpu/{possible,present} (empty if unreadable)."""
-    try:
-        with open(f"{HOST_CPU}/{name}") as f:
-            return frozenset(formats.parse_cpulist(f.read()))
-    except (OSError, ValueError):
-        return frozenset()
-
-
-def cpu_masks(m: Machine) -> dict[str, frozenset[int]]:
-    """cpu/{online,possible,present}, mirrored from the host: the CPUs of the
-    emulated nodes are online, the host's present/possible ones stay present/
-    possible (a host CPU that no node has is present but offline)."""
-    online = frozenset(m.cpu_node)
-    present = _host_cpus("present") | online
-    return {"online": online, "possible": _host_cpus("possible") | present, "present": present}
-
-
-def nr_cpu_ids(m: Machine) -> int:
-    """The kernel's nr_cpu_ids: the last possible CPU + 1 (cpumask widths)."""
-    return max(cpu_masks(m)["possible"]) + 1
-
-
-def add_cpus(tree: Tree, m: Machine) -> None:
-    """sys/devices/system/cpu: mirrored from the host, plus the emulated node links."""
-    d = tree.path("sys/devices/system/cpu")
-    masks = cpu_masks(m)
-    for name, cpus in masks.items():
-        tree.add(d, name, Attr(lambda text=formats.cpulist(cpus): text))
-    tree.add(d, "kernel_max", Attr(_host_read(f"{HOST_CPU}/kernel_max", f"{nr_cpu_ids(m) - 1}\n")))
-    for cpu in sorted(masks["present"]):
-        c = tree.add(d, f"cpu{cpu}", Dir())
-        if cpu not in m.cpu_node:
-            # Offline, as the kernel shows it: no topology, no node.
-            tree.add(c, "online", Attr(lambda: "0\n"))
-            continue
-        tree.add(c, "online", Attr(lambda: "1\n"))
-        tree.add(c, f"node{m.cpu_node[cpu]}", Link(f"../../node/node{m.cpu_node[cpu]}"))
-        topo = tree.add(c, "topology", Dir())
-        host = f"{HOST_CPU}/cpu{cpu}/topology"
-        names = sorted(os.listdir(host)) if os.path.isdir(host) else []
-        for name in names:
-            tree.add(topo, name, Attr(_host_read(f"{host}/{name}", "0\n")))
-
-
-# ----------------------------------------------------------- the tree
-
-def build(tree: Tree, m: Machine) -> None:
-    """Adds sys/ for machine m to tree."""
-    nodes = tree.path(f"sys/{NODE_DIR}")
-    for name, show in node_masks(m).items():
-        tree.add(nodes, name, Attr(show))
-    bus = tree.path("sys/bus/node/devices")
-    for nid in m.nodes:
-        if m.nodes[nid].online:
-            add_node(tree, nodes, m, nid)
-            tree.add(bus, f"node{nid}", Link(f"../../../{NODE_DIR}/node{nid}"))
-    add_cpus(tree, m)
-    add_weighted_interleave(tree, m)

@@ -1,0 +1,26 @@
+"""The emulated machine's sysfs (SPEC §5), a module per directory of the
+kernel's: node.py (drivers/base/node.c), memory.py (drivers/base/memory.c),
+cpu.py (drivers/base/cpu.c).
+"""
+from __future__ import annotations
+
+from ...mm.machine import Machine
+from ..tree import Attr, Link, Tree
+from . import memory
+from .cpu import add_cpus
+from .node import NODE_DIR, add_node, add_weighted_interleave, node_masks
+
+
+def build(tree: Tree, m: Machine) -> None:
+    """Adds sys/ for machine m to tree."""
+    nodes = tree.path(f"sys/{NODE_DIR}")
+    for name, show in node_masks(m).items():
+        tree.add(nodes, name, Attr(show))
+    bus = tree.path("sys/bus/node/devices")
+    for nid in m.nodes:
+        if m.nodes[nid].online:
+            add_node(tree, nodes, m, nid)
+            tree.add(bus, f"node{nid}", Link(f"../../../{NODE_DIR}/node{nid}"))
+    add_cpus(tree, m)
+    add_weighted_interleave(tree, m)
+    memory.build(tree, m)

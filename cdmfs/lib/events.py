@@ -1,0 +1,33 @@
+"""The one place every mover reports to.
+
+The memory manager and the drivers know nothing of the layers above them; when
+something happens that the world may want to know (pages moved, a device went
+offline, a node got memory, pages were poisoned), they ``emit`` an event, and
+whoever cares has subscribed: the sys tree adds a node's directory when memory
+appears, a device maps what migrated into its memory, and later the trace
+stream and NUMA balancing feed on the same events.
+
+An event is a kind (a short name, as a tracepoint's) and keyword fields.
+Subscribers run synchronously, in the order they subscribed, on the thread
+that emits; they must not block.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Callable
+
+Subscriber = Callable[..., None]
+
+
+class Events:
+    """The subscribers of one machine, by event kind."""
+
+    def __init__(self) -> None:
+        self._subscribers: dict[str, list[Subscriber]] = defaultdict(list)
+
+    def subscribe(self, kind: str, fn: Subscriber) -> None:
+        self._subscribers[kind].append(fn)
+
+    def emit(self, kind: str, **fields: Any) -> None:
+        for fn in self._subscribers.get(kind, ()):
+            fn(**fields)
