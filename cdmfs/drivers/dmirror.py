@@ -217,6 +217,8 @@ class Device:
         if res.faults:
             self.stats["faults"] += res.faults
             self.stats["fault_batches"] += 1
+            m.events.emit("device_fault", device=self.name, region=region, first=first, n=n,
+                          faults=res.faults)
             region.device_faults += res.faults
             res.modeled_ns += self.remote_figures().read_latency
             await self._fault(region, first, n, res)

@@ -9,7 +9,24 @@ stream and NUMA balancing feed on the same events.
 
 An event is a kind (a short name, as a tracepoint's) and keyword fields.
 Subscribers run synchronously, in the order they subscribed, on the thread
-that emits; they must not block.
+that emits; they must not block.  An event nobody subscribed to costs a
+dictionary look-up.  The kinds and their fields:
+
+====================  =======================================================
+cpu_fault             region, off, size, pid: a CPU fault (or read()) served
+device_fault          device, region, first, n, faults: a device fault batch
+migrate               region, first, n, target, moved, device_moves {device:
+                      pages in (+) or out (-)}: a migrate_vma batch that moved
+region_removed        region: its pages are gone, its mirrors must go
+memory_added          block: a block hot-added (probe)
+node_registered       nid: a node has memory and a directory from now on
+memory_online         block
+memory_offline        block: its pages moved away first
+device_offline        device, moved: its memory evacuated, out of service
+device_online         device: back in service, its memory empty
+poison                region, page, pfn: a page lost with its frame
+link_down             device, poisoned: a device's whole memory lost
+====================  =======================================================
 """
 from __future__ import annotations
 

@@ -65,6 +65,7 @@ async def hard_offline(hp: "MemoryHotplug", addr: int) -> None:
             if not private:     # a device-private page is never in the page cache
                 await drop_cpu_copies(m, region, p, 1)
             log.warning("pfn %#x: page %d of region %s poisoned", pfn, p, region.name)
+            m.events.emit("poison", region=region, page=p, pfn=pfn)
             return
         raise OSError(errno.EBUSY, "the page kept moving")
 
@@ -173,3 +174,4 @@ async def link_down(hp: "MemoryHotplug", dev: "PageMap") -> None:
         if coherent:
             hp._refresh(dev.spec.node)
         log.warning("device %s: link down, %d pages lost", dev.owner, poisoned)
+        m.events.emit("link_down", device=dev.owner, poisoned=poisoned)

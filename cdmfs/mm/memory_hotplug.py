@@ -165,6 +165,7 @@ class MemoryHotplug:
             self._online(b, zone)
             self.m.events.emit("node_registered", nid=b.nid)
             log.info("memory%d online (%s)", b.id, zone)
+            self.m.events.emit("memory_online", block=b)
 
     async def offline_block(self, b: Block, strict: bool = True) -> None:
         async with self.lock:
@@ -174,6 +175,7 @@ class MemoryHotplug:
                 return
             await self._offline_blocks([b], home=b.nid, sysram_only=False, stay=True)
             log.info("memory%d offline", b.id)
+            self.m.events.emit("memory_offline", block=b)
 
     async def _offline_blocks(self, blocks: list[Block], home: Optional[int], sysram_only: bool,
                               stay: bool, taken_by: Optional[str] = None) -> None:
@@ -261,6 +263,7 @@ class MemoryHotplug:
             if node is not None:
                 self._refresh(node)
             log.info("device %s offline: %d pages moved to system RAM", dev.owner, moved)
+            m.events.emit("device_offline", device=dev.owner, moved=moved)
             return True
 
     async def online_device_memory(self, dev: "PageMap") -> bool:
@@ -285,4 +288,5 @@ class MemoryHotplug:
             dev.online = True
             m.placement_changed()
             log.info("device %s online", dev.owner)
+            m.events.emit("device_online", device=dev.owner)
             return True

@@ -187,6 +187,7 @@ class Region:
         buf = bytearray(size)
         await self._rw(off, size, ffi.from_buffer(buf), 0, pid)
         self.cpu_faults += 1
+        self.machine.events.emit("cpu_fault", region=self, off=off, size=size, pid=pid)
         return buf
 
     async def writeback(self, off: int, data: bytes, pid: int) -> int:

@@ -1,0 +1,67 @@
+"""The memory manager and the drivers without FUSE (in addition to the tests
+through real mounts): they work on their own floor, tell the world through
+events, and drop device mirrors through the mmu notifiers they take."""
+from __future__ import annotations
+
+import os
+
+from cdmfs import config
+from cdmfs.drivers import dmirror
+from cdmfs.mm import memory_failure
+from cdmfs.mm.machine import Machine
+from cdmfs.mm.migrate_device import migrate_range
+from cdmfs.mm.region import Regions
+
+PAGE = 4096
+
+
+def machine():
+    m = Machine(config.load(None))
+    regions = Regions(m)
+    devices = dmirror.probe(m)
+    events = []
+    for kind in ("cpu_fault", "device_fault", "migrate", "region_removed", "device_offline",
+                 "device_online", "poison", "memory_offline", "memory_online"):
+        m.events.subscribe(kind, lambda kind=kind, **fields: events.append((kind, fields)))
+    return m, regions, devices, events
+
+
+async def test_every_mover_reports_an_event():
+    m, regions, devices, events = machine()
+    r = regions.create("r")
+    r.resize(64 * PAGE)
+    data = os.urandom(64 * PAGE)
+    await r.writeback(0, data, os.getpid())
+    assert bytes(await r.fault(0, 8 * PAGE, os.getpid())) == data[:8 * PAGE]
+    assert events[-1] == ("cpu_fault", {"region": r, "off": 0, "size": 8 * PAGE, "pid": os.getpid()})
+
+    res = await migrate_range(m, r, 0, 32, m.target("gpu0"))
+    assert res.migrated == 32
+    kind, fields = events[-1]
+    assert kind == "migrate" and fields["moved"] == 32 and fields["device_moves"] == {"gpu0": 32}
+    gpu = devices["gpu0"]
+    assert gpu.stats["migrated_to"] == 32
+    assert gpu.mirror(r).unmapped(0, 32) == 0          # it mapped what came into its memory
+
+    await gpu.access(r, 32, 32, "touch", 0)
+    faults = [f for k, f in events if k == "device_fault"]
+    assert [(f["device"], f["first"], f["n"], f["faults"]) for f in faults] == [("gpu0", 32, 32, 32)]
+    assert dict(r.stat())["private:gpu0"] == 64         # its fault migrated the rest in
+
+    # Out of service: its memory comes back to node 0 and its mirror goes.
+    await gpu.set_online(False)
+    assert ("device_offline", {"device": "gpu0", "moved": 64}) in events
+    assert gpu.mirrors == {} and r.core.resident[m.nodes[0].pool] == 64
+    await gpu.set_online(True)
+    assert events[-1] == ("device_online", {"device": "gpu0"})
+    assert bytes(await r.fault(0, 64 * PAGE, os.getpid())) == data
+
+    # A poisoned page is told with its region and frame.
+    pfn = r.pagemap(5, 1)
+    pfn = int.from_bytes(pfn, "little") & ((1 << 55) - 1)
+    await memory_failure.hard_offline(m.hotplug, pfn * PAGE)
+    assert events[-1] == ("poison", {"region": r, "page": 5, "pfn": pfn})
+
+    regions.remove("r")
+    assert events[-1] == ("region_removed", {"region": r})
+    assert all(r.id not in d.mirrors for d in devices.values())
