@@ -18,6 +18,8 @@ import zlib
 import pytest
 
 from cdmfs._core import ffi, lib
+from test_core import Machine
+from test_core import Plan as CorePlan
 
 PAGE = lib.CDM_PAGE_SIZE
 MAXP = lib.CDM_MAX_POOLS
@@ -42,71 +44,26 @@ def pool_of(pte):
     return (pte & lib.CDM_PTE_POOL_MASK) >> lib.CDM_PTE_POOL_SHIFT
 
 
-class Plan:
-    """A struct cdm_plan placing every page in one pool (arrays kept alive)."""
-
-    def __init__(self, pool):
-        self.table = ffi.new("int32_t[]", [pool])
-        self.fallback = ffi.new("int32_t[]", [-1] * (MAXP * MAXP))
-        self.fallback[pool * MAXP] = pool
-        self.c = ffi.new("struct cdm_plan *")
-        self.c.local = pool
-        self.c.ntable = 1
-        self.c.table = self.table
-        self.c.fallback = self.fallback
+def one_pool_plan(pool):
+    """A struct cdm_plan placing every page in one pool."""
+    return CorePlan([pool], {pool: [pool]}, local=pool)
 
 
-class Core:
-    """A cdm_machine with pools and regions, all freed at the end."""
-
-    def __init__(self):
-        self.m = lib.cdm_machine_new()
-        assert self.m != ffi.NULL
-        self.regions = []
-        self.next_pfn = 0x100000
-
-    def close(self):
-        for r in self.regions:
-            lib.cdm_region_free(self.m, r)
-        lib.cdm_machine_free(self.m)
-
-    def add_pool(self, npages, flags=0):
-        idx = lib.cdm_pool_add(self.m, self.next_pfn, npages, flags)
-        assert idx >= 0, idx
-        self.next_pfn += npages + 0x1000
-        return idx
-
-    def pool(self, i):
-        return self.m.pools[i]
-
-    def region(self, npages, rid=None):
-        r = lib.cdm_region_new(self.m, len(self.regions) if rid is None else rid)
-        assert r != ffi.NULL
-        self.regions.append(r)
-        assert lib.cdm_region_resize(self.m, r, npages) == 0
-        return r
+class Core(Machine):
+    """test_core's machine, with the page-number helpers these tests use."""
 
     def free_region(self, r):
         self.regions.remove(r)
         lib.cdm_region_free(self.m, r)
 
-    def write(self, r, page, data, pool):
-        plan = Plan(pool)
-        res = ffi.new("struct cdm_rw_result *")
-        buf = ffi.from_buffer(bytearray(data))
-        rc = lib.cdm_region_rw(self.m, r, page * PAGE, len(data), buf, 1, 0, plan.c, res)
-        assert rc == 0, (rc, res.page)
+    def write_page(self, r, page, data, pool):
+        Machine.write(self, r, page * PAGE, data, one_pool_plan(pool))
 
     def populate(self, r, first, n, pool):
-        plan = Plan(pool)
+        plan = one_pool_plan(pool)
         res = ffi.new("struct cdm_rw_result *")
         rc = lib.cdm_region_populate(self.m, r, first, n, plan.c, res)
         assert rc == 0, (rc, res.page)
-
-    def ptes(self, r, first, n):
-        out = ffi.new("uint64_t[]", max(n, 1))
-        lib.cdm_region_ptes(self.m, r, first, n, out)
-        return list(out)[:n]
 
     def next_present(self, r, first, end):
         return lib.cdm_region_next_present(self.m, r, first, end)
@@ -192,9 +149,9 @@ def test_walks_of_a_64tib_region_cost_by_the_pages_present(core):
     first_page, last_page = 0, TIB64 - 1
     pages = (first_page, mid, last_page)
     data = {p: bytes([k + 1]) * PAGE for k, p in enumerate(pages)}
-    core.write(r, first_page, data[first_page], a)
-    core.write(r, mid, data[mid], b)
-    core.write(r, last_page, data[last_page], a)
+    core.write_page(r, first_page, data[first_page], a)
+    core.write_page(r, mid, data[mid], b)
+    core.write_page(r, last_page, data[last_page], a)
     pte = {p: core.ptes(r, p, 1)[0] for p in pages}
     assert all(pte[p] & lib.CDM_PTE_PRESENT for p in pages)
     assert [pool_of(pte[p]) for p in pages] == [a, b, a]
@@ -551,7 +508,7 @@ def test_device_read_crc_continues_across_calls(core):
     r = core.region(40)
     data = random.Random(9).randbytes(40 * PAGE)
     for p in range(40):
-        core.write(r, p, data[p * PAGE:(p + 1) * PAGE], a)
+        core.write_page(r, p, data[p * PAGE:(p + 1) * PAGE], a)
     own = 1 << a
 
     def op(first, n, crc, kind=lib.CDM_OP_READ, arg=0):
