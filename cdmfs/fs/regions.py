@@ -76,6 +76,35 @@ async def mbind_request(m: Machine, region: Region, text: str) -> None:
     await region.mbind(first, n, policy, move="move" in flags, strict="strict" in flags)
 
 
+def numa_maps(region: Region) -> str:
+    """The ``numa_maps`` file: a /proc/PID/numa_maps line per policy range
+    (show_numa_map() in fs/proc/task_mmu.c), the file offset as address."""
+    m = region.machine
+    lines = []
+    for s, e, pol in region.policy_segments(0, region.npages):
+        present, dirty = region.census(s, e)
+        words = [f"{s * PAGE_SIZE:08x}", mpol.kernel_str(pol)]
+        nodes = [(nid, present[node.pool]) for nid, node in sorted(m.nodes.items())]
+        private = [(name, present[p.pool]) for name, p in m.private.items()]
+        anon = sum(c for _, c in nodes)
+        ndirty = sum(dirty[node.pool] for node in m.nodes.values())
+        if anon or any(c for _, c in private):
+            if anon:
+                words.append(f"anon={anon}")
+            if ndirty:
+                words.append(f"dirty={ndirty}")
+            words += [f"N{nid}={c}" for nid, c in nodes if c]
+            words += [f"private:{name}={c}" for name, c in private if c]
+            words.append(f"kernelpagesize_kB={PAGE_SIZE // 1024}")
+        lines.append(" ".join(words) + "\n")
+    return "".join(lines)
+
+
+def mbind_text(region: Region) -> str:
+    """The ``mbind`` file: ``START LENGTH POLICY`` per range, in bytes (decimal)."""
+    return "".join(f"{s * PAGE_SIZE} {(e - s) * PAGE_SIZE} {pol}\n" for s, e, pol in region.ranges)
+
+
 def pagemap_read(region: Region, off: int, size: int, privileged: bool) -> bytes:
     """A slice of ``pagemap``: only the entries asked for are built.  As the
     kernel does without CAP_SYS_ADMIN, PFNs read as 0 to everyone but root."""
@@ -113,8 +142,8 @@ def add_region(tree: Tree, parent: Dir, m: Machine, region: Region, uid: int = 0
     tree.add(d, "policy", Attr(lambda: f"{region.policy}\n", lambda text: policy_store(m, region, text)))
     tree.add(d, "stat", Attr(lambda: formats.kv_lines(region.stat())))
     tree.add(d, "mbind", Transaction(lambda state, text: mbind_request(m, region, text),
-                                     lambda state: region.mbind_text()))
-    tree.add(d, "numa_maps", Attr(region.numa_maps))
+                                     lambda state: mbind_text(region)))
+    tree.add(d, "numa_maps", Attr(lambda: numa_maps(region)))
     tree.add(d, "pagemap", Attr(None, size=lambda: region.npages * 8,
                                 read=lambda off, size, privileged: pagemap_read(region, off, size, privileged)))
     tree.add(d, "migrate", Transaction(lambda state, text: migrate_request(m, region, state, text),

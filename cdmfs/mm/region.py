@@ -412,29 +412,6 @@ class Region:
             lib.cdm_region_census(self.machine.core, self.core, s, k, present, dirty)
         return list(present), list(dirty)
 
-    def numa_maps(self) -> str:
-        """The ``numa_maps`` file: a /proc/PID/numa_maps line per policy range
-        (show_numa_map() in fs/proc/task_mmu.c), the file offset as address."""
-        m = self.machine
-        lines = []
-        for s, e, pol in self.policy_segments(0, self.npages):
-            present, dirty = self.census(s, e)
-            words = [f"{s * PAGE_SIZE:08x}", mpol.kernel_str(pol)]
-            nodes = [(nid, present[node.pool]) for nid, node in sorted(m.nodes.items())]
-            private = [(name, present[p.pool]) for name, p in m.private.items()]
-            anon = sum(c for _, c in nodes)
-            ndirty = sum(dirty[node.pool] for node in m.nodes.values())
-            if anon or any(c for _, c in private):
-                if anon:
-                    words.append(f"anon={anon}")
-                if ndirty:
-                    words.append(f"dirty={ndirty}")
-                words += [f"N{nid}={c}" for nid, c in nodes if c]
-                words += [f"private:{name}={c}" for name, c in private if c]
-                words.append(f"kernelpagesize_kB={PAGE_SIZE // 1024}")
-            lines.append(" ".join(words) + "\n")
-        return "".join(lines)
-
     def pagemap(self, first: int = 0, n: Optional[int] = None, show_pfn: bool = True) -> bytes:
         """``pagemap`` entries of pages [first, first + n), 8 bytes each;
         without show_pfn the PFN bits read as 0 (the flags stay)."""
@@ -445,10 +422,6 @@ class Region:
         out = ffi.new("uint64_t[]", n)
         lib.cdm_region_pagemap(self.machine.core, self.core, first, n, out, int(show_pfn))
         return ffi.buffer(out)[:]
-
-    def mbind_text(self) -> str:
-        """The ``mbind`` file: ``START LENGTH POLICY`` per range, in bytes (decimal)."""
-        return "".join(f"{s * PAGE_SIZE} {(e - s) * PAGE_SIZE} {pol}\n" for s, e, pol in self.ranges)
 
     def stat(self) -> list[tuple[str, object]]:
         """The ``stat`` file: SPEC §6."""
