@@ -3,6 +3,7 @@ through real mounts): they work on their own floor, tell the world through
 events, and drop device mirrors through the mmu notifiers they take."""
 from __future__ import annotations
 
+import errno
 import os
 
 from cdmfs import config
@@ -65,3 +66,25 @@ async def test_every_mover_reports_an_event():
     regions.remove("r")
     assert events[-1] == ("region_removed", {"region": r})
     assert all(r.id not in d.mirrors for d in devices.values())
+
+
+def test_region_ids_are_reused_and_bounded():
+    """The reverse map names a frame's region in 24 bits: ids come back when
+    regions go, and no more regions than that exist at once."""
+    from cdmfs.mm import region as mm_region
+    m, regions, _, _ = machine()
+    for k in range(200):
+        r = regions.create(f"r{k}")
+        assert r.id == 0
+        regions.remove(f"r{k}")
+    a, b = regions.create("a"), regions.create("b")
+    assert (a.id, b.id) == (0, 1)
+    regions.remove("a")
+    assert regions.create("c").id == 0          # the smallest free id first
+    regions._next_id = mm_region.MAX_REGION_ID + 1
+    try:
+        regions.create("d")
+    except OSError as e:
+        assert e.errno == errno.ENOSPC
+    else:
+        raise AssertionError("a region past the reverse map's reach was created")

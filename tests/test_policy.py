@@ -557,3 +557,32 @@ def test_parse_numa_maps_kernel_lines():
     assert a["policy"] == "prefer (many):0-1" and a["nodes"] == {0: 2, 1: 3} and a["anon"] == 5
     assert b == {"start": 0x1000, "policy": "default", "anon": 0, "dirty": 0, "nodes": {},
                  "private": {}, "kernelpagesize_kB": 0}
+
+
+def test_policy_changes_of_a_region_happen_one_at_a_time(mnt):
+    """mbind with move holds the region's policy lock across its migrations,
+    as the kernel holds the mmap lock: a policy write landing meanwhile waits
+    for it (writes to the mbind file itself the kernel already serializes),
+    and the pages end where that mbind put them."""
+    import threading
+    npages = 16384
+    size = npages * PAGE
+    r = mnt.region("serial", size)
+    for rnd in range(2):
+        mm = r.mmap()
+        mm[:] = bytes([rnd + 1]) * size               # CPU-mapped and dirty: slow to move
+        first = threading.Thread(target=r.mbind, args=(0, size, "bind:1"), kwargs={"move": True})
+        first.start()
+        while r.stat["N1"] == 0 and first.is_alive():  # the mbind is moving pages
+            pass
+        r.policy = "preferred:0"
+        moving_when_policy_returned = first.is_alive()
+        first.join(60)
+        assert not moving_when_policy_returned, "the policy changed in the middle of an mbind"
+        assert (r.policy, r.mbinds) == ("preferred:0", [(0, size, "bind:1")])
+        assert (r.stat["N1"], r.stat["N0"]) == (npages, 0)
+        assert mm[:size] == bytes([rnd + 1]) * size
+        mm.close()
+        r.mbind(0, size, "default", move=True)
+        r.policy = "default"
+    r.remove()

@@ -38,6 +38,7 @@ OPS = {"read": lib.CDM_OP_READ, "write": lib.CDM_OP_WRITE, "add": lib.CDM_OP_ADD
 FAULT_POLICIES = ("migrate", "remote")
 MIRROR_CHUNK = 1 << 12      # pages per chunk of a device page table
 OP_CHUNK = 1 << 12          # pages per native device op: 16 MiB, a few ms at most
+READ_RETRIES = 3            # reads again after CPU stores raced them, at most this often
 STAT_KEYS = ("faults", "fault_batches", "migrated_to", "migrated_from", "local_bytes",
              "remote_bytes", "invalidations", "modeled_ns")
 
@@ -226,19 +227,25 @@ class Device:
         if m.cpu_mapped(region, first, n):
             await m.cpu_unmap(region, first, n)
         writing = op in ("write", "add")
-        crc = cpu_pages = 0
-        # The kernel runs in chunks that yield in between: a device reading a
-        # gigabyte must not hold up everyone else's requests.
-        for start in range(first, first + n, OP_CHUNK):
-            out = await self._op_chunk(region, start, min(OP_CHUNK, first + n - start), op, arg, crc, res)
-            crc = out.crc
-            cpu_pages += out.cpu_pages
-            res.local_bytes += out.local_bytes
-            res.remote_bytes += out.remote_bytes
-            await cond_resched()
-        if writing and cpu_pages:
-            # The CPU faulted pages in meanwhile: its next access must see our bytes.
+        for attempt in range(READ_RETRIES):
+            crc = cpu_pages = res.local_bytes = res.remote_bytes = 0
+            # The kernel runs in chunks that yield in between: a device reading
+            # a gigabyte must not hold up everyone else's requests.
+            for start in range(first, first + n, OP_CHUNK):
+                out = await self._op_chunk(region, start, min(OP_CHUNK, first + n - start), op, arg, crc, res)
+                crc = out.crc
+                cpu_pages += out.cpu_pages
+                res.local_bytes += out.local_bytes
+                res.remote_bytes += out.remote_bytes
+                await cond_resched()
+            if not cpu_pages:
+                break
+            # The CPU faulted pages in meanwhile: a write's bytes must reach its
+            # next access; a read may have missed stores it made since, so it
+            # takes them back and reads again (a few times at most).
             await m.cpu_unmap(region, first, n)
+            if writing:
+                break
         pt.map(first, first + n, MAP_WRITE if writing else MAP_READ)
         own_fig, remote_fig = self.own_figures(), self.remote_figures()
         res.modeled_ns += transfer_ns(res.local_bytes, own_fig.write_bandwidth if writing else own_fig.read_bandwidth)

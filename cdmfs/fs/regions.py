@@ -54,8 +54,10 @@ async def migrate_request(m: Machine, region: Region, state: dict, text: str) ->
     state["result"] = await migrate.migrate_range(m, region, first, n, target)
 
 
-def policy_store(m: Machine, region: Region, text: str) -> None:
-    region.policy = mpol.parse(text, list(m.nodes))
+async def policy_store(m: Machine, region: Region, text: str) -> None:
+    policy = mpol.parse(text, list(m.nodes))
+    async with region.policy_lock:      # not in the middle of an mbind's moves
+        region.policy = policy
 
 
 MBIND_FLAGS = ("move", "strict")

@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import errno
 import functools
+import heapq
 import logging
 import re
 from typing import Callable, Iterator, Optional, Sequence
@@ -39,6 +40,8 @@ MAX_MBIND_RANGES = 65530             # as vm.max_map_count bounds a process's VM
 # What one user other than root may hold on a shared mount: regions, and the
 # address space they span together (their page tables are reserved by it).
 USER_MAX_REGIONS = 1024
+# The reverse map keeps a frame's owner as (region id + 1) in 24 bits.
+MAX_REGION_ID = (1 << 24) - 2
 USER_MAX_SPACE = MAX_REGION_SIZE
 
 
@@ -62,6 +65,9 @@ class Region:
             raise MemoryError("cannot allocate a region")
         self.refs = 0
         self.removed = False
+        # The mmap lock's part here: policy changes of the region (policy,
+        # mbind with its moves and strict check) happen one at a time.
+        self.policy_lock = trio.Lock()
         self.size = 0
         self.policy = mpol.DEFAULT
         # mbind ranges: (first page, end page, policy), sorted, disjoint, none
@@ -102,6 +108,7 @@ class Region:
         if self.removed and self.refs == 0 and self._core is not None:
             core, self._core = self._core, None
             lib.cdm_region_free(self.machine.core, core)
+            self.machine.regions.release_id(self.id)
 
     @property
     def core(self):
@@ -296,6 +303,10 @@ class Region:
         As Linux (6.7 and later) does, the policy stays applied and the pages
         that moved stay moved when the call fails with EIO; ``strict`` is
         ignored for ``default``.  Returns the pages migrated."""
+        async with self.policy_lock:
+            return await self._mbind(first, n, policy, move, strict)
+
+    async def _mbind(self, first: int, n: int, policy: mpol.MemPolicy, move: bool, strict: bool) -> int:
         end = first + n
         self.set_range_policy(first, end, policy)
         local = self.machine.default_cpu_node
@@ -448,6 +459,7 @@ class Regions:
         self.machine = machine
         self.by_name: dict[str, Region] = {}
         self._next_id = 0
+        self._free_ids: list[int] = []      # ids of freed regions, reused smallest first
         machine.regions = self
 
     def create(self, name: str, owner: int = 0) -> Region:
@@ -457,11 +469,26 @@ class Regions:
             raise OSError(errno.EEXIST, f"region {name} exists")
         if owner and sum(r.owner == owner for r in self.by_name.values()) >= USER_MAX_REGIONS:
             raise OSError(errno.EDQUOT, f"a user may hold at most {USER_MAX_REGIONS} regions")
-        region = Region(self.machine, name, self._next_id, owner)
+        if self._free_ids:
+            rid = heapq.heappop(self._free_ids)
+        elif self._next_id <= MAX_REGION_ID:
+            rid = self._next_id
+            self._next_id += 1
+        else:
+            raise OSError(errno.ENOSPC, f"at most {MAX_REGION_ID + 1} regions exist at once")
+        try:
+            region = Region(self.machine, name, rid, owner)
+        except BaseException:
+            heapq.heappush(self._free_ids, rid)
+            raise
         region.faultback = functools.partial(migrate.fault_back, self.machine)
-        self._next_id += 1
         self.by_name[name] = region
         return region
+
+    def release_id(self, rid: int) -> None:
+        """A freed region's id may name a new region (never while the old one
+        exists: the reverse map would name both)."""
+        heapq.heappush(self._free_ids, rid)
 
     def may_grow(self, region: Region, size: int) -> None:
         """EDQUOT if region growing to size would take its owner (not root)
