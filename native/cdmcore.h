@@ -15,9 +15,14 @@
  *  - the steps of a migration (collect, lock, alloc, copy, finalize), batched.
  *  - the raw FUSE_NOTIFY_INVAL_INODE write (page-granular invalidation).
  *
- * Every entry point that changes shared state takes the machine's mutex; bulk
- * copies of locked pages run without it, so a worker thread can copy while the
- * FUSE loop serves other pages.  cffi releases the GIL around every call.
+ * Every entry point that reads or changes shared state (pools, frames and
+ * their bytes, page tables) runs under the machine's mutex, and so does every
+ * write of a frame's bytes, migration copies included; no state is kept per
+ * thread.  Any thread may call any entry point (cffi releases the GIL around
+ * every call); calls serialise on the mutex.  Only a pool's geometry (base,
+ * base_pfn, npages), fixed when it is added, is read without it.  What the
+ * caller reaches through the structs directly (cdm_pfn_addr(), struct fields)
+ * is outside the lock.
  *
  * The code is cut as the kernel's mm tree: page_alloc.c (pools, frames),
  * pagetable.c (page tables, gather/scatter, walks, introspection), migrate.c,
@@ -47,7 +52,9 @@
 #define CDM_PTE_DIRTY (1ULL << 58)     /* has been written since allocation */
 #define CDM_PTE_PRIVATE (1ULL << 57)   /* frame is device-private memory */
 #define CDM_PTE_MIGRATING (1ULL << 56) /* collected; CPU copies being invalidated */
-/* bits 48-55 are free for later users (device mirror, access hints). */
+/* bit 48 is the core's own (PTE_NEW in internal.h: allocated by the call under
+ * way, never left in an entry when a call returns); bits 49-55 are free for
+ * later users (device mirror, access hints). */
 
 /* Pool flags */
 #define CDM_POOL_PRIVATE 1             /* device-private: the CPU cannot map it */
@@ -95,6 +102,9 @@ struct cdm_pool {
     uint64_t nr_mapped;     /* used frames believed CPU-mapped */
     uint64_t nr_dirty;      /* used frames whose page was written */
     uint64_t nr_pinned;     /* used frames of pinned pages */
+    uint64_t nr_held;       /* used frames no page owns (rmap 0): handed out by
+                             * cdm_pool_alloc, or a migration's targets between
+                             * cdm_migrate_alloc and finalize/abort */
     uint64_t fail_alloc;    /* fault injection: fail this many allocations */
     uint64_t *rmap;         /* per frame: owner ((region id + 1) << 40 | page), 0 free */
     uint8_t *fflags;        /* per frame: CDM_FRAME_* */
@@ -110,6 +120,12 @@ struct cdm_machine {
     pthread_mutex_t lock;
     int npools;
     struct cdm_pool pools[CDM_MAX_POOLS];
+    /* Frames [drop_start, drop_start + drop_len) of pool drop_pool are free
+     * and still to be given back to the host (MADV_DONTNEED): gathered under
+     * lock, always issued before lock is released (drop_len is 0 whenever
+     * lock is free). */
+    int drop_pool;
+    uint64_t drop_start, drop_len;
 };
 
 /*
@@ -175,13 +191,18 @@ int cdm_pool_add(struct cdm_machine *m, uint64_t base_pfn, uint64_t npages, int 
 uint64_t cdm_pool_free_pages(struct cdm_machine *m, int pool);
 /* Allocates n frames of a pool (PFNs into out); all or none.  Returns 0 or -ENOMEM. */
 int cdm_pool_alloc(struct cdm_machine *m, int pool, uint64_t n, uint64_t *out);
-/* Frees frames given by global PFN. */
+/* Frees frames given by global PFN; frames outside every pool or not in use
+ * are ignored. */
 void cdm_pool_free(struct cdm_machine *m, const uint64_t *pfns, uint64_t n);
 /* Where a global PFN lives: its pool, or -1. */
 int cdm_pfn_pool(struct cdm_machine *m, uint64_t pfn);
-/* The frame's bytes (for tests and the device model). */
+/* The frame's bytes (for tests and the device model).  Accesses through the
+ * pointer are not under the mutex: the caller must know that no other thread
+ * frees or reuses the frame meanwhile. */
 uint8_t *cdm_pfn_addr(struct cdm_machine *m, uint64_t pfn);
-/* Owner of a frame: region id and page, 0 if it holds a page, -ENOENT if free. */
+/* Owner of a frame: region id and page, 0 if it holds a page, -ENOENT if it
+ * holds none (free, or held without owner: see nr_held), -EINVAL outside
+ * every pool. */
 int cdm_pfn_owner(struct cdm_machine *m, uint64_t pfn, uint32_t *region, uint64_t *page);
 
 struct cdm_region *cdm_region_new(struct cdm_machine *m, uint32_t id);
@@ -257,7 +278,8 @@ void cdm_region_uncache(struct cdm_machine *m, struct cdm_region *r, uint64_t fi
  *            skipped (-EBUSY); the others become LOCKED (accesses wait).
  * alloc    — target frames for every CDM_MIG_MOVE/ALLOC page into dst[i];
  *            a page that gets none is skipped with -ENOMEM.
- * copy     — src -> dst for every moving page; no lock held, GIL released.
+ * copy     — src -> dst for every moving page, under the mutex (other calls
+ *            wait for the batch; the GIL is released meanwhile).
  * finalize — moving pages take their new entry, sources are freed, every
  *            page is unlocked; status becomes CDM_MIG_DONE.  Returns pages moved.
  */
@@ -334,7 +356,8 @@ uint32_t cdm_crc32(uint32_t crc, const uint8_t *buf, uint64_t len);
  * of pages[]; the pages are read in address order, not in that order. */
 uint32_t cdm_crc32_pages(uint32_t crc, uint8_t *const *pages, uint64_t n);
 
-/* Copies n frames src[i] -> dst[i] (global PFNs); 0 in either is a hole. */
+/* Copies n frames src[i] -> dst[i] (global PFNs), under the mutex; 0 in either
+ * is a hole. */
 void cdm_copy_frames(struct cdm_machine *m, const uint64_t *src, const uint64_t *dst, uint64_t n);
 
 /* FUSE_NOTIFY_INVAL_INODE for [off, off + len) of inode ino on the /dev/fuse fd.
@@ -432,5 +455,38 @@ uint64_t cdm_region_poison_pool(struct cdm_machine *m, struct cdm_region *r, uin
                                 uint64_t n, int pool, uint64_t *busy);
 int cdm_region_pin(struct cdm_machine *m, struct cdm_region *r, uint64_t first, uint64_t n,
                    int pin, uint64_t deny_pools, struct cdm_rw_result *res);
+
+/*
+ * Debugging: the invariants of the whole machine, checked from scratch under
+ * the mutex.  regions must be every region alive on m (their ids distinct).
+ * Verifies:
+ *  - no frame drop is pending (see struct cdm_machine);
+ *  - per pool: the free stack holds exactly the free frames below next_fresh
+ *    that are neither retired nor in an isolated block, each once, stale ones
+ *    only in the resident window; no frame at or above next_fresh is used or
+ *    stale; POISONED implies RETIRED; free frames have no owner; nr_used,
+ *    nr_retired (free retired frames) and nr_held (used frames without owner)
+ *    equal the counts over the frame flags;
+ *  - per page-table entry: none beyond npages, no internal PTE_NEW, a present
+ *    entry's frame is USED, handed out, of the pool the entry names (PRIVATE
+ *    bit as the pool's), its reverse map names this region and page, and no
+ *    other entry points at it; an entry without frame is poisoned (its old
+ *    PFN only) or a migration's placeholder; no entry is LOCKED and
+ *    MIGRATING at once;
+ *  - every frame with an owner is the frame of the page its owner names;
+ *  - per region: resident[], nr_pinned, nr_poisoned; per pool: nr_mapped,
+ *    nr_dirty, nr_pinned, equal to the counts over the page tables;
+ *  - the populated index never hides a non-zero entry: its chunk is marked
+ *    and the chunk's bitmap word has its summary bit.
+ * Migrations may be in flight: their LOCKED/MIGRATING entries are checked as
+ * above and their target frames are the used frames without owner (nr_held),
+ * which the check can count but not tell from frames cdm_pool_alloc handed
+ * out.  Frame contents are not looked at.  Returns 0, or -EINVAL with a
+ * one-line description of the first violation found in msg (msglen bytes,
+ * NUL-terminated).  Cost: every frame flag below each pool's next_fresh and
+ * every page of the page tables the host has backed.
+ */
+int cdm_machine_check(struct cdm_machine *m, struct cdm_region *const *regions,
+                      uint64_t nregions, char *msg, uint64_t msglen);
 
 #endif

@@ -137,7 +137,7 @@ int cdm_device_op(struct cdm_machine *m, struct cdm_region *r, uint64_t first, u
     memset(res, 0, sizeof(*res));
     res->crc = crc;
     int ret = 0;
-    pthread_mutex_lock(&m->lock);
+    machine_lock(m);
     for (uint64_t i = first; i < first + n; i++) {
         uint64_t pte = i < r->npages ? r->pte[i] : CDM_PTE_POISONED;
         if (pte & CDM_PTE_POISONED)
@@ -199,7 +199,6 @@ int cdm_device_op(struct cdm_machine *m, struct cdm_region *r, uint64_t first, u
         free(pages);
     }
 out:
-    drop_flush();
-    pthread_mutex_unlock(&m->lock);
+    machine_unlock(m);
     return ret;
 }

@@ -14,7 +14,7 @@ int cdm_region_pin(struct cdm_machine *m, struct cdm_region *r, uint64_t first, 
     uint64_t lo, hi;
     res->allocated = 0;
     res->page = 0;
-    pthread_mutex_lock(&m->lock);
+    machine_lock(m);
     uint64_t end = walk_end(r, first, n);
     if (pin) {
         if (first + n > r->npages) {
@@ -67,6 +67,6 @@ int cdm_region_pin(struct cdm_machine *m, struct cdm_region *r, uint64_t first, 
         span_settle(r, lo, hi, seen);
     }
 out:
-    pthread_mutex_unlock(&m->lock);
+    machine_unlock(m);
     return ret;
 }

@@ -14,18 +14,23 @@ int cdm_pool_set_blocks(struct cdm_machine *m, int pool, uint64_t block_pages)
     if (pool < 0 || pool >= m->npools || block_pages == 0)
         return -EINVAL;
     struct cdm_pool *p = &m->pools[pool];
-    if (p->block_pages || p->base_pfn % block_pages)
-        return -EINVAL;
     uint64_t nblocks = (p->npages + block_pages - 1) / block_pages;
     uint8_t *b = calloc(nblocks, 1);
     if (!b)
         return -ENOMEM;
-    pthread_mutex_lock(&m->lock);
-    p->bflags = b;
-    p->nblocks = nblocks;
-    p->block_pages = block_pages;
-    pthread_mutex_unlock(&m->lock);
-    return 0;
+    int ret = 0;
+    machine_lock(m);
+    if (p->block_pages || p->base_pfn % block_pages) {
+        ret = -EINVAL;
+    } else {
+        p->bflags = b;
+        p->nblocks = nblocks;
+        p->block_pages = block_pages;
+        b = NULL;
+    }
+    machine_unlock(m);
+    free(b);
+    return ret;
 }
 
 int64_t cdm_block_isolate(struct cdm_machine *m, int pool, uint64_t block, int isolate)
@@ -33,16 +38,17 @@ int64_t cdm_block_isolate(struct cdm_machine *m, int pool, uint64_t block, int i
     if (pool < 0 || pool >= m->npools)
         return -EINVAL;
     struct cdm_pool *p = &m->pools[pool];
-    if (block >= p->nblocks)
+    machine_lock(m);
+    if (block >= p->nblocks) {
+        machine_unlock(m);
         return -EINVAL;
+    }
     uint64_t lo = block * p->block_pages;
     uint64_t hi = lo + p->block_pages < p->npages ? lo + p->block_pages : p->npages;
     int64_t given = 0;
-    pthread_mutex_lock(&m->lock);
-    drop_flush();
     if (isolate && !(p->bflags[block] & CDM_BLOCK_ISOLATED)) {
         p->bflags[block] |= CDM_BLOCK_ISOLATED;
-        stack_remove(p, lo, hi);
+        stack_remove(m, p, lo, hi);
     } else if (!isolate && (p->bflags[block] & CDM_BLOCK_ISOLATED)) {
         p->bflags[block] &= ~CDM_BLOCK_ISOLATED;
         /* While isolated none of its frames was on the stack: the free ones
@@ -50,24 +56,24 @@ int64_t cdm_block_isolate(struct cdm_machine *m, int pool, uint64_t block, int i
          * reach the others. */
         uint64_t end = hi < p->next_fresh ? hi : p->next_fresh;
         for (uint64_t f = lo; f < end; f++)
-            if (!(p->fflags[f] & (CDM_FRAME_USED | CDM_FRAME_RETIRED)) && stack_push(p, f) == 0)
+            if (!(p->fflags[f] & (CDM_FRAME_USED | CDM_FRAME_RETIRED)) && stack_push(m, p, f) == 0)
                 given++;
         for (uint64_t f = end > lo ? end : lo; f < hi; f++)
             if (!(p->fflags[f] & CDM_FRAME_RETIRED))
                 given++;
     }
-    pthread_mutex_unlock(&m->lock);
+    machine_unlock(m);
     return given;
 }
 
 void cdm_pool_isolate(struct cdm_machine *m, int pool, int isolate)
 {
-    pthread_mutex_lock(&m->lock);
+    machine_lock(m);
     if (isolate)
         m->pools[pool].flags |= CDM_POOL_ISOLATED;
     else
         m->pools[pool].flags &= ~CDM_POOL_ISOLATED;
-    pthread_mutex_unlock(&m->lock);
+    machine_unlock(m);
 }
 
 void cdm_frames_census(struct cdm_machine *m, uint64_t pfn, uint64_t n, uint64_t *out)
@@ -78,7 +84,7 @@ void cdm_frames_census(struct cdm_machine *m, uint64_t pfn, uint64_t n, uint64_t
     if (pool < 0)
         return;
     struct cdm_pool *p = &m->pools[pool];
-    pthread_mutex_lock(&m->lock);
+    machine_lock(m);
     for (uint64_t f = lo; f < hi; f++) {
         uint8_t fl = p->fflags[f];
         if (fl & CDM_FRAME_USED)
@@ -86,7 +92,7 @@ void cdm_frames_census(struct cdm_machine *m, uint64_t pfn, uint64_t n, uint64_t
         if ((fl & CDM_FRAME_RETIRED) && !(fl & CDM_FRAME_USED))
             out[1]++;
     }
-    pthread_mutex_unlock(&m->lock);
+    machine_unlock(m);
 }
 
 uint64_t cdm_frames_owners(struct cdm_machine *m, uint64_t pfn, uint64_t n, uint32_t *region,
@@ -98,7 +104,7 @@ uint64_t cdm_frames_owners(struct cdm_machine *m, uint64_t pfn, uint64_t n, uint
     if (pool < 0)
         return 0;
     struct cdm_pool *p = &m->pools[pool];
-    pthread_mutex_lock(&m->lock);
+    machine_lock(m);
     /* Frames at or above next_fresh were never used. */
     uint64_t end = hi < p->next_fresh ? hi : p->next_fresh;
     for (uint64_t f = lo; f < end; f++) {
@@ -113,6 +119,6 @@ uint64_t cdm_frames_owners(struct cdm_machine *m, uint64_t pfn, uint64_t n, uint
         page[count] = owner & CDM_PTE_PFN_MASK;
         count++;
     }
-    pthread_mutex_unlock(&m->lock);
+    machine_unlock(m);
     return count;
 }

@@ -12,7 +12,9 @@
 #include <sys/mman.h>
 
 #define PAGE CDM_PAGE_SIZE
-/* Internal: allocated by the cdm_region_rw call under way. */
+/* Internal: allocated by the cdm_region_rw or cdm_region_populate call under
+ * way; never left in an entry when the call returns (cdmcore.h reserves bit
+ * 48 for it). */
 #define PTE_NEW (1ULL << 48)
 
 static inline void *sparse_map(uint64_t bytes)
@@ -53,12 +55,12 @@ static inline int block_isolated(const struct cdm_pool *p, uint64_t f)
 #pragma GCC visibility push(hidden)
 
 /* page_alloc.c: the free stack and frames.  Caller holds m->lock. */
-void drop_flush(void);
-void drop_frame(struct cdm_pool *p, uint64_t f);
-int stack_push(struct cdm_pool *p, uint64_t f);
-void stack_remove(struct cdm_pool *p, uint64_t lo, uint64_t hi);
-int64_t frame_alloc(struct cdm_pool *p, int zero);
-void frame_free(struct cdm_pool *p, uint64_t f);
+void drop_flush(struct cdm_machine *m);
+void drop_frame(struct cdm_machine *m, struct cdm_pool *p, uint64_t f);
+int stack_push(struct cdm_machine *m, struct cdm_pool *p, uint64_t f);
+void stack_remove(struct cdm_machine *m, struct cdm_pool *p, uint64_t lo, uint64_t hi);
+int64_t frame_alloc(struct cdm_machine *m, struct cdm_pool *p, int zero);
+void frame_free(struct cdm_machine *m, struct cdm_pool *p, uint64_t f);
 void frame_unalloc(struct cdm_pool *p, uint64_t f);
 
 /* page_alloc.c: the frames of a PFN range that are in one pool. */
@@ -69,6 +71,24 @@ int next_populated_span(const struct cdm_region *r, uint64_t from, uint64_t end,
                         uint64_t *lo, uint64_t *hi);
 
 #pragma GCC visibility pop
+
+/* ------------------------------------------------------------- locking */
+
+/* One discipline for every entry point that touches shared state (pools,
+ * frames, their bytes, page tables): machine_lock() on entry, machine_unlock()
+ * on every way out.  machine_unlock() issues the drops still pending (see
+ * drop_flush), so that no MADV_DONTNEED of a freed frame can run after another
+ * thread has taken the lock, been given that frame and written it. */
+static inline void machine_lock(struct cdm_machine *m)
+{
+    pthread_mutex_lock(&m->lock);
+}
+
+static inline void machine_unlock(struct cdm_machine *m)
+{
+    drop_flush(m);
+    pthread_mutex_unlock(&m->lock);
+}
 
 /* ------------------------------------------------------- page accounting */
 

@@ -16,8 +16,7 @@ int cdm_frame_retire(struct cdm_machine *m, uint64_t pfn, int flags)
         return -EINVAL;
     struct cdm_pool *p = &m->pools[pool];
     int ret;
-    pthread_mutex_lock(&m->lock);
-    drop_flush();
+    machine_lock(m);
     uint8_t fl = p->fflags[lo];
     if (fl & CDM_FRAME_RETIRED) {
         ret = -EALREADY;
@@ -27,14 +26,13 @@ int cdm_frame_retire(struct cdm_machine *m, uint64_t pfn, int flags)
         ret = 1;
     } else {
         if (lo < p->next_fresh && !block_isolated(p, lo))
-            stack_remove(p, lo, lo + 1);
+            stack_remove(m, p, lo, lo + 1);
         p->fflags[lo] |= (uint8_t)(flags | CDM_FRAME_RETIRED);
         p->nr_retired++;
-        drop_frame(p, lo);
+        drop_frame(m, p, lo);
         ret = 0;
     }
-    drop_flush();
-    pthread_mutex_unlock(&m->lock);
+    machine_unlock(m);
     return ret;
 }
 
@@ -45,7 +43,7 @@ uint64_t cdm_frames_unretire(struct cdm_machine *m, uint64_t pfn, uint64_t n)
     if (pool < 0)
         return 0;
     struct cdm_pool *p = &m->pools[pool];
-    pthread_mutex_lock(&m->lock);
+    machine_lock(m);
     for (uint64_t f = lo; f < hi; f++) {
         uint8_t fl = p->fflags[f];
         if (!(fl & CDM_FRAME_RETIRED))
@@ -56,9 +54,9 @@ uint64_t cdm_frames_unretire(struct cdm_machine *m, uint64_t pfn, uint64_t n)
             continue;       /* a pending retirement, called off */
         p->nr_retired--;
         if (f < p->next_fresh && !block_isolated(p, f))
-            stack_push(p, f);
+            stack_push(m, p, f);
     }
-    pthread_mutex_unlock(&m->lock);
+    machine_unlock(m);
     return count;
 }
 
@@ -73,13 +71,13 @@ static void page_poison(struct cdm_machine *m, struct cdm_region *r, uint64_t i)
     pte_set(m, r, i, CDM_PTE_POISONED | (pte & (CDM_PTE_POOL_MASK | CDM_PTE_PFN_MASK)));
     r->nr_poisoned++;
     p->fflags[f] |= CDM_FRAME_RETIRED | CDM_FRAME_POISONED;
-    frame_free(p, f);       /* drops the data; counted as retired */
+    frame_free(m, p, f);       /* drops the data; counted as retired */
 }
 
 int cdm_page_poison(struct cdm_machine *m, struct cdm_region *r, uint64_t page, uint64_t pfn)
 {
     int ret = 0;
-    pthread_mutex_lock(&m->lock);
+    machine_lock(m);
     uint64_t pte = page < r->npages ? r->pte[page] : 0;
     if (!(pte & CDM_PTE_PRESENT) || (pte & CDM_PTE_POISONED) || pte_pfn(pte) != pfn)
         ret = -ENOENT;
@@ -87,8 +85,7 @@ int cdm_page_poison(struct cdm_machine *m, struct cdm_region *r, uint64_t page, 
         ret = -EAGAIN;
     else
         page_poison(m, r, page);
-    drop_flush();
-    pthread_mutex_unlock(&m->lock);
+    machine_unlock(m);
     return ret;
 }
 
@@ -97,7 +94,7 @@ uint64_t cdm_region_poison_pool(struct cdm_machine *m, struct cdm_region *r, uin
 {
     uint64_t count = 0, lo, hi;
     *busy = 0;
-    pthread_mutex_lock(&m->lock);
+    machine_lock(m);
     uint64_t end = walk_end(r, first, n);
     for (uint64_t x = first; next_populated_span(r, x, end, &lo, &hi); x = hi) {
         uint64_t seen = 0;  /* poisoning leaves an entry non-zero */
@@ -115,7 +112,6 @@ uint64_t cdm_region_poison_pool(struct cdm_machine *m, struct cdm_region *r, uin
         }
         span_settle(r, lo, hi, seen);
     }
-    drop_flush();
-    pthread_mutex_unlock(&m->lock);
+    machine_unlock(m);
     return count;
 }

@@ -29,7 +29,7 @@ int64_t cdm_migrate_collect(struct cdm_machine *m, struct cdm_region *r, uint64_
 {
     int64_t collected = 0;
     int alloc_absent = flags & CDM_COLLECT_ALLOC_ABSENT;
-    pthread_mutex_lock(&m->lock);
+    machine_lock(m);
     for (uint64_t k = 0; k < n; k++) {
         uint64_t i = first + k;
         uint64_t pte = i < r->npages ? r->pte[i] : 0;
@@ -59,8 +59,7 @@ int64_t cdm_migrate_collect(struct cdm_machine *m, struct cdm_region *r, uint64_
             collected++;
         }
     }
-    drop_flush();
-    pthread_mutex_unlock(&m->lock);
+    machine_unlock(m);
     return collected;
 }
 
@@ -74,7 +73,7 @@ int64_t cdm_migrate_lock_src(struct cdm_machine *m, struct cdm_region *r, uint64
                              uint64_t n, const uint64_t *src, int32_t *status)
 {
     int64_t locked = 0;
-    pthread_mutex_lock(&m->lock);
+    machine_lock(m);
     for (uint64_t k = 0; k < n; k++) {
         if (status[k] != CDM_MIG_MOVE && status[k] != CDM_MIG_ALLOC)
             continue;
@@ -107,8 +106,7 @@ int64_t cdm_migrate_lock_src(struct cdm_machine *m, struct cdm_region *r, uint64
         pte_store(r, i, (pte & ~CDM_PTE_MIGRATING) | CDM_PTE_LOCKED);
         locked++;
     }
-    drop_flush();
-    pthread_mutex_unlock(&m->lock);
+    machine_unlock(m);
     return locked;
 }
 
@@ -117,26 +115,27 @@ int64_t cdm_migrate_alloc(struct cdm_machine *m, int target, uint64_t n,
 {
     struct cdm_pool *p = &m->pools[target];
     int64_t got = 0;
-    pthread_mutex_lock(&m->lock);
+    machine_lock(m);
     for (uint64_t k = 0; k < n; k++) {
         dst[k] = 0;
         if (status[k] != CDM_MIG_MOVE && status[k] != CDM_MIG_ALLOC)
             continue;
-        int64_t f = frame_alloc(p, status[k] == CDM_MIG_ALLOC);
+        int64_t f = frame_alloc(m, p, status[k] == CDM_MIG_ALLOC);
         if (f < 0) {
             status[k] = -ENOMEM;
             continue;
         }
         dst[k] = p->base_pfn + (uint64_t)f;
+        p->nr_held++;       /* owned by its page from finalize on */
         got++;
     }
-    drop_flush();
-    pthread_mutex_unlock(&m->lock);
+    machine_unlock(m);
     return got;
 }
 
 void cdm_copy_frames(struct cdm_machine *m, const uint64_t *src, const uint64_t *dst, uint64_t n)
 {
+    machine_lock(m);
     for (uint64_t k = 0; k < n; k++) {
         if (!src[k] || !dst[k])
             continue;
@@ -145,6 +144,7 @@ void cdm_copy_frames(struct cdm_machine *m, const uint64_t *src, const uint64_t 
         if (s && d)
             memcpy(d, s, PAGE);
     }
+    machine_unlock(m);
 }
 
 /* Copies whole frames with non-temporal stores: like a DMA engine, the copy
@@ -173,9 +173,12 @@ static void copy_frames(uint8_t *dst, const uint8_t *src, uint64_t bytes)
 void cdm_migrate_copy(struct cdm_machine *m, uint64_t n, const int32_t *status,
                       const uint64_t *src, const uint64_t *dst)
 {
-    /* Runs without m->lock: the pages are LOCKED, nobody else touches these
-     * frames.  Runs of consecutive frames are copied as one memcpy. */
+    /* Under m->lock, as every write of a frame: the pages are LOCKED, so no
+     * access reads the target before finalize; a page truncated meanwhile had
+     * its source freed and finalize throws its copy away.  Runs of
+     * consecutive frames are copied as one memcpy. */
     uint64_t k = 0;
+    machine_lock(m);
     while (k < n) {
         if (status[k] != CDM_MIG_MOVE) {
             k++;
@@ -190,13 +193,14 @@ void cdm_migrate_copy(struct cdm_machine *m, uint64_t n, const int32_t *status,
         copy_frames(cdm_pfn_addr(m, dst[k]), frame_addr(m, src[k]), run * PAGE);
         k += run;
     }
+    machine_unlock(m);
 }
 
 int64_t cdm_migrate_finalize(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
                              uint64_t n, const uint64_t *dst, int32_t *status)
 {
     int64_t moved = 0;
-    pthread_mutex_lock(&m->lock);
+    machine_lock(m);
     /* Last page first: the source frames go on the free stack so that the
      * next batch gets them back in address order, where its copy is one
      * memcpy per run of frames rather than one per page. */
@@ -220,10 +224,11 @@ int64_t cdm_migrate_finalize(struct cdm_machine *m, struct cdm_region *r, uint64
         uint64_t old = i < r->npages ? r->pte[i] : 0;
         int tpool = cdm_pfn_pool(m, dst[k]);
         struct cdm_pool *tp = &m->pools[tpool];
+        tp->nr_held--;      /* the target gets its page, or is freed */
         if (!(old & CDM_PTE_LOCKED)) {
             /* Truncated during the copy: its source frame was freed with it;
              * give the target frame back. */
-            frame_free(tp, dst[k] - tp->base_pfn);
+            frame_free(m, tp, dst[k] - tp->base_pfn);
             status[k] = -ENOENT;
             continue;
         }
@@ -234,7 +239,7 @@ int64_t cdm_migrate_finalize(struct cdm_machine *m, struct cdm_region *r, uint64
         if (st == CDM_MIG_MOVE) {
             struct cdm_pool *sp = &m->pools[pte_pool(old)];
             pte_set(m, r, i, make_pte(m, tpool, dst[k]) | keep);
-            frame_free(sp, pte_pfn(old) - sp->base_pfn);
+            frame_free(m, sp, pte_pfn(old) - sp->base_pfn);
             sp->counters[CDM_PGMIGRATE_SUCCESS]++;
         } else {
             r->pte[i] = 0;
@@ -243,23 +248,24 @@ int64_t cdm_migrate_finalize(struct cdm_machine *m, struct cdm_region *r, uint64
         status[k] = CDM_MIG_DONE;
         moved++;
     }
-    drop_flush();
-    pthread_mutex_unlock(&m->lock);
+    machine_unlock(m);
     return moved;
 }
 
 void cdm_migrate_abort(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
                        uint64_t n, const uint64_t *dst, int32_t *status)
 {
-    pthread_mutex_lock(&m->lock);
+    machine_lock(m);
     for (uint64_t k = 0; k < n; k++) {
         if (status[k] != CDM_MIG_MOVE && status[k] != CDM_MIG_ALLOC)
             continue;
         uint64_t i = first + k;
         if (dst && dst[k]) {
             int tpool = cdm_pfn_pool(m, dst[k]);
-            if (tpool >= 0)
-                frame_free(&m->pools[tpool], dst[k] - m->pools[tpool].base_pfn);
+            if (tpool >= 0) {
+                m->pools[tpool].nr_held--;
+                frame_free(m, &m->pools[tpool], dst[k] - m->pools[tpool].base_pfn);
+            }
         }
         if (i < r->npages && (r->pte[i] & (CDM_PTE_LOCKED | CDM_PTE_MIGRATING))) {
             uint64_t pte = r->pte[i] & ~(CDM_PTE_LOCKED | CDM_PTE_MIGRATING);
@@ -270,8 +276,7 @@ void cdm_migrate_abort(struct cdm_machine *m, struct cdm_region *r, uint64_t fir
         }
         status[k] = -EINTR;
     }
-    drop_flush();
-    pthread_mutex_unlock(&m->lock);
+    machine_unlock(m);
 }
 
 uint64_t cdm_migrate_holes(const int32_t *status, uint64_t n, uint64_t *idx, int32_t *err)

@@ -11,6 +11,8 @@
 
 /* ---------------------------------------------------------------- pools */
 
+static int pool_add(struct cdm_machine *m, uint64_t base_pfn, uint64_t npages, int flags);
+
 struct cdm_machine *cdm_machine_new(void)
 {
     struct cdm_machine *m = calloc(1, sizeof(*m));
@@ -35,6 +37,15 @@ void cdm_machine_free(struct cdm_machine *m)
 
 int cdm_pool_add(struct cdm_machine *m, uint64_t base_pfn, uint64_t npages, int flags)
 {
+    machine_lock(m);
+    int ret = pool_add(m, base_pfn, npages, flags);
+    machine_unlock(m);
+    return ret;
+}
+
+/* Caller holds m->lock. */
+static int pool_add(struct cdm_machine *m, uint64_t base_pfn, uint64_t npages, int flags)
+{
     if (m->npools >= CDM_MAX_POOLS || npages == 0 || base_pfn + npages > CDM_PTE_PFN_MASK)
         return -EINVAL;
     /* A PFN belongs to one pool: cdm_pfn_pool() would find only the first. */
@@ -47,8 +58,16 @@ int cdm_pool_add(struct cdm_machine *m, uint64_t base_pfn, uint64_t npages, int 
     p->base = sparse_map(npages * PAGE);
     p->rmap = sparse_map(npages * sizeof(uint64_t));
     p->fflags = sparse_map(npages);
-    if (!p->base || !p->rmap || !p->fflags)
+    if (!p->base || !p->rmap || !p->fflags) {
+        if (p->base)
+            munmap(p->base, npages * PAGE);
+        if (p->rmap)
+            munmap(p->rmap, npages * sizeof(uint64_t));
+        if (p->fflags)
+            munmap(p->fflags, npages);
+        memset(p, 0, sizeof(*p));
         return -ENOMEM;
+    }
     p->base_pfn = base_pfn;
     p->npages = npages;
     p->flags = flags;
@@ -58,7 +77,10 @@ int cdm_pool_add(struct cdm_machine *m, uint64_t base_pfn, uint64_t npages, int 
 uint64_t cdm_pool_free_pages(struct cdm_machine *m, int pool)
 {
     struct cdm_pool *p = &m->pools[pool];
-    return p->npages - p->nr_used - p->nr_retired;
+    machine_lock(m);
+    uint64_t n = p->npages - p->nr_used - p->nr_retired;
+    machine_unlock(m);
+    return n;
 }
 
 /* Freed frames give their host memory back with madvise(MADV_DONTNEED), which
@@ -67,46 +89,49 @@ uint64_t cdm_pool_free_pages(struct cdm_machine *m, int pool)
  * dropped only as newer ones push them out: a host page fault costs more than
  * the copy into the page, and device memory is always backed.  Consecutive
  * drops of adjacent frames (a migrated batch, a truncated range) are gathered
- * into one call: drop_flush() runs before any allocation and before m->lock
- * is released, so no frame is reused before it is dropped. */
-static __thread struct { struct cdm_pool *pool; uint64_t start, len; } drop;
-
-void drop_flush(void)
+ * into one call, pending in the machine (m->drop_*) under m->lock:
+ * drop_flush() runs before any allocation and in machine_unlock(), so a
+ * pending drop never outlives the lock and no frame is reused (by this thread
+ * or another) before it is dropped.  Caller holds m->lock. */
+void drop_flush(struct cdm_machine *m)
 {
-    if (drop.len)
-        madvise(drop.pool->base + drop.start * PAGE, drop.len * PAGE, MADV_DONTNEED);
-    drop.len = 0;
+    if (m->drop_len) {
+        struct cdm_pool *p = &m->pools[m->drop_pool];
+        madvise(p->base + m->drop_start * PAGE, m->drop_len * PAGE, MADV_DONTNEED);
+    }
+    m->drop_len = 0;
 }
 
-void drop_frame(struct cdm_pool *p, uint64_t f)
+void drop_frame(struct cdm_machine *m, struct cdm_pool *p, uint64_t f)
 {
-    if (drop.len && drop.pool == p && f == drop.start + drop.len) {
-        drop.len++;
+    int pool = (int)(p - m->pools);
+    if (m->drop_len && m->drop_pool == pool && f == m->drop_start + m->drop_len) {
+        m->drop_len++;
         return;
     }
-    if (drop.len && drop.pool == p && f + 1 == drop.start) {
-        drop.start--;
-        drop.len++;
+    if (m->drop_len && m->drop_pool == pool && f + 1 == m->drop_start) {
+        m->drop_start--;
+        m->drop_len++;
         return;
     }
-    drop_flush();
-    drop.pool = p;
-    drop.start = f;
-    drop.len = 1;
+    drop_flush(m);
+    m->drop_pool = pool;
+    m->drop_start = f;
+    m->drop_len = 1;
 }
 
 /* Free frame f leaves the allocator's reach (isolated, retired): its bytes go. */
-static void frame_unstale(struct cdm_pool *p, uint64_t f)
+static void frame_unstale(struct cdm_machine *m, struct cdm_pool *p, uint64_t f)
 {
     if (p->fflags[f] & CDM_FRAME_STALE) {
         p->fflags[f] &= (uint8_t)~CDM_FRAME_STALE;
-        drop_frame(p, f);
+        drop_frame(m, p, f);
     }
 }
 
 /* Pushes free frame f on the free stack; -1 if the host has no memory for
  * it (the frame is then leaked as retired).  Caller holds m->lock. */
-int stack_push(struct cdm_pool *p, uint64_t f)
+int stack_push(struct cdm_machine *m, struct cdm_pool *p, uint64_t f)
 {
     if (p->nfree_stack == p->free_cap) {
         uint64_t cap = p->free_cap ? p->free_cap * 2 : 1024;
@@ -122,21 +147,21 @@ int stack_push(struct cdm_pool *p, uint64_t f)
     p->free_stack[p->nfree_stack++] = f;
     /* The entry pushed out of the resident window loses its bytes. */
     if (++p->nresident > CDM_RESIDENT_FREE_PAGES) {
-        frame_unstale(p, p->free_stack[p->nfree_stack - p->nresident]);
+        frame_unstale(m, p, p->free_stack[p->nfree_stack - p->nresident]);
         p->nresident--;
     }
     return 0;
 }
 
 /* Removes the frames [lo, hi) from the free stack.  Caller holds m->lock. */
-void stack_remove(struct cdm_pool *p, uint64_t lo, uint64_t hi)
+void stack_remove(struct cdm_machine *m, struct cdm_pool *p, uint64_t lo, uint64_t hi)
 {
     uint64_t k = 0;
     for (uint64_t j = 0; j < p->nfree_stack; j++)
         if (p->free_stack[j] < lo || p->free_stack[j] >= hi)
             p->free_stack[k++] = p->free_stack[j];
         else
-            frame_unstale(p, p->free_stack[j]);
+            frame_unstale(m, p, p->free_stack[j]);
     p->nfree_stack = k;
     if (p->nresident > k)
         p->nresident = k;
@@ -163,9 +188,9 @@ static int64_t fresh_frame(struct cdm_pool *p)
 /* One frame index of pool p, or -1; zero: its bytes must read as zeros (a
  * new page), else the caller overwrites them all (a migration's copy).
  * Caller holds m->lock. */
-int64_t frame_alloc(struct cdm_pool *p, int zero)
+int64_t frame_alloc(struct cdm_machine *m, struct cdm_pool *p, int zero)
 {
-    drop_flush();
+    drop_flush(m);
     if (p->flags & CDM_POOL_ISOLATED)
         return -1;
     if (p->fail_alloc) {
@@ -194,20 +219,20 @@ int64_t frame_alloc(struct cdm_pool *p, int zero)
 /* Returns frame f of pool p to the allocator, keeping its bytes for a while
  * (see drop_frame); a frame that cannot be reused soon is dropped at once.
  * Caller holds m->lock. */
-void frame_free(struct cdm_pool *p, uint64_t f)
+void frame_free(struct cdm_machine *m, struct cdm_pool *p, uint64_t f)
 {
     p->rmap[f] = 0;
     p->fflags[f] &= ~CDM_FRAME_USED;
     p->nr_used--;
     p->counters[CDM_PGFREE]++;
     if (p->fflags[f] & CDM_FRAME_RETIRED) {
-        drop_frame(p, f);
+        drop_frame(m, p, f);
         p->nr_retired++;
         return;
     }
     int in_isolated_block = block_isolated(p, f);
     if (in_isolated_block || (p->flags & CDM_POOL_ISOLATED)) {
-        drop_frame(p, f);
+        drop_frame(m, p, f);
         if (in_isolated_block)
             return;     /* back to the allocator when the block is released */
     } else {
@@ -215,8 +240,8 @@ void frame_free(struct cdm_pool *p, uint64_t f)
     }
     /* Out of host memory for the free list, stack_push leaks the frame as
      * retired rather than corrupt the allocator. */
-    if (stack_push(p, f) < 0)
-        frame_unstale(p, f);
+    if (stack_push(m, p, f) < 0)
+        frame_unstale(m, p, f);
 }
 
 /* Undoes the latest frame_alloc() of pool p that is still standing (calls
@@ -240,20 +265,19 @@ void frame_unalloc(struct cdm_pool *p, uint64_t f)
 int cdm_pool_alloc(struct cdm_machine *m, int pool, uint64_t n, uint64_t *out)
 {
     struct cdm_pool *p = &m->pools[pool];
-    pthread_mutex_lock(&m->lock);
+    machine_lock(m);
     for (uint64_t i = 0; i < n; i++) {
-        int64_t f = frame_alloc(p, 1);
+        int64_t f = frame_alloc(m, p, 1);
         if (f < 0) {
             while (i--)
                 frame_unalloc(p, out[i] - p->base_pfn);
-            drop_flush();
-    pthread_mutex_unlock(&m->lock);
+            machine_unlock(m);
             return -ENOMEM;
         }
         out[i] = p->base_pfn + (uint64_t)f;
     }
-    drop_flush();
-    pthread_mutex_unlock(&m->lock);
+    p->nr_held += n;    /* no owner: the caller holds them */
+    machine_unlock(m);
     return 0;
 }
 
@@ -269,14 +293,20 @@ int cdm_pfn_pool(struct cdm_machine *m, uint64_t pfn)
 
 void cdm_pool_free(struct cdm_machine *m, const uint64_t *pfns, uint64_t n)
 {
-    pthread_mutex_lock(&m->lock);
+    machine_lock(m);
     for (uint64_t i = 0; i < n; i++) {
         int pool = cdm_pfn_pool(m, pfns[i]);
-        if (pool >= 0)
-            frame_free(&m->pools[pool], pfns[i] - m->pools[pool].base_pfn);
+        if (pool < 0)
+            continue;
+        struct cdm_pool *p = &m->pools[pool];
+        uint64_t f = pfns[i] - p->base_pfn;
+        if (!(p->fflags[f] & CDM_FRAME_USED))
+            continue;   /* free already: a second free would put it twice on the stack */
+        if (!p->rmap[f] && p->nr_held)
+            p->nr_held--;
+        frame_free(m, p, f);
     }
-    drop_flush();
-    pthread_mutex_unlock(&m->lock);
+    machine_unlock(m);
 }
 
 uint8_t *cdm_pfn_addr(struct cdm_machine *m, uint64_t pfn)
@@ -292,10 +322,9 @@ int cdm_pfn_owner(struct cdm_machine *m, uint64_t pfn, uint32_t *region, uint64_
     int pool = cdm_pfn_pool(m, pfn);
     if (pool < 0)
         return -EINVAL;
-    pthread_mutex_lock(&m->lock);
+    machine_lock(m);
     uint64_t owner = m->pools[pool].rmap[pfn - m->pools[pool].base_pfn];
-    drop_flush();
-    pthread_mutex_unlock(&m->lock);
+    machine_unlock(m);
     if (!owner)
         return -ENOENT;
     *region = (uint32_t)((owner >> 40) - 1);

@@ -150,7 +150,7 @@ static void page_release(struct cdm_machine *m, struct cdm_region *r, uint64_t i
         r->nr_poisoned--;
     pte_set(m, r, i, 0);
     if (pte & CDM_PTE_PRESENT)
-        frame_free(&m->pools[pte_pool(pte)], pte_pfn(pte) - m->pools[pte_pool(pte)].base_pfn);
+        frame_free(m, &m->pools[pte_pool(pte)], pte_pfn(pte) - m->pools[pte_pool(pte)].base_pfn);
 }
 
 /* -------------------------------------------------------------- regions */
@@ -208,15 +208,14 @@ static int region_reserve(struct cdm_region *r, uint64_t cap)
 
 int cdm_region_resize(struct cdm_machine *m, struct cdm_region *r, uint64_t npages)
 {
-    pthread_mutex_lock(&m->lock);
+    machine_lock(m);
     if (npages > r->cap) {
         /* Reserve generously: entries cost host memory only once written. */
         uint64_t cap = r->cap ? r->cap : 1024;
         while (cap < npages)
             cap *= 2;
         if (region_reserve(r, cap) < 0) {
-            drop_flush();
-            pthread_mutex_unlock(&m->lock);
+            machine_unlock(m);
             return -ENOMEM;
         }
     }
@@ -236,8 +235,7 @@ int cdm_region_resize(struct cdm_machine *m, struct cdm_region *r, uint64_t npag
     /* The chunk the new end cuts: its mark may only hold for pages now gone. */
     if (npages < old_npages && npages % CHUNK)
         chunk_settle(r, npages >> CHUNK_SHIFT);
-    drop_flush();
-    pthread_mutex_unlock(&m->lock);
+    machine_unlock(m);
     return 0;
 }
 
@@ -257,12 +255,11 @@ void cdm_region_ptes(struct cdm_machine *m, struct cdm_region *r, uint64_t first
 {
     memset(out, 0, n * sizeof(*out));
     uint64_t lo, hi;
-    pthread_mutex_lock(&m->lock);
+    machine_lock(m);
     uint64_t end = walk_end(r, first, n);
     for (uint64_t x = first; next_populated_span(r, x, end, &lo, &hi); x = hi)
         memcpy(out + (lo - first), r->pte + lo, (hi - lo) * sizeof(*out));
-    drop_flush();
-    pthread_mutex_unlock(&m->lock);
+    machine_unlock(m);
 }
 
 /* Counts the NUMA events the kernel's zone_statistics() (and, for interleave,
@@ -294,7 +291,7 @@ static uint64_t plan_alloc(struct cdm_machine *m, struct cdm_region *r, uint64_t
     for (int k = 0; k < CDM_MAX_POOLS && row[k] >= 0; k++) {
         int pool = row[k];
         struct cdm_pool *p = &m->pools[pool];
-        int64_t f = frame_alloc(p, 1);
+        int64_t f = frame_alloc(m, p, 1);
         if (f < 0)
             continue;
         p->rmap[f] = ((uint64_t)(r->id + 1) << 40) | idx;
@@ -347,7 +344,7 @@ int cdm_region_rw(struct cdm_machine *m, struct cdm_region *r, uint64_t off, uin
     uint64_t last = (off + len - 1) >> CDM_PAGE_SHIFT;
     int ret = 0;
 
-    pthread_mutex_lock(&m->lock);
+    machine_lock(m);
     if (last >= r->npages) {
         ret = -EINVAL;
         res->page = last;
@@ -395,15 +392,14 @@ int cdm_region_rw(struct cdm_machine *m, struct cdm_region *r, uint64_t off, uin
             pte_set(m, r, i, pte);
     }
 out:
-    drop_flush();
-    pthread_mutex_unlock(&m->lock);
+    machine_unlock(m);
     return ret;
 }
 
 void cdm_region_uncache(struct cdm_machine *m, struct cdm_region *r, uint64_t first, uint64_t n)
 {
     uint64_t lo, hi;
-    pthread_mutex_lock(&m->lock);
+    machine_lock(m);
     uint64_t end = walk_end(r, first, n);
     for (uint64_t x = first; next_populated_span(r, x, end, &lo, &hi); x = hi) {
         uint64_t seen = 0;
@@ -414,8 +410,7 @@ void cdm_region_uncache(struct cdm_machine *m, struct cdm_region *r, uint64_t fi
         }
         span_settle(r, lo, hi, seen);
     }
-    drop_flush();
-    pthread_mutex_unlock(&m->lock);
+    machine_unlock(m);
 }
 
 int cdm_region_populate(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
@@ -424,7 +419,7 @@ int cdm_region_populate(struct cdm_machine *m, struct cdm_region *r, uint64_t fi
     res->allocated = 0;
     res->page = 0;
     int ret = 0;
-    pthread_mutex_lock(&m->lock);
+    machine_lock(m);
     if (first + n > r->npages) {
         res->page = first + n - 1;
         ret = -EINVAL;
@@ -448,8 +443,7 @@ int cdm_region_populate(struct cdm_machine *m, struct cdm_region *r, uint64_t fi
         }
     }
 out:
-    drop_flush();
-    pthread_mutex_unlock(&m->lock);
+    machine_unlock(m);
     return ret;
 }
 
@@ -457,7 +451,7 @@ uint64_t cdm_region_count(struct cdm_machine *m, struct cdm_region *r, uint64_t 
                           uint64_t n, uint64_t flag)
 {
     uint64_t c = 0, lo, hi;
-    pthread_mutex_lock(&m->lock);
+    machine_lock(m);
     uint64_t end = walk_end(r, first, n);
     for (uint64_t x = first; next_populated_span(r, x, end, &lo, &hi); x = hi) {
         uint64_t seen = 0;
@@ -467,8 +461,7 @@ uint64_t cdm_region_count(struct cdm_machine *m, struct cdm_region *r, uint64_t 
         }
         span_settle(r, lo, hi, seen);
     }
-    drop_flush();
-    pthread_mutex_unlock(&m->lock);
+    machine_unlock(m);
     return c;
 }
 
@@ -476,7 +469,7 @@ uint64_t cdm_region_next_present(struct cdm_machine *m, struct cdm_region *r, ui
                                  uint64_t end)
 {
     uint64_t found = end, lo, hi;
-    pthread_mutex_lock(&m->lock);
+    machine_lock(m);
     uint64_t stop = end < r->npages ? end : r->npages;
     for (uint64_t x = first; next_populated_span(r, x, stop, &lo, &hi); x = hi) {
         uint64_t i = lo;
@@ -488,7 +481,7 @@ uint64_t cdm_region_next_present(struct cdm_machine *m, struct cdm_region *r, ui
         }
         span_settle(r, lo, hi, 0);
     }
-    pthread_mutex_unlock(&m->lock);
+    machine_unlock(m);
     return found;
 }
 
@@ -497,7 +490,7 @@ uint64_t cdm_region_flag_runs(struct cdm_machine *m, struct cdm_region *r, uint6
                               uint64_t max, uint64_t *next)
 {
     uint64_t runs = 0, lo, hi;
-    pthread_mutex_lock(&m->lock);
+    machine_lock(m);
     uint64_t end = walk_end(r, first, n);
     *next = end < r->npages ? end : r->npages;
     for (uint64_t x = first; next_populated_span(r, x, end, &lo, &hi); x = hi) {
@@ -521,7 +514,7 @@ uint64_t cdm_region_flag_runs(struct cdm_machine *m, struct cdm_region *r, uint6
         span_settle(r, lo, hi, seen);
     }
 out:
-    pthread_mutex_unlock(&m->lock);
+    machine_unlock(m);
     return runs;
 }
 
@@ -529,7 +522,7 @@ uint64_t cdm_region_mirror_pool(struct cdm_machine *m, struct cdm_region *r, uin
                                 uint64_t n, int pool, uint8_t *mirror, uint8_t value)
 {
     uint64_t c = 0, lo, hi;
-    pthread_mutex_lock(&m->lock);
+    machine_lock(m);
     uint64_t end = walk_end(r, first, n);
     for (uint64_t x = first; next_populated_span(r, x, end, &lo, &hi); x = hi) {
         uint64_t seen = 0;
@@ -543,8 +536,7 @@ uint64_t cdm_region_mirror_pool(struct cdm_machine *m, struct cdm_region *r, uin
         }
         span_settle(r, lo, hi, seen);
     }
-    drop_flush();
-    pthread_mutex_unlock(&m->lock);
+    machine_unlock(m);
     return c;
 }
 
@@ -554,7 +546,7 @@ void cdm_region_census(struct cdm_machine *m, struct cdm_region *r, uint64_t fir
                        uint64_t *present, uint64_t *dirty)
 {
     uint64_t lo, hi;
-    pthread_mutex_lock(&m->lock);
+    machine_lock(m);
     uint64_t end = walk_end(r, first, n);
     for (uint64_t x = first; next_populated_span(r, x, end, &lo, &hi); x = hi) {
         uint64_t seen = 0;
@@ -569,7 +561,7 @@ void cdm_region_census(struct cdm_machine *m, struct cdm_region *r, uint64_t fir
         }
         span_settle(r, lo, hi, seen);
     }
-    pthread_mutex_unlock(&m->lock);
+    machine_unlock(m);
 }
 
 void cdm_region_pagemap(struct cdm_machine *m, struct cdm_region *r, uint64_t first, uint64_t n,
@@ -579,7 +571,7 @@ void cdm_region_pagemap(struct cdm_machine *m, struct cdm_region *r, uint64_t fi
     /* Pages in chunks never populated (and beyond the end) read as never touched. */
     memset(out, 0, n * sizeof(*out));
     uint64_t lo, hi;
-    pthread_mutex_lock(&m->lock);
+    machine_lock(m);
     uint64_t end = walk_end(r, first, n);
     for (uint64_t x = first; next_populated_span(r, x, end, &lo, &hi); x = hi) {
         uint64_t seen = 0;
@@ -596,7 +588,7 @@ void cdm_region_pagemap(struct cdm_machine *m, struct cdm_region *r, uint64_t fi
         }
         span_settle(r, lo, hi, seen);
     }
-    pthread_mutex_unlock(&m->lock);
+    machine_unlock(m);
 }
 
 uint64_t cdm_region_misfits(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
@@ -605,7 +597,7 @@ uint64_t cdm_region_misfits(struct cdm_machine *m, struct cdm_region *r, uint64_
                             uint64_t *run_len, int32_t *run_pool, uint64_t max, uint64_t *nruns)
 {
     uint64_t count = 0, runs = 0, lo, hi;
-    pthread_mutex_lock(&m->lock);
+    machine_lock(m);
     uint64_t end = walk_end(r, first, n);
     for (uint64_t x = first; next_populated_span(r, x, end, &lo, &hi); x = hi) {
         uint64_t seen = 0;
@@ -632,7 +624,7 @@ uint64_t cdm_region_misfits(struct cdm_machine *m, struct cdm_region *r, uint64_
         }
         span_settle(r, lo, hi, seen);
     }
-    pthread_mutex_unlock(&m->lock);
+    machine_unlock(m);
     *nruns = runs;
     return count;
 }
