@@ -136,6 +136,8 @@ def test_rmdir_races_every_long_operation(small):
             assert alive(small), f"the daemon died racing rmdir with {op_name}"
             assert all(v == 0 for v in used_pages(small).values()), (op_name, used_pages(small))
         rss.append(daemon_rss(small.path))
+    with open(os.path.join(small.path, "sys/kernel/debug/cdmfs/check")) as f:
+        assert f.read() == "ok\n"            # the core's invariants hold after it all
     assert os.path.exists(f"/proc/{pid}")
     # Nothing leaks: resident memory stays flat from the second round on.
     assert rss[-1] - rss[1] < 8 * MIB, rss

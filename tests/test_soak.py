@@ -178,4 +178,7 @@ def test_soak(cprog, tmp_path):
             assert m.node(n).meminfo["MemUsed"] == on_nodes[n] * PAGE // 1024, n
         private = sum(st["private:gpu0"] for st in regions)
         assert gpu.meminfo["MemUsed"] == private * PAGE // 1024
+        # And the core's own invariants: allocator, page tables, reverse map, counters.
+        with open(os.path.join(m.path, "sys/kernel/debug/cdmfs/check")) as f:
+            assert f.read() == "ok\n"
         print(f"soak {SECONDS:.0f}s: {w.counts}, stress: {out.strip()}")

@@ -124,6 +124,16 @@ class Machine:
         if self.cpu_unmapper is not None:
             await self.cpu_unmapper(region, first, npages)
 
+    def check(self) -> str:
+        """The core's invariant checker over every live region: "" when the
+        allocator, the page tables and every counter agree, else the first
+        violation (debugfs ``cdmfs/check`` asks for it)."""
+        cores = [r.core for r in self.regions.by_name.values()] if self.regions is not None else []
+        msg = ffi.new("char[]", 512)
+        rc = lib.cdm_machine_check(self.core, ffi.new("struct cdm_region *[]", cores) if cores else ffi.NULL,
+                                   len(cores), msg, 512)
+        return "" if rc == 0 else ffi.string(msg).decode(errors="replace")
+
     def cpu_mapped(self, region: "Region", first: int, npages: int) -> int:
         return lib.cdm_region_count(self.core, region.core, first, npages, lib.CDM_PTE_CPU)
 

@@ -24,3 +24,6 @@ def build(tree: Tree, m: Machine) -> None:
     add_cpus(tree, m)
     add_weighted_interleave(tree, m)
     memory.build(tree, m)
+    # debugfs: the core's invariants, checked on demand (root only, as debugfs).
+    tree.add(tree.path("sys/kernel/debug/cdmfs"), "check",
+             Attr(lambda: f"{m.check() or 'ok'}\n", mode=0o400))
