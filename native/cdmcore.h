@@ -189,6 +189,9 @@ void cdm_machine_free(struct cdm_machine *m);
 /* Adds a pool of npages frames starting at base_pfn; returns its index or -errno. */
 int cdm_pool_add(struct cdm_machine *m, uint64_t base_pfn, uint64_t npages, int flags);
 uint64_t cdm_pool_free_pages(struct cdm_machine *m, int pool);
+/* Fault injection: the next n allocations from the pool fail (a device's
+ * inject fail_alloc N); under the lock, as every change of a pool. */
+void cdm_pool_fail_alloc(struct cdm_machine *m, int pool, uint64_t n);
 /* Allocates n frames of a pool (PFNs into out); all or none.  Returns 0 or -ENOMEM. */
 int cdm_pool_alloc(struct cdm_machine *m, int pool, uint64_t n, uint64_t *out);
 /* Frees frames given by global PFN; frames outside every pool or not in use

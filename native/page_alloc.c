@@ -83,6 +83,13 @@ uint64_t cdm_pool_free_pages(struct cdm_machine *m, int pool)
     return n;
 }
 
+void cdm_pool_fail_alloc(struct cdm_machine *m, int pool, uint64_t n)
+{
+    machine_lock(m);
+    m->pools[pool].fail_alloc = n;
+    machine_unlock(m);
+}
+
 /* Freed frames give their host memory back with madvise(MADV_DONTNEED), which
  * also makes them read as zeros for the next user.  The newest
  * CDM_RESIDENT_FREE_PAGES frees of a pool are kept (CDM_FRAME_STALE) and

@@ -356,7 +356,7 @@ class Device:
 
     def fail_alloc(self, count: int) -> None:
         """The next count allocations from its memory fail (fault injection)."""
-        self.machine.pool(self.pool).fail_alloc = count
+        lib.cdm_pool_fail_alloc(self.machine.core, self.pool, count)
 
     # ------------------------------------------------------------ events
 

@@ -50,6 +50,8 @@ async def pin(m: "Machine", region: "Region", first: int, n: int) -> int:
         try:
             await m.populate(region, first, n)
         except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
             raise OSError(errno.ENOMEM, "no memory to fault the range in") from e
         failed = []
         by_pool: dict[int, list[int]] = defaultdict(list)

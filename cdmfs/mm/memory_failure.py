@@ -169,6 +169,12 @@ async def link_down(hp: "MemoryHotplug", dev: "PageMap") -> None:
                 await waiting.wait_unlocked()
             elif not owners:
                 await trio.sleep(0.005)
+        else:
+            # Pages a migration kept busy through every pass still sit on the
+            # lost memory: say so rather than report the link down as done.
+            left = migrate.frames_census(m, pool.base_pfn, pool.npages)[0]
+            log.error("device %s: link down left %d pages busy, not poisoned", dev.owner, left)
+            raise OSError(errno.EBUSY, f"{left} pages of {dev.owner} stayed busy")
         for b in blocks:
             hp._offlined(b, taken_by=dev.owner)
         if coherent:
