@@ -628,6 +628,12 @@ def test_hot_add_by_probe():
         assert not os.path.exists(os.path.join(m.path, SYS, "node", "node2"))
         assert m.memory_blocks == list(range(6))
         refused(errno.ENODEV, m.region("h", PAGE).migrate, 0, PAGE, "2")
+        # As mbind(2) and set_mempolicy(2): a node list with no memory is EINVAL.
+        with pytest.raises(OSError) as e:
+            m.region("h").policy = "bind:2"
+        assert e.value.errno == errno.EINVAL and m.region("h").policy == "default"
+        m.region("h").policy = "interleave:0,2"           # one node with memory is enough
+        m.region("h").policy = "default"
         refused(errno.EINVAL, m.probe, 6 * BLOCK + PAGE)
         m.probe(6 * BLOCK)
         assert m.memory_blocks == list(range(7))

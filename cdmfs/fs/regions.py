@@ -55,7 +55,7 @@ async def migrate_request(m: Machine, region: Region, state: dict, text: str) ->
 
 
 async def policy_store(m: Machine, region: Region, text: str) -> None:
-    policy = mpol.parse(text, list(m.nodes))
+    policy = mpol.parse(text, list(m.nodes), memory_nodes=m.memory_nodes())
     async with region.policy_lock:      # not in the middle of an mbind's moves
         region.policy = policy
 
@@ -70,7 +70,7 @@ async def mbind_request(m: Machine, region: Region, text: str) -> None:
     if len(words) < 3:
         raise ValueError("expected START LENGTH POLICY [move] [strict]")
     first, n = parse_range(region, words[0], words[1])
-    policy = mpol.parse(words[2], list(m.nodes))
+    policy = mpol.parse(words[2], list(m.nodes), memory_nodes=m.memory_nodes())
     flags = words[3:]
     for flag in flags:
         if flag not in MBIND_FLAGS:

@@ -227,6 +227,10 @@ class Machine:
             return self.default_cpu_node
         return self.cpu_node.get(cpu, self.default_cpu_node)
 
+    def memory_nodes(self) -> list[int]:
+        """N_MEMORY: nodes with online memory."""
+        return [nid for nid, n in self.nodes.items() if n.online]
+
     def usable_nodes(self) -> list[int]:
         """Nodes that can take pages: online memory, and not the memory of a
         device that is offline (or going offline)."""

@@ -8,7 +8,7 @@ implicit allocation, only one a policy names.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 from ..lib import bitmap
 
@@ -56,8 +56,10 @@ def kernel_str(policy: MemPolicy) -> str:
     return name
 
 
-def parse(text: str, known_nodes: Sequence[int]) -> MemPolicy:
-    """The policy written as text; ValueError with a one-line reason if it is not one."""
+def parse(text: str, known_nodes: Sequence[int], memory_nodes: Optional[Sequence[int]] = None) -> MemPolicy:
+    """The policy written as text; ValueError with a one-line reason if it is
+    not one.  As mpol_new() does with the nodes that have memory, a node list
+    none of whose nodes has memory (``memory_nodes``) is refused."""
     text = text.strip()
     mode, sep, arg = text.partition(":")
     if mode not in MODES:
@@ -74,6 +76,8 @@ def parse(text: str, known_nodes: Sequence[int]) -> MemPolicy:
         raise ValueError(f"node {unknown[0]} does not exist")
     if mode == "preferred" and len(nodes) != 1:
         raise ValueError("preferred takes exactly one node; use preferred_many for several")
+    if memory_nodes is not None and not set(nodes) & set(memory_nodes):
+        raise ValueError(f"no node of {bitmap.nodelist(nodes).strip()} has memory")
     return MemPolicy(mode, tuple(sorted(nodes)))
 
 
