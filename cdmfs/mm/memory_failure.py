@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+EHWPOISON = getattr(errno, "EHWPOISON", 133)    # Linux's; Python's errno lacks it
+
 
 def check_pfn(hp: "MemoryHotplug", addr: int) -> int:
     pfn = addr // PAGE_SIZE
@@ -48,6 +50,10 @@ async def hard_offline(hp: "MemoryHotplug", addr: int) -> None:
                     lib.cdm_frames_unretire(m.core, pfn, 1)
                     await trio.sleep(0.001)
                     continue
+                if rc == -errno.EALREADY:
+                    # As memory_failure() answers for a page already poisoned
+                    # (soft offline marks it so too).
+                    raise OSError(EHWPOISON, f"pfn {pfn:#x} is poisoned already")
                 return
             region = migrate.regions_by_id(m).get(rid[0])
             if region is None:
