@@ -31,12 +31,17 @@ FLAG_BITS = (lib.CDM_PTE_PRESENT | lib.CDM_PTE_CPU | lib.CDM_PTE_LOCKED | lib.CD
              | lib.CDM_PTE_MIGRATING)
 
 
-def vm_rss_kib() -> int:
+def proc_status_kib(key: str) -> int:
+    """A kB line of /proc/self/status (VmRSS, VmPTE, ...)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1])
-    raise AssertionError("no VmRSS line")
+    raise AssertionError(f"no {key} line")
+
+
+def vm_rss_kib() -> int:
+    return proc_status_kib("VmRSS")
 
 
 def pattern(seed: int, n: int) -> bytes:

@@ -18,7 +18,7 @@ import zlib
 import pytest
 
 from cdmfs._core import ffi, lib
-from test_core import Machine
+from test_core import Machine, proc_status_kib
 from test_core import Plan as CorePlan
 
 PAGE = lib.CDM_PAGE_SIZE
@@ -29,11 +29,7 @@ MAP_NORESERVE = 0x4000              # Linux; not exported by Python 3.11's mmap
 
 
 def vm_pte_kib() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmPTE:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmPTE line")
+    return proc_status_kib("VmPTE")
 
 
 def pfn_of(pte):

@@ -15,7 +15,7 @@ import threading
 import pytest
 
 from cdmfs._core import ffi, lib
-from test_core import PAGE, Machine, pattern, simple_plan
+from test_core import PAGE, mach, pattern, simple_plan  # noqa: F401 (mach is a fixture)
 
 FILL = 20000   # more frees than the resident window holds
 
@@ -31,13 +31,6 @@ class OtherThread:
 
     def close(self):
         self.pool.shutdown(wait=True)
-
-
-@pytest.fixture
-def mach():
-    m = Machine()
-    yield m
-    m.close()
 
 
 @pytest.fixture

@@ -66,9 +66,6 @@ class MigrateResult:
             name = errno.errorcode.get(err, str(err))
             yield f"page {first} -{name}\n" if first == last else f"pages {first}-{last} -{name}\n"
 
-    def text(self) -> str:
-        return "".join(self.lines())
-
 
 async def migrate_range(m: "Machine", region: "Region", first: int, npages: int, target: "Target",
                         from_pools: int = 0, takeover: bool = False) -> MigrateResult:
