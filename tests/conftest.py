@@ -1,6 +1,7 @@
 """Shared fixtures: real mounts and C programs compiled for the test run."""
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import subprocess
@@ -31,6 +32,22 @@ memory = "node:1"
 name = "gpu0"
 memory = "private:8M"
 """
+
+
+def abort_fuse(m: cdmfs.Mount) -> None:
+    """Unsticks a deadlocked mount so the test fails instead of hanging:
+    aborting the connection fails every request in flight (fusectl is
+    mounted first where the machine has not)."""
+    conns = "/sys/fs/fuse/connections"
+    if not os.listdir(conns):
+        # mount(2), not mount(8): a child would inherit the mount's files and
+        # hang closing them (a close flushes dirty pages to the stuck daemon).
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mount(b"none", conns.encode(), b"fusectl", 0, None)
+    path = f"{conns}/{os.minor(os.stat(m.path).st_dev)}/abort"
+    if os.path.exists(path):
+        with open(path, "w") as f:
+            f.write("1")
 
 
 @pytest.fixture(scope="session")

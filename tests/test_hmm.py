@@ -42,7 +42,7 @@ from itertools import count
 import pytest
 
 import cdmfs
-from conftest import PAGE
+from conftest import PAGE, abort_fuse
 
 NPAGES = 1024                 # HMM_BUFFER_SIZE: 1024 pages
 SIZE = NPAGES * PAGE
@@ -704,15 +704,6 @@ CPU_PAGES, ADD_PAGES = 64, 32
 MIGRATION_BUDGET = 90.0     # seconds
 
 
-def _abort_fuse(m: cdmfs.Mount) -> None:
-    """Unsticks a deadlocked mount so the test fails instead of hanging."""
-    st = os.stat(m.path)
-    path = f"/sys/fs/fuse/connections/{os.minor(st.st_dev)}/abort"
-    if os.path.exists(path):
-        with open(path, "w") as f:
-            f.write("1")
-
-
 def test_concurrent_cpu_threads_migrations_and_device(cprog, hmm_cpu, tmp_path):
     """Several CPU threads (one C program, tests/c/hmm_stress.c) write and check
     sequence-numbered records in their own pages through one mapping, never
@@ -790,7 +781,7 @@ def test_concurrent_cpu_threads_migrations_and_device(cprog, hmm_cpu, tmp_path):
         workers[0].join(30)
         workers[1].join(5)
         if any(w.is_alive() for w in workers):
-            _abort_fuse(m)
+            abort_fuse(m)
             proc.kill()
             pytest.fail(f"stuck (deadlock?) after {done['migrations']} migrations, {added['runs']} device adds")
         os.write(proc.stdin.fileno(), b"stop\n")

@@ -16,7 +16,7 @@ import pytest
 import cdmfs
 from cdmfs.fs.daemon import daemon_pid, daemon_rss
 
-from conftest import PAGE
+from conftest import PAGE, abort_fuse
 
 CDMFS = [sys.executable, "-m", "cdmfs"]
 
@@ -371,3 +371,46 @@ def test_a_failing_request_is_logged_and_the_mount_serves_on(tmp_path):
             assert f.read() == data
     finally:
         subprocess.run([*CDMFS, "umount", str(mp)], capture_output=True)
+
+
+# ------------------------------------------------------------ starvation
+
+def test_more_waiting_operations_than_readers():
+    """Each migration of a dirty mapped region waits in its invalidation for
+    the kernel's write-back WRITEs, which the daemon must still read.  Forty
+    at once (more than pyfuse3 ever had readers) complete, round after round;
+    a deadline aborts the connection if the mount starved."""
+    nregions, size = 40, 2 * MIB
+    with cdmfs.mounted() as m:
+        regions = [m.region(f"w{k}", size) for k in range(nregions)]
+        maps = [r.mmap() for r in regions]
+        try:
+            for rnd, target in enumerate(("gpu0", "1", "0")):
+                for k, mm in enumerate(maps):
+                    mm[:] = bytes([(k + rnd) % 251 + 1]) * size    # dirty, never synced
+                results: list = []
+
+                def migrate(r) -> None:
+                    try:
+                        results.append(r.migrate(0, size, target)["migrated"])
+                    except OSError as e:
+                        results.append(e)
+                threads = [threading.Thread(target=migrate, args=(r,), daemon=True) for r in regions]
+                for t in threads:
+                    t.start()
+                deadline = time.monotonic() + 60
+                for t in threads:
+                    t.join(max(0.0, deadline - time.monotonic()))
+                if any(t.is_alive() for t in threads):
+                    abort_fuse(m)
+                    pytest.fail(f"round {rnd}: {len(results)} of {nregions} migrations to {target} "
+                                "finished; the rest starved")
+                assert results == [size // PAGE] * nregions, (rnd, target, results)
+                for k, mm in enumerate(maps):
+                    assert mm[:] == bytes([(k + rnd) % 251 + 1]) * size, (rnd, k)
+        finally:
+            for mm in maps:
+                try:
+                    mm.close()
+                except (ValueError, OSError):
+                    pass

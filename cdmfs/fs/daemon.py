@@ -13,10 +13,16 @@ from ..config import Topology
 
 log = logging.getLogger(__name__)
 
-# pyfuse3 worker tasks: a handler that awaits (a migration waiting for the
-# kernel's write-back) must not stall the request loop, so more than one.
+# pyfuse3 worker tasks.  pyfuse3 answers a request from the task that read
+# it, so a request that waits (a migration whose invalidation waits for the
+# kernel's write-back WRITEs, a fault waiting for that migration) keeps its
+# task, and a new reader starts only while fewer than max_tasks exist: with
+# 16, sixteen waiting requests left nobody reading /dev/fuse and the whole
+# mount hung.  The tasks therefore follow the requests in flight (each one a
+# process blocked on the mount, or one of the kernel's max_background), and
+# the daemon bounds the waiting work itself (ops.WAITING_RUNS/WAITING_QUEUE).
 MIN_TASKS = 2
-MAX_TASKS = 16
+MAX_TASKS = 4096
 
 LOG_BYTES = 1 << 20          # a log file rotates at 1 MiB, keeping one old file
 LOG_FORMAT = "%(asctime)s cdmfs[%(process)d] %(levelname)s %(name)s: %(message)s"

@@ -31,6 +31,12 @@ log = logging.getLogger(__name__)
 ATTR_SIZE = 4096          # what sysfs reports for every attribute
 MAX_CONTROL_WRITE = 4096  # a control write is one page at most, as sysfs takes
 TIMEOUT = 300.0           # entries and attributes change only through us
+# Control requests that wait (migrations, offlining, device access) run at
+# most WAITING_RUNS at a time; WAITING_QUEUE more may wait their turn and any
+# further one gets EAGAIN, so they never take the readers the kernel's
+# write-back and the faults need (daemon.MAX_TASKS).
+WAITING_RUNS = 8
+WAITING_QUEUE = 1024
 
 
 class Answer:
@@ -125,6 +131,10 @@ class Filesystem(pyfuse3.Operations):
         self.uid, self.gid = os.getuid(), os.getgid()
         self.mount_ns = time.time_ns()
         self.fuse_fd: Optional[int] = None
+        self.waiting = trio.CapacityLimiter(WAITING_RUNS)
+        # An invalidation blocks its thread until the kernel's write-back is
+        # served; trio's shared pool (40) must not be what bounds them.
+        self.unmap_threads = trio.CapacityLimiter(WAITING_QUEUE)
         machine.cpu_unmapper = self.cpu_unmap
 
     # ------------------------------------------------------------ inodes
@@ -364,7 +374,12 @@ class Filesystem(pyfuse3.Operations):
             else:
                 raise pyfuse3.FUSEError(errno.EACCES)
             if hasattr(result, "__await__"):
-                await result     # a request or store that waits (migration, offlining)
+                # A request or store that waits (migration, offlining).
+                if self.waiting.statistics().tasks_waiting >= WAITING_QUEUE:
+                    result.close()
+                    raise OSError(errno.EAGAIN, "too many waiting requests; try again")
+                async with self.waiting:
+                    await result
         except (OSError, ValueError) as err:
             log.info("write %r to %s: %s", text.strip(), e.name, err)
             raise fuse_error(err) from None
@@ -385,7 +400,8 @@ class Filesystem(pyfuse3.Operations):
             # Forget the belief first: a fault racing the invalidation sets it again.
             lib.cdm_region_uncache(self.machine.core, region.core, first, npages)
             rc = await trio.to_thread.run_sync(
-                lib.cdm_fuse_inval, self.fuse_fd, ino, first * PAGE_SIZE, npages * PAGE_SIZE)
+                lib.cdm_fuse_inval, self.fuse_fd, ino, first * PAGE_SIZE, npages * PAGE_SIZE,
+                limiter=self.unmap_threads)
             if rc not in (0, -errno.ENOENT):
                 raise OSError(-rc, "invalidating the CPU's copies failed")
             region.invalidations += 1
