@@ -11,6 +11,7 @@ from collections import Counter
 
 import pytest
 
+import cdmfs
 from cdmfs.client import PM_FILE, PM_PFN_MASK, PM_PRESENT, PM_SWAP, parse_numa_maps
 from conftest import PAGE
 
@@ -407,32 +408,56 @@ def test_mbind_move_dirty_mapped_range(mnt, cprog):
     r.remove()
 
 
-def test_mbind_move_interleave_and_back(mnt, cprog):
+THREE_NODES = """
+block_size = "4M"
+[[node]]
+id = 0
+kind = "sysram"
+size = "16M"
+cpus = "all"
+[[node]]
+id = 1
+kind = "sysram"
+size = "16M"
+[[node]]
+id = 2
+kind = "sysram"
+size = "16M"
+"""
+
+
+def test_mbind_move_interleave_and_back(cprog):
+    """mbind(MPOL_MF_MOVE) under interleave moves only the pages on nodes
+    outside the nodemask, each to its interleave slot; a page on any node
+    of the mask stays where it is, and MPOL_MF_STRICT accepts it, as the
+    kernel's queue_folio_required() does."""
     pattern = cprog("pattern")
     n = 64
-    r = mnt.region("mvil", n * PAGE)
-    assert run(pattern, "write", r.data, n, 9, n).returncode == 0
-    assert placement(mnt, r) == [0] * n
-    r.mbind(8 * PAGE, 32 * PAGE, "interleave:0-1", move=True)
-    want = [i % 2 if 8 <= i < 40 else 0 for i in range(n)]
-    assert placement(mnt, r) == want
-    assert r.stat["migrated_pages"] == 16
-    assert run(pattern, "verify", r.data, n, 9, n).returncode == 0
-    # weighted 3:1 over the same range: only the misplaced pages move.
-    mnt.set_weight(0, 3)
-    try:
-        r.mbind(8 * PAGE, 32 * PAGE, "weighted_interleave:0-1", move=True, strict=True)
-    finally:
-        mnt.set_weight(0, 1)
-    want = [(0, 0, 0, 1)[i % 4] if 8 <= i < 40 else 0 for i in range(n)]
-    assert placement(mnt, r) == want
-    # default with move brings the pages home to the local node.
-    r.mbind(0, n * PAGE, "default", move=True)
-    assert r.mbinds == []
-    assert placement(mnt, r) == [0] * n
-    check_views_agree(mnt, r)
-    assert run(pattern, "verify", r.data, n, 9, n).returncode == 0
-    r.remove()
+    with cdmfs.mounted(THREE_NODES) as m:
+        r = m.region("mvil", n * PAGE)
+        assert run(pattern, "write", r.data, n, 9, n).returncode == 0
+        assert placement(m, r, SMALL_BLOCK) == [0] * n
+        # All on node 0, outside 1-2: every page of the range goes to its slot.
+        r.mbind(8 * PAGE, 32 * PAGE, "interleave:1-2", move=True, strict=True)
+        want = [(1, 2)[i % 2] if 8 <= i < 40 else 0 for i in range(n)]
+        assert placement(m, r, SMALL_BLOCK) == want
+        assert r.stat["migrated_pages"] == 32
+        # Over 0-1: the pages on node 1 are in the mask and stay; those on
+        # node 2 (odd pages) go to their slot of 0-1: page i to node i % 2.
+        r.mbind(0, n * PAGE, "interleave:0-1", move=True, strict=True)
+        want = [1 if 8 <= i < 40 else 0 for i in range(n)]
+        assert placement(m, r, SMALL_BLOCK) == want
+        assert r.stat["migrated_pages"] == 32 + 16
+        # Weighted 3:1 over the same nodes: nothing is outside the mask.
+        r.mbind(0, n * PAGE, "weighted_interleave:0-1", move=True, strict=True)
+        assert placement(m, r, SMALL_BLOCK) == want and r.stat["migrated_pages"] == 48
+        # default with move brings the pages home to the local node.
+        r.mbind(0, n * PAGE, "default", move=True)
+        assert r.mbinds == []
+        assert placement(m, r, SMALL_BLOCK) == [0] * n
+        check_views_agree(m, r, SMALL_BLOCK)
+        assert run(pattern, "verify", r.data, n, 9, n).returncode == 0
+        r.remove()
 
 
 def test_mbind_strict(small, cprog):

@@ -328,7 +328,12 @@ class Region:
         named = set(policy.nodes)
         mode = policy.mode
         if pl.interleave:
-            return [[m.nodes[nid].pool for nid in pl.table]], 0
+            # As queue_folio_required() does: a page on any node of the
+            # nodemask stays; only the others go, each to its interleave slot.
+            mask = 0
+            for nid in named & usable:
+                mask |= 1 << m.nodes[nid].pool
+            return [[m.nodes[nid].pool for nid in pl.table]], mask
         if mode in ("bind", "preferred_many"):
             order = [nid for nid in pl.fallback[pl.table[0]] if nid in named]
             fit = named & usable
