@@ -169,6 +169,12 @@ struct cdm_plan {
     uint32_t ntable;
     const int32_t *table;
     const int32_t *fallback;
+    /* preferred_many tries its nodemask first and then the whole machine from
+     * the local node: a page outside first_pools (a bit per pool; 0: none of
+     * this) is charged against spill, the local pool, as zone_statistics()
+     * charges the second attempt's preferred zone. */
+    uint64_t first_pools;
+    int32_t spill;
 };
 
 /* What a gather/scatter did, or where it stopped. */

@@ -269,6 +269,8 @@ static void numa_account(struct cdm_machine *m, uint64_t idx, int pool,
 {
     int intended = plan->table[idx % plan->ntable];
     struct cdm_pool *p = &m->pools[pool];
+    if (plan->first_pools && !(plan->first_pools & (1ULL << pool)))
+        intended = plan->spill;
     if (pool == intended) {
         p->counters[CDM_NUMA_HIT]++;
         if (plan->interleave)

@@ -268,6 +268,28 @@ def test_preferred_falls_back_when_node_full(small, cprog):
     r.remove()
 
 
+def test_preferred_many_spills_from_the_local_node(small, cprog):
+    """preferred_many tries its nodemask, then the whole machine from the
+    local node (alloc_pages_preferred_many()): the pages that spill out of
+    the mask are charged against the local node, so landing there is a
+    hit, not a miss against the preferred node."""
+    touch = cprog("pattern")
+    free1 = small.node(1).meminfo["MemFree"] // 4
+    n = free1 + 100
+    before = counters(small)
+    r = small.region("prefmany", n * PAGE)
+    r.policy = "preferred_many:1"
+    out = run(touch, "touch", r.data, n)
+    assert out.returncode == 0, out.stderr
+    places = placement(small, r, SMALL_BLOCK)
+    assert places == [1] * free1 + [0] * 100
+    delta = counter_delta(before, counters(small))
+    assert delta == kernel_counts(small.nodes, [(1 if p == 1 else 0, p, 0, False) for p in places])
+    assert delta[0]["numa_hit"] == 100 and delta[0]["numa_miss"] == 0
+    assert delta[1]["numa_foreign"] == 0
+    r.remove()
+
+
 def test_bind_full_node_sigbus(small, cprog):
     touch = cprog("pattern")
     free1 = small.node(1).meminfo["MemFree"] // 4

@@ -269,6 +269,9 @@ class Machine:
         cdata.ntable = len(pl.table)
         cdata.table = table
         cdata.fallback = fallback
+        if policy.mode == "preferred_many":
+            cdata.first_pools = sum(1 << self.nodes[n].pool for n in policy.nodes)
+            cdata.spill = self.nodes[local].pool
         return _Plan(cdata, table, fallback, pl)
 
     # ------------------------------------------------------------ accounting
