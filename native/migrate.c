@@ -212,6 +212,11 @@ int64_t cdm_migrate_finalize(struct cdm_machine *m, struct cdm_region *r, uint64
              * unlock.  Any other skipped page is not ours to unlock: lock has
              * already released the ones it skipped, and collect's -EBUSY ones
              * may be held by another migration. */
+            /* A page that could have moved and did not (no target frame,
+             * pinned or held) is a failure, as migrate_pages() counts one;
+             * absent, poisoned and already-placed pages are not candidates. */
+            if ((st == -ENOMEM || st == -EBUSY) && i < r->npages && (r->pte[i] & CDM_PTE_PRESENT))
+                m->pools[pte_pool(r->pte[i])].counters[CDM_PGMIGRATE_FAIL]++;
             if (st == -ENOMEM && i < r->npages && (r->pte[i] & CDM_PTE_LOCKED)) {
                 uint64_t pte = r->pte[i] & ~(CDM_PTE_LOCKED | CDM_PTE_MIGRATING);
                 if (pte & CDM_PTE_PRESENT)

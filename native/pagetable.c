@@ -381,7 +381,9 @@ int cdm_region_rw(struct cdm_machine *m, struct cdm_region *r, uint64_t off, uin
             pte |= CDM_PTE_DIRTY;
         } else {
             memcpy(b, f + from, to - from);
-            m->pools[pte_pool(pte)].counters[CDM_PGFAULT]++;
+            /* One fault per READ, however many pages its readahead brings. */
+            if (i == first)
+                m->pools[pte_pool(pte)].counters[CDM_PGFAULT]++;
         }
         /* A WRITE of a page being migrated is the write-back its invalidation
          * caused: the kernel drops the page after it, so it is not mapped. */
