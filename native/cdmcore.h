@@ -306,6 +306,11 @@ int64_t cdm_migrate_lock_src(struct cdm_machine *m, struct cdm_region *r, uint64
                              uint64_t n, const uint64_t *src, int32_t *status);
 int64_t cdm_migrate_alloc(struct cdm_machine *m, int target, uint64_t n,
                           int32_t *status, uint64_t *dst);
+/* alloc by a policy's plan instead of one pool: page first + k gets a frame
+ * as its first touch would (its interleave slot, then that slot's fallback),
+ * as migrate_to_ram() allocates by the vma's policy, page by page. */
+int64_t cdm_migrate_alloc_plan(struct cdm_machine *m, uint64_t first, uint64_t n,
+                               const struct cdm_plan *plan, int32_t *status, uint64_t *dst);
 void cdm_migrate_copy(struct cdm_machine *m, uint64_t n, const int32_t *status,
                       const uint64_t *src, const uint64_t *dst);
 int64_t cdm_migrate_finalize(struct cdm_machine *m, struct cdm_region *r, uint64_t first,

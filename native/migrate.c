@@ -133,6 +133,35 @@ int64_t cdm_migrate_alloc(struct cdm_machine *m, int target, uint64_t n,
     return got;
 }
 
+int64_t cdm_migrate_alloc_plan(struct cdm_machine *m, uint64_t first, uint64_t n,
+                               const struct cdm_plan *plan, int32_t *status, uint64_t *dst)
+{
+    int64_t got = 0;
+    machine_lock(m);
+    for (uint64_t k = 0; k < n; k++) {
+        dst[k] = 0;
+        if (status[k] != CDM_MIG_MOVE && status[k] != CDM_MIG_ALLOC)
+            continue;
+        int intended = plan->table[(first + k) % plan->ntable];
+        const int32_t *row = plan->fallback + (size_t)intended * CDM_MAX_POOLS;
+        int64_t f = -1;
+        struct cdm_pool *p = NULL;
+        for (int j = 0; j < CDM_MAX_POOLS && row[j] >= 0 && f < 0; j++) {
+            p = &m->pools[row[j]];
+            f = frame_alloc(m, p, status[k] == CDM_MIG_ALLOC);
+        }
+        if (f < 0) {
+            status[k] = -ENOMEM;
+            continue;
+        }
+        dst[k] = p->base_pfn + (uint64_t)f;
+        p->nr_held++;       /* owned by its page from finalize on */
+        got++;
+    }
+    machine_unlock(m);
+    return got;
+}
+
 void cdm_copy_frames(struct cdm_machine *m, const uint64_t *src, const uint64_t *dst, uint64_t n)
 {
     machine_lock(m);

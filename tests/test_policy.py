@@ -633,3 +633,24 @@ def test_policy_changes_of_a_region_happen_one_at_a_time(mnt):
         r.mbind(0, size, "default", move=True)
         r.policy = "default"
     r.remove()
+
+
+def test_fault_back_places_each_page_by_its_interleave_slot(mnt, cprog):
+    """A CPU fault on device-private pages of an interleaved range brings
+    each page back to its own slot, as a first touch would have placed it
+    (migrate_to_ram() allocates by the policy at each page's address), not
+    the whole READ by its first page."""
+    pattern = cprog("pattern")
+    n = 64
+    r = mnt.region("ilfb", n * PAGE)
+    r.policy = "interleave:0-1"
+    assert run(pattern, "write", r.data, n, 5, n).returncode == 0
+    assert placement(mnt, r) == [i % 2 for i in range(n)]
+    assert r.migrate(0, n * PAGE, "gpu0")["migrated"] == n
+    assert r.stat["private:gpu0"] == n
+    with open(r.data, "rb") as f:       # READs of many pages each
+        f.read()
+    assert run(pattern, "verify", r.data, n, 5, n).returncode == 0
+    assert r.stat["private:gpu0"] == 0
+    assert placement(mnt, r) == [i % 2 for i in range(n)]
+    r.remove()

@@ -173,11 +173,6 @@ class Machine:
             mask |= 1 << p.pool
         return mask
 
-    def fault_back_order(self, region: "Region", page: int, pid: int) -> tuple[int, ...]:
-        """Nodes to bring a device-private page back to, by the region's policy."""
-        pl = self.placement(region.policy_at(page), self.local_node(pid))
-        return pl.fallback[pl.table[page % len(pl.table)]]
-
     def device_resident(self, region: "Region") -> dict[str, int]:
         """Pages of region in each device's memory."""
         return {name: region.core.resident[d.pool] for name, d in self.pgmaps.items()}
@@ -239,11 +234,16 @@ class Machine:
 
     def plan(self, policy: mpol.MemPolicy, local: int) -> object:
         """The native allocation plan of a policy for a CPU on node local."""
+        return self.plan_of(policy, local).cdata
+
+    def plan_of(self, policy: mpol.MemPolicy, local: int) -> _Plan:
+        """The plan with the arrays it points into: what a caller keeps
+        across awaits (the cache may drop it meanwhile)."""
         key = (policy, local)
         plan = self._plans.get(key)
         if plan is None:
             plan = self._plans[key] = self._make_plan(policy, local)
-        return plan.cdata
+        return plan
 
     def placement(self, policy: mpol.MemPolicy, local: int) -> mpol.Placement:
         return mpol.placement(

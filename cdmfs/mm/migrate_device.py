@@ -33,10 +33,12 @@ BATCH = 512                 # pages per step: 2 MiB, the size of a PMD
 
 @dataclass(frozen=True)
 class Target:
-    """Where a migration sends pages: a node, or a device's private memory."""
-    name: str               # "node:1" or "private:gpu0"
-    pool: int
+    """Where a migration sends pages: a node, a device's private memory, or
+    (``plan``) wherever a policy places each page."""
+    name: str               # "node:1", "private:gpu0" or "policy"
+    pool: int               # -1 for a policy
     device_memory: bool     # a device's memory (its CDM node or private): may allocate
+    plan: object = None     # a policy's native plan (machine._Plan): pages go by it
 
 
 @dataclass
@@ -124,7 +126,11 @@ async def _migrate_batch(m: "Machine", region: "Region", first: int, n: int, tar
                 for start, count in [(0, n)] if mapped == n else cpu_runs(src, status, n):
                     await m.cpu_unmap(region, first + start, count)
             lib.cdm_migrate_lock_src(m.core, region.core, first, n, src, status)
-            if lib.cdm_migrate_alloc(m.core, target.pool, n, status, dst):
+            if target.plan is not None:
+                got = lib.cdm_migrate_alloc_plan(m.core, first, n, target.plan.cdata, status, dst)
+            else:
+                got = lib.cdm_migrate_alloc(m.core, target.pool, n, status, dst)
+            if got:
                 lib.cdm_migrate_copy(m.core, n, status, src, dst)
         except BaseException:
             lib.cdm_migrate_abort(m.core, region.core, first, n, dst, status)
@@ -174,24 +180,24 @@ async def fault_back(m: "Machine", region: "Region", first: int, end: int, pid: 
     """A CPU access to device-private pages of [first, end): bring them to
     system RAM under the region's policy (the migrate_to_ram callback)."""
     private = m.private_pools_mask()
-    for start, stop, _ in region.policy_segments(first, end):
-        for nid in m.fault_back_order(region, start, pid):
-            # takeover: pages another migration has collected but not locked
-            # come back too; that migration may be invalidating the very
-            # pages whose READ is waiting here (it would never finish).
-            res = await migrate_range(m, region, start, stop - start, m.node_target(nid),
-                                      from_pools=private, takeover=True)
-            errs = res.errors()
-            if errno.EBUSY in errs:
-                # Held by another migration: let it finish, the caller retries.
-                # It may have finished while this one awaited its own steps:
-                # wait only if a page of the span is still held, or the wake-up
-                # is already gone and this waits for an unrelated migration.
-                if lib.cdm_region_count(m.core, region.core, start, stop - start,
-                                        lib.CDM_PTE_LOCKED | lib.CDM_PTE_MIGRATING):
-                    await region.wait_unlocked()
-                return
-            if errno.ENOMEM not in errs:
-                break       # every private page moved (absent ones are the caller's)
-        else:
+    for start, stop, policy in region.policy_segments(first, end):
+        # Each page by the policy, as a first touch would place it: its own
+        # interleave slot, then that slot's fallback.
+        target = Target("policy", -1, False, plan=m.plan_of(policy, m.local_node(pid)))
+        # takeover: pages another migration has collected but not locked
+        # come back too; that migration may be invalidating the very
+        # pages whose READ is waiting here (it would never finish).
+        res = await migrate_range(m, region, start, stop - start, target,
+                                  from_pools=private, takeover=True)
+        errs = res.errors()
+        if errno.EBUSY in errs:
+            # Held by another migration: let it finish, the caller retries.
+            # It may have finished while this one awaited its own steps:
+            # wait only if a page of the span is still held, or the wake-up
+            # is already gone and this waits for an unrelated migration.
+            if lib.cdm_region_count(m.core, region.core, start, stop - start,
+                                    lib.CDM_PTE_LOCKED | lib.CDM_PTE_MIGRATING):
+                await region.wait_unlocked()
+            return
+        if errno.ENOMEM in errs:
             raise OSError(errno.EIO, "no system memory left to fault device-private pages back to")
