@@ -80,10 +80,10 @@ class Core(Machine):
         lib.cdm_region_census(self.m, r, first, n, present, dirty)
         return list(present), list(dirty)
 
-    def pagemap(self, r, first, n):
+    def pagemap(self, r, first, n, show_pfn=1):
         out = ffi.new("uint64_t[]", max(n, 1))
         ffi.memmove(out, b"\xff" * (8 * n), 8 * n)   # every entry must be written
-        lib.cdm_region_pagemap(self.m, r, first, n, out, 1)
+        lib.cdm_region_pagemap(self.m, r, first, n, out, show_pfn)
         return bytes(ffi.buffer(out, 8 * n))
 
     def pin(self, r, first, n, pin):
@@ -118,10 +118,19 @@ def assert_index_exact_over(r, first, end, present_pages):
         assert bool(r.summary[w // 64] >> (w % 64) & 1) == (r.chunks[w] != 0), w
 
 
-def pagemap_entry(pte):
-    e = pfn_of(pte) | lib.CDM_PM_FILE
-    swap = pte & (lib.CDM_PTE_PRIVATE | lib.CDM_PTE_POISONED)
-    return e | (lib.CDM_PM_SWAP if swap else lib.CDM_PM_PRESENT)
+def pagemap_entry(pte, show_pfn=True):
+    """The pagemap entry of a page table entry, as the kernel's
+    pte_to_pagemap_entry() writes it for an anonymous page mapped once: no
+    PM_FILE; device-private and poisoned pages are pfn swap entries,
+    swp_type | PFN << MAX_SWAPFILES_SHIFT."""
+    shift = lib.CDM_MAX_SWAPFILES_SHIFT
+    if pte & lib.CDM_PTE_POISONED:
+        frame, flags = lib.CDM_SWP_HWPOISON | pfn_of(pte) << shift, lib.CDM_PM_SWAP
+    elif pte & lib.CDM_PTE_PRIVATE:
+        frame, flags = lib.CDM_SWP_DEVICE_WRITE | pfn_of(pte) << shift, lib.CDM_PM_SWAP
+    else:
+        frame, flags = pfn_of(pte), lib.CDM_PM_PRESENT | lib.CDM_PM_MMAP_EXCLUSIVE
+    return (frame if show_pfn else 0) | flags
 
 
 def expected_pagemap(first, n, entries):
@@ -235,8 +244,8 @@ def test_walks_of_a_64tib_region_cost_by_the_pages_present(core):
     assert core.pool(b).nr_used == 0 and core.pool(b).nr_retired == 1
     present, _ = core.census(r, 0, TIB64)
     assert (present[a], present[b]) == (2, 0)
-    assert core.pagemap(r, mid, 1) == struct.pack("<Q", pfn_of(pte[mid]) | lib.CDM_PM_FILE
-                                                  | lib.CDM_PM_SWAP)
+    assert core.pagemap(r, mid, 1) == struct.pack("<Q", (24 | pfn_of(pte[mid]) << 5)
+                                                  | lib.CDM_PM_SWAP)     # SWP_HWPOISON
     assert core.next_present(r, 1, TIB64) == mid                # a poisoned entry counts
 
     # shrink past the last page: exactly it is freed, and it was the last one freed

@@ -18,7 +18,7 @@ import zlib
 import pytest
 
 import cdmfs
-from cdmfs.client import PM_PFN_MASK, PM_PRESENT, PM_SWAP
+from cdmfs.client import MAX_SWAPFILES_SHIFT, PM_PRESENT, PM_SWAP, SWP_HWPOISON, pagemap_pfn
 from cdmfs.lib.bitmap import parse_nodelist
 from conftest import PAGE, xorshift_page
 
@@ -115,7 +115,9 @@ def intact(r: cdmfs.client.Region, pages: int, seed: int, first: int = 0) -> boo
 
 
 def pfns(r: cdmfs.client.Region, first: int = 0, n=None) -> list[int]:
-    return [e & PM_PFN_MASK for e in r.pagemap(first, n)]
+    """The frames of the pages of [first, first + n) that have one, from
+    pagemap (a device-private page's from its swap offset)."""
+    return [pfn for pfn in map(pagemap_pfn, r.pagemap(first, n)) if pfn is not None]
 
 
 def meminfo_kb(m: cdmfs.Mount, nid: int, key: str) -> int:
@@ -444,8 +446,9 @@ def test_hard_poison_of_one_page(lc):
         refused(errno.EIO, os.pread, f.fileno(), PAGE, 8 * PAGE)
         assert os.pread(f.fileno(), PAGE, 9 * PAGE) == xorshift_page(8, 9)
     assert r.stat["poisoned"] == 1
-    entry = r.pagemap(8, 1)[0]
-    assert entry & PM_SWAP and not entry & PM_PRESENT and (entry & PM_PFN_MASK) * PAGE == addr
+    # A hwpoison swap entry naming the failed frame, as the kernel leaves it.
+    assert r.pagemap(8, 1)[0] == PM_SWAP | SWP_HWPOISON | (addr // PAGE) << MAX_SWAPFILES_SHIFT
+    assert r.phys_addr(8) == addr
     assert r.pagemap(7, 1)[0] & PM_PRESENT
     gpu = lc.device("gpu0")
     assert gpu.snapshot("poison", 7 * PAGE, 3 * PAGE)[8] == "error"
