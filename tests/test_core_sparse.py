@@ -139,6 +139,39 @@ def expected_pagemap(first, n, entries):
                     for i in range(first, first + n))
 
 
+def test_pagemap_constants_are_the_kernels():
+    """fs/proc/task_mmu.c's PM_* bits, and include/linux/swap.h's swap types
+    with DEVICE_PRIVATE, MIGRATION, MEMORY_FAILURE and PTE markers (v6.15 on):
+    MAX_SWAPFILES = 32 - 3 - 3 - 1 - 1."""
+    assert lib.CDM_PM_PFN_MASK == (1 << 55) - 1
+    assert (lib.CDM_PM_MMAP_EXCLUSIVE, lib.CDM_PM_FILE) == (1 << 56, 1 << 61)
+    assert (lib.CDM_PM_SWAP, lib.CDM_PM_PRESENT) == (1 << 62, 1 << 63)
+    assert (lib.CDM_MAX_SWAPFILES_SHIFT, lib.CDM_MAX_SWAPFILES) == (5, 24)
+    assert (lib.CDM_SWP_HWPOISON, lib.CDM_SWP_DEVICE_WRITE) == (24, 28)
+
+
+def test_pagemap_of_each_kind_of_page(core):
+    """Present, device-private, poisoned and untouched pages, with and
+    without show_pfn, bit for bit."""
+    a = core.add_pool(16)
+    g = core.add_pool(16, flags=lib.CDM_POOL_PRIVATE)
+    r = core.region(8)
+    core.write(r, 0, b"p" * (3 * PAGE), one_pool_plan(a))
+    assert core.migrate(r, 1, 1, g)["final"] == [lib.CDM_MIG_DONE]
+    pte = core.ptes(r, 0, 3)
+    assert lib.cdm_page_poison(core.m, r, 2, pfn_of(pte[2])) == 0
+    pfn = [pfn_of(p) for p in pte]
+    assert all(pfn) and len(set(pfn)) == 3
+    want = [(1 << 63) | (1 << 56) | pfn[0],                      # present, exclusive
+            (1 << 62) | pfn[1] << 5 | 28,                         # SWP_DEVICE_WRITE
+            (1 << 62) | pfn[2] << 5 | 24] + [0] * 5               # SWP_HWPOISON; untouched
+    assert core.pagemap(r, 0, 8) == struct.pack("<8Q", *want)
+    hidden = [e & ~((1 << 55) - 1) for e in want]                 # flags only
+    assert hidden[:3] == [(1 << 63) | (1 << 56), 1 << 62, 1 << 62]
+    assert core.pagemap(r, 0, 8, show_pfn=0) == struct.pack("<8Q", *hidden)
+    assert [pagemap_entry(p) for p in core.ptes(r, 0, 3)] == want[:3]
+
+
 # ------------------------------------------------------------- 64 TiB region
 
 

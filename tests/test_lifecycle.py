@@ -464,6 +464,48 @@ def test_hard_poison_of_one_page(lc):
     refused(133, lc.hard_offline, addr)                   # EHWPOISON: poisoned already, as memory_failure()
 
 
+def test_pagemap_entries_as_the_kernel_writes_them(lc):
+    """regions/NAME/pagemap read by root, bit for bit, as fs/proc/task_mmu.c
+    writes /proc/PID/pagemap for a private anonymous page mapped once (no
+    PM_FILE, bit 61): in memory, PM_PRESENT | PM_MMAP_EXCLUSIVE | PFN; on
+    device-private memory, PM_SWAP with the frame field SWP_DEVICE_WRITE (28)
+    | PFN << MAX_SWAPFILES_SHIFT (5); poisoned, PM_SWAP with SWP_HWPOISON (24)
+    | failed PFN << 5; never touched, 0."""
+    present, exclusive, swap, pfn_bits = 1 << 63, 1 << 56, 1 << 62, (1 << 55) - 1
+    r = lc.region("pm", 8 * PAGE)
+    fill(r, 6, 30)                                       # pages 0-5 on node 0; 6, 7 untouched
+    assert r.migrate(2 * PAGE, 2 * PAGE, "gpu0")["migrated"] == 2
+    with open(os.path.join(r.path, "pagemap"), "rb") as f:
+        before = struct.unpack("<8Q", f.read(64))      # whole entries only
+    failed = before[4] & pfn_bits
+    lc.hard_offline(failed * PAGE)
+    with open(os.path.join(r.path, "pagemap"), "rb") as f:
+        entries = struct.unpack("<8Q", f.read(64))
+    # In memory: its frame, on node 0.
+    for page in (0, 1, 5):
+        e = entries[page]
+        assert e & ~pfn_bits == present | exclusive, (page, hex(e))
+        assert e == before[page] and lc.block_of((e & pfn_bits) * PAGE).node == 0
+    # Device-private: a writable device-private swap entry; its offset is the
+    # frame in gpu0's memory resource.
+    start, end = lc.device("gpu0").resource
+    offsets = set()
+    for page in (2, 3):
+        e = entries[page]
+        assert e & ~pfn_bits == swap and e & 0x1f == 28, (page, hex(e))
+        offset = (e & pfn_bits) >> 5
+        assert start <= offset * PAGE <= end
+        assert r.phys_addr(page) == offset * PAGE
+        offsets.add(offset)
+    assert len(offsets) == 2
+    # Poisoned: a hwpoison swap entry naming the frame that failed.
+    assert entries[4] == swap | failed << 5 | 24, hex(entries[4])
+    assert r.phys_addr(4) == failed * PAGE
+    # Never touched.
+    assert entries[6:] == (0, 0) and r.phys_addr(6) is None
+    assert r.pagemap() == list(entries)
+
+
 def test_hard_poison_under_a_live_program(lc, cprog):
     """The program has the page mapped and dirty when its frame fails: its
     next access to that page dies with SIGBUS; its other pages are intact."""
