@@ -20,11 +20,44 @@ NODE_DIR = "sys/devices/system/node"
 MEMORY_DIR = "sys/devices/system/memory"
 WEIGHTS_DIR = "sys/kernel/mm/mempolicy/weighted_interleave"
 
-# pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst)
-PM_PFN_MASK = (1 << 55) - 1
-PM_FILE = 1 << 61        # a file page or shared anon: every region page with a frame
-PM_SWAP = 1 << 62        # here: a device-private (or poisoned) page, not CPU-present
+# pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst), as the kernel
+# writes them for a private anonymous page.  The client reads the file format as
+# any program decoding /proc/PID/pagemap does, without the C core (its layer
+# imports only lib); test_client checks these against native/cdmcore.h, where
+# the emulator's values live.
+PM_PFN_MASK = (1 << 55) - 1          # bits 0-54: the frame field
+PM_MMAP_EXCLUSIVE = 1 << 56          # present, mapped by this process only
+PM_FILE = 1 << 61                    # a file page or shared anon: never set for a region
+PM_SWAP = 1 << 62                    # a device-private or poisoned page: a swap-style entry
 PM_PRESENT = 1 << 63
+# The frame field of a PM_SWAP entry: the swap type in its low
+# MAX_SWAPFILES_SHIFT bits, the swap offset (here a PFN) above them; the types
+# of include/linux/swap.h with DEVICE_PRIVATE, MIGRATION, MEMORY_FAILURE and
+# PTE markers (v6.15 on).
+MAX_SWAPFILES_SHIFT = 5
+SWP_HWPOISON = 24                    # a poisoned page; offset: the frame that failed
+SWP_DEVICE_WRITE = 28                # a writable device-private page; offset: its frame
+
+
+def pagemap_pfn(entry: int) -> Optional[int]:
+    """The PFN a pagemap entry names: a present page's frame, a device-private
+    page's frame or a poisoned page's failed frame (decoded from the swap
+    offset, as a kernel user does); None for a page never touched.  Without
+    privilege the frame field reads 0, and so does this."""
+    if entry & PM_PRESENT:
+        return entry & PM_PFN_MASK
+    if entry & PM_SWAP:
+        return (entry & PM_PFN_MASK) >> MAX_SWAPFILES_SHIFT
+    return None
+
+
+def pagemap_swap_type(entry: int) -> Optional[int]:
+    """The swap type of a PM_SWAP entry (``SWP_DEVICE_WRITE``, ``SWP_HWPOISON``);
+    None for any other entry.  Without privilege the frame field, type
+    included, reads 0, as from the kernel."""
+    if entry & PM_SWAP:
+        return entry & PM_PFN_MASK & ((1 << MAX_SWAPFILES_SHIFT) - 1)
+    return None
 
 
 def _read(path: str) -> str:
@@ -280,12 +313,14 @@ class Region:
         return [int.from_bytes(data[i:i + 8], "little") for i in range(0, len(data), 8)]
 
     def phys_addr(self, page: int) -> Optional[int]:
-        """The physical address of a page's frame (from pagemap), or None for
-        a page never touched."""
+        """The physical address of the frame a page's pagemap entry names, or
+        None for a page never touched: for a page in memory its frame; for a
+        device-private page its frame in the device's memory resource (the
+        swap offset of its entry); for a poisoned page the frame that failed.
+        Only root sees frames (others get 0)."""
         entry = self.pagemap(page, 1)
-        if not entry or not entry[0]:
-            return None
-        return (entry[0] & PM_PFN_MASK) * 4096
+        pfn = pagemap_pfn(entry[0]) if entry else None
+        return None if pfn is None else pfn * 4096
 
     def advise(self, start: int, length: int, advice: str) -> None:
         """``START LENGTH ADVICE`` (``pin``, ``unpin``) on [start, start+length)."""

@@ -386,11 +386,18 @@ int cdm_fuse_inval(int fd, uint64_t ino, int64_t off, int64_t len);
  *            those with CDM_PTE_DIRTY, to dirty[pool] (CDM_MAX_POOLS entries
  *            each).  Poisoned pages and placeholders are not counted.
  * pagemap  — one /proc/PID/pagemap entry per page of [first, first + n) into
- *            out: PFN in bits 0-54, bit 61 for every page that has a frame
- *            (a shared file page), bit 63 if the CPU can map it, bit 62
- *            instead for device-private and poisoned pages; 0 for a page
- *            never touched (or beyond the end).  Without show_pfn the PFN
- *            bits are 0, as the kernel shows them only with CAP_SYS_ADMIN.
+ *            out, as fs/proc/task_mmu.c pte_to_pagemap_entry() writes it for
+ *            a private anonymous page mapped by one process (no PM_FILE):
+ *            a page the CPU can map is PM_PRESENT | PM_MMAP_EXCLUSIVE with
+ *            its PFN in bits 0-54; a device-private page is PM_SWAP with the
+ *            swap-style frame SWP_DEVICE_WRITE | PFN << MAX_SWAPFILES_SHIFT
+ *            (the kernel's writable device-private entry); a poisoned page
+ *            is PM_SWAP with SWP_HWPOISON | old PFN << MAX_SWAPFILES_SHIFT;
+ *            0 for a page never touched (or beyond the end).  Without
+ *            show_pfn the whole frame field (PFN, or swap type and offset)
+ *            is 0, as the kernel shows it only with CAP_SYS_ADMIN.  Swap
+ *            entries get no PM_MMAP_EXCLUSIVE: the kernel sets it only with
+ *            PM_PRESENT.  Soft-dirty (bit 55) is not modelled.
  * misfits  — pages of [first, first + n) on a node where a policy does not
  *            want them.  A page fits if its pool's bit is in fit_pools or it
  *            is in pool table[i % ntable] (i: its page index); absent and
@@ -401,10 +408,28 @@ int cdm_fuse_inval(int fd, uint64_t ino, int64_t off, int64_t len);
  *            misfit pages (all of them, even past max runs); *nruns gets the
  *            runs written.
  */
-#define CDM_PM_PFN_MASK 0x7fffffffffffffULL   /* bits 0-54 */
-#define CDM_PM_FILE (1ULL << 61)
+/* pagemap entry bits: PM_* of fs/proc/task_mmu.c (Documentation/admin-guide/mm/pagemap.rst). */
+#define CDM_PM_PFN_MASK 0x7fffffffffffffULL   /* bits 0-54: PM_PFRAME_MASK */
+#define CDM_PM_MMAP_EXCLUSIVE (1ULL << 56)    /* page mapped by this process only */
+#define CDM_PM_FILE (1ULL << 61)              /* file page or shared anon: never set here */
 #define CDM_PM_SWAP (1ULL << 62)
 #define CDM_PM_PRESENT (1ULL << 63)
+/* The frame field of a PM_SWAP entry is swp_type | swp_offset << MAX_SWAPFILES_SHIFT
+ * (task_mmu.c); for the pfn swap entries used here the offset is the PFN.
+ * include/linux/swap.h: swap types have MAX_SWAPFILES_SHIFT (5) bits, and the
+ * highest types are kept for special entries, leaving real swap files
+ * MAX_SWAPFILES = (1 << MAX_SWAPFILES_SHIFT) - SWP_DEVICE_NUM -
+ * SWP_MIGRATION_NUM - SWP_HWPOISON_NUM - SWP_PTE_MARKER_NUM.  With CONFIG_DEVICE_PRIVATE
+ * (SWP_DEVICE_NUM 3: WRITE, READ, EXCLUSIVE, since v6.15), CONFIG_MIGRATION
+ * (SWP_MIGRATION_NUM 3), CONFIG_MEMORY_FAILURE (SWP_HWPOISON_NUM 1) and PTE
+ * markers (SWP_PTE_MARKER_NUM 1), as a distribution kernel has them, that is
+ * 32 - 3 - 3 - 1 - 1 = 24; SWP_HWPOISON = MAX_SWAPFILES and SWP_DEVICE_WRITE
+ * = MAX_SWAPFILES + SWP_HWPOISON_NUM + SWP_MIGRATION_NUM.  (v6.5-v6.14, with
+ * four device types, had MAX_SWAPFILES 23; the types shift with the config.) */
+#define CDM_MAX_SWAPFILES_SHIFT 5
+#define CDM_MAX_SWAPFILES ((1 << CDM_MAX_SWAPFILES_SHIFT) - 3 - 3 - 1 - 1)
+#define CDM_SWP_HWPOISON CDM_MAX_SWAPFILES
+#define CDM_SWP_DEVICE_WRITE (CDM_MAX_SWAPFILES + 1 + 3)   /* + SWP_HWPOISON_NUM + SWP_MIGRATION_NUM */
 
 void cdm_region_census(struct cdm_machine *m, struct cdm_region *r, uint64_t first, uint64_t n,
                        uint64_t *present, uint64_t *dirty);

@@ -571,7 +571,9 @@ void cdm_region_census(struct cdm_machine *m, struct cdm_region *r, uint64_t fir
 void cdm_region_pagemap(struct cdm_machine *m, struct cdm_region *r, uint64_t first, uint64_t n,
                         uint64_t *out, int show_pfn)
 {
-    uint64_t pfn_mask = show_pfn ? CDM_PM_PFN_MASK : 0;
+    /* The frame field, PFN or swap type and offset, only to the privileged,
+     * as the kernel writes it only with show_pfn. */
+    uint64_t frame_mask = show_pfn ? CDM_PM_PFN_MASK : 0;
     /* Pages in chunks never populated (and beyond the end) read as never touched. */
     memset(out, 0, n * sizeof(*out));
     uint64_t lo, hi;
@@ -584,11 +586,24 @@ void cdm_region_pagemap(struct cdm_machine *m, struct cdm_region *r, uint64_t fi
             seen |= pte;
             if (!(pte & (CDM_PTE_PRESENT | CDM_PTE_POISONED)))
                 continue;   /* never touched (a poisoned entry keeps its old PFN) */
-            uint64_t e = (pte_pfn(pte) & pfn_mask) | CDM_PM_FILE;
-            /* Device-private pages are swap-like entries to the CPU, as the
-             * kernel's device-private entries; so are poisoned ones (hwpoison). */
-            e |= (pte & (CDM_PTE_PRIVATE | CDM_PTE_POISONED)) ? CDM_PM_SWAP : CDM_PM_PRESENT;
-            out[i - first] = e;
+            /* pte_to_pagemap_entry() of a private anonymous page mapped
+             * once: no PM_FILE (the folio is anon).  Poisoned pages and
+             * device-private pages are pfn swap entries to the CPU
+             * (make_hwpoison_entry, make_writable_device_private_entry):
+             * PM_SWAP, swp_type | PFN << MAX_SWAPFILES_SHIFT, and no
+             * PM_MMAP_EXCLUSIVE, which the kernel gives only with PM_PRESENT. */
+            uint64_t frame, flags;
+            if (pte & CDM_PTE_POISONED) {
+                frame = CDM_SWP_HWPOISON | pte_pfn(pte) << CDM_MAX_SWAPFILES_SHIFT;
+                flags = CDM_PM_SWAP;
+            } else if (pte & CDM_PTE_PRIVATE) {
+                frame = CDM_SWP_DEVICE_WRITE | pte_pfn(pte) << CDM_MAX_SWAPFILES_SHIFT;
+                flags = CDM_PM_SWAP;
+            } else {
+                frame = pte_pfn(pte);
+                flags = CDM_PM_PRESENT | CDM_PM_MMAP_EXCLUSIVE;
+            }
+            out[i - first] = (frame & frame_mask) | flags;
         }
         span_settle(r, lo, hi, seen);
     }

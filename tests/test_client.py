@@ -85,3 +85,28 @@ def test_parse_migrate_single_pages_and_runs():
     assert parse_migrate(text) == {"requested": 8, "migrated": 3, "skipped": 5,
                                    "holes": [(1, 1, "-EBUSY"), (4, 6, "-ENOMEM"), (7, 7, "-EIO")]}
     assert parse_migrate("requested 2\nmigrated 2\nskipped 0\n")["holes"] == []
+
+
+def test_pagemap_bits_agree_with_the_core():
+    """The client decodes pagemap with its own copy of the kernel's values (its
+    layer does not load the C core); they are the core's, native/cdmcore.h."""
+    from cdmfs import client
+    from cdmfs._core import lib
+    for name, core_name in (("PM_PFN_MASK", "CDM_PM_PFN_MASK"),
+                            ("PM_MMAP_EXCLUSIVE", "CDM_PM_MMAP_EXCLUSIVE"),
+                            ("PM_FILE", "CDM_PM_FILE"), ("PM_SWAP", "CDM_PM_SWAP"),
+                            ("PM_PRESENT", "CDM_PM_PRESENT"),
+                            ("MAX_SWAPFILES_SHIFT", "CDM_MAX_SWAPFILES_SHIFT"),
+                            ("SWP_HWPOISON", "CDM_SWP_HWPOISON"),
+                            ("SWP_DEVICE_WRITE", "CDM_SWP_DEVICE_WRITE")):
+        assert getattr(client, name) == getattr(lib, core_name), name
+
+
+def test_pagemap_decoding():
+    from cdmfs.client import pagemap_pfn, pagemap_swap_type
+    present = (1 << 63) | (1 << 56) | 0x40001
+    private = (1 << 62) | 0x80000 << 5 | 28
+    poisoned = (1 << 62) | 0x8001 << 5 | 24
+    assert [pagemap_pfn(e) for e in (present, private, poisoned, 0)] == [0x40001, 0x80000, 0x8001, None]
+    assert [pagemap_swap_type(e) for e in (present, private, poisoned, 0)] == [None, 28, 24, None]
+    assert pagemap_pfn(1 << 62) == 0 and pagemap_swap_type(1 << 62) == 0    # unprivileged: no frame field

@@ -80,10 +80,10 @@ class Core(Machine):
         lib.cdm_region_census(self.m, r, first, n, present, dirty)
         return list(present), list(dirty)
 
-    def pagemap(self, r, first, n):
+    def pagemap(self, r, first, n, show_pfn=1):
         out = ffi.new("uint64_t[]", max(n, 1))
         ffi.memmove(out, b"\xff" * (8 * n), 8 * n)   # every entry must be written
-        lib.cdm_region_pagemap(self.m, r, first, n, out, 1)
+        lib.cdm_region_pagemap(self.m, r, first, n, out, show_pfn)
         return bytes(ffi.buffer(out, 8 * n))
 
     def pin(self, r, first, n, pin):
@@ -118,16 +118,58 @@ def assert_index_exact_over(r, first, end, present_pages):
         assert bool(r.summary[w // 64] >> (w % 64) & 1) == (r.chunks[w] != 0), w
 
 
-def pagemap_entry(pte):
-    e = pfn_of(pte) | lib.CDM_PM_FILE
-    swap = pte & (lib.CDM_PTE_PRIVATE | lib.CDM_PTE_POISONED)
-    return e | (lib.CDM_PM_SWAP if swap else lib.CDM_PM_PRESENT)
+def pagemap_entry(pte, show_pfn=True):
+    """The pagemap entry of a page table entry, as the kernel's
+    pte_to_pagemap_entry() writes it for an anonymous page mapped once: no
+    PM_FILE; device-private and poisoned pages are pfn swap entries,
+    swp_type | PFN << MAX_SWAPFILES_SHIFT."""
+    shift = lib.CDM_MAX_SWAPFILES_SHIFT
+    if pte & lib.CDM_PTE_POISONED:
+        frame, flags = lib.CDM_SWP_HWPOISON | pfn_of(pte) << shift, lib.CDM_PM_SWAP
+    elif pte & lib.CDM_PTE_PRIVATE:
+        frame, flags = lib.CDM_SWP_DEVICE_WRITE | pfn_of(pte) << shift, lib.CDM_PM_SWAP
+    else:
+        frame, flags = pfn_of(pte), lib.CDM_PM_PRESENT | lib.CDM_PM_MMAP_EXCLUSIVE
+    return (frame if show_pfn else 0) | flags
 
 
 def expected_pagemap(first, n, entries):
     """pagemap bytes of [first, first + n): entries {page: pte}, zeros elsewhere."""
     return b"".join(struct.pack("<Q", pagemap_entry(entries[i]) if i in entries else 0)
                     for i in range(first, first + n))
+
+
+def test_pagemap_constants_are_the_kernels():
+    """fs/proc/task_mmu.c's PM_* bits, and include/linux/swap.h's swap types
+    with DEVICE_PRIVATE, MIGRATION, MEMORY_FAILURE and PTE markers (v6.15 on):
+    MAX_SWAPFILES = 32 - 3 - 3 - 1 - 1."""
+    assert lib.CDM_PM_PFN_MASK == (1 << 55) - 1
+    assert (lib.CDM_PM_MMAP_EXCLUSIVE, lib.CDM_PM_FILE) == (1 << 56, 1 << 61)
+    assert (lib.CDM_PM_SWAP, lib.CDM_PM_PRESENT) == (1 << 62, 1 << 63)
+    assert (lib.CDM_MAX_SWAPFILES_SHIFT, lib.CDM_MAX_SWAPFILES) == (5, 24)
+    assert (lib.CDM_SWP_HWPOISON, lib.CDM_SWP_DEVICE_WRITE) == (24, 28)
+
+
+def test_pagemap_of_each_kind_of_page(core):
+    """Present, device-private, poisoned and untouched pages, with and
+    without show_pfn, bit for bit."""
+    a = core.add_pool(16)
+    g = core.add_pool(16, flags=lib.CDM_POOL_PRIVATE)
+    r = core.region(8)
+    core.write(r, 0, b"p" * (3 * PAGE), one_pool_plan(a))
+    assert core.migrate(r, 1, 1, g)["final"] == [lib.CDM_MIG_DONE]
+    pte = core.ptes(r, 0, 3)
+    assert lib.cdm_page_poison(core.m, r, 2, pfn_of(pte[2])) == 0
+    pfn = [pfn_of(p) for p in pte]
+    assert all(pfn) and len(set(pfn)) == 3
+    want = [(1 << 63) | (1 << 56) | pfn[0],                      # present, exclusive
+            (1 << 62) | pfn[1] << 5 | 28,                         # SWP_DEVICE_WRITE
+            (1 << 62) | pfn[2] << 5 | 24] + [0] * 5               # SWP_HWPOISON; untouched
+    assert core.pagemap(r, 0, 8) == struct.pack("<8Q", *want)
+    hidden = [e & ~((1 << 55) - 1) for e in want]                 # flags only
+    assert hidden[:3] == [(1 << 63) | (1 << 56), 1 << 62, 1 << 62]
+    assert core.pagemap(r, 0, 8, show_pfn=0) == struct.pack("<8Q", *hidden)
+    assert [pagemap_entry(p) for p in core.ptes(r, 0, 3)] == want[:3]
 
 
 # ------------------------------------------------------------- 64 TiB region
@@ -235,8 +277,8 @@ def test_walks_of_a_64tib_region_cost_by_the_pages_present(core):
     assert core.pool(b).nr_used == 0 and core.pool(b).nr_retired == 1
     present, _ = core.census(r, 0, TIB64)
     assert (present[a], present[b]) == (2, 0)
-    assert core.pagemap(r, mid, 1) == struct.pack("<Q", pfn_of(pte[mid]) | lib.CDM_PM_FILE
-                                                  | lib.CDM_PM_SWAP)
+    assert core.pagemap(r, mid, 1) == struct.pack("<Q", (24 | pfn_of(pte[mid]) << 5)
+                                                  | lib.CDM_PM_SWAP)     # SWP_HWPOISON
     assert core.next_present(r, 1, TIB64) == mid                # a poisoned entry counts
 
     # shrink past the last page: exactly it is freed, and it was the last one freed

@@ -18,7 +18,7 @@ import zlib
 import pytest
 
 import cdmfs
-from cdmfs.client import PM_PFN_MASK, PM_PRESENT, PM_SWAP
+from cdmfs.client import MAX_SWAPFILES_SHIFT, PM_PRESENT, PM_SWAP, SWP_HWPOISON, pagemap_pfn
 from cdmfs.lib.bitmap import parse_nodelist
 from conftest import PAGE, xorshift_page
 
@@ -115,7 +115,9 @@ def intact(r: cdmfs.client.Region, pages: int, seed: int, first: int = 0) -> boo
 
 
 def pfns(r: cdmfs.client.Region, first: int = 0, n=None) -> list[int]:
-    return [e & PM_PFN_MASK for e in r.pagemap(first, n)]
+    """The frames of the pages of [first, first + n) that have one, from
+    pagemap (a device-private page's from its swap offset)."""
+    return [pfn for pfn in map(pagemap_pfn, r.pagemap(first, n)) if pfn is not None]
 
 
 def meminfo_kb(m: cdmfs.Mount, nid: int, key: str) -> int:
@@ -444,8 +446,9 @@ def test_hard_poison_of_one_page(lc):
         refused(errno.EIO, os.pread, f.fileno(), PAGE, 8 * PAGE)
         assert os.pread(f.fileno(), PAGE, 9 * PAGE) == xorshift_page(8, 9)
     assert r.stat["poisoned"] == 1
-    entry = r.pagemap(8, 1)[0]
-    assert entry & PM_SWAP and not entry & PM_PRESENT and (entry & PM_PFN_MASK) * PAGE == addr
+    # A hwpoison swap entry naming the failed frame, as the kernel leaves it.
+    assert r.pagemap(8, 1)[0] == PM_SWAP | SWP_HWPOISON | (addr // PAGE) << MAX_SWAPFILES_SHIFT
+    assert r.phys_addr(8) == addr
     assert r.pagemap(7, 1)[0] & PM_PRESENT
     gpu = lc.device("gpu0")
     assert gpu.snapshot("poison", 7 * PAGE, 3 * PAGE)[8] == "error"
@@ -459,6 +462,48 @@ def test_hard_poison_of_one_page(lc):
     r.truncate(0)
     assert meminfo_kb(lc, 0, "MemUsed") == used0 + 4
     refused(133, lc.hard_offline, addr)                   # EHWPOISON: poisoned already, as memory_failure()
+
+
+def test_pagemap_entries_as_the_kernel_writes_them(lc):
+    """regions/NAME/pagemap read by root, bit for bit, as fs/proc/task_mmu.c
+    writes /proc/PID/pagemap for a private anonymous page mapped once (no
+    PM_FILE, bit 61): in memory, PM_PRESENT | PM_MMAP_EXCLUSIVE | PFN; on
+    device-private memory, PM_SWAP with the frame field SWP_DEVICE_WRITE (28)
+    | PFN << MAX_SWAPFILES_SHIFT (5); poisoned, PM_SWAP with SWP_HWPOISON (24)
+    | failed PFN << 5; never touched, 0."""
+    present, exclusive, swap, pfn_bits = 1 << 63, 1 << 56, 1 << 62, (1 << 55) - 1
+    r = lc.region("pm", 8 * PAGE)
+    fill(r, 6, 30)                                       # pages 0-5 on node 0; 6, 7 untouched
+    assert r.migrate(2 * PAGE, 2 * PAGE, "gpu0")["migrated"] == 2
+    with open(os.path.join(r.path, "pagemap"), "rb") as f:
+        before = struct.unpack("<8Q", f.read(64))      # whole entries only
+    failed = before[4] & pfn_bits
+    lc.hard_offline(failed * PAGE)
+    with open(os.path.join(r.path, "pagemap"), "rb") as f:
+        entries = struct.unpack("<8Q", f.read(64))
+    # In memory: its frame, on node 0.
+    for page in (0, 1, 5):
+        e = entries[page]
+        assert e & ~pfn_bits == present | exclusive, (page, hex(e))
+        assert e == before[page] and lc.block_of((e & pfn_bits) * PAGE).node == 0
+    # Device-private: a writable device-private swap entry; its offset is the
+    # frame in gpu0's memory resource.
+    start, end = lc.device("gpu0").resource
+    offsets = set()
+    for page in (2, 3):
+        e = entries[page]
+        assert e & ~pfn_bits == swap and e & 0x1f == 28, (page, hex(e))
+        offset = (e & pfn_bits) >> 5
+        assert start <= offset * PAGE <= end
+        assert r.phys_addr(page) == offset * PAGE
+        offsets.add(offset)
+    assert len(offsets) == 2
+    # Poisoned: a hwpoison swap entry naming the frame that failed.
+    assert entries[4] == swap | failed << 5 | 24, hex(entries[4])
+    assert r.phys_addr(4) == failed * PAGE
+    # Never touched.
+    assert entries[6:] == (0, 0) and r.phys_addr(6) is None
+    assert r.pagemap() == list(entries)
 
 
 def test_hard_poison_under_a_live_program(lc, cprog):

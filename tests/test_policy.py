@@ -12,7 +12,8 @@ from collections import Counter
 import pytest
 
 import cdmfs
-from cdmfs.client import PM_FILE, PM_PFN_MASK, PM_PRESENT, PM_SWAP, parse_numa_maps
+from cdmfs.client import (PM_MMAP_EXCLUSIVE, PM_PFN_MASK, PM_PRESENT, PM_SWAP, SWP_DEVICE_WRITE,
+                          pagemap_pfn, pagemap_swap_type, parse_numa_maps)
 from conftest import PAGE
 
 DEFAULT_BLOCK = 128 << 20      # the embedded default's block_size
@@ -57,7 +58,7 @@ def where(entry: int, ranges: dict):
     """The node id (or ``private:DEV``) of a pagemap entry's frame; None if absent."""
     if entry == 0:
         return None
-    pfn = entry & PM_PFN_MASK
+    pfn = pagemap_pfn(entry)
     for key, (lo, hi) in ranges.items():
         if lo <= pfn < hi:
             return key
@@ -72,10 +73,10 @@ def placement(m, r, block=DEFAULT_BLOCK) -> list:
         w = where(e, ranges)
         if w is None:
             assert e == 0
-        elif isinstance(w, int):
-            assert e & PM_PRESENT and e & PM_FILE and not e & PM_SWAP, hex(e)
-        else:
-            assert e & PM_SWAP and e & PM_FILE and not e & PM_PRESENT, hex(e)
+        elif isinstance(w, int):     # present, mapped once, anonymous: no PM_FILE
+            assert e & ~PM_PFN_MASK == PM_PRESENT | PM_MMAP_EXCLUSIVE, hex(e)
+        else:                        # a writable device-private swap entry
+            assert e & ~PM_PFN_MASK == PM_SWAP and pagemap_swap_type(e) == SWP_DEVICE_WRITE, hex(e)
         out.append(w)
     return out
 

@@ -109,7 +109,8 @@ def mbind_text(region: Region) -> str:
 
 def pagemap_read(region: Region, off: int, size: int, privileged: bool) -> bytes:
     """A slice of ``pagemap``: only the entries asked for are built.  As the
-    kernel does without CAP_SYS_ADMIN, PFNs read as 0 to everyone but root."""
+    kernel does without CAP_SYS_ADMIN, the frame field (PFN, or swap type and
+    offset) reads as 0 to everyone but root."""
     if off % 8 or size % 8:
         raise OSError(errno.EINVAL, "pagemap is read in whole 8-byte entries")
     first = off // 8

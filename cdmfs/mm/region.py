@@ -430,7 +430,8 @@ class Region:
 
     def pagemap(self, first: int = 0, n: Optional[int] = None, show_pfn: bool = True) -> bytes:
         """``pagemap`` entries of pages [first, first + n), 8 bytes each;
-        without show_pfn the PFN bits read as 0 (the flags stay)."""
+        without show_pfn the frame field (PFN, or swap type and offset) reads
+        as 0 (the flags stay).  See cdm_region_pagemap in native/cdmcore.h."""
         if n is None:
             n = max(self.npages - first, 0)
         if n <= 0:
