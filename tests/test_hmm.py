@@ -558,6 +558,7 @@ def test_double_map(two, hmm_cpu, policy):
         assert flags(g0.snapshot(r.name, 0, size)) == Counter({"private-remote": npages})
         assert flags(g1.snapshot(r.name, 0, size)) == Counter({"private-local": npages})
 
+        moved0 = r.stat["migrated_pages"]
         res = g0.access("read", r.name, 0, size)
         assert res["crc32"] == want and res["faults"] == npages
         where = placement(r)
@@ -566,8 +567,10 @@ def test_double_map(two, hmm_cpu, policy):
             assert flags(g0.snapshot(r.name, 0, size)) == Counter({"read": npages})
             assert flags(g1.snapshot(r.name, 0, size)) == Counter({"none": npages})
         else:
-            # Straight from one device's memory into the other's.
+            # Not straight from one device's memory into the other's: migrate_vma
+            # takes only its own pgmap's pages, so they fault back to RAM first.
             assert (where["N0"], where["private:gpu0"], where["private:gpu1"]) == (0, npages, 0)
+            assert r.stat["migrated_pages"] - moved0 == 2 * npages
             assert flags(g0.snapshot(r.name, 0, size)) == Counter({"private-local": npages})
             assert flags(g1.snapshot(r.name, 0, size)) == Counter({"private-remote": npages})
         cpu("check", 0, npages, 0)

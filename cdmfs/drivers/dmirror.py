@@ -274,7 +274,8 @@ class Device:
                 await region.wait_unlocked()
             elif rc == -errno.EREMOTE:
                 # Another device's private pages: back to RAM first, as the CPU would.
-                await migrate.fault_back(m, region, first, first + n, 0)
+                await migrate.fault_back(m, region, first, first + n, 0,
+                                         from_pools=m.private_pools_mask() & ~own)
             elif rc == -errno.ENOENT:
                 await self._fault(region, first, n, res)     # truncated and regrown meanwhile
             else:

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from .region import Region
 
 BATCH = 512                 # pages per step: 2 MiB, the size of a PMD
+ALL_POOLS = (1 << 64) - 1   # from_pools: any pool
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,16 @@ async def migrate_range(m: "Machine", region: "Region", first: int, npages: int,
         result.skip(first, end - 1, errno.ENOENT)
         return result
     with region.hold():
+        others = _other_private_pools(m, target)
+        if others:
+            # migrate_vma collects only the device-private pages of its own
+            # pgmap: another device's come back to RAM first, as a CPU access
+            # would fault them, and move on from there.
+            try:
+                await fault_back(m, region, first, end, 0, from_pools=others)
+            except OSError:
+                pass        # no RAM to bring them to: they stay where they are
+            from_pools = (from_pools or ALL_POOLS) & ~others
         start = first
         while start < end:
             absent_err = _absent_error(m, target)
@@ -99,6 +110,15 @@ async def migrate_range(m: "Machine", region: "Region", first: int, npages: int,
             start += n
             await cond_resched()
     return result
+
+
+def _other_private_pools(m: "Machine", target: "Target") -> int:
+    """The private pools of devices other than target's (a bit per pool);
+    0 unless target is a device's private memory."""
+    private = m.private_pools_mask()
+    if target.pool < 0 or not private & (1 << target.pool):
+        return 0
+    return private & ~(1 << target.pool)
 
 
 def _absent_error(m: "Machine", target: "Target") -> int:
@@ -176,10 +196,12 @@ def skip_holes(result: MigrateResult, status, n: int, first: int) -> None:
         result.skip(first + lo[k], first + hi[k], -err[k])
 
 
-async def fault_back(m: "Machine", region: "Region", first: int, end: int, pid: int) -> None:
+async def fault_back(m: "Machine", region: "Region", first: int, end: int, pid: int,
+                     from_pools: int = 0) -> None:
     """A CPU access to device-private pages of [first, end): bring them to
-    system RAM under the region's policy (the migrate_to_ram callback)."""
-    private = m.private_pools_mask()
+    system RAM under the region's policy (the migrate_to_ram callback).
+    ``from_pools``: only those devices' pages (0: every device's)."""
+    private = from_pools or m.private_pools_mask()
     for start, stop, policy in region.policy_segments(first, end):
         # Each page by the policy, as a first touch would place it: its own
         # interleave slot, then that slot's fallback.
