@@ -379,8 +379,16 @@ def test_block_offline_online_round_trip(lc, nid):
     assert (block.state, block.online) == ("offline", False)
     assert block.valid_zones == (["Movable"] if nid else ["Normal", "Movable"])
     assert meminfo_kb(lc, nid, "MemTotal") == total - BLOCK // 1024
-    assert meminfo_kb(lc, nid, "MemUsed") == used       # the pages moved within the node
-    assert r.stat[f"N{nid}"] == pages                    # to its other blocks
+    moved = held[b]
+    if nid == 0:
+        # No other node takes implicit allocations (node 1 is isolated): the
+        # pages stay on node 0, on its other blocks.
+        assert meminfo_kb(lc, 0, "MemUsed") == used and r.stat["N0"] == pages
+    else:
+        # do_migrate_range() leaves the node: the block's pages go to node 0,
+        # the others stay on node 1's other block.
+        assert meminfo_kb(lc, 1, "MemUsed") == used - moved * PAGE // 1024
+        assert (r.stat["N0"], r.stat["N1"]) == (moved, pages - moved)
     assert not any(pfn // BLOCK_PAGES == b for pfn in pfns(r))
     assert intact(r, pages, 20 + nid)
     refused(errno.EINVAL, setattr, block, "state", "offline")   # already offline
@@ -388,7 +396,8 @@ def test_block_offline_online_round_trip(lc, nid):
     assert (block.state, block.valid_zones) == ("online", ["Movable" if nid else "Normal"])
     assert meminfo_kb(lc, nid, "MemTotal") == total
     # Its frames are back in the allocator, once: the whole node fills again.
-    assert meminfo_kb(lc, nid, "MemFree") == total - used
+    assert meminfo_kb(lc, nid, "MemFree") == total - meminfo_kb(lc, nid, "MemUsed")
+    assert meminfo_kb(lc, nid, "MemUsed") == (used if nid == 0 else used - moved * PAGE // 1024)
     if nid == 0:
         block.state = "offline"
         block.state = "online_movable"

@@ -173,12 +173,12 @@ class MemoryHotplug:
                 if strict:
                     raise ValueError(f"memory{b.id} is already offline")
                 return
-            await self._offline_blocks([b], home=b.nid, sysram_only=False, stay=True)
+            await self._offline_blocks([b], home=b.nid, sysram_only=False, stay=False, leave=True)
             log.info("memory%d offline", b.id)
             self.m.events.emit("memory_offline", block=b)
 
     async def _offline_blocks(self, blocks: list[Block], home: Optional[int], sysram_only: bool,
-                              stay: bool, taken_by: Optional[str] = None) -> None:
+                              stay: bool, taken_by: Optional[str] = None, leave: bool = False) -> None:
         """offline_pages() of blocks: pinned check, isolate, migrate, verify, offline."""
         m = self.m
         for b in blocks:
@@ -188,7 +188,7 @@ class MemoryHotplug:
             lib.cdm_block_isolate(m.core, b.pool, b.index, 1)
             b.going_offline = True
         try:
-            order = migrate.orderer(self.m, home, sysram_only, stay)
+            order = migrate.orderer(self.m, home, sysram_only, stay, leave)
             for b in blocks:
                 await migrate.evacuate(self.m, b.first_pfn, b.npages, order)
         except BaseException:

@@ -99,13 +99,17 @@ def move_target(m: "Machine", nid: int) -> "Target":
     return Target(f"node:{nid}", m.nodes[nid].pool, False)
 
 
-def orderer(m: "Machine", home: Optional[int], sysram_only: bool, stay: bool):
+def orderer(m: "Machine", home: Optional[int], sysram_only: bool, stay: bool,
+            leave: bool = False):
     """A function (region, page) -> the targets to try for a page that
     must leave its frame: its own node first when ``stay`` (other blocks),
     then the nodes its policy falls back to, then any node that takes
     implicit allocations, by distance from ``home`` (offline_pages()
     takes any node with memory; the CDM rules keep isolated nodes out
-    unless the policy names them).  ``sysram_only``: system RAM only."""
+    unless the policy names them).  ``sysram_only``: system RAM only.
+    ``leave``: never ``home`` while another node can take the page, as
+    do_migrate_range() clears the page's node from its nodemask unless no
+    other node has memory."""
     usable = set(m.usable_nodes())
     start = home if home is not None else m.default_cpu_node
     extra = sorted((n for n in m.nodes if not m.nodes[n].isolated),
@@ -113,8 +117,13 @@ def orderer(m: "Machine", home: Optional[int], sysram_only: bool, stay: bool):
     placements: dict = {}
     cache: dict = {}
 
-    def allowed(nid: int) -> bool:
+    def takes(nid: int) -> bool:
         return nid in usable and (not sysram_only or m.nodes[nid].spec.kind == "sysram")
+
+    leave_home = leave and any(n != home and takes(n) for n in extra)
+
+    def allowed(nid: int) -> bool:
+        return takes(nid) and not (leave_home and nid == home)
 
     def order(region: "Region", page: int) -> tuple:
         policy = region.policy_at(page)
