@@ -37,6 +37,9 @@ TIMEOUT = 300.0           # entries and attributes change only through us
 # write-back and the faults need (daemon.MAX_TASKS).
 WAITING_RUNS = 8
 WAITING_QUEUE = 1024
+INODES = 1 << 20          # statfs's total inodes (more when more exist)
+RELATIME_NS = 24 * 3600 * 10**9
+RENAME_NOREPLACE = 1      # renameat2(2)'s flags
 
 
 class Answer:
@@ -149,7 +152,8 @@ class Filesystem(pyfuse3.Operations):
         a = pyfuse3.EntryAttributes()
         a.st_ino = e.inode
         a.st_mode = e.mode
-        a.st_nlink = 2 if isinstance(e, Dir) else 1
+        # As sysfs: a directory has 2 links plus one per subdirectory.
+        a.st_nlink = 2 + sum(isinstance(c, Dir) for c in e.children.values()) if isinstance(e, Dir) else 1
         a.st_uid = self.uid if e.uid is None else e.uid
         a.st_gid = self.gid if e.gid is None else e.gid
         a.st_blksize = PAGE_SIZE
@@ -164,7 +168,7 @@ class Filesystem(pyfuse3.Operations):
             a.st_size = len(e.target)
         else:
             a.st_size = 0
-        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = self.mount_ns
+        a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns = e.times or (self.mount_ns,) * 3
         a.attr_timeout = a.entry_timeout = TIMEOUT
         return a
 
@@ -185,6 +189,22 @@ class Filesystem(pyfuse3.Operations):
     async def getattr(self, inode, ctx=None):
         return self._attrs(self._entry(inode))
 
+    def _touch(self, e: Entry, atime: bool = False, mtime: bool = False, ctime: bool = False) -> None:
+        """Moves e's times to now, as tmpfs does on a change."""
+        now = time.time_ns()
+        times = e.times = e.times or [self.mount_ns] * 3
+        for k, moved in enumerate((atime, mtime, ctime)):
+            if moved:
+                times[k] = now
+
+    def _accessed(self, e: Entry) -> None:
+        """relatime: a read moves atime only past an older mtime or ctime,
+        or once a day."""
+        times = e.times
+        if times is None or times[0] <= max(times[1], times[2]) or \
+                time.time_ns() - times[0] > RELATIME_NS:
+            self._touch(e, atime=True)
+
     async def setattr(self, inode, attr, fields, fh, ctx):
         e = self._entry(inode)
         if fields.update_size:
@@ -199,6 +219,18 @@ class Filesystem(pyfuse3.Operations):
                     raise fuse_error(err) from None
         if fields.update_mode or fields.update_uid or fields.update_gid:
             raise pyfuse3.FUSEError(errno.EPERM)
+        if fields.update_size and isinstance(e, DataFile):
+            self._touch(e, mtime=True, ctime=True)
+        if fields.update_atime or fields.update_mtime:
+            # utimensat(2): the times given (UTIME_NOW arrives as now), ctime now.
+            self._touch(e, ctime=True)
+            if fields.update_atime:
+                e.times[0] = attr.st_atime_ns
+            if fields.update_mtime:
+                e.times[1] = attr.st_mtime_ns
+        if fields.update_ctime:
+            self._touch(e)
+            e.times[2] = attr.st_ctime_ns
         return self._attrs(e)
 
     async def readlink(self, inode, ctx):
@@ -226,8 +258,10 @@ class Filesystem(pyfuse3.Operations):
         s.f_bsize = s.f_frsize = PAGE_SIZE
         s.f_blocks = sum(p["total"] for p in pages)
         s.f_bfree = s.f_bavail = sum(p["free"] for p in pages)
-        s.f_files = len(self.tree.inodes)
-        s.f_ffree = s.f_favail = 1 << 20
+        # Inodes as tmpfs counts them: used + free = total, never negative.
+        used = len(self.tree.inodes)
+        s.f_files = max(INODES, used)
+        s.f_ffree = s.f_favail = s.f_files - used
         s.f_namemax = 64
         return s
 
@@ -243,6 +277,7 @@ class Filesystem(pyfuse3.Operations):
         log.info("region %s created by uid %d", region.name, ctx.uid)
         d = add_region(self.tree, self.regions_dir, self.machine, region, ctx.uid, ctx.gid)
         self.data_inodes[region.id] = d.children["data"].inode
+        self._touch(self.regions_dir, mtime=True, ctime=True)
         return self._attrs(d)
 
     async def rmdir(self, parent_inode, name, ctx):
@@ -257,8 +292,34 @@ class Filesystem(pyfuse3.Operations):
             raise fuse_error(e) from None
         self.tree.remove(entry)
         self.data_inodes.pop(entry.region.id, None)
+        self._touch(self.regions_dir, mtime=True, ctime=True)
         log.info("region %s removed", entry.region.name)
 
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        """A region's directory may take a new name within regions/ (its
+        owner or root, the directory being sticky); nothing else moves."""
+        if parent_inode_old != self.regions_dir.inode or parent_inode_new != self.regions_dir.inode:
+            raise pyfuse3.FUSEError(errno.EPERM if parent_inode_old == parent_inode_new else errno.EXDEV)
+        entry = self.regions_dir.children.get(os.fsdecode(name_old))
+        if not isinstance(entry, RegionDir):
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        if ctx.uid not in (0, entry.region.owner):
+            raise pyfuse3.FUSEError(errno.EPERM)
+        if flags & ~RENAME_NOREPLACE:
+            raise pyfuse3.FUSEError(errno.EINVAL)     # exchange, whiteout: not for regions
+        new = os.fsdecode(name_new)
+        if new == entry.name:
+            return
+        if new in self.regions_dir.children:
+            raise pyfuse3.FUSEError(errno.EEXIST if flags & RENAME_NOREPLACE else errno.ENOTEMPTY)
+        try:
+            self.regions.rename(entry.name, new)
+        except OSError as e:
+            raise fuse_error(e) from None
+        log.info("region %s renamed %s", entry.name, new)
+        self.tree.rename(entry, new)
+        self._touch(entry, ctime=True)
+        self._touch(self.regions_dir, mtime=True, ctime=True)
     async def create(self, parent_inode, name, mode, flags, ctx):
         raise pyfuse3.FUSEError(errno.EACCES)
 
@@ -329,6 +390,7 @@ class Filesystem(pyfuse3.Operations):
         e = of.entry
         try:
             if isinstance(e, DataFile):
+                self._accessed(e)
                 return await e.region.fault(off, size, of.pid)
             of.write_end = None
             if isinstance(e, Transaction):
@@ -350,6 +412,9 @@ class Filesystem(pyfuse3.Operations):
         of = self._open_file(fh)
         e = of.entry
         if isinstance(e, DataFile):
+            # mtime stays: the kernel (auto_inval_data, which pyfuse3 cannot
+            # turn off) drops the whole page cache -- every CPU mapping of the
+            # region -- when it sees a data file's mtime change.
             try:
                 return await e.region.writeback(off, buf, of.pid)
             except OSError as err:

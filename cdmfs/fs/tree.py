@@ -26,6 +26,8 @@ class Entry:
     name: str = ""
     uid: Optional[int] = None       # owner; None: the user who mounted
     gid: Optional[int] = None
+    # [atime, mtime, ctime] in ns once one has moved; None: the mount's time
+    times: Optional[list[int]] = None
 
 
 class Dir(Entry):
@@ -102,6 +104,14 @@ class Tree:
         for part in path.strip("/").split("/"):
             d = self.dir(d, part)
         return d
+
+    def rename(self, entry: Entry, name: str) -> None:
+        """Gives entry a new name in its directory (the name is free)."""
+        parent = entry.parent
+        assert parent is not None and name not in parent.children
+        del parent.children[entry.name]
+        entry.name = name
+        parent.children[name] = entry
 
     def remove(self, entry: Entry) -> None:
         """Removes an entry and everything below it."""

@@ -491,6 +491,18 @@ class Regions:
         self.by_name[name] = region
         return region
 
+    def rename(self, old: str, new: str) -> None:
+        """rename(2) of a region: device requests and every view use the new
+        name from now on.  ENOTEMPTY when new names another region (its
+        directory is never empty), as rename over a full directory gives."""
+        if not NAME_RE.match(new):
+            raise OSError(errno.EINVAL, "region names are 1-64 of [A-Za-z0-9_.-]")
+        if new in self.by_name:
+            raise OSError(errno.ENOTEMPTY, f"region {new} exists")
+        region = self.by_name.pop(old)
+        region.name = new
+        self.by_name[new] = region
+
     def release_id(self, rid: int) -> None:
         """A freed region's id may name a new region (never while the old one
         exists: the reverse map would name both)."""
