@@ -143,8 +143,13 @@ struct cdm_machine {
  */
 #define CDM_CHUNK_PAGES 512
 
+/* The most pages a region may have: the reverse map keeps a frame's page
+ * index in 40 bits (see struct cdm_pool.rmap). */
+#define CDM_REGION_MAX_PAGES (1ULL << 40)
+
 struct cdm_region {
     uint64_t *pte;          /* sparse mapping of cap entries */
+    uint64_t size;          /* bytes of the file: past them the last page reads zero */
     uint64_t npages;        /* pages of the file (size rounded up) */
     uint64_t cap;           /* entries reserved in pte */
     uint32_t id;
@@ -209,8 +214,25 @@ uint8_t *cdm_pfn_addr(struct cdm_machine *m, uint64_t pfn);
 int cdm_pfn_owner(struct cdm_machine *m, uint64_t pfn, uint32_t *region, uint64_t *page);
 
 struct cdm_region *cdm_region_new(struct cdm_machine *m, uint32_t id);
-/* Sets the region's size in pages; shrinking frees the pages beyond, the last
- * first (the free stack then hands their frames out in address order).  0 or -ENOMEM. */
+/*
+ * Sets the region's size in bytes (truncate(2)): npages becomes size rounded
+ * up to pages; shrinking frees the pages beyond, the last first (the free
+ * stack then hands their frames out in address order).  In the same hold of
+ * the mutex, the bytes of the page the end cuts in two that lie past the end
+ * (shrinking) or past the old end (growing) are zeroed, so that the file
+ * reads zero there whatever was written past its end (a device kernel runs
+ * on whole pages).  A page in device-private memory is zeroed there, the
+ * frame being the device's memory: it reads zero when it comes back.  A
+ * poisoned page stays poisoned (it has no frame), an absent page or a
+ * migration's placeholder is zero already.  Returns 0, or changing nothing:
+ *   -EINVAL  more than CDM_REGION_MAX_PAGES pages
+ *   -ENOMEM  the host refused the larger page table
+ *   -EAGAIN  the page to zero is locked by a migration, whose copy of it may
+ *            be taken already: wait for the migration, then retry (truncate
+ *            waits on the folio lock a migration holds likewise)
+ */
+int cdm_region_truncate(struct cdm_machine *m, struct cdm_region *r, uint64_t size);
+/* cdm_region_truncate() to npages whole pages. */
 int cdm_region_resize(struct cdm_machine *m, struct cdm_region *r, uint64_t npages);
 /* Frees every page and the region itself. */
 void cdm_region_free(struct cdm_machine *m, struct cdm_region *r);
@@ -477,8 +499,9 @@ int cdm_region_pin(struct cdm_machine *m, struct cdm_region *r, uint64_t first, 
  *    PFN only) or a migration's placeholder; no entry is LOCKED and
  *    MIGRATING at once;
  *  - every frame with an owner is the frame of the page its owner names;
- *  - per region: resident[], nr_pinned, nr_poisoned; per pool: nr_mapped,
- *    nr_dirty, nr_pinned, equal to the counts over the page tables;
+ *  - per region: npages is size rounded up to pages; resident[], nr_pinned,
+ *    nr_poisoned; per pool: nr_mapped, nr_dirty, nr_pinned, equal to the
+ *    counts over the page tables;
  *  - the populated index never hides a non-zero entry: its chunk is marked
  *    and the chunk's bitmap word has its summary bit.
  * Migrations may be in flight: their LOCKED/MIGRATING entries are checked as

@@ -293,6 +293,9 @@ static int check_region(struct check *c, struct cdm_machine *m, struct cdm_regio
 {
     if (r->npages > r->cap)
         return fail(c, "region %u npages %" PRIu64 " beyond cap %" PRIu64, r->id, r->npages, r->cap);
+    if (r->npages != (r->size >> CDM_PAGE_SHIFT) + ((r->size & (PAGE - 1)) != 0))
+        return fail(c, "region %u npages %" PRIu64 " is not its size %" PRIu64 " in pages",
+                    r->id, r->npages, r->size);
     struct region_scan s = {.c = c, .m = m, .r = r, .seen = seen};
     if (r->cap) {
         each_backed_page(r->chunks, ((r->cap >> CHUNK_SHIFT) + 63) / 64 * sizeof(uint64_t),

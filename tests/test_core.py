@@ -489,6 +489,85 @@ def test_region_resize_grow_shrink(mach):
     assert mach.pool(a).nr_dirty == 0 and mach.pool(b).nr_dirty == 0
 
 
+def test_truncate_zeroes_the_page_the_end_cuts(mach):
+    """cdm_region_truncate takes bytes: the page the new end cuts reads zero
+    past it, and growing zeroes past the old end too (a device kernel writes
+    whole pages, past the end); a page in device-private memory is zeroed
+    there, a poisoned one stays poisoned, an untouched one stays untouched."""
+    a = mach.add_pool(16)
+    g = mach.add_pool(16, flags=lib.CDM_POOL_PRIVATE)
+    r = mach.region(4)
+    plan = simple_plan(a)
+    data = pattern(31, 4 * PAGE)
+    mach.write(r, 0, data, plan)
+    assert lib.cdm_region_truncate(mach.m, r, 3 * PAGE + 100) == 0
+    assert (r.npages, r.size) == (4, 3 * PAGE + 100)
+    tail = pfn_of(mach.ptes(r, 3, 1)[0])
+    assert mach.frame(tail) == data[3 * PAGE:3 * PAGE + 100] + bytes(PAGE - 100)
+    # Written past the end (as a device does), then grown: zero past the old end.
+    mach.fill(tail, b"\xff" * PAGE)
+    assert lib.cdm_region_truncate(mach.m, r, 3 * PAGE + 200) == 0
+    assert mach.frame(tail) == b"\xff" * 100 + bytes(PAGE - 100)
+    assert lib.cdm_region_truncate(mach.m, r, 6 * PAGE) == 0
+    assert mach.read(r, 3 * PAGE, PAGE) == b"\xff" * 100 + bytes(PAGE - 100)
+    # A whole-page size zeroes nothing.
+    before = mach.read(r, 0, 3 * PAGE)
+    assert lib.cdm_region_truncate(mach.m, r, 3 * PAGE) == 0
+    assert mach.read(r, 0, 3 * PAGE) == before == data[:3 * PAGE]
+    # Device-private: the device's memory holds the page, and is zeroed.
+    assert mach.migrate(r, 2, 1, g)["moved"] == 1
+    private = mach.ptes(r, 2, 1)[0]
+    assert private & lib.CDM_PTE_PRIVATE
+    assert lib.cdm_region_truncate(mach.m, r, 2 * PAGE + 10) == 0
+    assert mach.ptes(r, 2, 1)[0] == private
+    assert mach.frame(pfn_of(private)) == data[2 * PAGE:2 * PAGE + 10] + bytes(PAGE - 10)
+    assert mach.migrate(r, 2, 1, a)["moved"] == 1
+    assert mach.read(r, 2 * PAGE, PAGE) == data[2 * PAGE:2 * PAGE + 10] + bytes(PAGE - 10)
+    # Poisoned: no frame to zero, the page stays poisoned.
+    pte = mach.ptes(r, 2, 1)[0]
+    assert lib.cdm_page_poison(mach.m, r, 2, pfn_of(pte)) == 0
+    assert lib.cdm_region_truncate(mach.m, r, 2 * PAGE + 5) == 0
+    assert mach.ptes(r, 2, 1)[0] & lib.CDM_PTE_POISONED and r.nr_poisoned == 1
+    assert mach.rw(r, 2 * PAGE, 1)[0] == -errno.EIO
+    # Untouched: stays absent.
+    assert lib.cdm_region_truncate(mach.m, r, 2 * PAGE) == 0
+    assert lib.cdm_region_truncate(mach.m, r, 4 * PAGE + 7) == 0
+    assert lib.cdm_region_truncate(mach.m, r, 4 * PAGE + 3) == 0
+    assert mach.ptes(r, 2, 3) == [0, 0, 0]
+    assert mach.read(r, 0, 2 * PAGE) == data[:2 * PAGE]
+    assert mach.check() == ""
+
+
+def test_truncate_waits_for_a_locked_tail_page(mach):
+    """The page to zero is locked by a migration whose copy may be taken:
+    -EAGAIN and nothing changed.  A collected page not locked yet is zeroed
+    where it is, and the migration then copies the zeros."""
+    a = mach.add_pool(16)
+    c = mach.add_pool(16)
+    r = mach.region(3)
+    data = pattern(32, 3 * PAGE)
+    mach.write(r, 0, data, simple_plan(a))
+    before = mach.ptes(r)
+
+    def shrink_locked():
+        assert lib.cdm_region_truncate(mach.m, r, 2 * PAGE + 100) == -errno.EAGAIN
+        assert (r.npages, r.size) == (3, 3 * PAGE)
+        assert mach.frame(pfn_of(before[2])) == data[2 * PAGE:]
+
+    s = mach.migrate(r, 2, 1, c, after_lock=shrink_locked)
+    assert s["moved"] == 1
+    assert mach.read(r, 0, 3 * PAGE) == data
+
+    def shrink_collected():
+        assert lib.cdm_region_truncate(mach.m, r, 2 * PAGE + 100) == 0
+
+    s = mach.migrate(r, 2, 1, a, between=shrink_collected)
+    assert s["moved"] == 1 and pool_of(mach.ptes(r, 2, 1)[0]) == a
+    assert mach.read(r, 2 * PAGE, PAGE) == data[2 * PAGE:2 * PAGE + 100] + bytes(PAGE - 100)
+    assert_no_transient_bits(mach, r)
+    assert mach.check() == ""
+
+
 def test_region_free_releases_everything(mach):
     a = mach.add_pool(16)
     r = lib.cdm_region_new(mach.m, 3)

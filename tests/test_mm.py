@@ -88,3 +88,59 @@ def test_region_ids_are_reused_and_bounded():
         assert e.errno == errno.ENOSPC
     else:
         raise AssertionError("a region past the reverse map's reach was created")
+
+
+# ------------------------------------------------------------- truncation
+
+
+async def test_grown_tail_reads_zero_after_a_device_write_past_the_end():
+    """A device kernel runs on whole pages, so it writes the bytes of the last
+    page past the end of the file; growing the file again must show zeros
+    there, as a CPU write past the end never would."""
+    m, regions, devices, _ = machine()
+    r = regions.create("r")
+    r.resize(3 * PAGE)
+    await r.writeback(0, b"\xaa" * (3 * PAGE), os.getpid())
+    r.resize(2 * PAGE + 100)                        # shrink: the tail goes to zero
+    assert bytes(await r.fault(2 * PAGE, PAGE, os.getpid())) == b"\xaa" * 100
+    await devices["gpu0"].access(r, 2, 1, "write", 0xff)
+    r.resize(3 * PAGE)                              # grow: past the old end reads zero
+    tail = bytes(await r.fault(2 * PAGE, PAGE, os.getpid()))
+    assert tail == b"\xff" * 100 + bytes(PAGE - 100)
+    assert m.check() == ""
+
+
+async def test_shrink_waits_for_a_migration_holding_the_tail_page():
+    """The page a shrink cuts in two must read zero past the new end.  While
+    a migration holds it locked, its copy may be taken already, so zeroing
+    the old frame would be lost when the migration installs the copy: the
+    shrink waits for the page (EAGAIN in the core) instead."""
+    from cdmfs._core import ffi, lib
+    m, regions, _, _ = machine()
+    r = regions.create("r")
+    r.resize(3 * PAGE)
+    await r.writeback(0, b"\xaa" * (3 * PAGE), os.getpid())
+    target = m.target("gpu0").pool
+    src, dst, st = ffi.new("uint64_t[1]"), ffi.new("uint64_t[1]"), ffi.new("int32_t[1]")
+    assert lib.cdm_migrate_collect(m.core, r.core, 2, 1, target, 0, 0, src, st) == 1
+    assert lib.cdm_migrate_lock(m.core, r.core, 2, 1, st) == 1
+    assert lib.cdm_migrate_alloc(m.core, target, 1, st, dst) == 1
+    lib.cdm_migrate_copy(m.core, 1, st, src, dst)
+    try:
+        r.resize(2 * PAGE + 100)
+        shrunk = True
+    except OSError as e:
+        assert e.errno == errno.EAGAIN
+        shrunk = False
+    finalize = getattr(lib, "cdm_migrate_finalize")
+    try:
+        assert finalize(m.core, r.core, 2, 1, dst, st) == 1
+    except TypeError:       # with the target to check the frame against
+        assert finalize(m.core, r.core, 2, 1, target, dst, st) == 1
+    r.wake_waiters()
+    if not shrunk:
+        r.resize(2 * PAGE + 100)
+    r.resize(3 * PAGE)
+    await migrate_range(m, r, 0, 3, m.node_target(0))
+    assert bytes(await r.fault(0, 3 * PAGE, os.getpid())) == b"\xaa" * (2 * PAGE + 100) + bytes(PAGE - 100)
+    assert m.check() == ""

@@ -89,7 +89,9 @@ class Region:
 
     @property
     def npages(self) -> int:
-        return self.core.npages
+        """Pages of the file: its size rounded up.  Kept from the size Python
+        set, not read from the native region outside its lock."""
+        return -(-self.size // PAGE_SIZE)
 
     # -------------------------------------------------------------- lifetime
 
@@ -201,7 +203,7 @@ class Region:
         """A FUSE WRITE: write-back of dirty CPU pages, or write()."""
         if off + len(data) > self.size:
             # write() past the end grows the file, as on tmpfs.
-            self.resize(off + len(data))
+            await self.truncate(off + len(data))
         await self._rw(off, len(data), ffi.from_buffer(data), 1, pid)
         self.writebacks += 1
         return len(data)
@@ -259,7 +261,9 @@ class Region:
     # -------------------------------------------------------------- size
 
     def resize(self, size: int) -> None:
-        """truncate(2): grows with zero pages, shrinking frees pages."""
+        """truncate(2): grows with zero pages, shrinking frees pages; the page
+        the end cuts reads zero past it.  EAGAIN, changing nothing, while a
+        migration holds that page locked (see ``truncate``, which waits)."""
         if size < 0 or size > MAX_REGION_SIZE:
             raise OSError(errno.EINVAL, f"size must be 0..{MAX_REGION_SIZE}")
         if self.removed:
@@ -268,30 +272,32 @@ class Region:
             self.machine.regions.may_grow(self, size)
         # A shrink during a migration is allowed, as truncate(2) is: the
         # migration's lock and finalize steps skip the pages that went away
-        # (-ENOENT) and give their target frames back.
-        npages = (size + PAGE_SIZE - 1) // PAGE_SIZE
-        if npages < self.npages and size % PAGE_SIZE:
-            # The page that stays partly must read as zero past the new end.
-            tail = bytes(PAGE_SIZE - size % PAGE_SIZE)
-            self._zero_tail(size, tail)
+        # (-ENOENT) and give their target frames back.  The zeroing of the
+        # page the end cuts happens in the core, under its lock, in the call.
         old = self.npages
-        rc = lib.cdm_region_resize(self.machine.core, self.core, npages)
+        rc = lib.cdm_region_truncate(self.machine.core, self.core, size)
         if rc:
-            raise OSError(-rc, "cannot resize the page table")
+            raise OSError(-rc, "cannot resize the page table" if rc == -errno.ENOMEM
+                          else f"cannot resize: {errno.errorcode.get(-rc, rc)}")
+        self.size = size
+        npages = self.npages
         if npages < old:
             self.machine.invalidate_devices(self, npages, old - npages)
             if self.ranges:
                 # mbind ranges stay inside the file.
                 self.set_range_policy(npages, max(old, self.ranges[-1][1]), None)
-        self.size = size
 
-    def _zero_tail(self, size: int, tail: bytes) -> None:
-        ptes = ffi.new("uint64_t[1]")
-        lib.cdm_region_ptes(self.machine.core, self.core, size // PAGE_SIZE, 1, ptes)
-        if ptes[0] & lib.CDM_PTE_PRESENT and not ptes[0] & lib.CDM_PTE_POISONED:
-            addr = lib.cdm_pfn_addr(self.machine.core, ptes[0] & lib.CDM_PTE_PFN_MASK)
-            ffi.memmove(addr + size % PAGE_SIZE, tail, len(tail))
-
+    async def truncate(self, size: int) -> None:
+        """``resize``, waiting for a migration that holds the page the new
+        end cuts (truncate(2) waits on a folio a migration has locked)."""
+        while True:
+            try:
+                self.resize(size)
+                return
+            except OSError as e:
+                if e.errno != errno.EAGAIN:
+                    raise
+            await self.wait_unlocked()
 
     # -------------------------------------------------------------- mbind
 
