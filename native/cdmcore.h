@@ -19,10 +19,11 @@
  * their bytes, page tables) runs under the machine's mutex, and so does every
  * write of a frame's bytes, migration copies included; no state is kept per
  * thread.  Any thread may call any entry point (cffi releases the GIL around
- * every call); calls serialise on the mutex.  Only a pool's geometry (base,
- * base_pfn, npages), fixed when it is added, is read without it.  What the
- * caller reaches through the structs directly (cdm_pfn_addr(), struct fields)
- * is outside the lock.
+ * every call); calls serialise on the mutex.  The number of pools is read
+ * under it too (a lookup by PFN, a pool index passed in), since another
+ * thread may be adding one.  What the caller reaches through the structs
+ * directly (the bytes at cdm_pfn_addr(), struct fields) is outside the lock:
+ * for tests that look inside.
  *
  * The code is cut as the kernel's mm tree: page_alloc.c (pools, frames),
  * pagetable.c (page tables, gather/scatter, walks, introspection), migrate.c,
@@ -197,7 +198,10 @@ uint64_t cdm_pool_free_pages(struct cdm_machine *m, int pool);
 /* Fault injection: the next n allocations from the pool fail (a device's
  * inject fail_alloc N); under the lock, as every change of a pool. */
 void cdm_pool_fail_alloc(struct cdm_machine *m, int pool, uint64_t n);
-/* Allocates n frames of a pool (PFNs into out); all or none.  Returns 0 or -ENOMEM. */
+/* Allocates n frames of a pool (PFNs into out); all or none.  Returns 0,
+ * -ENOMEM, or -EINVAL if there is no such pool.  A pool index passed to any
+ * entry point is checked under the mutex: an unknown one is -EINVAL where
+ * the call returns an error, else it changes nothing (free pages: 0). */
 int cdm_pool_alloc(struct cdm_machine *m, int pool, uint64_t n, uint64_t *out);
 /* Frees frames given by global PFN; frames outside every pool or not in use
  * are ignored. */
@@ -302,7 +306,8 @@ void cdm_region_uncache(struct cdm_machine *m, struct cdm_region *r, uint64_t fi
  * lock     — after the invalidation: pages the CPU touched again meanwhile are
  *            skipped (-EBUSY); the others become LOCKED (accesses wait).
  * alloc    — target frames for every CDM_MIG_MOVE/ALLOC page into dst[i];
- *            a page that gets none is skipped with -ENOMEM.
+ *            a page that gets none is skipped with -ENOMEM (-EINVAL: no
+ *            pool target).
  * copy     — src -> dst for every moving page, under the mutex (other calls
  *            wait for the batch; the GIL is released meanwhile).
  * finalize — moving pages take their new entry, sources are freed, every

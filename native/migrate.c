@@ -113,13 +113,17 @@ int64_t cdm_migrate_lock_src(struct cdm_machine *m, struct cdm_region *r, uint64
 int64_t cdm_migrate_alloc(struct cdm_machine *m, int target, uint64_t n,
                           int32_t *status, uint64_t *dst)
 {
-    struct cdm_pool *p = &m->pools[target];
     int64_t got = 0;
     machine_lock(m);
+    struct cdm_pool *p = pool_valid(m, target) ? &m->pools[target] : NULL;
     for (uint64_t k = 0; k < n; k++) {
         dst[k] = 0;
         if (status[k] != CDM_MIG_MOVE && status[k] != CDM_MIG_ALLOC)
             continue;
+        if (!p) {
+            status[k] = -EINVAL;    /* no such pool */
+            continue;
+        }
         int64_t f = frame_alloc(m, p, status[k] == CDM_MIG_ALLOC);
         if (f < 0) {
             status[k] = -ENOMEM;
@@ -139,8 +143,8 @@ void cdm_copy_frames(struct cdm_machine *m, const uint64_t *src, const uint64_t 
     for (uint64_t k = 0; k < n; k++) {
         if (!src[k] || !dst[k])
             continue;
-        uint8_t *s = cdm_pfn_addr(m, src[k]);
-        uint8_t *d = cdm_pfn_addr(m, dst[k]);
+        uint8_t *s = pfn_addr(m, src[k]);
+        uint8_t *d = pfn_addr(m, dst[k]);
         if (s && d)
             memcpy(d, s, PAGE);
     }
@@ -190,7 +194,7 @@ void cdm_migrate_copy(struct cdm_machine *m, uint64_t n, const int32_t *status,
                && pte_pool(src[k + run]) == pte_pool(src[k])
                && dst[k + run] == dst[k] + run)
             run++;
-        copy_frames(cdm_pfn_addr(m, dst[k]), frame_addr(m, src[k]), run * PAGE);
+        copy_frames(pfn_addr(m, dst[k]), frame_addr(m, src[k]), run * PAGE);
         k += run;
     }
     machine_unlock(m);
@@ -222,7 +226,7 @@ int64_t cdm_migrate_finalize(struct cdm_machine *m, struct cdm_region *r, uint64
             continue;
         }
         uint64_t old = i < r->npages ? r->pte[i] : 0;
-        int tpool = cdm_pfn_pool(m, dst[k]);
+        int tpool = pfn_pool(m, dst[k]);
         struct cdm_pool *tp = &m->pools[tpool];
         tp->nr_held--;      /* the target gets its page, or is freed */
         if (!(old & CDM_PTE_LOCKED)) {
@@ -261,7 +265,7 @@ void cdm_migrate_abort(struct cdm_machine *m, struct cdm_region *r, uint64_t fir
             continue;
         uint64_t i = first + k;
         if (dst && dst[k]) {
-            int tpool = cdm_pfn_pool(m, dst[k]);
+            int tpool = pfn_pool(m, dst[k]);
             if (tpool >= 0) {
                 m->pools[tpool].nr_held--;
                 frame_free(m, &m->pools[tpool], dst[k] - m->pools[tpool].base_pfn);
