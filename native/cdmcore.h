@@ -23,7 +23,8 @@
  * under it too (a lookup by PFN, a pool index passed in), since another
  * thread may be adding one.  What the caller reaches through the structs
  * directly (the bytes at cdm_pfn_addr(), struct fields) is outside the lock:
- * for tests that look inside.
+ * for tests that look inside; cdmfs reads pools and regions through the
+ * snapshot accessors (cdm_pool_snapshot, cdm_region_snapshot).
  *
  * The code is cut as the kernel's mm tree: page_alloc.c (pools, frames),
  * pagetable.c (page tables, gather/scatter, walks, introspection), migrate.c,
@@ -189,12 +190,36 @@ struct cdm_rw_result {
 #define CDM_MIG_THERE 2         /* already on the target */
 #define CDM_MIG_DONE 3          /* finalize: moved */
 
+/*
+ * Snapshots: what a pool or a region counts, copied under the mutex in one
+ * call, so that the numbers of one file agree with each other and a sysfs
+ * read (meminfo, vmstat, numastat of a node; a region's stat) costs one call
+ * whatever it shows.
+ */
+struct cdm_pool_stats {
+    uint64_t base_pfn;      /* geometry, as added */
+    uint64_t npages;
+    uint64_t nr_free;       /* npages - nr_used - nr_retired (cdm_pool_free_pages) */
+    uint64_t nr_used, nr_retired, nr_mapped, nr_dirty, nr_pinned, nr_held;
+    uint64_t counters[CDM_NR_COUNTERS];
+    int flags;              /* CDM_POOL_* */
+};
+
+struct cdm_region_stats {
+    uint64_t size;          /* bytes */
+    uint64_t npages;
+    uint64_t nr_pinned, nr_poisoned;
+    uint64_t resident[CDM_MAX_POOLS];   /* pages per pool */
+};
+
 struct cdm_machine *cdm_machine_new(void);
 void cdm_machine_free(struct cdm_machine *m);
 
 /* Adds a pool of npages frames starting at base_pfn; returns its index or -errno. */
 int cdm_pool_add(struct cdm_machine *m, uint64_t base_pfn, uint64_t npages, int flags);
 uint64_t cdm_pool_free_pages(struct cdm_machine *m, int pool);
+/* A pool's snapshot into out: 0, or -EINVAL (no such pool, out untouched). */
+int cdm_pool_snapshot(struct cdm_machine *m, int pool, struct cdm_pool_stats *out);
 /* Fault injection: the next n allocations from the pool fail (a device's
  * inject fail_alloc N); under the lock, as every change of a pool. */
 void cdm_pool_fail_alloc(struct cdm_machine *m, int pool, uint64_t n);
@@ -238,6 +263,8 @@ struct cdm_region *cdm_region_new(struct cdm_machine *m, uint32_t id);
 int cdm_region_truncate(struct cdm_machine *m, struct cdm_region *r, uint64_t size);
 /* cdm_region_truncate() to npages whole pages. */
 int cdm_region_resize(struct cdm_machine *m, struct cdm_region *r, uint64_t npages);
+/* A region's snapshot into out. */
+void cdm_region_snapshot(struct cdm_machine *m, struct cdm_region *r, struct cdm_region_stats *out);
 /* Frees every page and the region itself. */
 void cdm_region_free(struct cdm_machine *m, struct cdm_region *r);
 /* Copies n entries of the page table from first (a consistent snapshot). */

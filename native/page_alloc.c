@@ -86,6 +86,29 @@ uint64_t cdm_pool_free_pages(struct cdm_machine *m, int pool)
     return n;
 }
 
+int cdm_pool_snapshot(struct cdm_machine *m, int pool, struct cdm_pool_stats *out)
+{
+    machine_lock(m);
+    if (!pool_valid(m, pool)) {
+        machine_unlock(m);
+        return -EINVAL;
+    }
+    const struct cdm_pool *p = &m->pools[pool];
+    out->base_pfn = p->base_pfn;
+    out->npages = p->npages;
+    out->nr_free = p->npages - p->nr_used - p->nr_retired;
+    out->nr_used = p->nr_used;
+    out->nr_retired = p->nr_retired;
+    out->nr_mapped = p->nr_mapped;
+    out->nr_dirty = p->nr_dirty;
+    out->nr_pinned = p->nr_pinned;
+    out->nr_held = p->nr_held;
+    memcpy(out->counters, p->counters, sizeof(out->counters));
+    out->flags = p->flags;
+    machine_unlock(m);
+    return 0;
+}
+
 void cdm_pool_fail_alloc(struct cdm_machine *m, int pool, uint64_t n)
 {
     machine_lock(m);

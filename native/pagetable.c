@@ -267,6 +267,17 @@ int cdm_region_resize(struct cdm_machine *m, struct cdm_region *r, uint64_t npag
     return cdm_region_truncate(m, r, npages << CDM_PAGE_SHIFT);
 }
 
+void cdm_region_snapshot(struct cdm_machine *m, struct cdm_region *r, struct cdm_region_stats *out)
+{
+    machine_lock(m);
+    out->size = r->size;
+    out->npages = r->npages;
+    out->nr_pinned = r->nr_pinned;
+    out->nr_poisoned = r->nr_poisoned;
+    memcpy(out->resident, r->resident, sizeof(out->resident));
+    machine_unlock(m);
+}
+
 void cdm_region_free(struct cdm_machine *m, struct cdm_region *r)
 {
     cdm_region_resize(m, r, 0);

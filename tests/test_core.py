@@ -270,6 +270,42 @@ def test_terabyte_pool_is_sparse(mach):
     assert vm_rss_kib() - before < 100 * 1024
 
 
+def test_snapshots_copy_what_the_structs_count(mach):
+    """cdm_pool_snapshot and cdm_region_snapshot: the counters of the live
+    structs, copied under the lock; an unknown pool is -EINVAL."""
+    a = mach.add_pool(32, base=0x3000)
+    g = mach.add_pool(16, flags=lib.CDM_POOL_PRIVATE, base=0x5000)
+    r = mach.region(8)
+    mach.write(r, 0, pattern(41, 6 * PAGE), simple_plan(a))
+    mach.read(r, 0, 2 * PAGE, mark_cpu=1)
+    assert mach.migrate(r, 4, 2, g)["moved"] == 2
+    res = ffi.new("struct cdm_rw_result *")
+    assert lib.cdm_region_pin(mach.m, r, 0, 1, 1, 0, res) == 0
+    assert lib.cdm_page_poison(mach.m, r, 3, pfn_of(mach.ptes(r, 3, 1)[0])) == 0
+    assert lib.cdm_region_truncate(mach.m, r, 7 * PAGE + 1) == 0
+    ps = ffi.new("struct cdm_pool_stats *")
+    for i in (a, g):
+        assert lib.cdm_pool_snapshot(mach.m, i, ps) == 0
+        p = mach.pool(i)
+        assert (ps.base_pfn, ps.npages, ps.flags) == (p.base_pfn, p.npages, p.flags)
+        assert (ps.nr_used, ps.nr_retired, ps.nr_mapped, ps.nr_dirty, ps.nr_pinned, ps.nr_held) == \
+            (p.nr_used, p.nr_retired, p.nr_mapped, p.nr_dirty, p.nr_pinned, p.nr_held)
+        assert ps.nr_free == mach.free(i)
+        assert list(ps.counters) == [p.counters[c] for c in ALL_COUNTERS]
+    assert lib.cdm_pool_snapshot(mach.m, a, ps) == 0
+    assert (ps.nr_used, ps.nr_retired, ps.nr_mapped, ps.nr_pinned) == (3, 1, 2, 1)
+    rs = ffi.new("struct cdm_region_stats *")
+    lib.cdm_region_snapshot(mach.m, r, rs)
+    assert (rs.size, rs.npages, rs.nr_pinned, rs.nr_poisoned) == (7 * PAGE + 1, 8, 1, 1)
+    assert list(rs.resident) == list(r.resident)
+    assert (rs.resident[a], rs.resident[g]) == (3, 2)
+    for bad in (-1, 2, MAXP):
+        ps.nr_used = 12345
+        assert lib.cdm_pool_snapshot(mach.m, bad, ps) == -errno.EINVAL
+        assert ps.nr_used == 12345
+    assert lib.cdm_region_pin(mach.m, r, 0, 1, 0, 0, res) == 0
+
+
 def test_pool_add_rejects_bad_ranges(mach):
     a = mach.add_pool(100, base=1000)
     assert lib.cdm_pool_add(mach.m, 2000, 0, 0) == -errno.EINVAL

@@ -144,3 +144,57 @@ async def test_shrink_waits_for_a_migration_holding_the_tail_page():
     await migrate_range(m, r, 0, 3, m.node_target(0))
     assert bytes(await r.fault(0, 3 * PAGE, os.getpid())) == b"\xaa" * (2 * PAGE + 100) + bytes(PAGE - 100)
     assert m.check() == ""
+
+
+# ----------------------------------------------------- locked snapshots
+
+
+class CountingLib:
+    """Stands in for cdmfs._core.lib in a module, counting native calls."""
+
+    def __init__(self, lib):
+        self._lib = lib
+        self.calls: list[str] = []
+
+    def __getattr__(self, name):
+        value = getattr(self._lib, name)
+        if callable(value):
+            def call(*args, _name=name, _fn=value):
+                self.calls.append(_name)
+                return _fn(*args)
+            return call
+        return value
+
+
+def test_sysfs_reads_are_one_snapshot_each(monkeypatch):
+    """meminfo, vmstat and numastat of a node and a region's stat read the
+    core through one locked snapshot each, not a struct field at a time."""
+    from cdmfs.fs.sysfs import node as sysfs_node
+    from cdmfs.mm import machine as mm_machine, region as mm_region
+    m, regions, _, _ = machine()
+    r = regions.create("r")
+    r.resize(8 * PAGE)
+    counting = CountingLib(mm_machine.lib)
+    monkeypatch.setattr(mm_machine, "lib", counting)
+    monkeypatch.setattr(mm_region, "lib", counting)
+    monkeypatch.setattr(sysfs_node, "lib", counting)
+    for show in (sysfs_node.node_meminfo, sysfs_node.node_vmstat, sysfs_node.node_numastat):
+        counting.calls.clear()
+        assert show(m, 0)
+        assert counting.calls == ["cdm_pool_snapshot"], (show.__name__, counting.calls)
+    counting.calls.clear()
+    assert dict(r.stat())["pages"] == 8
+    assert counting.calls == ["cdm_region_snapshot"]
+
+
+def test_cdmfs_reads_no_native_struct_directly():
+    """Every read of pools and regions goes through a locked accessor: no
+    field of the live structs is read from Python (tests may look inside)."""
+    import pathlib
+    import re
+    root = pathlib.Path(__file__).resolve().parent.parent / "cdmfs"
+    live = re.compile(r"core\.(pools|npages|size|resident|nr_\w+|pte|cap)\b|\.counters\[")
+    found = [f"{path.relative_to(root)}:{k + 1}: {line.strip()}"
+             for path in root.rglob("*.py")
+             for k, line in enumerate(path.read_text().splitlines()) if live.search(line)]
+    assert not found, "\n".join(found)

@@ -119,6 +119,14 @@ class Region:
             raise OSError(errno.ENOENT, f"region {self.name} was removed")
         return self._core
 
+    def snapshot(self):
+        """A snapshot of the native region (struct cdm_region_stats: size,
+        pages per pool, pinned and poisoned counts), copied under the core's
+        lock in one call."""
+        out = ffi.new("struct cdm_region_stats *")
+        lib.cdm_region_snapshot(self.machine.core, self.core, out)
+        return out
+
     @contextlib.contextmanager
     def hold(self) -> Iterator["Region"]:
         """A reference for the duration of an operation."""
@@ -443,17 +451,18 @@ class Region:
     def stat(self) -> list[tuple[str, object]]:
         """The ``stat`` file: SPEC §6."""
         m = self.machine
+        s = self.snapshot()         # one native call for the whole file
         items: list[tuple[str, object]] = [("size", self.size), ("pages", self.npages)]
-        items += [(f"N{nid}", self.core.resident[n.pool]) for nid, n in m.nodes.items()]
-        items += [(f"private:{name}", self.core.resident[p.pool]) for name, p in m.private.items()]
+        items += [(f"N{nid}", s.resident[n.pool]) for nid, n in m.nodes.items()]
+        items += [(f"private:{name}", s.resident[p.pool]) for name, p in m.private.items()]
         items += [
             ("cpu_faults", self.cpu_faults),
             ("device_faults", self.device_faults),
             ("migrated_pages", self.migrated_pages),
             ("invalidations", self.invalidations),
             ("writebacks", self.writebacks),
-            ("pinned", self.core.nr_pinned),
-            ("poisoned", self.core.nr_poisoned),
+            ("pinned", s.nr_pinned),
+            ("poisoned", s.nr_poisoned),
         ]
         return items
 

@@ -8,7 +8,9 @@
  * -fsanitize=thread); ThreadSanitizer prints a report for every data race it
  * sees.  Thread A adds pools; the main thread looks PFNs of those pools up
  * (census, owner, retire/unretire, lookups), which read the number of pools
- * and the pools it counts: they must do so under the machine's mutex.
+ * and the pools it counts: they must do so under the machine's mutex.  Then
+ * thread B writes, truncates and grows a region while the main thread takes
+ * snapshots of its pool and of the region, as sysfs reads do.
  * Prints "found N" (lookups that found their pool) and exits 0.
  */
 #include "cdmcore.h"
@@ -30,6 +32,27 @@ static void *adder(void *arg)
     return NULL;
 }
 
+static struct cdm_region *region;
+
+static void *writer(void *arg)
+{
+    int32_t table[1] = {0}, fallback[CDM_MAX_POOLS * CDM_MAX_POOLS];
+    for (int k = 0; k < CDM_MAX_POOLS * CDM_MAX_POOLS; k++)
+        fallback[k] = -1;
+    fallback[0] = 0;
+    struct cdm_plan plan = {.local = 0, .ntable = 1, .table = table, .fallback = fallback};
+    struct cdm_rw_result res;
+    static uint8_t buf[16 * 4096];
+    (void)arg;
+    for (int k = 0; k < 2000; k++) {
+        buf[k % sizeof(buf)] = (uint8_t)k;
+        cdm_region_truncate(m, region, sizeof(buf));
+        cdm_region_rw(m, region, 0, sizeof(buf), buf, 1, 1, &plan, &res);
+        cdm_region_truncate(m, region, 3 * 4096 + 100);
+    }
+    return NULL;
+}
+
 int main(void)
 {
     m = cdm_machine_new();
@@ -48,6 +71,21 @@ int main(void)
         cdm_pool_free_pages(m, k % POOLS);
     }
     pthread_join(t, NULL);
+
+    region = cdm_region_new(m, 0);
+    pthread_create(&t, NULL, writer, NULL);
+    struct cdm_pool_stats ps;
+    struct cdm_region_stats rs;
+    for (int k = 0; k < 20000; k++) {
+        cdm_pool_snapshot(m, 0, &ps);
+        cdm_region_snapshot(m, region, &rs);
+        /* Each snapshot agrees with itself (two calls need not agree). */
+        if (ps.nr_free + ps.nr_used + ps.nr_retired != ps.npages
+            || rs.npages != (rs.size + 4095) / 4096 || rs.resident[0] > rs.npages)
+            printf("inconsistent snapshot\n");
+    }
+    pthread_join(t, NULL);
+    cdm_region_free(m, region);
     printf("found %llu\n", (unsigned long long)found);
     cdm_machine_free(m);
     return 0;
