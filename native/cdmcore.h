@@ -336,9 +336,18 @@ void cdm_region_uncache(struct cdm_machine *m, struct cdm_region *r, uint64_t fi
  *            a page that gets none is skipped with -ENOMEM (-EINVAL: no
  *            pool target).
  * copy     — src -> dst for every moving page, under the mutex (other calls
- *            wait for the batch; the GIL is released meanwhile).
+ *            wait for the batch; the GIL is released meanwhile).  A dst that
+ *            is not a frame the migration holds (handed out, no owner) or a
+ *            src that names no frame is not copied: finalize fails its page.
  * finalize — moving pages take their new entry, sources are freed, every
- *            page is unlocked; status becomes CDM_MIG_DONE.  Returns pages moved.
+ *            page is unlocked; status becomes CDM_MIG_DONE.  Every dst is
+ *            checked first: it must be a frame of pool target that the
+ *            migration holds (handed out by cdm_migrate_alloc, owned by no
+ *            page).  Otherwise (outside every pool or target, free, a page's,
+ *            the same frame as a later page's dst) the page stays where it
+ *            is, unlocked, with -EINVAL; a held frame of another pool goes
+ *            back to its pool, any other is left alone.  Returns pages moved.
+ *            abort frees only held frames likewise.
  */
 #define CDM_COLLECT_ALLOC_ABSENT 1  /* untouched pages are allocated on the target */
 #define CDM_COLLECT_TAKEOVER 2      /* take pages another migration collected but has not
@@ -357,7 +366,7 @@ int64_t cdm_migrate_alloc(struct cdm_machine *m, int target, uint64_t n,
 void cdm_migrate_copy(struct cdm_machine *m, uint64_t n, const int32_t *status,
                       const uint64_t *src, const uint64_t *dst);
 int64_t cdm_migrate_finalize(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
-                             uint64_t n, const uint64_t *dst, int32_t *status);
+                             uint64_t n, int target, const uint64_t *dst, int32_t *status);
 
 /* Undoes a migration between collect and finalize (an error, a cancellation):
  * collected pages are unlocked where they are, target frames in dst (may be

@@ -202,7 +202,7 @@ class Machine:
         steps["alloc"] = list(st)
         steps["dst"] = list(dst)
         lib.cdm_migrate_copy(self.m, n, st, src, dst)
-        steps["moved"] = lib.cdm_migrate_finalize(self.m, r, first, n, dst, st)
+        steps["moved"] = lib.cdm_migrate_finalize(self.m, r, first, n, target, dst, st)
         steps["final"] = list(st)
         return steps
 
@@ -1054,6 +1054,67 @@ def test_migrate_target_fills_up(mach):
     assert mach.read(r2, 0, 2 * PAGE, simple_plan(a)) == bytes(2 * PAGE)
 
 
+@pytest.mark.parametrize("bad", ["free", "owned", "owned_on_target", "outside", "duplicate",
+                                 "other_pool", "wrong_target"])
+def test_finalize_rejects_bad_destinations(mach, bad):
+    """finalize checks every dst as the other steps check their input: a
+    frame of the target pool that the migration holds.  A bad one fails its
+    page with -EINVAL, the page stays where it was, unlocked, with its data;
+    a held frame of another pool goes back to it; nothing else is freed, and
+    the accounting holds (the checker agrees).  copy never writes a bad dst."""
+    a = mach.add_pool(16)
+    c = mach.add_pool(16)
+    r = mach.region(4)
+    data = pattern(21, 4 * PAGE)
+    mach.write(r, 0, data, simple_plan(a))
+    if bad == "owned_on_target":
+        assert mach.migrate(r, 3, 1, c)["moved"] == 1
+    n = 2
+    src = ffi.new("uint64_t[]", n)
+    dst = ffi.new("uint64_t[]", n)
+    st = ffi.new("int32_t[]", n)
+    assert lib.cdm_migrate_collect(mach.m, r, 0, n, c, 0, 0, src, st) == n
+    assert lib.cdm_migrate_lock(mach.m, r, 0, n, st) == n
+    assert lib.cdm_migrate_alloc(mach.m, c, n, st, dst) == n
+    given = dst[0]
+    target = c
+    if bad == "free":
+        dst[0] = mach.pool(c).base_pfn + 10                # never handed out
+    elif bad in ("owned", "owned_on_target"):
+        dst[0] = pfn_of(mach.ptes(r, 3, 1)[0])             # page 3's frame
+    elif bad == "outside":
+        dst[0] = 0x7777777                                  # in no pool
+    elif bad == "duplicate":
+        dst[0] = dst[1]
+    elif bad == "other_pool":
+        rc, (held,) = mach.alloc(a, 1)                      # held, but not on the target
+        assert rc == 0
+        dst[0] = held
+    else:
+        target = a                                          # every dst is on another pool
+    owned_before = {pfn_of(p): mach.owner(pfn_of(p)) for p in mach.ptes(r)}
+    frame3 = mach.frame(pfn_of(mach.ptes(r, 3, 1)[0]))
+    lib.cdm_migrate_copy(mach.m, n, st, src, dst)
+    assert mach.frame(pfn_of(mach.ptes(r, 3, 1)[0])) == frame3     # not overwritten
+    moved = lib.cdm_migrate_finalize(mach.m, r, 0, n, target, dst, st)
+    if bad == "wrong_target":
+        assert moved == 0 and list(st) == [-errno.EINVAL] * 2
+    else:
+        assert moved == 1 and list(st) == [-errno.EINVAL, lib.CDM_MIG_DONE]
+    assert pool_of(mach.ptes(r, 0, 1)[0]) == a                  # stayed
+    assert_no_transient_bits(mach, r)
+    assert mach.check() == ""
+    for pfn, owner in owned_before.items():
+        if pfn != pfn_of(src[1]) or bad == "wrong_target":
+            assert mach.owner(pfn) == owner                     # nobody lost a frame
+    if bad != "wrong_target":
+        mach.pool_free([given])                                 # the target frame the test replaced
+    assert mach.check() == ""
+    assert mach.read(r, 0, 4 * PAGE) == data
+    assert mach.free(a) + mach.free(c) == 32 - 4                # no frame leaked or lost
+    assert_accounting(mach, r)
+
+
 def test_cpu_touch_between_collect_and_lock(mach):
     a = mach.add_pool(16)
     c = mach.add_pool(16)
@@ -1149,12 +1210,12 @@ def test_overlapping_migrations_do_not_unlock_each_other(mach):
     assert mach.rw(r, 2 * PAGE, 1)[0] == -errno.EAGAIN
     # Migration 1 and 3 complete normally.
     lib.cdm_migrate_copy(mach.m, n, st, src, dst)
-    assert lib.cdm_migrate_finalize(mach.m, r, 0, n, dst, st) == 4
+    assert lib.cdm_migrate_finalize(mach.m, r, 0, n, c, dst, st) == 4
     dst3 = ffi.new("uint64_t[]", 1)
     assert lib.cdm_migrate_lock(mach.m, r, 4, 1, st3) == 1
     assert lib.cdm_migrate_alloc(mach.m, c, 1, st3, dst3) == 1
     lib.cdm_migrate_copy(mach.m, 1, st3, src3, dst3)
-    assert lib.cdm_migrate_finalize(mach.m, r, 4, 1, dst3, st3) == 1
+    assert lib.cdm_migrate_finalize(mach.m, r, 4, 1, c, dst3, st3) == 1
     assert [pool_of(p) for p in mach.ptes(r)] == [c] * 5
     assert mach.read(r, 0, 5 * PAGE) == data + bytes(PAGE)
     assert (mach.free(a), mach.free(c), mach.free(d)) == (16, 11, 16)
@@ -1225,7 +1286,7 @@ def test_copy_beside_other_threads(mach):
     finally:
         t.join()
     assert not errors
-    assert lib.cdm_migrate_finalize(mach.m, r, 0, n, dst, st) == n
+    assert lib.cdm_migrate_finalize(mach.m, r, 0, n, c, dst, st) == n
     assert mach.read(r, 0, 2048 * PAGE) == data
     assert mach.read(r, 2048 * PAGE, 5) == b"other"
     assert r.resident[c] == 2048 and r.resident[a] == 1

@@ -132,11 +132,7 @@ async def test_shrink_waits_for_a_migration_holding_the_tail_page():
     except OSError as e:
         assert e.errno == errno.EAGAIN
         shrunk = False
-    finalize = getattr(lib, "cdm_migrate_finalize")
-    try:
-        assert finalize(m.core, r.core, 2, 1, dst, st) == 1
-    except TypeError:       # with the target to check the frame against
-        assert finalize(m.core, r.core, 2, 1, target, dst, st) == 1
+    assert lib.cdm_migrate_finalize(m.core, r.core, 2, 1, target, dst, st) == 1
     r.wake_waiters()
     if not shrunk:
         r.resize(2 * PAGE + 100)
