@@ -26,6 +26,14 @@
  * for tests that look inside; cdmfs reads pools and regions through the
  * snapshot accessors (cdm_pool_snapshot, cdm_region_snapshot).
  *
+ * Ranges: callers pass [first, first + n) of pages (of bytes, of PFNs) from
+ * user-controlled offsets, so no entry point takes the sum before knowing it
+ * does not wrap around 2^64 (a page past 2^64 must never alias page 0).  A
+ * range that runs past the end, or past 2^64, is cut at the end by the walks
+ * and the frame census, refused by the calls that must do all of it (rw,
+ * populate, pin, device op: see each), and its missing pages are skipped by
+ * the migration steps (collect: -EINVAL, lock and finalize: -ENOENT).
+ *
  * The code is cut as the kernel's mm tree: page_alloc.c (pools, frames),
  * pagetable.c (page tables, gather/scatter, walks, introspection), migrate.c,
  * device.c (device ops, CRC-32), hotplug.c (memory blocks), memory_failure.c
@@ -215,7 +223,9 @@ struct cdm_region_stats {
 struct cdm_machine *cdm_machine_new(void);
 void cdm_machine_free(struct cdm_machine *m);
 
-/* Adds a pool of npages frames starting at base_pfn; returns its index or -errno. */
+/* Adds a pool of npages frames starting at base_pfn; returns its index or
+ * -errno: -EINVAL unless base_pfn + npages <= CDM_PTE_PFN_MASK (the PFN field
+ * of an entry) and the pool overlaps no other. */
 int cdm_pool_add(struct cdm_machine *m, uint64_t base_pfn, uint64_t npages, int flags);
 uint64_t cdm_pool_free_pages(struct cdm_machine *m, int pool);
 /* A pool's snapshot into out: 0, or -EINVAL (no such pool, out untouched). */
@@ -276,6 +286,7 @@ void cdm_region_ptes(struct cdm_machine *m, struct cdm_region *r, uint64_t first
  * or write()) bytes [off, off + len) of a region to/from buf, allocating the
  * absent pages by plan first.  Pages touched are marked CPU-mapped when
  * mark_cpu is set.  Returns 0, or without changing anything:
+ *   -EINVAL  the bytes run past the end of the region (or past 2^64)
  *   -ENOSPC  a page could not be allocated (res->page)
  *   -EIO     a page is poisoned (res->page)
  *   -EAGAIN  a page is locked by a migration (res->page): wait, then retry
@@ -287,7 +298,8 @@ int cdm_region_rw(struct cdm_machine *m, struct cdm_region *r, uint64_t off, uin
 
 /* Allocates the absent pages of [first, first + n) by plan without copying or
  * marking them CPU-mapped (a device's first touch).  0, or -ENOSPC (nothing
- * allocated, res->page), -EAGAIN for a page a migration holds. */
+ * allocated, res->page), -EAGAIN for a page a migration holds, -EINVAL if
+ * the range runs past the end (res->page: the first page missing). */
 int cdm_region_populate(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
                         uint64_t n, const struct cdm_plan *plan, struct cdm_rw_result *res);
 
@@ -396,6 +408,7 @@ uint64_t cdm_migrate_count(const uint64_t *src, const int32_t *status, uint64_t 
  *   -EIO     a page is poisoned
  *   -EAGAIN  a page is locked by a migration: wait, then retry
  *   -EREMOTE a page is in another device's private memory
+ *   -EINVAL  first + n wraps around 2^64 (pages past the end: -EIO)
  * Bytes on pools in own_pools (a bit per pool) count as local, others remote.
  * res->crc is the CRC-32 to continue from (0 to start): a long read can be cut
  * into calls, each given the crc the last one returned; every other field is
@@ -488,7 +501,8 @@ uint64_t cdm_region_misfits(struct cdm_machine *m, struct cdm_region *r, uint64_
  *                (out[0]) and retired (out[1]).
  * frames_owners— the (region id, page) owners of the used frames of [pfn,
  *                pfn + n), at most max; *next gets the first PFN not looked
- *                at (pfn + n when done).  Returns how many were written.
+ *                at (pfn + n when done, 2^64 - 1 if that wraps).  Returns
+ *                how many were written.
  * frame_retire — takes a frame out of use for good with flags (RETIRED and
  *                maybe POISONED): a free frame at once (returns 0), a used
  *                one when its page leaves it (returns 1); -EALREADY if it was
@@ -504,8 +518,9 @@ uint64_t cdm_region_misfits(struct cdm_machine *m, struct cdm_region *r, uint64_
  *                *busy gets the pages skipped because a migration holds them.
  * region_pin   — pin != 0: sets CDM_PTE_PINNED on every page of [first,
  *                first + n), all or none: -EIO poisoned, -EAGAIN under
- *                migration, -ENOENT absent, -EREMOTE on a pool of deny_pools
- *                (res->page); res->allocated gets the pages newly pinned.
+ *                migration, -ENOENT absent (also: the range runs past the
+ *                end), -EREMOTE on a pool of deny_pools (res->page);
+ *                res->allocated gets the pages newly pinned.
  *                pin == 0: clears it where set (res->allocated: how many).
  */
 int cdm_pool_set_blocks(struct cdm_machine *m, int pool, uint64_t block_pages);

@@ -105,7 +105,8 @@ static int check_pool(struct check *c, struct cdm_machine *m, int i, struct pool
         || p->nresident > CDM_RESIDENT_FREE_PAGES)
         return fail(c, "pool %d free stack sizes: %" PRIu64 " entries, cap %" PRIu64
                     ", %" PRIu64 " resident", i, p->nfree_stack, p->free_cap, p->nresident);
-    if (p->block_pages && p->nblocks != (p->npages + p->block_pages - 1) / p->block_pages)
+    if (p->block_pages
+        && p->nblocks != p->npages / p->block_pages + (p->npages % p->block_pages != 0))
         return fail(c, "pool %d has %" PRIu64 " blocks of %" PRIu64 " frames for %" PRIu64
                     " frames", i, p->nblocks, p->block_pages, p->npages);
     uint64_t words = (p->next_fresh + 63) / 64;

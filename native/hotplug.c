@@ -19,7 +19,7 @@ int cdm_pool_set_blocks(struct cdm_machine *m, int pool, uint64_t block_pages)
     if (!p || p->block_pages || p->base_pfn % block_pages) {
         ret = -EINVAL;
     } else {
-        uint64_t nblocks = (p->npages + block_pages - 1) / block_pages;
+        uint64_t nblocks = p->npages / block_pages + (p->npages % block_pages != 0);
         uint8_t *b = calloc(nblocks, 1);
         if (!b) {
             ret = -ENOMEM;
@@ -42,7 +42,7 @@ int64_t cdm_block_isolate(struct cdm_machine *m, int pool, uint64_t block, int i
     }
     struct cdm_pool *p = &m->pools[pool];
     uint64_t lo = block * p->block_pages;
-    uint64_t hi = lo + p->block_pages < p->npages ? lo + p->block_pages : p->npages;
+    uint64_t hi = p->block_pages < p->npages - lo ? lo + p->block_pages : p->npages;
     int64_t given = 0;
     if (isolate && !(p->bflags[block] & CDM_BLOCK_ISOLATED)) {
         p->bflags[block] |= CDM_BLOCK_ISOLATED;
@@ -96,7 +96,7 @@ uint64_t cdm_frames_owners(struct cdm_machine *m, uint64_t pfn, uint64_t n, uint
                            uint64_t *page, uint64_t max, uint64_t *next)
 {
     uint64_t lo, hi, count = 0;
-    *next = pfn + n;
+    *next = n > UINT64_MAX - pfn ? UINT64_MAX : pfn + n;   /* done: nothing left below 2^64 */
     machine_lock(m);
     int pool = frame_range(m, pfn, n, &lo, &hi);
     if (pool < 0) {

@@ -166,6 +166,20 @@ static inline uint64_t walk_end(const struct cdm_region *r, uint64_t first, uint
     return n < r->npages - first ? first + n : r->npages;
 }
 
+/* Whether page first + k of a range exists: first + k below npages, without
+ * the sum wrapping around (first comes from callers, and a page past 2^64
+ * must not alias page 0). */
+static inline int range_page(const struct cdm_region *r, uint64_t first, uint64_t k)
+{
+    return first < r->npages && k < r->npages - first;
+}
+
+/* Whether the range [first, first + n) lies inside [0, npages). */
+static inline int range_inside(const struct cdm_region *r, uint64_t first, uint64_t n)
+{
+    return n <= r->npages && first <= r->npages - n;
+}
+
 /* Every write of an entry goes through pte_store() (or pte_set(), which also
  * keeps the counters), so that no non-zero entry is ever outside a marked
  * chunk.  Caller holds m->lock. */

@@ -70,9 +70,10 @@ int64_t cdm_migrate_collect(struct cdm_machine *m, struct cdm_region *r, uint64_
     machine_lock(m);
     for (uint64_t k = 0; k < n; k++) {
         uint64_t i = first + k;
-        uint64_t pte = i < r->npages ? r->pte[i] : 0;
+        int inside = range_page(r, first, k);
+        uint64_t pte = inside ? r->pte[i] : 0;
         src[k] = pte;
-        if (i >= r->npages)
+        if (!inside)
             status[k] = -EINVAL;
         else if (pte & CDM_PTE_POISONED)
             status[k] = -EIO;
@@ -116,7 +117,7 @@ int64_t cdm_migrate_lock_src(struct cdm_machine *m, struct cdm_region *r, uint64
         if (status[k] != CDM_MIG_MOVE && status[k] != CDM_MIG_ALLOC)
             continue;
         uint64_t i = first + k;
-        if (i >= r->npages
+        if (!range_page(r, first, k)
             || (status[k] == CDM_MIG_MOVE && !(r->pte[i] & CDM_PTE_MIGRATING))
             || (status[k] == CDM_MIG_MOVE && src
                 && (r->pte[i] & (CDM_PTE_PFN_MASK | CDM_PTE_POOL_MASK))
@@ -259,11 +260,11 @@ int64_t cdm_migrate_finalize(struct cdm_machine *m, struct cdm_region *r, uint64
              * unlock.  Any other skipped page is not ours to unlock: lock has
              * already released the ones it skipped, and collect's -EBUSY ones
              * may be held by another migration. */
-            if (st == -ENOMEM && i < r->npages && (r->pte[i] & CDM_PTE_LOCKED))
+            if (st == -ENOMEM && range_page(r, first, k) && (r->pte[i] & CDM_PTE_LOCKED))
                 page_unlock(m, r, i);
             continue;
         }
-        uint64_t old = i < r->npages ? r->pte[i] : 0;
+        uint64_t old = range_page(r, first, k) ? r->pte[i] : 0;
         int tpool = held_frame_pool(m, dst[k]);
         if (tpool != target) {
             /* Not a frame cdm_migrate_alloc gave this migration on target:
@@ -326,7 +327,7 @@ void cdm_migrate_abort(struct cdm_machine *m, struct cdm_region *r, uint64_t fir
                 frame_free(m, &m->pools[tpool], dst[k] - m->pools[tpool].base_pfn);
             }
         }
-        if (i < r->npages && (r->pte[i] & (CDM_PTE_LOCKED | CDM_PTE_MIGRATING)))
+        if (range_page(r, first, k) && (r->pte[i] & (CDM_PTE_LOCKED | CDM_PTE_MIGRATING)))
             page_unlock(m, r, i);
         status[k] = -EINTR;
     }

@@ -46,7 +46,10 @@ int cdm_pool_add(struct cdm_machine *m, uint64_t base_pfn, uint64_t npages, int 
 /* Caller holds m->lock. */
 static int pool_add(struct cdm_machine *m, uint64_t base_pfn, uint64_t npages, int flags)
 {
-    if (m->npools >= CDM_MAX_POOLS || npages == 0 || base_pfn + npages > CDM_PTE_PFN_MASK)
+    /* The PFNs must fit a page-table entry; the sum is not taken before the
+     * terms are known not to wrap. */
+    if (m->npools >= CDM_MAX_POOLS || npages == 0 || npages > CDM_PTE_PFN_MASK
+        || base_pfn > CDM_PTE_PFN_MASK - npages)
         return -EINVAL;
     /* A PFN belongs to one pool: cdm_pfn_pool() would find only the first. */
     for (int i = 0; i < m->npools; i++)
@@ -398,6 +401,6 @@ int frame_range(struct cdm_machine *m, uint64_t pfn, uint64_t n, uint64_t *lo, u
     }
     struct cdm_pool *p = &m->pools[pool];
     *lo = pfn - p->base_pfn;
-    *hi = *lo + n < p->npages ? *lo + n : p->npages;
+    *hi = n < p->npages - *lo ? *lo + n : p->npages;   /* n may reach past 2^64 */
     return pool;
 }

@@ -379,6 +379,10 @@ int cdm_region_rw(struct cdm_machine *m, struct cdm_region *r, uint64_t off, uin
     res->page = 0;
     if (len == 0)
         return 0;
+    if (len > UINT64_MAX - off) {
+        res->page = off >> CDM_PAGE_SHIFT;  /* the range wraps around: no such bytes */
+        return -EINVAL;
+    }
     uint64_t first = off >> CDM_PAGE_SHIFT;
     uint64_t last = (off + len - 1) >> CDM_PAGE_SHIFT;
     int ret = 0;
@@ -459,8 +463,8 @@ int cdm_region_populate(struct cdm_machine *m, struct cdm_region *r, uint64_t fi
     res->page = 0;
     int ret = 0;
     machine_lock(m);
-    if (first + n > r->npages) {
-        res->page = first + n - 1;
+    if (!range_inside(r, first, n)) {
+        res->page = first > r->npages ? first : r->npages;     /* the first page missing */
         ret = -EINVAL;
         goto out;
     }

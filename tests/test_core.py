@@ -1292,6 +1292,129 @@ def test_copy_beside_other_threads(mach):
     assert r.resident[c] == 2048 and r.resident[a] == 1
 
 
+# ------------------------------------------------------------ wrapping ranges
+
+U64 = (1 << 64) - 1
+
+
+def test_ranges_that_wrap_around_2_64_are_refused(mach):
+    """Every entry point that takes a range, called with first near 2^64 so
+    that first + n wraps around to pages (frames, bytes) that exist: none of
+    them may touch those, each refuses or cuts the range as cdmcore.h says,
+    and the checker agrees with the accounting after each."""
+    a = mach.add_pool(16)
+    c = mach.add_pool(16)
+    base = mach.pool(a).base_pfn
+    r = mach.region(4)
+    plan = simple_plan(a)
+    data = pattern(51, 4 * PAGE)
+    mach.write(r, 0, data, plan)
+    mach.read(r, 0, 4 * PAGE, mark_cpu=1)
+    ptes = mach.ptes(r)
+    res = ffi.new("struct cdm_rw_result *")
+    first, n = U64 - 1, 4                       # first + n wraps to 2: pages 0 and 1
+
+    def unchanged():
+        assert mach.ptes(r) == ptes
+        assert mach.check() == ""
+
+    # Pools and regions.
+    assert lib.cdm_pool_add(mach.m, U64, 2, 0) == -errno.EINVAL
+    assert lib.cdm_pool_add(mach.m, lib.CDM_PTE_PFN_MASK - 1, 2, 0) == -errno.EINVAL
+    r2 = mach.region(4)
+    for pages in (U64, (1 << 63) + 1, lib.CDM_REGION_MAX_PAGES + 1):   # 2^63 + 1 never returned
+        assert lib.cdm_region_resize(mach.m, r2, pages) == -errno.EINVAL
+    assert lib.cdm_region_truncate(mach.m, r2, U64) == -errno.EINVAL
+    assert r2.npages == 4
+    # Gather/scatter, first touch, pins, device ops.
+    buf = ffi.new("uint8_t[]", 2 * PAGE)
+    for write in (0, 1):
+        assert lib.cdm_region_rw(mach.m, r, U64 - PAGE + 1, 2 * PAGE, buf, write, 1, plan.c, res) \
+            == -errno.EINVAL
+    assert lib.cdm_region_populate(mach.m, r2, U64, 2, plan.c, res) == -errno.EINVAL
+    assert mach.ptes(r2) == [0] * 4
+    assert lib.cdm_region_pin(mach.m, r, first, n, 1, 0, res) == -errno.ENOENT
+    assert lib.cdm_region_pin(mach.m, r, first, n, 0, 0, res) == 0 and res.allocated == 0
+    op = ffi.new("struct cdm_op_result *")
+    for kind in (lib.CDM_OP_WRITE, lib.CDM_OP_READ):
+        assert lib.cdm_device_op(mach.m, r, first, n, kind, 0xee, 1 << a, 0, op) == -errno.EINVAL
+    unchanged()
+    # Walks.
+    out = ffi.new("uint64_t[]", n)
+    lib.cdm_region_ptes(mach.m, r, first, n, out)
+    assert list(out) == [0] * n
+    assert lib.cdm_region_count(mach.m, r, first, n, lib.CDM_PTE_PRESENT) == 0
+    assert lib.cdm_region_next_present(mach.m, r, first, U64) == U64
+    rf, rl, nxt = ffi.new("uint64_t[]", 4), ffi.new("uint64_t[]", 4), ffi.new("uint64_t *")
+    assert lib.cdm_region_flag_runs(mach.m, r, first, n, lib.CDM_PTE_PRESENT, rf, rl, 4, nxt) == 0
+    assert nxt[0] == 4
+    mirror = ffi.new("uint8_t[]", 4)
+    assert lib.cdm_region_mirror_pool(mach.m, r, first, n, a, mirror, 1) == 0
+    assert list(mirror) == [0] * 4
+    lib.cdm_region_uncache(mach.m, r, first, n)
+    present, dirty = ffi.new("uint64_t[]", MAXP), ffi.new("uint64_t[]", MAXP)
+    lib.cdm_region_census(mach.m, r, first, n, present, dirty)
+    assert sum(present) == 0 and sum(dirty) == 0
+    lib.cdm_region_pagemap(mach.m, r, first, n, out, 1)
+    assert list(out) == [0] * n
+    table, nruns, rp = ffi.new("int32_t[]", [c]), ffi.new("uint64_t *"), ffi.new("int32_t[]", 4)
+    assert lib.cdm_region_misfits(mach.m, r, first, n, table, 1, 0, 0, rf, rl, rp, 4, nruns) == 0
+    busy = ffi.new("uint64_t *")
+    assert lib.cdm_region_poison_pool(mach.m, r, first, n, a, busy) == 0
+    unchanged()
+    # Migration steps: a migration of pages 0-1 is in flight (locked, targets
+    # held); the same steps at first near 2^64 must not take or unlock them.
+    src, dst, st = ffi.new("uint64_t[]", 2), ffi.new("uint64_t[]", 2), ffi.new("int32_t[]", 2)
+    assert lib.cdm_migrate_collect(mach.m, r, 0, 2, c, 0, 0, src, st) == 2
+    assert lib.cdm_migrate_lock(mach.m, r, 0, 2, st) == 2
+    assert lib.cdm_migrate_alloc(mach.m, c, 2, st, dst) == 2
+    locked = mach.ptes(r)
+    wsrc, wst = ffi.new("uint64_t[]", n), ffi.new("int32_t[]", n)
+    assert lib.cdm_migrate_collect(mach.m, r, first, n, c, lib.CDM_COLLECT_TAKEOVER, 0, wsrc, wst) == 0
+    assert list(wst) == [-errno.EINVAL] * n
+    forged = [lib.CDM_MIG_MOVE] * n
+    for lock in (lambda s: lib.cdm_migrate_lock(mach.m, r, first, n, s),
+                 lambda s: lib.cdm_migrate_lock_src(mach.m, r, first, n, ffi.new("uint64_t[]", [0, 0] + list(src)), s)):
+        s = ffi.new("int32_t[]", forged)
+        assert lock(s) == 0 and list(s) == [-errno.ENOENT] * n
+    wdst, s = ffi.new("uint64_t[]", n), ffi.new("int32_t[]", forged)
+    assert lib.cdm_migrate_alloc(mach.m, c, n, s, wdst) == n
+    lib.cdm_migrate_copy(mach.m, n, s, ffi.new("uint64_t[]", [0, 0] + list(src)), wdst)
+    assert lib.cdm_migrate_finalize(mach.m, r, first, n, c, wdst, s) == 0
+    assert list(s) == [-errno.ENOENT] * n                       # no such pages: targets back
+    s = ffi.new("int32_t[]", forged)
+    assert lib.cdm_migrate_alloc(mach.m, c, n, s, wdst) == n
+    lib.cdm_migrate_abort(mach.m, r, first, n, wdst, s)
+    assert list(s) == [-errno.EINTR] * n
+    assert mach.ptes(r) == locked and mach.check() == ""
+    assert mach.free(c) == 16 - 2                               # only the real migration's targets
+    lib.cdm_migrate_copy(mach.m, 2, st, src, dst)
+    assert lib.cdm_migrate_finalize(mach.m, r, 0, 2, c, dst, st) == 2
+    assert mach.read(r, 0, 4 * PAGE) == data
+    ptes = mach.ptes(r)
+    # Frames: ranges of PFNs from a pool's frame to past 2^64 are cut at its end.
+    census = ffi.new("uint64_t[2]")
+    lib.cdm_frames_census(mach.m, base + 1, U64, census)
+    want = ffi.new("uint64_t[2]")
+    lib.cdm_frames_census(mach.m, base + 1, 15, want)
+    assert list(census) == list(want) and census[0] == 2       # pages 2, 3 on a: frames 2, 3
+    regs, pages = ffi.new("uint32_t[]", 16), ffi.new("uint64_t[]", 16)
+    assert lib.cdm_frames_owners(mach.m, base, U64, regs, pages, 16, nxt) == 2
+    assert nxt[0] == U64                                        # done, not pfn + n wrapped
+    assert lib.cdm_frame_retire(mach.m, base + 12, 0) == 0
+    assert lib.cdm_frames_unretire(mach.m, base + 1, U64) == 1
+    unchanged()
+    # Memory blocks: a block larger than 2^64 - npages is the whole pool.
+    z = mach.add_pool(8, base=0)
+    assert lib.cdm_pool_set_blocks(mach.m, z, U64) == 0
+    assert mach.pool(z).nblocks == 1
+    assert lib.cdm_block_isolate(mach.m, z, U64, 1) == -errno.EINVAL
+    assert lib.cdm_block_isolate(mach.m, z, 0, 1) == 0
+    assert mach.alloc(z, 1)[0] == -errno.ENOMEM
+    assert lib.cdm_block_isolate(mach.m, z, 0, 0) == 8
+    assert mach.check() == ""
+
+
 # ------------------------------------------------------------ FUSE notify
 
 
