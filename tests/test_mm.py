@@ -6,6 +6,8 @@ from __future__ import annotations
 import errno
 import os
 
+import pytest
+
 from cdmfs import config
 from cdmfs.drivers import dmirror
 from cdmfs.mm import memory_failure
@@ -113,8 +115,9 @@ async def test_grown_tail_reads_zero_after_a_device_write_past_the_end():
 async def test_shrink_waits_for_a_migration_holding_the_tail_page():
     """The page a shrink cuts in two must read zero past the new end.  While
     a migration holds it locked, its copy may be taken already, so zeroing
-    the old frame would be lost when the migration installs the copy: the
-    shrink waits for the page (EAGAIN in the core) instead."""
+    the old frame would be lost when the migration installs the copy: resize
+    fails with EAGAIN, changing nothing, and truncate waits for the page."""
+    import trio
     from cdmfs._core import ffi, lib
     m, regions, _, _ = machine()
     r = regions.create("r")
@@ -126,16 +129,20 @@ async def test_shrink_waits_for_a_migration_holding_the_tail_page():
     assert lib.cdm_migrate_lock(m.core, r.core, 2, 1, st) == 1
     assert lib.cdm_migrate_alloc(m.core, target, 1, st, dst) == 1
     lib.cdm_migrate_copy(m.core, 1, st, src, dst)
-    try:
+    with pytest.raises(OSError) as err:
         r.resize(2 * PAGE + 100)
-        shrunk = True
-    except OSError as e:
-        assert e.errno == errno.EAGAIN
-        shrunk = False
-    assert lib.cdm_migrate_finalize(m.core, r.core, 2, 1, target, dst, st) == 1
-    r.wake_waiters()
-    if not shrunk:
-        r.resize(2 * PAGE + 100)
+    assert err.value.errno == errno.EAGAIN and r.size == 3 * PAGE
+    done = []
+    async with trio.open_nursery() as nursery:
+        async def shrink():
+            await r.truncate(2 * PAGE + 100)
+            done.append(r.size)
+        nursery.start_soon(shrink)
+        await trio.sleep(0.05)
+        assert not done                                 # waiting for the page
+        assert lib.cdm_migrate_finalize(m.core, r.core, 2, 1, target, dst, st) == 1
+        r.wake_waiters()
+    assert done == [2 * PAGE + 100]
     r.resize(3 * PAGE)
     await migrate_range(m, r, 0, 3, m.node_target(0))
     assert bytes(await r.fault(0, 3 * PAGE, os.getpid())) == b"\xaa" * (2 * PAGE + 100) + bytes(PAGE - 100)
