@@ -19,10 +19,20 @@
  * their bytes, page tables) runs under the machine's mutex, and so does every
  * write of a frame's bytes, migration copies included; no state is kept per
  * thread.  Any thread may call any entry point (cffi releases the GIL around
- * every call); calls serialise on the mutex.  Only a pool's geometry (base,
- * base_pfn, npages), fixed when it is added, is read without it.  What the
- * caller reaches through the structs directly (cdm_pfn_addr(), struct fields)
- * is outside the lock.
+ * every call); calls serialise on the mutex.  The number of pools is read
+ * under it too (a lookup by PFN, a pool index passed in), since another
+ * thread may be adding one.  What the caller reaches through the structs
+ * directly (the bytes at cdm_pfn_addr(), struct fields) is outside the lock:
+ * for tests that look inside; cdmfs reads pools and regions through the
+ * snapshot accessors (cdm_pool_snapshot, cdm_region_snapshot).
+ *
+ * Ranges: callers pass [first, first + n) of pages (of bytes, of PFNs) from
+ * user-controlled offsets, so no entry point takes the sum before knowing it
+ * does not wrap around 2^64 (a page past 2^64 must never alias page 0).  A
+ * range that runs past the end, or past 2^64, is cut at the end by the walks
+ * and the frame census, refused by the calls that must do all of it (rw,
+ * populate, pin, device op: see each), and its missing pages are skipped by
+ * the migration steps (collect: -EINVAL, lock and finalize: -ENOENT).
  *
  * The code is cut as the kernel's mm tree: page_alloc.c (pools, frames),
  * pagetable.c (page tables, gather/scatter, walks, introspection), migrate.c,
@@ -143,8 +153,13 @@ struct cdm_machine {
  */
 #define CDM_CHUNK_PAGES 512
 
+/* The most pages a region may have: the reverse map keeps a frame's page
+ * index in 40 bits (see struct cdm_pool.rmap). */
+#define CDM_REGION_MAX_PAGES (1ULL << 40)
+
 struct cdm_region {
     uint64_t *pte;          /* sparse mapping of cap entries */
+    uint64_t size;          /* bytes of the file: past them the last page reads zero */
     uint64_t npages;        /* pages of the file (size rounded up) */
     uint64_t cap;           /* entries reserved in pte */
     uint32_t id;
@@ -189,16 +204,45 @@ struct cdm_rw_result {
 #define CDM_MIG_THERE 2         /* already on the target */
 #define CDM_MIG_DONE 3          /* finalize: moved */
 
+/*
+ * Snapshots: what a pool or a region counts, copied under the mutex in one
+ * call, so that the numbers of one file agree with each other and a sysfs
+ * read (meminfo, vmstat, numastat of a node; a region's stat) costs one call
+ * whatever it shows.
+ */
+struct cdm_pool_stats {
+    uint64_t base_pfn;      /* geometry, as added */
+    uint64_t npages;
+    uint64_t nr_free;       /* npages - nr_used - nr_retired (cdm_pool_free_pages) */
+    uint64_t nr_used, nr_retired, nr_mapped, nr_dirty, nr_pinned, nr_held;
+    uint64_t counters[CDM_NR_COUNTERS];
+    int flags;              /* CDM_POOL_* */
+};
+
+struct cdm_region_stats {
+    uint64_t size;          /* bytes */
+    uint64_t npages;
+    uint64_t nr_pinned, nr_poisoned;
+    uint64_t resident[CDM_MAX_POOLS];   /* pages per pool */
+};
+
 struct cdm_machine *cdm_machine_new(void);
 void cdm_machine_free(struct cdm_machine *m);
 
-/* Adds a pool of npages frames starting at base_pfn; returns its index or -errno. */
+/* Adds a pool of npages frames starting at base_pfn; returns its index or
+ * -errno: -EINVAL unless base_pfn + npages <= CDM_PTE_PFN_MASK (the PFN field
+ * of an entry) and the pool overlaps no other. */
 int cdm_pool_add(struct cdm_machine *m, uint64_t base_pfn, uint64_t npages, int flags);
 uint64_t cdm_pool_free_pages(struct cdm_machine *m, int pool);
+/* A pool's snapshot into out: 0, or -EINVAL (no such pool, out untouched). */
+int cdm_pool_snapshot(struct cdm_machine *m, int pool, struct cdm_pool_stats *out);
 /* Fault injection: the next n allocations from the pool fail (a device's
  * inject fail_alloc N); under the lock, as every change of a pool. */
 void cdm_pool_fail_alloc(struct cdm_machine *m, int pool, uint64_t n);
-/* Allocates n frames of a pool (PFNs into out); all or none.  Returns 0 or -ENOMEM. */
+/* Allocates n frames of a pool (PFNs into out); all or none.  Returns 0,
+ * -ENOMEM, or -EINVAL if there is no such pool.  A pool index passed to any
+ * entry point is checked under the mutex: an unknown one is -EINVAL where
+ * the call returns an error, else it changes nothing (free pages: 0). */
 int cdm_pool_alloc(struct cdm_machine *m, int pool, uint64_t n, uint64_t *out);
 /* Frees frames given by global PFN; frames outside every pool or not in use
  * are ignored. */
@@ -215,9 +259,28 @@ uint8_t *cdm_pfn_addr(struct cdm_machine *m, uint64_t pfn);
 int cdm_pfn_owner(struct cdm_machine *m, uint64_t pfn, uint32_t *region, uint64_t *page);
 
 struct cdm_region *cdm_region_new(struct cdm_machine *m, uint32_t id);
-/* Sets the region's size in pages; shrinking frees the pages beyond, the last
- * first (the free stack then hands their frames out in address order).  0 or -ENOMEM. */
+/*
+ * Sets the region's size in bytes (truncate(2)): npages becomes size rounded
+ * up to pages; shrinking frees the pages beyond, the last first (the free
+ * stack then hands their frames out in address order).  In the same hold of
+ * the mutex, the bytes of the page the end cuts in two that lie past the end
+ * (shrinking) or past the old end (growing) are zeroed, so that the file
+ * reads zero there whatever was written past its end (a device kernel runs
+ * on whole pages).  A page in device-private memory is zeroed there, the
+ * frame being the device's memory: it reads zero when it comes back.  A
+ * poisoned page stays poisoned (it has no frame), an absent page or a
+ * migration's placeholder is zero already.  Returns 0, or changing nothing:
+ *   -EINVAL  more than CDM_REGION_MAX_PAGES pages
+ *   -ENOMEM  the host refused the larger page table
+ *   -EAGAIN  the page to zero is locked by a migration, whose copy of it may
+ *            be taken already: wait for the migration, then retry (truncate
+ *            waits on the folio lock a migration holds likewise)
+ */
+int cdm_region_truncate(struct cdm_machine *m, struct cdm_region *r, uint64_t size);
+/* cdm_region_truncate() to npages whole pages. */
 int cdm_region_resize(struct cdm_machine *m, struct cdm_region *r, uint64_t npages);
+/* A region's snapshot into out. */
+void cdm_region_snapshot(struct cdm_machine *m, struct cdm_region *r, struct cdm_region_stats *out);
 /* Frees every page and the region itself. */
 void cdm_region_free(struct cdm_machine *m, struct cdm_region *r);
 /* Copies n entries of the page table from first (a consistent snapshot). */
@@ -229,6 +292,7 @@ void cdm_region_ptes(struct cdm_machine *m, struct cdm_region *r, uint64_t first
  * or write()) bytes [off, off + len) of a region to/from buf, allocating the
  * absent pages by plan first.  Pages touched are marked CPU-mapped when
  * mark_cpu is set.  Returns 0, or without changing anything:
+ *   -EINVAL  the bytes run past the end of the region (or past 2^64)
  *   -ENOSPC  a page could not be allocated (res->page)
  *   -EIO     a page is poisoned (res->page)
  *   -EAGAIN  a page is locked by a migration (res->page): wait, then retry
@@ -240,7 +304,8 @@ int cdm_region_rw(struct cdm_machine *m, struct cdm_region *r, uint64_t off, uin
 
 /* Allocates the absent pages of [first, first + n) by plan without copying or
  * marking them CPU-mapped (a device's first touch).  0, or -ENOSPC (nothing
- * allocated, res->page), -EAGAIN for a page a migration holds. */
+ * allocated, res->page), -EAGAIN for a page a migration holds, -EINVAL if
+ * the range runs past the end (res->page: the first page missing). */
 int cdm_region_populate(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
                         uint64_t n, const struct cdm_plan *plan, struct cdm_rw_result *res);
 
@@ -286,11 +351,22 @@ void cdm_region_uncache(struct cdm_machine *m, struct cdm_region *r, uint64_t fi
  * lock     — after the invalidation: pages the CPU touched again meanwhile are
  *            skipped (-EBUSY); the others become LOCKED (accesses wait).
  * alloc    — target frames for every CDM_MIG_MOVE/ALLOC page into dst[i];
- *            a page that gets none is skipped with -ENOMEM.
+ *            a page that gets none is skipped with -ENOMEM (-EINVAL: no
+ *            pool target).
  * copy     — src -> dst for every moving page, under the mutex (other calls
- *            wait for the batch; the GIL is released meanwhile).
+ *            wait for the batch; the GIL is released meanwhile).  A dst that
+ *            is not a frame the migration holds (handed out, no owner) or a
+ *            src that names no frame is not copied: finalize fails its page.
  * finalize — moving pages take their new entry, sources are freed, every
- *            page is unlocked; status becomes CDM_MIG_DONE.  Returns pages moved.
+ *            page is unlocked; status becomes CDM_MIG_DONE.  Every dst is
+ *            checked first: it must be a frame of pool target (any pool
+ *            when target is -1: cdm_migrate_alloc_plan's) that the
+ *            migration holds (handed out by an alloc step, owned by no
+ *            page).  Otherwise (outside every pool or target, free, a page's,
+ *            the same frame as a later page's dst) the page stays where it
+ *            is, unlocked, with -EINVAL; a held frame of another pool goes
+ *            back to its pool, any other is left alone.  Returns pages moved.
+ *            abort frees only held frames likewise.
  */
 #define CDM_COLLECT_ALLOC_ABSENT 1  /* untouched pages are allocated on the target */
 #define CDM_COLLECT_TAKEOVER 2      /* take pages another migration collected but has not
@@ -314,7 +390,7 @@ int64_t cdm_migrate_alloc_plan(struct cdm_machine *m, uint64_t first, uint64_t n
 void cdm_migrate_copy(struct cdm_machine *m, uint64_t n, const int32_t *status,
                       const uint64_t *src, const uint64_t *dst);
 int64_t cdm_migrate_finalize(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
-                             uint64_t n, const uint64_t *dst, int32_t *status);
+                             uint64_t n, int target, const uint64_t *dst, int32_t *status);
 
 /* Undoes a migration between collect and finalize (an error, a cancellation):
  * collected pages are unlocked where they are, target frames in dst (may be
@@ -344,6 +420,7 @@ uint64_t cdm_migrate_count(const uint64_t *src, const int32_t *status, uint64_t 
  *   -EIO     a page is poisoned
  *   -EAGAIN  a page is locked by a migration: wait, then retry
  *   -EREMOTE a page is in another device's private memory
+ *   -EINVAL  first + n wraps around 2^64 (pages past the end: -EIO)
  * Bytes on pools in own_pools (a bit per pool) count as local, others remote.
  * res->crc is the CRC-32 to continue from (0 to start): a long read can be cut
  * into calls, each given the crc the last one returned; every other field is
@@ -461,7 +538,8 @@ uint64_t cdm_region_misfits(struct cdm_machine *m, struct cdm_region *r, uint64_
  *                (out[0]) and retired (out[1]).
  * frames_owners— the (region id, page) owners of the used frames of [pfn,
  *                pfn + n), at most max; *next gets the first PFN not looked
- *                at (pfn + n when done).  Returns how many were written.
+ *                at (pfn + n when done, 2^64 - 1 if that wraps).  Returns
+ *                how many were written.
  * frame_retire — takes a frame out of use for good with flags (RETIRED and
  *                maybe POISONED): a free frame at once (returns 0), a used
  *                one when its page leaves it (returns 1); -EALREADY if it was
@@ -477,8 +555,9 @@ uint64_t cdm_region_misfits(struct cdm_machine *m, struct cdm_region *r, uint64_
  *                *busy gets the pages skipped because a migration holds them.
  * region_pin   — pin != 0: sets CDM_PTE_PINNED on every page of [first,
  *                first + n), all or none: -EIO poisoned, -EAGAIN under
- *                migration, -ENOENT absent, -EREMOTE on a pool of deny_pools
- *                (res->page); res->allocated gets the pages newly pinned.
+ *                migration, -ENOENT absent (also: the range runs past the
+ *                end), -EREMOTE on a pool of deny_pools (res->page);
+ *                res->allocated gets the pages newly pinned.
  *                pin == 0: clears it where set (res->allocated: how many).
  */
 int cdm_pool_set_blocks(struct cdm_machine *m, int pool, uint64_t block_pages);
@@ -513,8 +592,9 @@ int cdm_region_pin(struct cdm_machine *m, struct cdm_region *r, uint64_t first, 
  *    PFN only) or a migration's placeholder; no entry is LOCKED and
  *    MIGRATING at once;
  *  - every frame with an owner is the frame of the page its owner names;
- *  - per region: resident[], nr_pinned, nr_poisoned; per pool: nr_mapped,
- *    nr_dirty, nr_pinned, equal to the counts over the page tables;
+ *  - per region: npages is size rounded up to pages; resident[], nr_pinned,
+ *    nr_poisoned; per pool: nr_mapped, nr_dirty, nr_pinned, equal to the
+ *    counts over the page tables;
  *  - the populated index never hides a non-zero entry: its chunk is marked
  *    and the chunk's bitmap word has its summary bit.
  * Migrations may be in flight: their LOCKED/MIGRATING entries are checked as

@@ -105,7 +105,8 @@ static int check_pool(struct check *c, struct cdm_machine *m, int i, struct pool
         || p->nresident > CDM_RESIDENT_FREE_PAGES)
         return fail(c, "pool %d free stack sizes: %" PRIu64 " entries, cap %" PRIu64
                     ", %" PRIu64 " resident", i, p->nfree_stack, p->free_cap, p->nresident);
-    if (p->block_pages && p->nblocks != (p->npages + p->block_pages - 1) / p->block_pages)
+    if (p->block_pages
+        && p->nblocks != p->npages / p->block_pages + (p->npages % p->block_pages != 0))
         return fail(c, "pool %d has %" PRIu64 " blocks of %" PRIu64 " frames for %" PRIu64
                     " frames", i, p->nblocks, p->block_pages, p->npages);
     uint64_t words = (p->next_fresh + 63) / 64;
@@ -293,6 +294,9 @@ static int check_region(struct check *c, struct cdm_machine *m, struct cdm_regio
 {
     if (r->npages > r->cap)
         return fail(c, "region %u npages %" PRIu64 " beyond cap %" PRIu64, r->id, r->npages, r->cap);
+    if (r->npages != (r->size >> CDM_PAGE_SHIFT) + ((r->size & (PAGE - 1)) != 0))
+        return fail(c, "region %u npages %" PRIu64 " is not its size %" PRIu64 " in pages",
+                    r->id, r->npages, r->size);
     struct region_scan s = {.c = c, .m = m, .r = r, .seen = seen};
     if (r->cap) {
         each_backed_page(r->chunks, ((r->cap >> CHUNK_SHIFT) + 63) / 64 * sizeof(uint64_t),

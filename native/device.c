@@ -137,6 +137,10 @@ int cdm_device_op(struct cdm_machine *m, struct cdm_region *r, uint64_t first, u
     memset(res, 0, sizeof(*res));
     res->crc = crc;
     int ret = 0;
+    if (n > UINT64_MAX - first) {
+        res->page = first;      /* the range wraps around */
+        return -EINVAL;
+    }
     machine_lock(m);
     for (uint64_t i = first; i < first + n; i++) {
         uint64_t pte = i < r->npages ? r->pte[i] : CDM_PTE_POISONED;

@@ -17,8 +17,8 @@ int cdm_region_pin(struct cdm_machine *m, struct cdm_region *r, uint64_t first, 
     machine_lock(m);
     uint64_t end = walk_end(r, first, n);
     if (pin) {
-        if (first + n > r->npages) {
-            res->page = r->npages;
+        if (!range_inside(r, first, n)) {
+            res->page = first > r->npages ? first : r->npages;
             ret = -ENOENT;
             goto out;
         }

@@ -11,40 +11,38 @@
 
 int cdm_pool_set_blocks(struct cdm_machine *m, int pool, uint64_t block_pages)
 {
-    if (pool < 0 || pool >= m->npools || block_pages == 0)
+    if (block_pages == 0)
         return -EINVAL;
-    struct cdm_pool *p = &m->pools[pool];
-    uint64_t nblocks = (p->npages + block_pages - 1) / block_pages;
-    uint8_t *b = calloc(nblocks, 1);
-    if (!b)
-        return -ENOMEM;
     int ret = 0;
     machine_lock(m);
-    if (p->block_pages || p->base_pfn % block_pages) {
+    struct cdm_pool *p = pool_valid(m, pool) ? &m->pools[pool] : NULL;
+    if (!p || p->block_pages || p->base_pfn % block_pages) {
         ret = -EINVAL;
     } else {
-        p->bflags = b;
-        p->nblocks = nblocks;
-        p->block_pages = block_pages;
-        b = NULL;
+        uint64_t nblocks = p->npages / block_pages + (p->npages % block_pages != 0);
+        uint8_t *b = calloc(nblocks, 1);
+        if (!b) {
+            ret = -ENOMEM;
+        } else {
+            p->bflags = b;
+            p->nblocks = nblocks;
+            p->block_pages = block_pages;
+        }
     }
     machine_unlock(m);
-    free(b);
     return ret;
 }
 
 int64_t cdm_block_isolate(struct cdm_machine *m, int pool, uint64_t block, int isolate)
 {
-    if (pool < 0 || pool >= m->npools)
-        return -EINVAL;
-    struct cdm_pool *p = &m->pools[pool];
     machine_lock(m);
-    if (block >= p->nblocks) {
+    if (!pool_valid(m, pool) || block >= m->pools[pool].nblocks) {
         machine_unlock(m);
         return -EINVAL;
     }
+    struct cdm_pool *p = &m->pools[pool];
     uint64_t lo = block * p->block_pages;
-    uint64_t hi = lo + p->block_pages < p->npages ? lo + p->block_pages : p->npages;
+    uint64_t hi = p->block_pages < p->npages - lo ? lo + p->block_pages : p->npages;
     int64_t given = 0;
     if (isolate && !(p->bflags[block] & CDM_BLOCK_ISOLATED)) {
         p->bflags[block] |= CDM_BLOCK_ISOLATED;
@@ -69,7 +67,9 @@ int64_t cdm_block_isolate(struct cdm_machine *m, int pool, uint64_t block, int i
 void cdm_pool_isolate(struct cdm_machine *m, int pool, int isolate)
 {
     machine_lock(m);
-    if (isolate)
+    if (!pool_valid(m, pool))
+        ;
+    else if (isolate)
         m->pools[pool].flags |= CDM_POOL_ISOLATED;
     else
         m->pools[pool].flags &= ~CDM_POOL_ISOLATED;
@@ -80,13 +80,10 @@ void cdm_frames_census(struct cdm_machine *m, uint64_t pfn, uint64_t n, uint64_t
 {
     uint64_t lo, hi;
     out[0] = out[1] = 0;
-    int pool = frame_range(m, pfn, n, &lo, &hi);
-    if (pool < 0)
-        return;
-    struct cdm_pool *p = &m->pools[pool];
     machine_lock(m);
-    for (uint64_t f = lo; f < hi; f++) {
-        uint8_t fl = p->fflags[f];
+    int pool = frame_range(m, pfn, n, &lo, &hi);
+    for (uint64_t f = lo; f < hi; f++) {     /* none if pfn is in no pool */
+        uint8_t fl = m->pools[pool].fflags[f];
         if (fl & CDM_FRAME_USED)
             out[0]++;
         if ((fl & CDM_FRAME_RETIRED) && !(fl & CDM_FRAME_USED))
@@ -99,12 +96,14 @@ uint64_t cdm_frames_owners(struct cdm_machine *m, uint64_t pfn, uint64_t n, uint
                            uint64_t *page, uint64_t max, uint64_t *next)
 {
     uint64_t lo, hi, count = 0;
-    *next = pfn + n;
-    int pool = frame_range(m, pfn, n, &lo, &hi);
-    if (pool < 0)
-        return 0;
-    struct cdm_pool *p = &m->pools[pool];
+    *next = n > UINT64_MAX - pfn ? UINT64_MAX : pfn + n;   /* done: nothing left below 2^64 */
     machine_lock(m);
+    int pool = frame_range(m, pfn, n, &lo, &hi);
+    if (pool < 0) {
+        machine_unlock(m);
+        return 0;
+    }
+    struct cdm_pool *p = &m->pools[pool];
     /* Frames at or above next_fresh were never used. */
     uint64_t end = hi < p->next_fresh ? hi : p->next_fresh;
     for (uint64_t f = lo; f < end; f++) {

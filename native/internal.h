@@ -41,6 +41,13 @@ static inline uint8_t *frame_addr(struct cdm_machine *m, uint64_t pte)
     return p->base + (pte_pfn(pte) - p->base_pfn) * PAGE;
 }
 
+/* Whether pool is one of m's (an index a caller passed in).  Caller holds
+ * m->lock (see pfn_pool). */
+static inline int pool_valid(const struct cdm_machine *m, int pool)
+{
+    return pool >= 0 && pool < m->npools;
+}
+
 /* Whether frame f of pool p is in an isolated memory block. */
 static inline int block_isolated(const struct cdm_pool *p, uint64_t f)
 {
@@ -63,7 +70,11 @@ int64_t frame_alloc(struct cdm_machine *m, struct cdm_pool *p, int zero);
 void frame_free(struct cdm_machine *m, struct cdm_pool *p, uint64_t f);
 void frame_unalloc(struct cdm_pool *p, uint64_t f);
 
-/* page_alloc.c: the frames of a PFN range that are in one pool. */
+/* page_alloc.c: the pool of a PFN, the frames of a PFN range that are in one
+ * pool.  Caller holds m->lock: npools and the pools it counts are written by
+ * cdm_pool_add() under it, and read only under it. */
+int pfn_pool(struct cdm_machine *m, uint64_t pfn);
+uint8_t *pfn_addr(struct cdm_machine *m, uint64_t pfn);
 int frame_range(struct cdm_machine *m, uint64_t pfn, uint64_t n, uint64_t *lo, uint64_t *hi);
 
 /* pagetable.c: walks of the populated index. */
@@ -153,6 +164,20 @@ static inline uint64_t walk_end(const struct cdm_region *r, uint64_t first, uint
     if (first >= r->npages)
         return first;
     return n < r->npages - first ? first + n : r->npages;
+}
+
+/* Whether page first + k of a range exists: first + k below npages, without
+ * the sum wrapping around (first comes from callers, and a page past 2^64
+ * must not alias page 0). */
+static inline int range_page(const struct cdm_region *r, uint64_t first, uint64_t k)
+{
+    return first < r->npages && k < r->npages - first;
+}
+
+/* Whether the range [first, first + n) lies inside [0, npages). */
+static inline int range_inside(const struct cdm_region *r, uint64_t first, uint64_t n)
+{
+    return n <= r->npages && first <= r->npages - n;
 }
 
 /* Every write of an entry goes through pte_store() (or pte_set(), which also

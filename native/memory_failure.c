@@ -11,12 +11,14 @@
 int cdm_frame_retire(struct cdm_machine *m, uint64_t pfn, int flags)
 {
     uint64_t lo, hi;
+    machine_lock(m);
     int pool = frame_range(m, pfn, 1, &lo, &hi);
-    if (pool < 0)
+    if (pool < 0) {
+        machine_unlock(m);
         return -EINVAL;
+    }
     struct cdm_pool *p = &m->pools[pool];
     int ret;
-    machine_lock(m);
     uint8_t fl = p->fflags[lo];
     if (fl & CDM_FRAME_RETIRED) {
         ret = -EALREADY;
@@ -39,11 +41,9 @@ int cdm_frame_retire(struct cdm_machine *m, uint64_t pfn, int flags)
 uint64_t cdm_frames_unretire(struct cdm_machine *m, uint64_t pfn, uint64_t n)
 {
     uint64_t lo, hi, count = 0;
-    int pool = frame_range(m, pfn, n, &lo, &hi);
-    if (pool < 0)
-        return 0;
-    struct cdm_pool *p = &m->pools[pool];
     machine_lock(m);
+    int pool = frame_range(m, pfn, n, &lo, &hi);
+    struct cdm_pool *p = &m->pools[pool < 0 ? 0 : pool];
     for (uint64_t f = lo; f < hi; f++) {
         uint8_t fl = p->fflags[f];
         if (!(fl & CDM_FRAME_RETIRED))

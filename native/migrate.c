@@ -23,6 +23,44 @@ static inline int frame_leaving(struct cdm_machine *m, uint64_t pte)
         || block_isolated(p, f);
 }
 
+/* The pool of dst if it is a frame a migration holds: handed out (USED) and
+ * owned by no page (cdm_migrate_alloc's targets until finalize), else -1: a
+ * PFN outside every pool, a free frame, a frame a page owns (a duplicate in
+ * dst that an earlier page already took, too).  Such a dst is not the
+ * caller's to write, install or free.  Caller holds m->lock. */
+static int held_frame_pool(struct cdm_machine *m, uint64_t dst)
+{
+    int pool = pfn_pool(m, dst);
+    if (pool < 0)
+        return -1;
+    const struct cdm_pool *p = &m->pools[pool];
+    uint64_t f = dst - p->base_pfn;
+    if (!(p->fflags[f] & CDM_FRAME_USED) || p->rmap[f] || !p->nr_held)
+        return -1;
+    return pool;
+}
+
+/* Whether a saved entry names a frame of the pool it names.  Caller holds
+ * m->lock. */
+static int src_valid(struct cdm_machine *m, uint64_t pte)
+{
+    int pool = pte_pool(pte);
+    return pool_valid(m, pool) && pte_pfn(pte) >= m->pools[pool].base_pfn
+        && pte_pfn(pte) - m->pools[pool].base_pfn < m->pools[pool].npages;
+}
+
+/* Gives back page i that a migration locked and will not move: the entry
+ * keeps its frame (or becomes absent again, a placeholder), unlocked.
+ * Caller holds m->lock. */
+static void page_unlock(struct cdm_machine *m, struct cdm_region *r, uint64_t i)
+{
+    uint64_t pte = r->pte[i] & ~(CDM_PTE_LOCKED | CDM_PTE_MIGRATING);
+    if (pte & CDM_PTE_PRESENT)
+        pte_set(m, r, i, pte);
+    else
+        r->pte[i] = 0;
+}
+
 int64_t cdm_migrate_collect(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
                             uint64_t n, int target, int flags, uint64_t from_pools,
                             uint64_t *src, int32_t *status)
@@ -32,9 +70,10 @@ int64_t cdm_migrate_collect(struct cdm_machine *m, struct cdm_region *r, uint64_
     machine_lock(m);
     for (uint64_t k = 0; k < n; k++) {
         uint64_t i = first + k;
-        uint64_t pte = i < r->npages ? r->pte[i] : 0;
+        int inside = range_page(r, first, k);
+        uint64_t pte = inside ? r->pte[i] : 0;
         src[k] = pte;
-        if (i >= r->npages)
+        if (!inside)
             status[k] = -EINVAL;
         else if (pte & CDM_PTE_POISONED)
             status[k] = -EIO;
@@ -78,7 +117,7 @@ int64_t cdm_migrate_lock_src(struct cdm_machine *m, struct cdm_region *r, uint64
         if (status[k] != CDM_MIG_MOVE && status[k] != CDM_MIG_ALLOC)
             continue;
         uint64_t i = first + k;
-        if (i >= r->npages
+        if (!range_page(r, first, k)
             || (status[k] == CDM_MIG_MOVE && !(r->pte[i] & CDM_PTE_MIGRATING))
             || (status[k] == CDM_MIG_MOVE && src
                 && (r->pte[i] & (CDM_PTE_PFN_MASK | CDM_PTE_POOL_MASK))
@@ -113,13 +152,17 @@ int64_t cdm_migrate_lock_src(struct cdm_machine *m, struct cdm_region *r, uint64
 int64_t cdm_migrate_alloc(struct cdm_machine *m, int target, uint64_t n,
                           int32_t *status, uint64_t *dst)
 {
-    struct cdm_pool *p = &m->pools[target];
     int64_t got = 0;
     machine_lock(m);
+    struct cdm_pool *p = pool_valid(m, target) ? &m->pools[target] : NULL;
     for (uint64_t k = 0; k < n; k++) {
         dst[k] = 0;
         if (status[k] != CDM_MIG_MOVE && status[k] != CDM_MIG_ALLOC)
             continue;
+        if (!p) {
+            status[k] = -EINVAL;    /* no such pool */
+            continue;
+        }
         int64_t f = frame_alloc(m, p, status[k] == CDM_MIG_ALLOC);
         if (f < 0) {
             status[k] = -ENOMEM;
@@ -168,8 +211,8 @@ void cdm_copy_frames(struct cdm_machine *m, const uint64_t *src, const uint64_t 
     for (uint64_t k = 0; k < n; k++) {
         if (!src[k] || !dst[k])
             continue;
-        uint8_t *s = cdm_pfn_addr(m, src[k]);
-        uint8_t *d = cdm_pfn_addr(m, dst[k]);
+        uint8_t *s = pfn_addr(m, src[k]);
+        uint8_t *d = pfn_addr(m, dst[k]);
         if (s && d)
             memcpy(d, s, PAGE);
     }
@@ -209,7 +252,11 @@ void cdm_migrate_copy(struct cdm_machine *m, uint64_t n, const int32_t *status,
     uint64_t k = 0;
     machine_lock(m);
     while (k < n) {
-        if (status[k] != CDM_MIG_MOVE) {
+        /* Only into frames the migration holds and from frames that exist:
+         * a bad dst (finalize then fails its page with -EINVAL) must not
+         * overwrite a page's data, or memory outside every pool. */
+        int dpool = status[k] == CDM_MIG_MOVE ? held_frame_pool(m, dst[k]) : -1;
+        if (dpool < 0 || !src_valid(m, src[k])) {
             k++;
             continue;
         }
@@ -217,16 +264,17 @@ void cdm_migrate_copy(struct cdm_machine *m, uint64_t n, const int32_t *status,
         while (k + run < n && status[k + run] == CDM_MIG_MOVE
                && pte_pfn(src[k + run]) == pte_pfn(src[k]) + run
                && pte_pool(src[k + run]) == pte_pool(src[k])
-               && dst[k + run] == dst[k] + run)
+               && dst[k + run] == dst[k] + run
+               && src_valid(m, src[k + run]) && held_frame_pool(m, dst[k + run]) == dpool)
             run++;
-        copy_frames(cdm_pfn_addr(m, dst[k]), frame_addr(m, src[k]), run * PAGE);
+        copy_frames(pfn_addr(m, dst[k]), frame_addr(m, src[k]), run * PAGE);
         k += run;
     }
     machine_unlock(m);
 }
 
 int64_t cdm_migrate_finalize(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
-                             uint64_t n, const uint64_t *dst, int32_t *status)
+                             uint64_t n, int target, const uint64_t *dst, int32_t *status)
 {
     int64_t moved = 0;
     machine_lock(m);
@@ -244,19 +292,31 @@ int64_t cdm_migrate_finalize(struct cdm_machine *m, struct cdm_region *r, uint64
             /* A page that could have moved and did not (no target frame,
              * pinned or held) is a failure, as migrate_pages() counts one;
              * absent, poisoned and already-placed pages are not candidates. */
-            if ((st == -ENOMEM || st == -EBUSY) && i < r->npages && (r->pte[i] & CDM_PTE_PRESENT))
+            if ((st == -ENOMEM || st == -EBUSY) && range_page(r, first, k)
+                && (r->pte[i] & CDM_PTE_PRESENT))
                 m->pools[pte_pool(r->pte[i])].counters[CDM_PGMIGRATE_FAIL]++;
-            if (st == -ENOMEM && i < r->npages && (r->pte[i] & CDM_PTE_LOCKED)) {
-                uint64_t pte = r->pte[i] & ~(CDM_PTE_LOCKED | CDM_PTE_MIGRATING);
-                if (pte & CDM_PTE_PRESENT)
-                    pte_set(m, r, i, pte);
-                else
-                    r->pte[i] = 0;
-            }
+            if (st == -ENOMEM && range_page(r, first, k) && (r->pte[i] & CDM_PTE_LOCKED))
+                page_unlock(m, r, i);
             continue;
         }
-        uint64_t old = i < r->npages ? r->pte[i] : 0;
-        int tpool = cdm_pfn_pool(m, dst[k]);
+        uint64_t old = range_page(r, first, k) ? r->pte[i] : 0;
+        int tpool = held_frame_pool(m, dst[k]);
+        if (tpool < 0 || (target >= 0 && tpool != target)) {
+            /* Not a frame cdm_migrate_alloc gave this migration on target:
+             * the page stays where it is, unlocked.  A held frame of another
+             * pool goes back to it; any other dst (free, a page's, outside
+             * every pool, a duplicate an earlier page took) is not ours to
+             * free. */
+            if (tpool >= 0) {
+                struct cdm_pool *op = &m->pools[tpool];
+                op->nr_held--;
+                frame_free(m, op, dst[k] - op->base_pfn);
+            }
+            if (old & CDM_PTE_LOCKED)
+                page_unlock(m, r, i);
+            status[k] = -EINVAL;
+            continue;
+        }
         struct cdm_pool *tp = &m->pools[tpool];
         tp->nr_held--;      /* the target gets its page, or is freed */
         if (!(old & CDM_PTE_LOCKED)) {
@@ -295,19 +355,15 @@ void cdm_migrate_abort(struct cdm_machine *m, struct cdm_region *r, uint64_t fir
             continue;
         uint64_t i = first + k;
         if (dst && dst[k]) {
-            int tpool = cdm_pfn_pool(m, dst[k]);
+            /* Only a frame the migration holds: see held_frame_pool. */
+            int tpool = held_frame_pool(m, dst[k]);
             if (tpool >= 0) {
                 m->pools[tpool].nr_held--;
                 frame_free(m, &m->pools[tpool], dst[k] - m->pools[tpool].base_pfn);
             }
         }
-        if (i < r->npages && (r->pte[i] & (CDM_PTE_LOCKED | CDM_PTE_MIGRATING))) {
-            uint64_t pte = r->pte[i] & ~(CDM_PTE_LOCKED | CDM_PTE_MIGRATING);
-            if (pte & CDM_PTE_PRESENT)
-                pte_set(m, r, i, pte);
-            else
-                r->pte[i] = 0;
-        }
+        if (range_page(r, first, k) && (r->pte[i] & (CDM_PTE_LOCKED | CDM_PTE_MIGRATING)))
+            page_unlock(m, r, i);
         status[k] = -EINTR;
     }
     machine_unlock(m);

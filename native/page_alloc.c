@@ -46,7 +46,10 @@ int cdm_pool_add(struct cdm_machine *m, uint64_t base_pfn, uint64_t npages, int 
 /* Caller holds m->lock. */
 static int pool_add(struct cdm_machine *m, uint64_t base_pfn, uint64_t npages, int flags)
 {
-    if (m->npools >= CDM_MAX_POOLS || npages == 0 || base_pfn + npages > CDM_PTE_PFN_MASK)
+    /* The PFNs must fit a page-table entry; the sum is not taken before the
+     * terms are known not to wrap. */
+    if (m->npools >= CDM_MAX_POOLS || npages == 0 || npages > CDM_PTE_PFN_MASK
+        || base_pfn > CDM_PTE_PFN_MASK - npages)
         return -EINVAL;
     /* A PFN belongs to one pool: cdm_pfn_pool() would find only the first. */
     for (int i = 0; i < m->npools; i++)
@@ -76,17 +79,44 @@ static int pool_add(struct cdm_machine *m, uint64_t base_pfn, uint64_t npages, i
 
 uint64_t cdm_pool_free_pages(struct cdm_machine *m, int pool)
 {
-    struct cdm_pool *p = &m->pools[pool];
+    uint64_t n = 0;
     machine_lock(m);
-    uint64_t n = p->npages - p->nr_used - p->nr_retired;
+    if (pool_valid(m, pool)) {
+        struct cdm_pool *p = &m->pools[pool];
+        n = p->npages - p->nr_used - p->nr_retired;
+    }
     machine_unlock(m);
     return n;
+}
+
+int cdm_pool_snapshot(struct cdm_machine *m, int pool, struct cdm_pool_stats *out)
+{
+    machine_lock(m);
+    if (!pool_valid(m, pool)) {
+        machine_unlock(m);
+        return -EINVAL;
+    }
+    const struct cdm_pool *p = &m->pools[pool];
+    out->base_pfn = p->base_pfn;
+    out->npages = p->npages;
+    out->nr_free = p->npages - p->nr_used - p->nr_retired;
+    out->nr_used = p->nr_used;
+    out->nr_retired = p->nr_retired;
+    out->nr_mapped = p->nr_mapped;
+    out->nr_dirty = p->nr_dirty;
+    out->nr_pinned = p->nr_pinned;
+    out->nr_held = p->nr_held;
+    memcpy(out->counters, p->counters, sizeof(out->counters));
+    out->flags = p->flags;
+    machine_unlock(m);
+    return 0;
 }
 
 void cdm_pool_fail_alloc(struct cdm_machine *m, int pool, uint64_t n)
 {
     machine_lock(m);
-    m->pools[pool].fail_alloc = n;
+    if (pool_valid(m, pool))
+        m->pools[pool].fail_alloc = n;
     machine_unlock(m);
 }
 
@@ -271,8 +301,12 @@ void frame_unalloc(struct cdm_pool *p, uint64_t f)
 
 int cdm_pool_alloc(struct cdm_machine *m, int pool, uint64_t n, uint64_t *out)
 {
-    struct cdm_pool *p = &m->pools[pool];
     machine_lock(m);
+    if (!pool_valid(m, pool)) {
+        machine_unlock(m);
+        return -EINVAL;
+    }
+    struct cdm_pool *p = &m->pools[pool];
     for (uint64_t i = 0; i < n; i++) {
         int64_t f = frame_alloc(m, p, 1);
         if (f < 0) {
@@ -288,21 +322,29 @@ int cdm_pool_alloc(struct cdm_machine *m, int pool, uint64_t n, uint64_t *out)
     return 0;
 }
 
-int cdm_pfn_pool(struct cdm_machine *m, uint64_t pfn)
+int pfn_pool(struct cdm_machine *m, uint64_t pfn)
 {
     for (int i = 0; i < m->npools; i++) {
         struct cdm_pool *p = &m->pools[i];
-        if (pfn >= p->base_pfn && pfn < p->base_pfn + p->npages)
+        if (pfn >= p->base_pfn && pfn - p->base_pfn < p->npages)
             return i;
     }
     return -1;
+}
+
+int cdm_pfn_pool(struct cdm_machine *m, uint64_t pfn)
+{
+    machine_lock(m);
+    int pool = pfn_pool(m, pfn);
+    machine_unlock(m);
+    return pool;
 }
 
 void cdm_pool_free(struct cdm_machine *m, const uint64_t *pfns, uint64_t n)
 {
     machine_lock(m);
     for (uint64_t i = 0; i < n; i++) {
-        int pool = cdm_pfn_pool(m, pfns[i]);
+        int pool = pfn_pool(m, pfns[i]);
         if (pool < 0)
             continue;
         struct cdm_pool *p = &m->pools[pool];
@@ -316,22 +358,31 @@ void cdm_pool_free(struct cdm_machine *m, const uint64_t *pfns, uint64_t n)
     machine_unlock(m);
 }
 
-uint8_t *cdm_pfn_addr(struct cdm_machine *m, uint64_t pfn)
+/* The frame's bytes, or NULL outside every pool.  Caller holds m->lock. */
+uint8_t *pfn_addr(struct cdm_machine *m, uint64_t pfn)
 {
-    int pool = cdm_pfn_pool(m, pfn);
+    int pool = pfn_pool(m, pfn);
     if (pool < 0)
         return NULL;
     return m->pools[pool].base + (pfn - m->pools[pool].base_pfn) * PAGE;
 }
 
+uint8_t *cdm_pfn_addr(struct cdm_machine *m, uint64_t pfn)
+{
+    machine_lock(m);
+    uint8_t *addr = pfn_addr(m, pfn);
+    machine_unlock(m);
+    return addr;
+}
+
 int cdm_pfn_owner(struct cdm_machine *m, uint64_t pfn, uint32_t *region, uint64_t *page)
 {
-    int pool = cdm_pfn_pool(m, pfn);
+    machine_lock(m);
+    int pool = pfn_pool(m, pfn);
+    uint64_t owner = pool < 0 ? 0 : m->pools[pool].rmap[pfn - m->pools[pool].base_pfn];
+    machine_unlock(m);
     if (pool < 0)
         return -EINVAL;
-    machine_lock(m);
-    uint64_t owner = m->pools[pool].rmap[pfn - m->pools[pool].base_pfn];
-    machine_unlock(m);
     if (!owner)
         return -ENOENT;
     *region = (uint32_t)((owner >> 40) - 1);
@@ -339,14 +390,17 @@ int cdm_pfn_owner(struct cdm_machine *m, uint64_t pfn, uint32_t *region, uint64_
     return 0;
 }
 
-/* The frames of [pfn, pfn + n) that are in pool p: [*lo, *hi) frame indices. */
+/* The frames of [pfn, pfn + n) that are in the pool of pfn: [*lo, *hi)
+ * frame indices, and the pool, or -1 if pfn is in none.  Caller holds m->lock. */
 int frame_range(struct cdm_machine *m, uint64_t pfn, uint64_t n, uint64_t *lo, uint64_t *hi)
 {
-    int pool = cdm_pfn_pool(m, pfn);
-    if (pool < 0)
+    int pool = pfn_pool(m, pfn);
+    if (pool < 0) {
+        *lo = *hi = 0;
         return -1;
+    }
     struct cdm_pool *p = &m->pools[pool];
     *lo = pfn - p->base_pfn;
-    *hi = *lo + n < p->npages ? *lo + n : p->npages;
+    *hi = n < p->npages - *lo ? *lo + n : p->npages;   /* n may reach past 2^64 */
     return pool;
 }

@@ -206,18 +206,26 @@ static int region_reserve(struct cdm_region *r, uint64_t cap)
     return 0;
 }
 
-int cdm_region_resize(struct cdm_machine *m, struct cdm_region *r, uint64_t npages)
+/* The size of r becomes size bytes (see cdm_region_truncate).  Caller holds
+ * m->lock. */
+static int region_truncate(struct cdm_machine *m, struct cdm_region *r, uint64_t size)
 {
-    machine_lock(m);
+    uint64_t npages = (size >> CDM_PAGE_SHIFT) + ((size & (PAGE - 1)) != 0);
+    if (npages > CDM_REGION_MAX_PAGES)
+        return -EINVAL;
+    /* The bytes below keep stay; the rest of the page keep falls in (a page
+     * that stays, shrinking or growing) must read zero. */
+    uint64_t keep = size < r->size ? size : r->size;
+    uint64_t tail = keep >> CDM_PAGE_SHIFT, from = keep & (PAGE - 1);
+    if (from && tail < r->npages && (r->pte[tail] & CDM_PTE_LOCKED))
+        return -EAGAIN;     /* checked first: a failed call changes nothing */
     if (npages > r->cap) {
         /* Reserve generously: entries cost host memory only once written. */
         uint64_t cap = r->cap ? r->cap : 1024;
         while (cap < npages)
-            cap *= 2;
-        if (region_reserve(r, cap) < 0) {
-            machine_unlock(m);
+            cap *= 2;       /* no wrap: npages is at most 2^40 */
+        if (region_reserve(r, cap) < 0)
             return -ENOMEM;
-        }
     }
     /* Only entries that hold something: writing every entry of a huge sparse
      * table would make all of it resident.  Last page first, so that the free
@@ -232,11 +240,42 @@ int cdm_region_resize(struct cdm_machine *m, struct cdm_region *r, uint64_t npag
     }
     uint64_t old_npages = r->npages;
     r->npages = npages;
+    r->size = size;
     /* The chunk the new end cuts: its mark may only hold for pages now gone. */
     if (npages < old_npages && npages % CHUNK)
         chunk_settle(r, npages >> CHUNK_SHIFT);
-    machine_unlock(m);
+    /* Under the lock, as every write of a frame.  A collected page that is
+     * not locked yet is zeroed where it is: its copy is taken after the
+     * lock step.  Device-private frames included (see cdmcore.h). */
+    if (from && tail < old_npages && (r->pte[tail] & CDM_PTE_PRESENT))
+        memset(frame_addr(m, r->pte[tail]) + from, 0, PAGE - from);
     return 0;
+}
+
+int cdm_region_truncate(struct cdm_machine *m, struct cdm_region *r, uint64_t size)
+{
+    machine_lock(m);
+    int ret = region_truncate(m, r, size);
+    machine_unlock(m);
+    return ret;
+}
+
+int cdm_region_resize(struct cdm_machine *m, struct cdm_region *r, uint64_t npages)
+{
+    if (npages > CDM_REGION_MAX_PAGES)
+        return -EINVAL;
+    return cdm_region_truncate(m, r, npages << CDM_PAGE_SHIFT);
+}
+
+void cdm_region_snapshot(struct cdm_machine *m, struct cdm_region *r, struct cdm_region_stats *out)
+{
+    machine_lock(m);
+    out->size = r->size;
+    out->npages = r->npages;
+    out->nr_pinned = r->nr_pinned;
+    out->nr_poisoned = r->nr_poisoned;
+    memcpy(out->resident, r->resident, sizeof(out->resident));
+    machine_unlock(m);
 }
 
 void cdm_region_free(struct cdm_machine *m, struct cdm_region *r)
@@ -342,6 +381,10 @@ int cdm_region_rw(struct cdm_machine *m, struct cdm_region *r, uint64_t off, uin
     res->page = 0;
     if (len == 0)
         return 0;
+    if (len > UINT64_MAX - off) {
+        res->page = off >> CDM_PAGE_SHIFT;  /* the range wraps around: no such bytes */
+        return -EINVAL;
+    }
     uint64_t first = off >> CDM_PAGE_SHIFT;
     uint64_t last = (off + len - 1) >> CDM_PAGE_SHIFT;
     int ret = 0;
@@ -424,8 +467,8 @@ int cdm_region_populate(struct cdm_machine *m, struct cdm_region *r, uint64_t fi
     res->page = 0;
     int ret = 0;
     machine_lock(m);
-    if (first + n > r->npages) {
-        res->page = first + n - 1;
+    if (!range_inside(r, first, n)) {
+        res->page = first > r->npages ? first : r->npages;     /* the first page missing */
         ret = -EINVAL;
         goto out;
     }

@@ -202,7 +202,7 @@ class Machine:
         steps["alloc"] = list(st)
         steps["dst"] = list(dst)
         lib.cdm_migrate_copy(self.m, n, st, src, dst)
-        steps["moved"] = lib.cdm_migrate_finalize(self.m, r, first, n, dst, st)
+        steps["moved"] = lib.cdm_migrate_finalize(self.m, r, first, n, target, dst, st)
         steps["final"] = list(st)
         return steps
 
@@ -268,6 +268,42 @@ def test_terabyte_pool_is_sparse(mach):
     ffi.memmove(last, b"\x5a" * PAGE, PAGE)
     assert bytes(ffi.buffer(last, PAGE)) == b"\x5a" * PAGE
     assert vm_rss_kib() - before < 100 * 1024
+
+
+def test_snapshots_copy_what_the_structs_count(mach):
+    """cdm_pool_snapshot and cdm_region_snapshot: the counters of the live
+    structs, copied under the lock; an unknown pool is -EINVAL."""
+    a = mach.add_pool(32, base=0x3000)
+    g = mach.add_pool(16, flags=lib.CDM_POOL_PRIVATE, base=0x5000)
+    r = mach.region(8)
+    mach.write(r, 0, pattern(41, 6 * PAGE), simple_plan(a))
+    mach.read(r, 0, 2 * PAGE, mark_cpu=1)
+    assert mach.migrate(r, 4, 2, g)["moved"] == 2
+    res = ffi.new("struct cdm_rw_result *")
+    assert lib.cdm_region_pin(mach.m, r, 0, 1, 1, 0, res) == 0
+    assert lib.cdm_page_poison(mach.m, r, 3, pfn_of(mach.ptes(r, 3, 1)[0])) == 0
+    assert lib.cdm_region_truncate(mach.m, r, 7 * PAGE + 1) == 0
+    ps = ffi.new("struct cdm_pool_stats *")
+    for i in (a, g):
+        assert lib.cdm_pool_snapshot(mach.m, i, ps) == 0
+        p = mach.pool(i)
+        assert (ps.base_pfn, ps.npages, ps.flags) == (p.base_pfn, p.npages, p.flags)
+        assert (ps.nr_used, ps.nr_retired, ps.nr_mapped, ps.nr_dirty, ps.nr_pinned, ps.nr_held) == \
+            (p.nr_used, p.nr_retired, p.nr_mapped, p.nr_dirty, p.nr_pinned, p.nr_held)
+        assert ps.nr_free == mach.free(i)
+        assert list(ps.counters) == [p.counters[c] for c in ALL_COUNTERS]
+    assert lib.cdm_pool_snapshot(mach.m, a, ps) == 0
+    assert (ps.nr_used, ps.nr_retired, ps.nr_mapped, ps.nr_pinned) == (3, 1, 2, 1)
+    rs = ffi.new("struct cdm_region_stats *")
+    lib.cdm_region_snapshot(mach.m, r, rs)
+    assert (rs.size, rs.npages, rs.nr_pinned, rs.nr_poisoned) == (7 * PAGE + 1, 8, 1, 1)
+    assert list(rs.resident) == list(r.resident)
+    assert (rs.resident[a], rs.resident[g]) == (3, 2)
+    for bad in (-1, 2, MAXP):
+        ps.nr_used = 12345
+        assert lib.cdm_pool_snapshot(mach.m, bad, ps) == -errno.EINVAL
+        assert ps.nr_used == 12345
+    assert lib.cdm_region_pin(mach.m, r, 0, 1, 0, 0, res) == 0
 
 
 def test_pool_add_rejects_bad_ranges(mach):
@@ -487,6 +523,85 @@ def test_region_resize_grow_shrink(mach):
     assert (mach.free(a), mach.free(b)) == (64, 64)
     assert list(r.resident)[:2] == [0, 0]
     assert mach.pool(a).nr_dirty == 0 and mach.pool(b).nr_dirty == 0
+
+
+def test_truncate_zeroes_the_page_the_end_cuts(mach):
+    """cdm_region_truncate takes bytes: the page the new end cuts reads zero
+    past it, and growing zeroes past the old end too (a device kernel writes
+    whole pages, past the end); a page in device-private memory is zeroed
+    there, a poisoned one stays poisoned, an untouched one stays untouched."""
+    a = mach.add_pool(16)
+    g = mach.add_pool(16, flags=lib.CDM_POOL_PRIVATE)
+    r = mach.region(4)
+    plan = simple_plan(a)
+    data = pattern(31, 4 * PAGE)
+    mach.write(r, 0, data, plan)
+    assert lib.cdm_region_truncate(mach.m, r, 3 * PAGE + 100) == 0
+    assert (r.npages, r.size) == (4, 3 * PAGE + 100)
+    tail = pfn_of(mach.ptes(r, 3, 1)[0])
+    assert mach.frame(tail) == data[3 * PAGE:3 * PAGE + 100] + bytes(PAGE - 100)
+    # Written past the end (as a device does), then grown: zero past the old end.
+    mach.fill(tail, b"\xff" * PAGE)
+    assert lib.cdm_region_truncate(mach.m, r, 3 * PAGE + 200) == 0
+    assert mach.frame(tail) == b"\xff" * 100 + bytes(PAGE - 100)
+    assert lib.cdm_region_truncate(mach.m, r, 6 * PAGE) == 0
+    assert mach.read(r, 3 * PAGE, PAGE) == b"\xff" * 100 + bytes(PAGE - 100)
+    # A whole-page size zeroes nothing.
+    before = mach.read(r, 0, 3 * PAGE)
+    assert lib.cdm_region_truncate(mach.m, r, 3 * PAGE) == 0
+    assert mach.read(r, 0, 3 * PAGE) == before == data[:3 * PAGE]
+    # Device-private: the device's memory holds the page, and is zeroed.
+    assert mach.migrate(r, 2, 1, g)["moved"] == 1
+    private = mach.ptes(r, 2, 1)[0]
+    assert private & lib.CDM_PTE_PRIVATE
+    assert lib.cdm_region_truncate(mach.m, r, 2 * PAGE + 10) == 0
+    assert mach.ptes(r, 2, 1)[0] == private
+    assert mach.frame(pfn_of(private)) == data[2 * PAGE:2 * PAGE + 10] + bytes(PAGE - 10)
+    assert mach.migrate(r, 2, 1, a)["moved"] == 1
+    assert mach.read(r, 2 * PAGE, PAGE) == data[2 * PAGE:2 * PAGE + 10] + bytes(PAGE - 10)
+    # Poisoned: no frame to zero, the page stays poisoned.
+    pte = mach.ptes(r, 2, 1)[0]
+    assert lib.cdm_page_poison(mach.m, r, 2, pfn_of(pte)) == 0
+    assert lib.cdm_region_truncate(mach.m, r, 2 * PAGE + 5) == 0
+    assert mach.ptes(r, 2, 1)[0] & lib.CDM_PTE_POISONED and r.nr_poisoned == 1
+    assert mach.rw(r, 2 * PAGE, 1)[0] == -errno.EIO
+    # Untouched: stays absent.
+    assert lib.cdm_region_truncate(mach.m, r, 2 * PAGE) == 0
+    assert lib.cdm_region_truncate(mach.m, r, 4 * PAGE + 7) == 0
+    assert lib.cdm_region_truncate(mach.m, r, 4 * PAGE + 3) == 0
+    assert mach.ptes(r, 2, 3) == [0, 0, 0]
+    assert mach.read(r, 0, 2 * PAGE) == data[:2 * PAGE]
+    assert mach.check() == ""
+
+
+def test_truncate_waits_for_a_locked_tail_page(mach):
+    """The page to zero is locked by a migration whose copy may be taken:
+    -EAGAIN and nothing changed.  A collected page not locked yet is zeroed
+    where it is, and the migration then copies the zeros."""
+    a = mach.add_pool(16)
+    c = mach.add_pool(16)
+    r = mach.region(3)
+    data = pattern(32, 3 * PAGE)
+    mach.write(r, 0, data, simple_plan(a))
+    before = mach.ptes(r)
+
+    def shrink_locked():
+        assert lib.cdm_region_truncate(mach.m, r, 2 * PAGE + 100) == -errno.EAGAIN
+        assert (r.npages, r.size) == (3, 3 * PAGE)
+        assert mach.frame(pfn_of(before[2])) == data[2 * PAGE:]
+
+    s = mach.migrate(r, 2, 1, c, after_lock=shrink_locked)
+    assert s["moved"] == 1
+    assert mach.read(r, 0, 3 * PAGE) == data
+
+    def shrink_collected():
+        assert lib.cdm_region_truncate(mach.m, r, 2 * PAGE + 100) == 0
+
+    s = mach.migrate(r, 2, 1, a, between=shrink_collected)
+    assert s["moved"] == 1 and pool_of(mach.ptes(r, 2, 1)[0]) == a
+    assert mach.read(r, 2 * PAGE, PAGE) == data[2 * PAGE:2 * PAGE + 100] + bytes(PAGE - 100)
+    assert_no_transient_bits(mach, r)
+    assert mach.check() == ""
 
 
 def test_region_free_releases_everything(mach):
@@ -943,6 +1058,67 @@ def test_migrate_target_fills_up(mach):
     assert mach.read(r2, 0, 2 * PAGE, simple_plan(a)) == bytes(2 * PAGE)
 
 
+@pytest.mark.parametrize("bad", ["free", "owned", "owned_on_target", "outside", "duplicate",
+                                 "other_pool", "wrong_target"])
+def test_finalize_rejects_bad_destinations(mach, bad):
+    """finalize checks every dst as the other steps check their input: a
+    frame of the target pool that the migration holds.  A bad one fails its
+    page with -EINVAL, the page stays where it was, unlocked, with its data;
+    a held frame of another pool goes back to it; nothing else is freed, and
+    the accounting holds (the checker agrees).  copy never writes a bad dst."""
+    a = mach.add_pool(16)
+    c = mach.add_pool(16)
+    r = mach.region(4)
+    data = pattern(21, 4 * PAGE)
+    mach.write(r, 0, data, simple_plan(a))
+    if bad == "owned_on_target":
+        assert mach.migrate(r, 3, 1, c)["moved"] == 1
+    n = 2
+    src = ffi.new("uint64_t[]", n)
+    dst = ffi.new("uint64_t[]", n)
+    st = ffi.new("int32_t[]", n)
+    assert lib.cdm_migrate_collect(mach.m, r, 0, n, c, 0, 0, src, st) == n
+    assert lib.cdm_migrate_lock(mach.m, r, 0, n, st) == n
+    assert lib.cdm_migrate_alloc(mach.m, c, n, st, dst) == n
+    given = dst[0]
+    target = c
+    if bad == "free":
+        dst[0] = mach.pool(c).base_pfn + 10                # never handed out
+    elif bad in ("owned", "owned_on_target"):
+        dst[0] = pfn_of(mach.ptes(r, 3, 1)[0])             # page 3's frame
+    elif bad == "outside":
+        dst[0] = 0x7777777                                  # in no pool
+    elif bad == "duplicate":
+        dst[0] = dst[1]
+    elif bad == "other_pool":
+        rc, (held,) = mach.alloc(a, 1)                      # held, but not on the target
+        assert rc == 0
+        dst[0] = held
+    else:
+        target = a                                          # every dst is on another pool
+    owned_before = {pfn_of(p): mach.owner(pfn_of(p)) for p in mach.ptes(r)}
+    frame3 = mach.frame(pfn_of(mach.ptes(r, 3, 1)[0]))
+    lib.cdm_migrate_copy(mach.m, n, st, src, dst)
+    assert mach.frame(pfn_of(mach.ptes(r, 3, 1)[0])) == frame3     # not overwritten
+    moved = lib.cdm_migrate_finalize(mach.m, r, 0, n, target, dst, st)
+    if bad == "wrong_target":
+        assert moved == 0 and list(st) == [-errno.EINVAL] * 2
+    else:
+        assert moved == 1 and list(st) == [-errno.EINVAL, lib.CDM_MIG_DONE]
+    assert pool_of(mach.ptes(r, 0, 1)[0]) == a                  # stayed
+    assert_no_transient_bits(mach, r)
+    assert mach.check() == ""
+    for pfn, owner in owned_before.items():
+        if pfn != pfn_of(src[1]) or bad == "wrong_target":
+            assert mach.owner(pfn) == owner                     # nobody lost a frame
+    if bad != "wrong_target":
+        mach.pool_free([given])                                 # the target frame the test replaced
+    assert mach.check() == ""
+    assert mach.read(r, 0, 4 * PAGE) == data
+    assert mach.free(a) + mach.free(c) == 32 - 4                # no frame leaked or lost
+    assert_accounting(mach, r)
+
+
 def test_cpu_touch_between_collect_and_lock(mach):
     a = mach.add_pool(16)
     c = mach.add_pool(16)
@@ -1038,12 +1214,12 @@ def test_overlapping_migrations_do_not_unlock_each_other(mach):
     assert mach.rw(r, 2 * PAGE, 1)[0] == -errno.EAGAIN
     # Migration 1 and 3 complete normally.
     lib.cdm_migrate_copy(mach.m, n, st, src, dst)
-    assert lib.cdm_migrate_finalize(mach.m, r, 0, n, dst, st) == 4
+    assert lib.cdm_migrate_finalize(mach.m, r, 0, n, c, dst, st) == 4
     dst3 = ffi.new("uint64_t[]", 1)
     assert lib.cdm_migrate_lock(mach.m, r, 4, 1, st3) == 1
     assert lib.cdm_migrate_alloc(mach.m, c, 1, st3, dst3) == 1
     lib.cdm_migrate_copy(mach.m, 1, st3, src3, dst3)
-    assert lib.cdm_migrate_finalize(mach.m, r, 4, 1, dst3, st3) == 1
+    assert lib.cdm_migrate_finalize(mach.m, r, 4, 1, c, dst3, st3) == 1
     assert [pool_of(p) for p in mach.ptes(r)] == [c] * 5
     assert mach.read(r, 0, 5 * PAGE) == data + bytes(PAGE)
     assert (mach.free(a), mach.free(c), mach.free(d)) == (16, 11, 16)
@@ -1114,10 +1290,133 @@ def test_copy_beside_other_threads(mach):
     finally:
         t.join()
     assert not errors
-    assert lib.cdm_migrate_finalize(mach.m, r, 0, n, dst, st) == n
+    assert lib.cdm_migrate_finalize(mach.m, r, 0, n, c, dst, st) == n
     assert mach.read(r, 0, 2048 * PAGE) == data
     assert mach.read(r, 2048 * PAGE, 5) == b"other"
     assert r.resident[c] == 2048 and r.resident[a] == 1
+
+
+# ------------------------------------------------------------ wrapping ranges
+
+U64 = (1 << 64) - 1
+
+
+def test_ranges_that_wrap_around_2_64_are_refused(mach):
+    """Every entry point that takes a range, called with first near 2^64 so
+    that first + n wraps around to pages (frames, bytes) that exist: none of
+    them may touch those, each refuses or cuts the range as cdmcore.h says,
+    and the checker agrees with the accounting after each."""
+    a = mach.add_pool(16)
+    c = mach.add_pool(16)
+    base = mach.pool(a).base_pfn
+    r = mach.region(4)
+    plan = simple_plan(a)
+    data = pattern(51, 4 * PAGE)
+    mach.write(r, 0, data, plan)
+    mach.read(r, 0, 4 * PAGE, mark_cpu=1)
+    ptes = mach.ptes(r)
+    res = ffi.new("struct cdm_rw_result *")
+    first, n = U64 - 1, 4                       # first + n wraps to 2: pages 0 and 1
+
+    def unchanged():
+        assert mach.ptes(r) == ptes
+        assert mach.check() == ""
+
+    # Pools and regions.
+    assert lib.cdm_pool_add(mach.m, U64, 2, 0) == -errno.EINVAL
+    assert lib.cdm_pool_add(mach.m, lib.CDM_PTE_PFN_MASK - 1, 2, 0) == -errno.EINVAL
+    r2 = mach.region(4)
+    for pages in (U64, (1 << 63) + 1, lib.CDM_REGION_MAX_PAGES + 1):   # 2^63 + 1 never returned
+        assert lib.cdm_region_resize(mach.m, r2, pages) == -errno.EINVAL
+    assert lib.cdm_region_truncate(mach.m, r2, U64) == -errno.EINVAL
+    assert r2.npages == 4
+    # Gather/scatter, first touch, pins, device ops.
+    buf = ffi.new("uint8_t[]", 2 * PAGE)
+    for write in (0, 1):
+        assert lib.cdm_region_rw(mach.m, r, U64 - PAGE + 1, 2 * PAGE, buf, write, 1, plan.c, res) \
+            == -errno.EINVAL
+    assert lib.cdm_region_populate(mach.m, r2, U64, 2, plan.c, res) == -errno.EINVAL
+    assert mach.ptes(r2) == [0] * 4
+    assert lib.cdm_region_pin(mach.m, r, first, n, 1, 0, res) == -errno.ENOENT
+    assert lib.cdm_region_pin(mach.m, r, first, n, 0, 0, res) == 0 and res.allocated == 0
+    op = ffi.new("struct cdm_op_result *")
+    for kind in (lib.CDM_OP_WRITE, lib.CDM_OP_READ):
+        assert lib.cdm_device_op(mach.m, r, first, n, kind, 0xee, 1 << a, 0, op) == -errno.EINVAL
+    unchanged()
+    # Walks.
+    out = ffi.new("uint64_t[]", n)
+    lib.cdm_region_ptes(mach.m, r, first, n, out)
+    assert list(out) == [0] * n
+    assert lib.cdm_region_count(mach.m, r, first, n, lib.CDM_PTE_PRESENT) == 0
+    assert lib.cdm_region_next_present(mach.m, r, first, U64) == U64
+    rf, rl, nxt = ffi.new("uint64_t[]", 4), ffi.new("uint64_t[]", 4), ffi.new("uint64_t *")
+    assert lib.cdm_region_flag_runs(mach.m, r, first, n, lib.CDM_PTE_PRESENT, rf, rl, 4, nxt) == 0
+    assert nxt[0] == 4
+    mirror = ffi.new("uint8_t[]", 4)
+    assert lib.cdm_region_mirror_pool(mach.m, r, first, n, a, mirror, 1) == 0
+    assert list(mirror) == [0] * 4
+    lib.cdm_region_uncache(mach.m, r, first, n)
+    present, dirty = ffi.new("uint64_t[]", MAXP), ffi.new("uint64_t[]", MAXP)
+    lib.cdm_region_census(mach.m, r, first, n, present, dirty)
+    assert sum(present) == 0 and sum(dirty) == 0
+    lib.cdm_region_pagemap(mach.m, r, first, n, out, 1)
+    assert list(out) == [0] * n
+    table, nruns, rp = ffi.new("int32_t[]", [c]), ffi.new("uint64_t *"), ffi.new("int32_t[]", 4)
+    assert lib.cdm_region_misfits(mach.m, r, first, n, table, 1, 0, 0, rf, rl, rp, 4, nruns) == 0
+    busy = ffi.new("uint64_t *")
+    assert lib.cdm_region_poison_pool(mach.m, r, first, n, a, busy) == 0
+    unchanged()
+    # Migration steps: a migration of pages 0-1 is in flight (locked, targets
+    # held); the same steps at first near 2^64 must not take or unlock them.
+    src, dst, st = ffi.new("uint64_t[]", 2), ffi.new("uint64_t[]", 2), ffi.new("int32_t[]", 2)
+    assert lib.cdm_migrate_collect(mach.m, r, 0, 2, c, 0, 0, src, st) == 2
+    assert lib.cdm_migrate_lock(mach.m, r, 0, 2, st) == 2
+    assert lib.cdm_migrate_alloc(mach.m, c, 2, st, dst) == 2
+    locked = mach.ptes(r)
+    wsrc, wst = ffi.new("uint64_t[]", n), ffi.new("int32_t[]", n)
+    assert lib.cdm_migrate_collect(mach.m, r, first, n, c, lib.CDM_COLLECT_TAKEOVER, 0, wsrc, wst) == 0
+    assert list(wst) == [-errno.EINVAL] * n
+    forged = [lib.CDM_MIG_MOVE] * n
+    for lock in (lambda s: lib.cdm_migrate_lock(mach.m, r, first, n, s),
+                 lambda s: lib.cdm_migrate_lock_src(mach.m, r, first, n, ffi.new("uint64_t[]", [0, 0] + list(src)), s)):
+        s = ffi.new("int32_t[]", forged)
+        assert lock(s) == 0 and list(s) == [-errno.ENOENT] * n
+    wdst, s = ffi.new("uint64_t[]", n), ffi.new("int32_t[]", forged)
+    assert lib.cdm_migrate_alloc(mach.m, c, n, s, wdst) == n
+    lib.cdm_migrate_copy(mach.m, n, s, ffi.new("uint64_t[]", [0, 0] + list(src)), wdst)
+    assert lib.cdm_migrate_finalize(mach.m, r, first, n, c, wdst, s) == 0
+    assert list(s) == [-errno.ENOENT] * n                       # no such pages: targets back
+    s = ffi.new("int32_t[]", forged)
+    assert lib.cdm_migrate_alloc(mach.m, c, n, s, wdst) == n
+    lib.cdm_migrate_abort(mach.m, r, first, n, wdst, s)
+    assert list(s) == [-errno.EINTR] * n
+    assert mach.ptes(r) == locked and mach.check() == ""
+    assert mach.free(c) == 16 - 2                               # only the real migration's targets
+    lib.cdm_migrate_copy(mach.m, 2, st, src, dst)
+    assert lib.cdm_migrate_finalize(mach.m, r, 0, 2, c, dst, st) == 2
+    assert mach.read(r, 0, 4 * PAGE) == data
+    ptes = mach.ptes(r)
+    # Frames: ranges of PFNs from a pool's frame to past 2^64 are cut at its end.
+    census = ffi.new("uint64_t[2]")
+    lib.cdm_frames_census(mach.m, base + 1, U64, census)
+    want = ffi.new("uint64_t[2]")
+    lib.cdm_frames_census(mach.m, base + 1, 15, want)
+    assert list(census) == list(want) and census[0] == 2       # pages 2, 3 on a: frames 2, 3
+    regs, pages = ffi.new("uint32_t[]", 16), ffi.new("uint64_t[]", 16)
+    assert lib.cdm_frames_owners(mach.m, base, U64, regs, pages, 16, nxt) == 2
+    assert nxt[0] == U64                                        # done, not pfn + n wrapped
+    assert lib.cdm_frame_retire(mach.m, base + 12, 0) == 0
+    assert lib.cdm_frames_unretire(mach.m, base + 1, U64) == 1
+    unchanged()
+    # Memory blocks: a block larger than 2^64 - npages is the whole pool.
+    z = mach.add_pool(8, base=0)
+    assert lib.cdm_pool_set_blocks(mach.m, z, U64) == 0
+    assert mach.pool(z).nblocks == 1
+    assert lib.cdm_block_isolate(mach.m, z, U64, 1) == -errno.EINVAL
+    assert lib.cdm_block_isolate(mach.m, z, 0, 1) == 0
+    assert mach.alloc(z, 1)[0] == -errno.ENOMEM
+    assert lib.cdm_block_isolate(mach.m, z, 0, 0) == 8
+    assert mach.check() == ""
 
 
 # ------------------------------------------------------------ FUSE notify

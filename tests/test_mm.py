@@ -6,6 +6,8 @@ from __future__ import annotations
 import errno
 import os
 
+import pytest
+
 from cdmfs import config
 from cdmfs.drivers import dmirror
 from cdmfs.mm import memory_failure
@@ -88,3 +90,114 @@ def test_region_ids_are_reused_and_bounded():
         assert e.errno == errno.ENOSPC
     else:
         raise AssertionError("a region past the reverse map's reach was created")
+
+
+# ------------------------------------------------------------- truncation
+
+
+async def test_grown_tail_reads_zero_after_a_device_write_past_the_end():
+    """A device kernel runs on whole pages, so it writes the bytes of the last
+    page past the end of the file; growing the file again must show zeros
+    there, as a CPU write past the end never would."""
+    m, regions, devices, _ = machine()
+    r = regions.create("r")
+    r.resize(3 * PAGE)
+    await r.writeback(0, b"\xaa" * (3 * PAGE), os.getpid())
+    r.resize(2 * PAGE + 100)                        # shrink: the tail goes to zero
+    assert bytes(await r.fault(2 * PAGE, PAGE, os.getpid())) == b"\xaa" * 100
+    await devices["gpu0"].access(r, 2, 1, "write", 0xff)
+    r.resize(3 * PAGE)                              # grow: past the old end reads zero
+    tail = bytes(await r.fault(2 * PAGE, PAGE, os.getpid()))
+    assert tail == b"\xff" * 100 + bytes(PAGE - 100)
+    assert m.check() == ""
+
+
+async def test_shrink_waits_for_a_migration_holding_the_tail_page():
+    """The page a shrink cuts in two must read zero past the new end.  While
+    a migration holds it locked, its copy may be taken already, so zeroing
+    the old frame would be lost when the migration installs the copy: resize
+    fails with EAGAIN, changing nothing, and truncate waits for the page."""
+    import trio
+    from cdmfs._core import ffi, lib
+    m, regions, _, _ = machine()
+    r = regions.create("r")
+    r.resize(3 * PAGE)
+    await r.writeback(0, b"\xaa" * (3 * PAGE), os.getpid())
+    target = m.target("gpu0").pool
+    src, dst, st = ffi.new("uint64_t[1]"), ffi.new("uint64_t[1]"), ffi.new("int32_t[1]")
+    assert lib.cdm_migrate_collect(m.core, r.core, 2, 1, target, 0, 0, src, st) == 1
+    assert lib.cdm_migrate_lock(m.core, r.core, 2, 1, st) == 1
+    assert lib.cdm_migrate_alloc(m.core, target, 1, st, dst) == 1
+    lib.cdm_migrate_copy(m.core, 1, st, src, dst)
+    with pytest.raises(OSError) as err:
+        r.resize(2 * PAGE + 100)
+    assert err.value.errno == errno.EAGAIN and r.size == 3 * PAGE
+    done = []
+    async with trio.open_nursery() as nursery:
+        async def shrink():
+            await r.truncate(2 * PAGE + 100)
+            done.append(r.size)
+        nursery.start_soon(shrink)
+        await trio.sleep(0.05)
+        assert not done                                 # waiting for the page
+        assert lib.cdm_migrate_finalize(m.core, r.core, 2, 1, target, dst, st) == 1
+        r.wake_waiters()
+    assert done == [2 * PAGE + 100]
+    r.resize(3 * PAGE)
+    await migrate_range(m, r, 0, 3, m.node_target(0))
+    assert bytes(await r.fault(0, 3 * PAGE, os.getpid())) == b"\xaa" * (2 * PAGE + 100) + bytes(PAGE - 100)
+    assert m.check() == ""
+
+
+# ----------------------------------------------------- locked snapshots
+
+
+class CountingLib:
+    """Stands in for cdmfs._core.lib in a module, counting native calls."""
+
+    def __init__(self, lib):
+        self._lib = lib
+        self.calls: list[str] = []
+
+    def __getattr__(self, name):
+        value = getattr(self._lib, name)
+        if callable(value):
+            def call(*args, _name=name, _fn=value):
+                self.calls.append(_name)
+                return _fn(*args)
+            return call
+        return value
+
+
+def test_sysfs_reads_are_one_snapshot_each(monkeypatch):
+    """meminfo, vmstat and numastat of a node and a region's stat read the
+    core through one locked snapshot each, not a struct field at a time."""
+    from cdmfs.fs.sysfs import node as sysfs_node
+    from cdmfs.mm import machine as mm_machine, region as mm_region
+    m, regions, _, _ = machine()
+    r = regions.create("r")
+    r.resize(8 * PAGE)
+    counting = CountingLib(mm_machine.lib)
+    monkeypatch.setattr(mm_machine, "lib", counting)
+    monkeypatch.setattr(mm_region, "lib", counting)
+    monkeypatch.setattr(sysfs_node, "lib", counting)
+    for show in (sysfs_node.node_meminfo, sysfs_node.node_vmstat, sysfs_node.node_numastat):
+        counting.calls.clear()
+        assert show(m, 0)
+        assert counting.calls == ["cdm_pool_snapshot"], (show.__name__, counting.calls)
+    counting.calls.clear()
+    assert dict(r.stat())["pages"] == 8
+    assert counting.calls == ["cdm_region_snapshot"]
+
+
+def test_cdmfs_reads_no_native_struct_directly():
+    """Every read of pools and regions goes through a locked accessor: no
+    field of the live structs is read from Python (tests may look inside)."""
+    import pathlib
+    import re
+    root = pathlib.Path(__file__).resolve().parent.parent / "cdmfs"
+    live = re.compile(r"core\.(pools|npages|size|resident|nr_\w+|pte|cap)\b|\.counters\[")
+    found = [f"{path.relative_to(root)}:{k + 1}: {line.strip()}"
+             for path in root.rglob("*.py")
+             for k, line in enumerate(path.read_text().splitlines()) if live.search(line)]
+    assert not found, "\n".join(found)

@@ -350,7 +350,7 @@ class Device:
 
     async def ecc(self, addr: int) -> None:
         """An uncorrectable error at a physical address of its memory."""
-        pool = self.machine.pool(self.pool)
+        pool = self.machine.pool_stats(self.pool)
         if not pool.base_pfn <= addr // PAGE_SIZE < pool.base_pfn + pool.npages:
             raise ValueError(f"address outside {self.name}'s memory")
         await memory_failure.hard_offline(self.machine.hotplug, addr)

@@ -32,13 +32,12 @@ def region_of(m: Machine, name: str):
 
 
 def device_meminfo(m: Machine, dev: Device) -> str:
-    p = m.pool(dev.pool)
-    free = p.npages - p.nr_used - p.nr_retired
-    return formats.device_meminfo(p.npages * KB_PER_PAGE, free * KB_PER_PAGE)
+    p = m.pool_stats(dev.pool)
+    return formats.device_meminfo(p.npages * KB_PER_PAGE, p.nr_free * KB_PER_PAGE)
 
 
 def device_resource(m: Machine, dev: Device) -> str:
-    p = m.pool(dev.pool)
+    p = m.pool_stats(dev.pool)
     start = p.base_pfn * PAGE_SIZE
     return f"0x{start:x} 0x{start + p.npages * PAGE_SIZE - 1:x}\n"
 

@@ -214,7 +214,7 @@ class Filesystem(pyfuse3.Operations):
                     raise pyfuse3.FUSEError(errno.EINVAL)
             else:
                 try:
-                    e.region.resize(attr.st_size)
+                    await e.region.truncate(attr.st_size)
                 except OSError as err:
                     raise fuse_error(err) from None
         if fields.update_mode or fields.update_uid or fields.update_gid:
@@ -350,7 +350,7 @@ class Filesystem(pyfuse3.Operations):
             if flags & os.O_TRUNC and writable:
                 # libfuse enables atomic O_TRUNC: the truncation is ours to do.
                 try:
-                    e.region.resize(0)
+                    await e.region.truncate(0)
                 except OSError as err:
                     region.put()
                     raise fuse_error(err) from None

@@ -84,7 +84,7 @@ def unpin(m: "Machine", region: "Region", first: int, n: int) -> int:
 def pinned_ranges(m: "Machine", region: "Region") -> list[tuple[int, int]]:
     """Runs of pinned pages: (first, count), found by the core's walk of
     the populated parts of the page table."""
-    if not region.core.nr_pinned:
+    if not region.snapshot().nr_pinned:
         return []
     core = m.core
     lo = ffi.new("uint64_t[]", migrate.OWNER_BATCH)

@@ -174,8 +174,9 @@ class Machine:
         return mask
 
     def device_resident(self, region: "Region") -> dict[str, int]:
-        """Pages of region in each device's memory."""
-        return {name: region.core.resident[d.pool] for name, d in self.pgmaps.items()}
+        """Pages of region in each device's memory (one snapshot)."""
+        resident = region.snapshot().resident
+        return {name: resident[d.pool] for name, d in self.pgmaps.items()}
 
     async def populate(self, region: "Region", first: int, npages: int) -> None:
         """Allocates absent pages by the region's policy without a CPU fault
@@ -276,23 +277,34 @@ class Machine:
 
     # ------------------------------------------------------------ accounting
 
-    def pool(self, index: int):
-        return self.core.pools[index]
+    def pool_stats(self, index: int):
+        """A snapshot of a pool (struct cdm_pool_stats: geometry, flags, page
+        counts, event counters), copied under the core's lock in one call;
+        Python never reads the live struct cdm_pool."""
+        out = ffi.new("struct cdm_pool_stats *")
+        rc = lib.cdm_pool_snapshot(self.core, index, out)
+        if rc:
+            raise OSError(-rc, f"no pool {index}")
+        return out
+
+    def node_stats(self, nid: int) -> tuple[dict[str, int], list[int]]:
+        """Page counts of a node, as the sys tree shows them, and its event
+        counters (indexed by CDM_*): one snapshot, so a meminfo, vmstat or
+        numastat read is one native call and its numbers agree."""
+        node = self.nodes[nid]
+        s = self.pool_stats(node.pool)
+        total = node.online_pages
+        free = max(s.nr_free - node.hidden_free, 0) if total else 0
+        pages = {
+            "total": total,
+            "free": free,
+            "anon": s.nr_used,
+            "mapped": s.nr_mapped,
+            "dirty": s.nr_dirty,
+            "mlocked": s.nr_pinned,
+        }
+        return pages, list(s.counters)
 
     def node_pages(self, nid: int) -> dict[str, int]:
         """Page counts of a node, as the sys tree shows them."""
-        node = self.nodes[nid]
-        p = self.core.pools[node.pool]
-        total = node.online_pages
-        free = max(lib.cdm_pool_free_pages(self.core, node.pool) - node.hidden_free, 0) if total else 0
-        return {
-            "total": total,
-            "free": free,
-            "anon": p.nr_used,
-            "mapped": p.nr_mapped,
-            "dirty": p.nr_dirty,
-            "mlocked": p.nr_pinned,
-        }
-
-    def node_counter(self, nid: int, counter: int) -> int:
-        return self.core.pools[self.nodes[nid].pool].counters[counter]
+        return self.node_stats(nid)[0]

@@ -60,7 +60,7 @@ async def hard_offline(hp: "MemoryHotplug", addr: int) -> None:
                 await trio.sleep(0.001)
                 continue
             p = page[0]
-            private = m.pool(lib.cdm_pfn_pool(m.core, pfn)).flags & lib.CDM_POOL_PRIVATE
+            private = m.pool_stats(lib.cdm_pfn_pool(m.core, pfn)).flags & lib.CDM_POOL_PRIVATE
             rc = lib.cdm_page_poison(m.core, region.core, p, pfn)
             if rc == -errno.EAGAIN:
                 await region.wait_unlocked()
@@ -150,7 +150,7 @@ async def link_down(hp: "MemoryHotplug", dev: "PageMap") -> None:
         blocks = [b for b in hp.node_blocks(dev.spec.node) if b.online] if coherent else []
         for b in blocks:
             lib.cdm_block_isolate(m.core, b.pool, b.index, 1)
-        pool = m.pool(dev.pool)
+        pool = m.pool_stats(dev.pool)       # its geometry
         busy = ffi.new("uint64_t *")
         poisoned = 0
         for attempt in range(migrate.MAX_PASSES):

@@ -236,7 +236,7 @@ class MemoryHotplug:
         async with self.lock:
             if not dev.online:
                 return False
-            pool = m.pool(dev.pool)
+            pool = m.pool_stats(dev.pool)
             if pool.nr_pinned:
                 raise OSError(errno.EBUSY, f"a pinned page is in {dev.owner}'s memory")
             node = dev.spec.node if dev.spec.coherent else None
@@ -273,7 +273,7 @@ class MemoryHotplug:
         async with self.lock:
             if dev.online:
                 return False
-            pool = m.pool(dev.pool)
+            pool = m.pool_stats(dev.pool)
             if dev.owner in self.link_lost:
                 lib.cdm_frames_unretire(m.core, pool.base_pfn, pool.npages)
                 self.link_lost.discard(dev.owner)

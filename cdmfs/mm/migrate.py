@@ -70,12 +70,12 @@ def frame_owners(m: "Machine", pfn: int, n: int) -> dict[int, list[int]]:
 def pinned_in(m: "Machine", pfn: int, n: int) -> bool:
     """Whether a pinned page lives on frames [pfn, pfn + n)."""
     pool = lib.cdm_pfn_pool(m.core, pfn)
-    if pool < 0 or not m.pool(pool).nr_pinned:
+    if pool < 0 or not m.pool_stats(pool).nr_pinned:
         return False
     regions = regions_by_id(m)
     for rid, pages in frame_owners(m, pfn, n).items():
         region = regions.get(rid)
-        if region is None or not region.core.nr_pinned:
+        if region is None or not region.snapshot().nr_pinned:
             continue
         for first, count in runs(pages):
             ptes = ffi.new("uint64_t[]", count)

@@ -158,7 +158,7 @@ async def _migrate_batch(m: "Machine", region: "Region", first: int, n: int, tar
         # Taken here, not before the awaits above: another migration of this
         # region may finish meanwhile, and its moves are not ours to count.
         before = m.device_resident(region)
-        moved = lib.cdm_migrate_finalize(m.core, region.core, first, n, dst, status)
+        moved = lib.cdm_migrate_finalize(m.core, region.core, first, n, target.pool, dst, status)
     finally:
         region.migrations -= 1
         region.wake_waiters()

@@ -89,7 +89,9 @@ class Region:
 
     @property
     def npages(self) -> int:
-        return self.core.npages
+        """Pages of the file: its size rounded up.  Kept from the size Python
+        set, not read from the native region outside its lock."""
+        return -(-self.size // PAGE_SIZE)
 
     # -------------------------------------------------------------- lifetime
 
@@ -116,6 +118,14 @@ class Region:
         if self._core is None:
             raise OSError(errno.ENOENT, f"region {self.name} was removed")
         return self._core
+
+    def snapshot(self):
+        """A snapshot of the native region (struct cdm_region_stats: size,
+        pages per pool, pinned and poisoned counts), copied under the core's
+        lock in one call."""
+        out = ffi.new("struct cdm_region_stats *")
+        lib.cdm_region_snapshot(self.machine.core, self.core, out)
+        return out
 
     @contextlib.contextmanager
     def hold(self) -> Iterator["Region"]:
@@ -201,7 +211,7 @@ class Region:
         """A FUSE WRITE: write-back of dirty CPU pages, or write()."""
         if off + len(data) > self.size:
             # write() past the end grows the file, as on tmpfs.
-            self.resize(off + len(data))
+            await self.truncate(off + len(data))
         await self._rw(off, len(data), ffi.from_buffer(data), 1, pid)
         self.writebacks += 1
         return len(data)
@@ -259,7 +269,9 @@ class Region:
     # -------------------------------------------------------------- size
 
     def resize(self, size: int) -> None:
-        """truncate(2): grows with zero pages, shrinking frees pages."""
+        """truncate(2): grows with zero pages, shrinking frees pages; the page
+        the end cuts reads zero past it.  EAGAIN, changing nothing, while a
+        migration holds that page locked (see ``truncate``, which waits)."""
         if size < 0 or size > MAX_REGION_SIZE:
             raise OSError(errno.EINVAL, f"size must be 0..{MAX_REGION_SIZE}")
         if self.removed:
@@ -268,30 +280,32 @@ class Region:
             self.machine.regions.may_grow(self, size)
         # A shrink during a migration is allowed, as truncate(2) is: the
         # migration's lock and finalize steps skip the pages that went away
-        # (-ENOENT) and give their target frames back.
-        npages = (size + PAGE_SIZE - 1) // PAGE_SIZE
-        if npages < self.npages and size % PAGE_SIZE:
-            # The page that stays partly must read as zero past the new end.
-            tail = bytes(PAGE_SIZE - size % PAGE_SIZE)
-            self._zero_tail(size, tail)
+        # (-ENOENT) and give their target frames back.  The zeroing of the
+        # page the end cuts happens in the core, under its lock, in the call.
         old = self.npages
-        rc = lib.cdm_region_resize(self.machine.core, self.core, npages)
+        rc = lib.cdm_region_truncate(self.machine.core, self.core, size)
         if rc:
-            raise OSError(-rc, "cannot resize the page table")
+            raise OSError(-rc, "cannot resize the page table" if rc == -errno.ENOMEM
+                          else f"cannot resize: {errno.errorcode.get(-rc, rc)}")
+        self.size = size
+        npages = self.npages
         if npages < old:
             self.machine.invalidate_devices(self, npages, old - npages)
             if self.ranges:
                 # mbind ranges stay inside the file.
                 self.set_range_policy(npages, max(old, self.ranges[-1][1]), None)
-        self.size = size
 
-    def _zero_tail(self, size: int, tail: bytes) -> None:
-        ptes = ffi.new("uint64_t[1]")
-        lib.cdm_region_ptes(self.machine.core, self.core, size // PAGE_SIZE, 1, ptes)
-        if ptes[0] & lib.CDM_PTE_PRESENT and not ptes[0] & lib.CDM_PTE_POISONED:
-            addr = lib.cdm_pfn_addr(self.machine.core, ptes[0] & lib.CDM_PTE_PFN_MASK)
-            ffi.memmove(addr + size % PAGE_SIZE, tail, len(tail))
-
+    async def truncate(self, size: int) -> None:
+        """``resize``, waiting for a migration that holds the page the new
+        end cuts (truncate(2) waits on a folio a migration has locked)."""
+        while True:
+            try:
+                self.resize(size)
+                return
+            except OSError as e:
+                if e.errno != errno.EAGAIN:
+                    raise
+            await self.wait_unlocked()
 
     # -------------------------------------------------------------- mbind
 
@@ -443,17 +457,18 @@ class Region:
     def stat(self) -> list[tuple[str, object]]:
         """The ``stat`` file: SPEC §6."""
         m = self.machine
+        s = self.snapshot()         # one native call for the whole file
         items: list[tuple[str, object]] = [("size", self.size), ("pages", self.npages)]
-        items += [(f"N{nid}", self.core.resident[n.pool]) for nid, n in m.nodes.items()]
-        items += [(f"private:{name}", self.core.resident[p.pool]) for name, p in m.private.items()]
+        items += [(f"N{nid}", s.resident[n.pool]) for nid, n in m.nodes.items()]
+        items += [(f"private:{name}", s.resident[p.pool]) for name, p in m.private.items()]
         items += [
             ("cpu_faults", self.cpu_faults),
             ("device_faults", self.device_faults),
             ("migrated_pages", self.migrated_pages),
             ("invalidations", self.invalidations),
             ("writebacks", self.writebacks),
-            ("pinned", self.core.nr_pinned),
-            ("poisoned", self.core.nr_poisoned),
+            ("pinned", s.nr_pinned),
+            ("poisoned", s.nr_poisoned),
         ]
         return items
 

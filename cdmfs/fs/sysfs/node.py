@@ -75,7 +75,7 @@ def node_meminfo(m: Machine, nid: int) -> str:
 
 
 def node_numastat(m: Machine, nid: int) -> str:
-    c = lambda k: m.node_counter(nid, k)
+    c = m.node_stats(nid)[1].__getitem__
     return formats.node_numastat({
         "numa_hit": c(lib.CDM_NUMA_HIT),
         "numa_miss": c(lib.CDM_NUMA_MISS),
@@ -87,8 +87,8 @@ def node_numastat(m: Machine, nid: int) -> str:
 
 
 def node_vmstat(m: Machine, nid: int) -> str:
-    c = lambda k: m.node_counter(nid, k)
-    p = m.node_pages(nid)
+    p, counters = m.node_stats(nid)
+    c = counters.__getitem__
     return formats.node_vmstat({
         "nr_free_pages": p["free"],
         "nr_zone_active_anon": p["anon"],
