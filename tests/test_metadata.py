@@ -101,3 +101,25 @@ def test_rename_a_region(mnt):
     assert sorted(os.listdir(regs)) == ["new", "other"]
     mnt.region("new").remove()
     other.remove()
+def test_st_blocks_counts_the_pages_placed(mnt):
+    """du and ls -s see the pages placed, not the size, as on tmpfs."""
+    r = mnt.region("du", 1 << 30)
+    assert os.stat(r.data).st_blocks == 0
+    with open(r.data, "r+b") as f:
+        f.seek(100 * PAGE)
+        f.write(b"y" * 3 * PAGE)
+    assert os.stat(r.data).st_blocks == 3 * PAGE // 512
+    du = subprocess.run(["du", "-k", r.data], capture_output=True, text=True, check=True).stdout
+    assert du.split()[0] == "12"
+    r.migrate(100 * PAGE, 2 * PAGE, "gpu0")                 # device memory counts too
+    assert os.stat(r.data).st_blocks == 3 * PAGE // 512
+    r.remove()
+
+
+def test_st_blocks_after_a_program_wrote_through_mmap(mnt, cprog):
+    """Pages a program placed by faults count once it has unmapped them."""
+    pattern = cprog("pattern")
+    r = mnt.region("dumap", 64 * PAGE)
+    assert subprocess.run([pattern, "write", r.data, "64", "3", "20"]).returncode == 0
+    assert os.stat(r.data).st_blocks == 20 * PAGE // 512
+    r.remove()

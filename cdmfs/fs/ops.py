@@ -159,7 +159,7 @@ class Filesystem(pyfuse3.Operations):
         a.st_blksize = PAGE_SIZE
         if isinstance(e, DataFile):
             a.st_size = e.region.size
-            a.st_blocks = e.region.npages * (PAGE_SIZE // 512)
+            a.st_blocks = e.region.pages_placed() * (PAGE_SIZE // 512)
         elif isinstance(e, Attr):
             a.st_size = e.size() if e.size else ATTR_SIZE
         elif isinstance(e, Transaction):

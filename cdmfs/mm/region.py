@@ -127,6 +127,13 @@ class Region:
         lib.cdm_region_snapshot(self.machine.core, self.core, out)
         return out
 
+    def pages_placed(self) -> int:
+        """Pages holding a frame anywhere (a node or device memory): what
+        ``st_blocks`` counts, as tmpfs counts its pages."""
+        if self.removed:
+            return 0
+        return sum(self.snapshot().resident)
+
     @contextlib.contextmanager
     def hold(self) -> Iterator["Region"]:
         """A reference for the duration of an operation."""
