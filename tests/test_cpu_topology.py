@@ -80,7 +80,6 @@ CPU_DIR_LACKS = {
     "cpufreq": "no frequency scaling", "cpuidle": "no idle states",
     "acpi_cppc": "no ACPI CPPC", "thermal_throttle": "no thermal sensors",
     "microcode": "no microcode", "regs": "no ARM id registers", "msr": "no MSRs",
-    "cache/uevent": "no udev", "cache/index/uevent": "no udev",
 }
 TOPOLOGY_LACKS = {"ppin": "a package's serial number: the emulated packages have none (admin-only)"}
 SYSTEM_CPU_LACKS = {
