@@ -40,6 +40,25 @@ name = "gpu0"
 memory = "private:1G"
 """
 
+HOST_CPU = "/sys/devices/system/cpu"
+
+# The caches every emulated CPU has (SPEC §3 [cpu]): (config key, level, type,
+# what shares it).  L1d, L1i and L2 belong to a core, L3 to a package.
+CACHES = (
+    ("l1d_size", 1, "Data", "core"),
+    ("l1i_size", 1, "Instruction", "core"),
+    ("l2_size", 2, "Unified", "core"),
+    ("l3_size", 3, "Unified", "package"),
+)
+# A cache's geometry where the host's cpu0 has no such cache: (size, ways, line size).
+DEFAULT_CACHE_GEOMETRY = {
+    (1, "Data"): (32 << 10, 8, 64),
+    (1, "Instruction"): (32 << 10, 8, 64),
+    (2, "Unified"): (1 << 20, 16, 64),
+    (3, "Unified"): (32 << 20, 16, 64),
+}
+CPU_KEYS = {"threads_per_core", "cores_per_package", *(key for key, *_ in CACHES)}
+
 # Default access figures (SPEC §3): (latency ns, bandwidth MB/s).
 CPU_TO_SYSRAM = (80, 100_000)
 CPU_TO_CDM = (400, 32_000)
@@ -112,6 +131,50 @@ class Access:
     write_bandwidth: int
 
 
+@dataclass(frozen=True)
+class CacheSpec:
+    """One cache of every CPU, as cacheinfo describes it (drivers/base/cacheinfo.c)."""
+    level: int
+    type: str                   # "Data" | "Instruction" | "Unified"
+    size: int                   # bytes
+    ways: int                   # ways_of_associativity
+    line_size: int              # coherency_line_size
+    partitions: int             # physical_line_partition
+    sets: int                   # number_of_sets
+    shared: str                 # "core" | "package": the CPUs that share it
+    allocation_policy: Optional[str] = None   # only where the host shows one
+    write_policy: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class CpuPlace:
+    """Where a CPU sits: its package, its core in the package, its thread in the core."""
+    package: int
+    core: int
+    thread: int
+
+
+@dataclass(frozen=True)
+class CpuSpec:
+    """The emulated machine's CPUs (SPEC §3 ``[cpu]``, §5 ``sys/devices/system/cpu``).
+
+    ``place`` has every configured CPU; ``possible``/``present`` add the host's
+    for a node with ``cpus = "all"`` (a host CPU that is present but offline
+    stays so).  The ids are the emulated machine's, whatever the host has."""
+    threads_per_core: int
+    cores_per_package: int      # the most cores a package has
+    place: dict[int, CpuPlace]
+    caches: tuple[CacheSpec, ...]
+    possible: frozenset[int]
+    present: frozenset[int]
+    online: frozenset[int]
+
+    @property
+    def nr_cpu_ids(self) -> int:
+        """The kernel's nr_cpu_ids: the last possible CPU + 1 (cpumask widths)."""
+        return max(self.possible) + 1 if self.possible else 1
+
+
 @dataclass
 class Topology:
     page_size: int
@@ -120,6 +183,7 @@ class Topology:
     devices: list[DeviceSpec]
     distance: dict[tuple[int, int], int]
     access: dict[tuple[str, str], Access] = field(default_factory=dict)
+    cpu: Optional[CpuSpec] = None
 
     def node(self, nid: int) -> NodeSpec:
         return next(n for n in self.nodes if n.id == nid)
@@ -129,6 +193,8 @@ class Topology:
 
     @property
     def nr_cpu_ids(self) -> int:
+        if self.cpu is not None:
+            return self.cpu.nr_cpu_ids
         cpus = [c for n in self.nodes for c in n.cpus]
         return max(cpus) + 1 if cpus else 1
 
@@ -150,10 +216,48 @@ class Topology:
 def host_cpus() -> frozenset[int]:
     """The host's online CPUs."""
     try:
-        with open("/sys/devices/system/cpu/online") as f:
+        with open(f"{HOST_CPU}/online") as f:
             return frozenset(bitmap.parse_cpulist(f.read()))
-    except OSError:
+    except (OSError, ValueError):
         return frozenset(range(os.cpu_count() or 1))
+
+
+def _host_text(path: str) -> Optional[str]:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _host_cpulist(name: str) -> frozenset[int]:
+    """The host's cpu/{possible,present} (empty if unreadable)."""
+    try:
+        return frozenset(bitmap.parse_cpulist(_host_text(f"{HOST_CPU}/{name}") or ""))
+    except ValueError:
+        return frozenset()
+
+
+def host_caches() -> dict[tuple[int, str], dict[str, str]]:
+    """The caches of the host's cpu0: {(level, type): {attribute: text}}."""
+    out: dict[tuple[int, str], dict[str, str]] = {}
+    folder = f"{HOST_CPU}/cpu0/cache"
+    try:
+        names = sorted((n for n in os.listdir(folder) if re.fullmatch(r"index\d+", n)),
+                       key=lambda n: int(n[5:]))
+    except OSError:
+        return out
+    for name in names:
+        attrs = {}
+        for attr in ("level", "type", "size", "ways_of_associativity", "coherency_line_size",
+                     "physical_line_partition", "number_of_sets", "allocation_policy",
+                     "write_policy"):
+            text = _host_text(f"{folder}/{name}/{attr}")
+            if text is not None:
+                attrs[attr] = text
+        if attrs.get("level", "").isdigit() and "type" in attrs:
+            out.setdefault((int(attrs["level"]), attrs["type"]), attrs)
+    return out
 
 
 def _check_keys(table: dict, allowed: set[str], where: str) -> None:
@@ -186,7 +290,7 @@ def parse(text: str) -> Topology:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config: not valid TOML: {e}") from None
-    _check_keys(doc, {"page_size", "block_size", "node", "device", "distance", "access"}, "")
+    _check_keys(doc, {"page_size", "block_size", "node", "device", "distance", "access", "cpu"}, "")
     page_size = _int(doc, "page_size", "", PAGE_SIZE)
     if page_size != PAGE_SIZE:
         raise ConfigError(f"page_size: only {PAGE_SIZE} is supported, got {page_size}")
@@ -199,7 +303,9 @@ def parse(text: str) -> Topology:
     nodes, devices = _layout(nodes, devices, block_size)
     distance = _parse_distance(doc.get("distance"), nodes)
     access = _parse_access(doc.get("access", []), nodes, devices)
-    return Topology(page_size, block_size, nodes, devices, distance, access)
+    host_all = any(isinstance(t, dict) and t.get("cpus") == "all" for t in doc.get("node", []))
+    cpu = _parse_cpu(doc.get("cpu", {}), nodes, host_all)
+    return Topology(page_size, block_size, nodes, devices, distance, access, cpu)
 
 
 def _parse_nodes(raw: Any) -> list[NodeSpec]:
@@ -352,6 +458,112 @@ def _parse_access(raw: Any, nodes: list[NodeSpec], devices: list[DeviceSpec]) ->
             values.append(v)
         out[(ini, tgt)] = Access(*values)
     return out
+
+
+def _parse_cpu(raw: Any, nodes: list[NodeSpec], host_all: bool) -> CpuSpec:
+    """[cpu]: how the configured CPUs group into cores and packages, and their
+    caches.  Each CPU node's CPUs, in id order, make its cores (threads_per_core
+    consecutive ids each); the cores make packages, one per CPU node unless
+    cores_per_package says how many a package has."""
+    if not isinstance(raw, dict):
+        raise ConfigError("cpu: expected a [cpu] table")
+    where = "cpu."
+    _check_keys(raw, CPU_KEYS, where)
+    threads = _int(raw, "threads_per_core", where, 1)
+    if not 1 <= threads <= 64:
+        raise ConfigError(f"{where}threads_per_core: must be 1..64, got {threads}")
+    per_package = raw.get("cores_per_package")
+    if per_package is not None:
+        per_package = _int(raw, "cores_per_package", where)
+        if per_package < 1:
+            raise ConfigError(f"{where}cores_per_package: must be positive, got {per_package}")
+
+    cores: list[tuple[int, list[int]]] = []        # (node, its CPUs), in node order
+    for n in nodes:
+        cpus = sorted(n.cpus)
+        if len(cpus) % threads:
+            raise ConfigError(f"{where}threads_per_core: node {n.id} has {len(cpus)} CPUs, "
+                              f"not a whole number of cores of {threads} threads")
+        cores += [(n.id, cpus[i:i + threads]) for i in range(0, len(cpus), threads)]
+
+    packages: list[list[int]] = []                 # each package's cores, by index in cores
+    if per_package is None:
+        for nid in dict.fromkeys(nid for nid, _ in cores):
+            packages.append([k for k, (n, _) in enumerate(cores) if n == nid])
+    else:
+        if len(cores) % per_package:
+            raise ConfigError(f"{where}cores_per_package: the {len(cores)} cores are not a whole "
+                              f"number of packages of {per_package}")
+        packages = [list(range(k, k + per_package)) for k in range(0, len(cores), per_package)]
+        # A package holds whole nodes, or a node whole packages: never both split.
+        nodes_of = [{cores[k][0] for k in ks} for ks in packages]
+        for pkg, ks in enumerate(packages):
+            for nid in nodes_of[pkg]:
+                spans = sum(1 for other in nodes_of if nid in other)
+                if spans > 1 and len(nodes_of[pkg]) > 1:
+                    raise ConfigError(f"{where}cores_per_package: package {pkg} of {per_package} cores "
+                                      f"splits node {nid} and holds part of nodes "
+                                      f"{', '.join(map(str, sorted(nodes_of[pkg])))}")
+
+    place: dict[int, CpuPlace] = {}
+    for pkg, ks in enumerate(packages):
+        for core, k in enumerate(ks):
+            for thread, cpu in enumerate(cores[k][1]):
+                place[cpu] = CpuPlace(pkg, core, thread)
+
+    host = host_caches()
+    caches = tuple(_parse_cache(raw, key, host.get((level, kind), {}), level, kind, shared)
+                   for key, level, kind, shared in CACHES)
+    configured = frozenset(place)
+    online = frozenset(c for n in nodes if n.present for c in n.cpus)
+    present, possible = online, configured
+    if host_all:
+        present |= _host_cpulist("present")
+        possible |= _host_cpulist("possible") | present
+    return CpuSpec(threads, max((len(ks) for ks in packages), default=1), place, caches,
+                   possible, present, online)
+
+
+def _parse_cache(raw: dict, key: str, host: dict[str, str], level: int, kind: str,
+                 shared: str) -> CacheSpec:
+    """A cache as the host's cpu0 has it (``host``: its attributes), with the
+    configured size if any: then the host's ways and line size, and as many
+    sets as the size takes."""
+    size, ways, line = DEFAULT_CACHE_GEOMETRY[(level, kind)]
+    partitions = 1
+    sets = 0
+
+    def host_int(attr: str, default: int) -> int:
+        text = host.get(attr, "")
+        return int(text) if text.isdigit() and int(text) > 0 else default
+
+    if host:
+        line = host_int("coherency_line_size", line)
+        partitions = host_int("physical_line_partition", partitions)
+        m = re.fullmatch(r"(\d+)K", host.get("size", ""))
+        if m and int(m.group(1)) > 0:
+            size = int(m.group(1)) << 10
+        sets = host_int("number_of_sets", 0)
+        ways = (host_int("ways_of_associativity", 0)
+                or (size // (line * partitions * sets) if sets else 0) or ways)
+    if key in raw:
+        value = raw[key]
+        m = _SIZE_RE.match(value) if isinstance(value, str) else None
+        if isinstance(value, int) and not isinstance(value, bool):
+            size = value
+        elif m:
+            size = int(m.group(1)) * _SUFFIX[m.group(2).upper()]
+        else:
+            raise ConfigError(f"cpu.{key}: expected a size like \"32K\" or \"2M\", got {value!r}")
+        if size <= 0 or size % 1024:
+            raise ConfigError(f"cpu.{key}: must be a positive whole number of KiB, got {value!r}")
+        if size % (ways * line * partitions):
+            raise ConfigError(f"cpu.{key}: {value!r} is not a whole number of sets of "
+                              f"{ways} ways of {line}-byte lines")
+        sets = 0
+    sets = sets or size // (ways * line * partitions)
+    return CacheSpec(level, kind, size, ways, line, partitions, sets, shared,
+                     host.get("allocation_policy"), host.get("write_policy"))
 
 
 def load(path: Optional[str]) -> Topology:

@@ -696,15 +696,18 @@ def test_errors(default_mount, tmp_path):
         report.numastat(default_mount.path, regions=["nope"])
 
 
-def test_device_lines_from_devices_files(tmp_path):
-    """SPEC §7's devices/NAME/{type,node,meminfo}, on a tree laid out like a mount."""
+def fake_mount(tmp_path, nodes=(0,)):
+    """A tree laid out like a mount: nodeN of 2048 MB (1024 free), CPUs 0-3 on
+    node 0; cdm0 coherent on node 1, gpu0 private, each 1024 MB (512 free)."""
     node = tmp_path / "sys/devices/system/node"
-    (node / "node0").mkdir(parents=True)
-    (node / "online").write_text("0\n")
-    (node / "node0/cpulist").write_text("0-3\n")
-    (node / "node0/distance").write_text("10\n")
-    (node / "node0/meminfo").write_text(
-        "Node 0 MemTotal:        2097152 kB\nNode 0 MemFree:         1048576 kB\n")
+    node.mkdir(parents=True)
+    (node / "online").write_text(",".join(map(str, nodes)) + "\n")
+    for nid in nodes:
+        (node / f"node{nid}").mkdir()
+        (node / f"node{nid}/cpulist").write_text("0-3\n" if nid == 0 else "\n")
+        (node / f"node{nid}/distance").write_text(" ".join("10" if o == nid else "40" for o in nodes) + "\n")
+        (node / f"node{nid}/meminfo").write_text(
+            f"Node {nid} MemTotal:        2097152 kB\nNode {nid} MemFree:         1048576 kB\n")
     (tmp_path / "regions").mkdir()
     meminfo = "MemTotal:        1048576 kB\nMemFree:          524288 kB\nMemUsed:          524288 kB\n"
     for name, kind, nid in (("cdm0", "coherent", "1"), ("gpu0", "private", "-1")):
@@ -714,18 +717,83 @@ def test_device_lines_from_devices_files(tmp_path):
         (d / "node").write_text(nid + "\n")
         (d / "meminfo").write_text(meminfo)
     (tmp_path / "devices/bare").mkdir()        # no files yet: just its name
-    text = report.hardware(str(tmp_path))
+    return str(tmp_path)
+
+
+def test_device_lines_from_devices_files(tmp_path):
+    """SPEC §7's devices/NAME/{type,node,meminfo}, on a tree laid out like a mount."""
+    text = report.hardware(fake_mount(tmp_path, nodes=(0, 1)))
     assert text == (
-        "available: 1 nodes (0)\n"
+        "available: 2 nodes (0-1)\n"
         "node 0 cpus: 0 1 2 3\n"
         "node 0 size: 2048 MB\n"
         "node 0 free: 1024 MB\n"
+        "node 1 cpus:\n"
+        "node 1 size: 2048 MB\n"
+        "node 1 free: 1024 MB\n"
         "node distances:\n"
-        "node   0 \n"
-        "  0:  10 \n"
+        "node   0   1 \n"
+        "  0:  10  40 \n"
+        "  1:  40  10 \n"
         "device bare:\n"
         "device cdm0: coherent, node 1, size 1024 MB, free 512 MB\n"
         "device gpu0: private, size 1024 MB, free 512 MB\n")
     assert parse_hardware(text)["devices"] == {
         "bare": "", "cdm0": "coherent, node 1, size 1024 MB, free 512 MB",
         "gpu0": "private, size 1024 MB, free 512 MB"}
+
+
+def test_device_line_of_an_absent_node(tmp_path):
+    """A coherent device whose node has no nodeN directory: numactl shows no node
+    1, so neither does the device line, nor memory of it."""
+    text = report.hardware(fake_mount(tmp_path, nodes=(0,)))
+    assert text.endswith(
+        "  0:  10 \n"
+        "device bare:\n"
+        "device cdm0: coherent, not present\n"
+        "device gpu0: private, size 1024 MB, free 512 MB\n"), text
+
+
+ABSENT_CONFIG = """
+block_size = "4M"
+[[node]]
+id = 0
+kind = "sysram"
+size = "8M"
+cpus = "0-3"
+[[node]]
+id = 1
+kind = "cdm"
+size = "8M"
+present = false
+[[device]]
+name = "cdm0"
+memory = "node:1"
+[[device]]
+name = "gpu0"
+memory = "private:8M"
+"""
+
+
+def test_hardware_before_and_after_hot_add():
+    """A configured node that is not present yet: `cdmfs hardware` shows what
+    numactl --hardware shows, and the device's node once probe adds it."""
+    with cdmfs.mounted(ABSENT_CONFIG) as m:
+        before = report.hardware(m.path)
+        assert before == (
+            "available: 1 nodes (0)\n"
+            "node 0 cpus: 0 1 2 3\n"
+            "node 0 size: 8 MB\n"
+            "node 0 free: 8 MB\n"
+            "node distances:\n"
+            "node   0 \n"
+            "  0:  10 \n"
+            "device cdm0: coherent, not present\n"
+            "device gpu0: private, size 8 MB, free 8 MB\n")
+        assert "node 1" not in before
+        assert cli("hardware", m.path).stdout == before
+        m.probe(8 << 20)                                 # node 1's first block
+        after = parse_hardware(report.hardware(m.path))
+        assert after["nodes"] == [0, 1]
+        assert after["size"][1] == 4
+        assert after["devices"]["cdm0"].startswith("coherent, node 1, size ")

@@ -31,7 +31,9 @@ the i-th node (libnuma's ``parse_numbers``); the trailing blanks of the distance
 table are numactl's (``"% 3d "``).  The device lines are cdmfs's own: one per
 entry of ``devices/``, ``device NAME:`` then, from whichever of
 ``devices/NAME/{type,node,meminfo}`` exist, the type, ``node N`` for a coherent
-device, and ``size``/``free`` in MB.
+device, and ``size``/``free`` in MB; a coherent device whose node is configured
+but not present (no ``nodeN`` directory, so no node in the lines above) shows
+``not present`` instead of its node and memory.
 
 ``numastat()``, the layouts of ``numastat.c`` (tables of 16-column cells, the
 left column left-justified, numbers right-justified, rows folded to the screen
@@ -174,7 +176,7 @@ def _optional(path: str) -> Optional[str]:
 # --------------------------------------------------------------------------- #
 
 
-def _device_line(root: str, name: str) -> str:
+def _device_line(root: str, name: str, nodes: Sequence[int]) -> str:
     d = os.path.join(root, "devices", name)
     parts = []
     kind = _optional(os.path.join(d, "type"))
@@ -182,6 +184,10 @@ def _device_line(root: str, name: str) -> str:
         parts.append(kind)
     node = _optional(os.path.join(d, "node"))
     if node is not None and node.lstrip("-").isdigit() and int(node) >= 0:
+        if int(node) not in nodes:
+            # Its node is configured but not present (not hot-added yet):
+            # numactl shows no such node, nor memory of it.
+            return f"device {name}: " + ", ".join(parts + ["not present"])
         parts.append(f"node {int(node)}")
     meminfo = _optional(os.path.join(d, "meminfo"))
     if meminfo is not None:
@@ -220,7 +226,7 @@ def hardware(mountpoint: str) -> str:
     devdir = os.path.join(root, "devices")
     if os.path.isdir(devdir):
         for name in sorted(os.listdir(devdir)):
-            out.append(_device_line(root, name))
+            out.append(_device_line(root, name, nodes))
     return "\n".join(out) + "\n"
 
 
