@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import errno
 import os
+import zlib
+
+import pytest
 
 from cdmfs import config
+from cdmfs._core import lib
 from cdmfs.drivers import dmirror
 from cdmfs.mm import memory_failure
 from cdmfs.mm.machine import Machine
@@ -88,3 +92,50 @@ def test_region_ids_are_reused_and_bounded():
         assert e.errno == errno.ENOSPC
     else:
         raise AssertionError("a region past the reverse map's reach was created")
+
+
+@pytest.mark.parametrize("name", ["cdm0", "gpu0"])
+async def test_device_read_sees_cpu_stores_made_during_it(name):
+    """A device read sees every CPU store made before it answers.  It takes
+    the CPU's copies back first, but the CPU may fault a page in again right
+    after and store to it: the store sits in the CPU's copy, where the device
+    op cannot see it.  The read must notice the page is mapped again, take it
+    back (its store written back) and read again.
+
+    The CPU is the host page cache, modelled deterministically: cpu_unmapper
+    (which the filesystem installs) writes back the dirty copies of the range
+    and drops them; on its first call, right after that and before the device
+    op, the CPU faults page 3 back in and stores new bytes to its copy."""
+    m, regions, devices, _ = machine()
+    dev = devices[name]
+    dev.fault_policy = "remote"         # the device reaches the pages where they lie
+    npages, page, pid = 8, 3, os.getpid()
+    r = regions.create("r")
+    r.resize(npages * PAGE)
+    old = os.urandom(npages * PAGE)
+    await r.writeback(0, old, pid)
+    stored = os.urandom(PAGE)
+    dirty: dict[int, bytearray] = {}    # the CPU's copies it stored to, not written back
+    calls = []
+
+    async def cpu_unmapper(region, first, n):
+        calls.append((first, n))
+        for p in sorted(p for p in dirty if first <= p < first + n):
+            await region.writeback(p * PAGE, bytes(dirty.pop(p)), pid)
+        lib.cdm_region_uncache(m.core, region.core, first, n)
+        if len(calls) == 1:
+            copy = await region.fault(page * PAGE, PAGE, pid)
+            copy[:] = stored
+            dirty[page] = copy
+    m.cpu_unmapper = cpu_unmapper
+
+    res = await dev.access(r, 0, npages, "read", 0)
+    want = old[:page * PAGE] + stored + old[(page + 1) * PAGE:]
+    assert calls[0] == (0, npages) and len(calls) >= 2, calls
+    assert not dirty, "the CPU's store was never written back"
+    got, crc_want, crc_old = res.crc32, zlib.crc32(want), zlib.crc32(old)
+    assert got == crc_want, (
+        f"the device read missed a CPU store made before it answered: crc32 {got:#010x}, "
+        f"{'the bytes from before the store' if got == crc_old else 'neither old nor new bytes'} "
+        f"(want {crc_want:#010x}); {len(calls)} invalidation(s)")
+    assert bytes(await r.fault(0, npages * PAGE, pid)) == want
