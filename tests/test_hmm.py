@@ -646,28 +646,51 @@ def test_snapshot(two, hmm_cpu):
 
 # ---------------------------------------------------------------- anon_teardown
 
+RACED_ROUNDS = 3            # anon_teardown: rounds whose truncation must land during the read
+MAX_TEARDOWN_ROUNDS = 200   # ... found in at most this many rounds
+
+
 @pytest.mark.parametrize("policy", ["remote", "migrate"])
 def test_anon_teardown(mnt, hmm_cpu, policy):
-    """anon_teardown: the device reads the buffer while another thread, after
-    a random delay, takes away its second half (truncate: the shared-file
-    form of munmap).  The read either completes with the right bytes or fails
-    with an error; never wrong bytes, a hang or a leak.  The first half
-    keeps its data; the second half's memory is freed, and the device's page
-    table no longer maps it."""
+    """anon_teardown: the device reads the buffer while another thread takes
+    away its second half (truncate: the shared-file form of munmap) once the
+    read is under way (its device fault counted), after a random delay.
+
+    The device counts the accesses whose range was truncated while they ran
+    (stat ``truncated_accesses``), so each round knows whether its truncation
+    landed during the read or after it.  In at least RACED_ROUNDS rounds it
+    landed during the read (the rounds go on past NTIMES until then, up to
+    MAX_TEARDOWN_ROUNDS); such a read either fails with EFAULT or returns
+    the right bytes, and a read the truncation came after returns the right
+    bytes.  Never wrong bytes, a hang or a leak.  The first half keeps its
+    data; the second half's memory is freed, and the device's page table no
+    longer maps it."""
     dev = device(mnt, "gpu0", policy)
     rng = random.Random(policy)
     half = NPAGES // 2
     outcomes = Counter()
     base0, used0 = mnt.node(0).meminfo["MemUsed"], GPU0.used_kb(mnt)
-    t_read = 0.1            # how long a whole read takes: most truncations land inside it
-    for c in range(NTIMES):
+    # The delays spread over [0, spread): it grows while truncations land
+    # during the read and shrinks while they land after it, so that the rounds
+    # see both (no assertion rests on it).
+    spread = 0.1
+    rounds = raced = 0
+    while (rounds < NTIMES or raced < RACED_ROUNDS) and rounds < MAX_TEARDOWN_ROUNDS:
+        c = rounds
+        rounds += 1
         with buffer(mnt, hmm_cpu) as (r, cpu):
             cpu("fill", 0, NPAGES, c)
+            st0 = dev.stat
             truncated = []
 
             def unmap_buffer() -> None:
-                time.sleep(rng.uniform(0, 1.5 * t_read))
                 try:
+                    deadline = time.monotonic() + 60
+                    while dev.stat["fault_batches"] == st0["fault_batches"]:
+                        if time.monotonic() > deadline:
+                            raise TimeoutError("the device read never faulted")
+                        time.sleep(0.001)
+                    time.sleep(rng.uniform(0, spread))
                     os.truncate(r.data, half * PAGE)
                     truncated.append(None)
                 except OSError as e:
@@ -675,18 +698,24 @@ def test_anon_teardown(mnt, hmm_cpu, policy):
 
             th = threading.Thread(target=unmap_buffer)
             th.start()
-            t0 = time.monotonic()
             try:
                 res = dev.access("read", r.name, 0, SIZE)
-                assert res["crc32"] == crc(ints(0, NPAGES, c)), f"round {c}: wrong bytes"
-                assert res["bytes"] == SIZE
-                outcomes["read"] += 1
-                t_read = max(t_read, time.monotonic() - t0)
+                outcome = "read" if (res["crc32"], res["bytes"]) == (crc(ints(0, NPAGES, c)), SIZE) \
+                    else "wrong bytes"
             except OSError as e:
-                assert e.errno == errno.EFAULT, f"round {c}: {e!r}"
-                outcomes[e.strerror] += 1
-            th.join()
+                outcome = errno.errorcode.get(e.errno, str(e.errno))
+            th.join(120)
+            assert not th.is_alive(), f"round {c}: truncate hangs"
             assert truncated == [None], f"round {c}: truncate failed: {truncated[0]!r}"
+            during = delta(dev.stat, st0)["truncated_accesses"]
+            assert during in (0, 1), f"round {c}: {during} accesses truncated, one ran"
+            if during:
+                raced += 1
+                assert outcome in ("read", "EFAULT"), f"round {c}, truncated during the read: {outcome}"
+            else:
+                assert outcome == "read", f"round {c}, truncated after the read: {outcome}"
+            outcomes["during" if during else "after", outcome] += 1
+            spread *= 1.25 if during else 0.8
             st = r.stat
             assert st["pages"] == half and st["size"] == half * PAGE
             assert sum(placement(r).values()) == half
@@ -694,7 +723,10 @@ def test_anon_teardown(mnt, hmm_cpu, policy):
             cpu("check", 0, half, c)
         # Everything freed with the region: nothing leaked on the node or the device.
         assert mnt.node(0).meminfo["MemUsed"] == base0 and GPU0.used_kb(mnt) == used0
-    print(f"anon_teardown[{policy}]: {dict(outcomes)}")
+    print(f"anon_teardown[{policy}]: {rounds} rounds, {dict(outcomes)}")
+    assert raced >= RACED_ROUNDS, (
+        f"in {rounds} rounds the truncation landed during the device read {raced} times: "
+        f"the race was not exercised ({dict(outcomes)})")
 
 
 # ---------------------------------------------------------------- concurrency
