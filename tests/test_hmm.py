@@ -721,6 +721,14 @@ def test_anon_teardown(mnt, hmm_cpu, policy):
             assert sum(placement(r).values()) == half
             assert flags(dev.snapshot(r.name, 0, half * PAGE)).keys() <= {"none", "read", "private-local"}
             cpu("check", 0, half, c)
+            # Nor does the device's page table keep anything of the second
+            # half: grown back and stored by the CPU, its pages are none of its.
+            r.truncate(SIZE)
+            with open(r.data, "r+b") as f:
+                f.seek(half * PAGE)
+                f.write(bytes([c + 1]) * (half * PAGE))
+            assert flags(dev.snapshot(r.name, half * PAGE, half * PAGE)) == Counter({"none": half}), \
+                f"round {c}: the device still maps truncated pages"
         # Everything freed with the region: nothing leaked on the node or the device.
         assert mnt.node(0).meminfo["MemUsed"] == base0 and GPU0.used_kb(mnt) == used0
     print(f"anon_teardown[{policy}]: {rounds} rounds, {dict(outcomes)}")

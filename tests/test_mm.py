@@ -139,3 +139,35 @@ async def test_device_read_sees_cpu_stores_made_during_it(name):
         f"{'the bytes from before the store' if got == crc_old else 'neither old nor new bytes'} "
         f"(want {crc_want:#010x}); {len(calls)} invalidation(s)")
     assert bytes(await r.fault(0, npages * PAGE, pid)) == want
+
+
+async def test_truncation_after_a_device_write_leaves_no_entry_past_the_end():
+    """A device write whose range is truncated after its device op (here
+    while its last invalidation runs, the CPU having faulted a page in
+    meanwhile) answers as written, is counted in truncated_accesses, and
+    leaves no entry in the device's page table past the new end: pages grown
+    back there and stored by the CPU are none of the device's."""
+    m, regions, devices, _ = machine()
+    dev = devices["cdm0"]
+    npages, half, pid = 8, 4, os.getpid()
+    r = regions.create("r")
+    r.resize(npages * PAGE)
+    await r.writeback(0, bytes(npages * PAGE), pid)
+    calls = []
+
+    async def cpu_unmapper(region, first, n):
+        calls.append((first, n))
+        lib.cdm_region_uncache(m.core, region.core, first, n)
+        if len(calls) == 1:
+            await region.fault(0, PAGE, pid)        # the CPU maps page 0 again
+        else:
+            region.resize(half * PAGE)              # and the range is truncated
+    m.cpu_unmapper = cpu_unmapper
+
+    res = await dev.access(r, 0, npages, "write", 0x5A)
+    assert len(calls) == 2 and res.bytes == npages * PAGE
+    assert dev.stats["truncated_accesses"] == 1
+    r.resize(npages * PAGE)
+    await r.writeback(half * PAGE, bytes([1]) * (half * PAGE), pid)
+    snap = dict(line.split() for line in "".join(dev.snapshot(r, 0, npages)).splitlines())
+    assert [snap[str(p)] for p in range(npages)] == ["write"] * half + ["none"] * half, snap

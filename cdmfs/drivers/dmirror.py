@@ -253,7 +253,9 @@ class Device:
             await m.cpu_unmap(region, first, n)
             if writing:
                 break
-        pt.map(first, first + n, MAP_WRITE if writing else MAP_READ)
+        # A truncation after the last device op took pages of the range away:
+        # the device keeps no entry past the end.
+        pt.map(first, min(first + n, region.npages), MAP_WRITE if writing else MAP_READ)
         own_fig, remote_fig = self.own_figures(), self.remote_figures()
         res.modeled_ns += transfer_ns(res.local_bytes, own_fig.write_bandwidth if writing else own_fig.read_bandwidth)
         res.modeled_ns += transfer_ns(res.remote_bytes, remote_fig.write_bandwidth if writing else remote_fig.read_bandwidth)
