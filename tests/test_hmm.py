@@ -741,7 +741,7 @@ def test_anon_teardown(mnt, hmm_cpu, policy):
 
 MIGRATIONS = int(os.environ.get("CDMFS_HMM_MIGRATIONS", "10000"))
 CPU_PAGES, ADD_PAGES = 64, 32
-MIGRATION_BUDGET = 90.0     # seconds
+STALL = 30.0                # seconds without a migration done: stuck (speed is the bench's business)
 
 
 def test_concurrent_cpu_threads_migrations_and_device(cprog, hmm_cpu, tmp_path):
@@ -751,7 +751,9 @@ def test_concurrent_cpu_threads_migrations_and_device(cprog, hmm_cpu, tmp_path):
     whole region between node 0, node 1 and gpu0 (MIGRATIONS requests,
     CDMFS_HMM_MIGRATIONS to change it) and gpu0 and cdm0 take turns adding to
     other pages.  Zero corrupted records (in the live mapping and in a fresh
-    process), and every added page holds exactly original + total added."""
+    process), and every added page holds exactly original + total added.
+    No bound on the time it takes; STALL seconds without a migration done
+    fail it as stuck (a deadlock), the mount aborted."""
     stress = cprog("hmm_stress")
     pages = CPU_PAGES + ADD_PAGES
     shadow = tmp_path / "shadow"
@@ -760,8 +762,9 @@ def test_concurrent_cpu_threads_migrations_and_device(cprog, hmm_cpu, tmp_path):
         cpu = Cpu(hmm_cpu, r, pages)
         cpu("fill", CPU_PAGES, ADD_PAGES, 0)
         cpu.close()
+        # The CPU threads run until told to stop (3600 s: a safety net only).
         proc = subprocess.Popen([stress, "run", r.data, str(pages), "0", str(CPU_PAGES), "4",
-                                 str(MIGRATION_BUDGET + 60), str(shadow), "1000"],
+                                 "3600", str(shadow), "1000"],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert proc.stdout.readline().strip() == "running"
 
@@ -805,17 +808,15 @@ def test_concurrent_cpu_threads_migrations_and_device(cprog, hmm_cpu, tmp_path):
         t0 = time.monotonic()
         for w in workers:
             w.start()
-        # Watch: past the budget, stop (too slow); no migration for 30 s: stuck.
+        # Watch: no migration done for STALL seconds is stuck.
         seen, seen_at = -1, t0
         while workers[1].is_alive():
             workers[1].join(1)
             now = time.monotonic()
             if done["migrations"] != seen:
                 seen, seen_at = done["migrations"], now
-            elif now - seen_at > 30:
+            elif now - seen_at > STALL:
                 break
-            if now - t0 > MIGRATION_BUDGET:
-                stop.set()
         elapsed = time.monotonic() - t0
         stop.set()
         workers[0].join(30)
@@ -833,7 +834,6 @@ def test_concurrent_cpu_threads_migrations_and_device(cprog, hmm_cpu, tmp_path):
 
         assert not errors, errors
         assert done["migrations"] == MIGRATIONS
-        assert elapsed < MIGRATION_BUDGET, f"{MIGRATIONS} migrations took {elapsed:.0f}s"
         assert proc.returncode == 0 and " corrupt=0" in out, out
         assert done["moved_cpu"] > 0 and added["runs"] > 0
         assert set(done["holes"]) <= {"-EBUSY", "-ENOENT"}
