@@ -649,28 +649,51 @@ def test_snapshot(two, hmm_cpu):
 
 # ---------------------------------------------------------------- anon_teardown
 
+RACED_ROUNDS = 3            # anon_teardown: rounds whose truncation must land during the read
+MAX_TEARDOWN_ROUNDS = 200   # ... found in at most this many rounds
+
+
 @pytest.mark.parametrize("policy", ["remote", "migrate"])
 def test_anon_teardown(mnt, hmm_cpu, policy):
-    """anon_teardown: the device reads the buffer while another thread, after
-    a random delay, takes away its second half (truncate: the shared-file
-    form of munmap).  The read either completes with the right bytes or fails
-    with an error; never wrong bytes, a hang or a leak.  The first half
-    keeps its data; the second half's memory is freed, and the device's page
-    table no longer maps it."""
+    """anon_teardown: the device reads the buffer while another thread takes
+    away its second half (truncate: the shared-file form of munmap) once the
+    read is under way (its device fault counted), after a random delay.
+
+    The device counts the accesses whose range was truncated while they ran
+    (stat ``truncated_accesses``), so each round knows whether its truncation
+    landed during the read or after it.  In at least RACED_ROUNDS rounds it
+    landed during the read (the rounds go on past NTIMES until then, up to
+    MAX_TEARDOWN_ROUNDS); such a read either fails with EFAULT or returns
+    the right bytes, and a read the truncation came after returns the right
+    bytes.  Never wrong bytes, a hang or a leak.  The first half keeps its
+    data; the second half's memory is freed, and the device's page table no
+    longer maps it."""
     dev = device(mnt, "gpu0", policy)
     rng = random.Random(policy)
     half = NPAGES // 2
     outcomes = Counter()
     base0, used0 = mnt.node(0).meminfo["MemUsed"], GPU0.used_kb(mnt)
-    t_read = 0.1            # how long a whole read takes: most truncations land inside it
-    for c in range(NTIMES):
+    # The delays spread over [0, spread): it grows while truncations land
+    # during the read and shrinks while they land after it, so that the rounds
+    # see both (no assertion rests on it).
+    spread = 0.1
+    rounds = raced = 0
+    while (rounds < NTIMES or raced < RACED_ROUNDS) and rounds < MAX_TEARDOWN_ROUNDS:
+        c = rounds
+        rounds += 1
         with buffer(mnt, hmm_cpu) as (r, cpu):
             cpu("fill", 0, NPAGES, c)
+            st0 = dev.stat
             truncated = []
 
             def unmap_buffer() -> None:
-                time.sleep(rng.uniform(0, 1.5 * t_read))
                 try:
+                    deadline = time.monotonic() + 60
+                    while dev.stat["fault_batches"] == st0["fault_batches"]:
+                        if time.monotonic() > deadline:
+                            raise TimeoutError("the device read never faulted")
+                        time.sleep(0.001)
+                    time.sleep(rng.uniform(0, spread))
                     os.truncate(r.data, half * PAGE)
                     truncated.append(None)
                 except OSError as e:
@@ -678,33 +701,50 @@ def test_anon_teardown(mnt, hmm_cpu, policy):
 
             th = threading.Thread(target=unmap_buffer)
             th.start()
-            t0 = time.monotonic()
             try:
                 res = dev.access("read", r.name, 0, SIZE)
-                assert res["crc32"] == crc(ints(0, NPAGES, c)), f"round {c}: wrong bytes"
-                assert res["bytes"] == SIZE
-                outcomes["read"] += 1
-                t_read = max(t_read, time.monotonic() - t0)
+                outcome = "read" if (res["crc32"], res["bytes"]) == (crc(ints(0, NPAGES, c)), SIZE) \
+                    else "wrong bytes"
             except OSError as e:
-                assert e.errno == errno.EFAULT, f"round {c}: {e!r}"
-                outcomes[e.strerror] += 1
-            th.join()
+                outcome = errno.errorcode.get(e.errno, str(e.errno))
+            th.join(120)
+            assert not th.is_alive(), f"round {c}: truncate hangs"
             assert truncated == [None], f"round {c}: truncate failed: {truncated[0]!r}"
+            during = delta(dev.stat, st0)["truncated_accesses"]
+            assert during in (0, 1), f"round {c}: {during} accesses truncated, one ran"
+            if during:
+                raced += 1
+                assert outcome in ("read", "EFAULT"), f"round {c}, truncated during the read: {outcome}"
+            else:
+                assert outcome == "read", f"round {c}, truncated after the read: {outcome}"
+            outcomes["during" if during else "after", outcome] += 1
+            spread *= 1.25 if during else 0.8
             st = r.stat
             assert st["pages"] == half and st["size"] == half * PAGE
             assert sum(placement(r).values()) == half
             assert flags(dev.snapshot(r.name, 0, half * PAGE)).keys() <= {"none", "read", "private-local"}
             cpu("check", 0, half, c)
+            # Nor does the device's page table keep anything of the second
+            # half: grown back and stored by the CPU, its pages are none of its.
+            r.truncate(SIZE)
+            with open(r.data, "r+b") as f:
+                f.seek(half * PAGE)
+                f.write(bytes([c + 1]) * (half * PAGE))
+            assert flags(dev.snapshot(r.name, half * PAGE, half * PAGE)) == Counter({"none": half}), \
+                f"round {c}: the device still maps truncated pages"
         # Everything freed with the region: nothing leaked on the node or the device.
         assert mnt.node(0).meminfo["MemUsed"] == base0 and GPU0.used_kb(mnt) == used0
-    print(f"anon_teardown[{policy}]: {dict(outcomes)}")
+    print(f"anon_teardown[{policy}]: {rounds} rounds, {dict(outcomes)}")
+    assert raced >= RACED_ROUNDS, (
+        f"in {rounds} rounds the truncation landed during the device read {raced} times: "
+        f"the race was not exercised ({dict(outcomes)})")
 
 
 # ---------------------------------------------------------------- concurrency
 
 MIGRATIONS = int(os.environ.get("CDMFS_HMM_MIGRATIONS", "10000"))
 CPU_PAGES, ADD_PAGES = 64, 32
-MIGRATION_BUDGET = 90.0     # seconds
+STALL = 30.0                # seconds without a migration done: stuck (speed is the bench's business)
 
 
 def test_concurrent_cpu_threads_migrations_and_device(cprog, hmm_cpu, tmp_path):
@@ -714,7 +754,9 @@ def test_concurrent_cpu_threads_migrations_and_device(cprog, hmm_cpu, tmp_path):
     whole region between node 0, node 1 and gpu0 (MIGRATIONS requests,
     CDMFS_HMM_MIGRATIONS to change it) and gpu0 and cdm0 take turns adding to
     other pages.  Zero corrupted records (in the live mapping and in a fresh
-    process), and every added page holds exactly original + total added."""
+    process), and every added page holds exactly original + total added.
+    No bound on the time it takes; STALL seconds without a migration done
+    fail it as stuck (a deadlock), the mount aborted."""
     stress = cprog("hmm_stress")
     pages = CPU_PAGES + ADD_PAGES
     shadow = tmp_path / "shadow"
@@ -723,8 +765,9 @@ def test_concurrent_cpu_threads_migrations_and_device(cprog, hmm_cpu, tmp_path):
         cpu = Cpu(hmm_cpu, r, pages)
         cpu("fill", CPU_PAGES, ADD_PAGES, 0)
         cpu.close()
+        # The CPU threads run until told to stop (3600 s: a safety net only).
         proc = subprocess.Popen([stress, "run", r.data, str(pages), "0", str(CPU_PAGES), "4",
-                                 str(MIGRATION_BUDGET + 60), str(shadow), "1000"],
+                                 "3600", str(shadow), "1000"],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert proc.stdout.readline().strip() == "running"
 
@@ -768,17 +811,15 @@ def test_concurrent_cpu_threads_migrations_and_device(cprog, hmm_cpu, tmp_path):
         t0 = time.monotonic()
         for w in workers:
             w.start()
-        # Watch: past the budget, stop (too slow); no migration for 30 s: stuck.
+        # Watch: no migration done for STALL seconds is stuck.
         seen, seen_at = -1, t0
         while workers[1].is_alive():
             workers[1].join(1)
             now = time.monotonic()
             if done["migrations"] != seen:
                 seen, seen_at = done["migrations"], now
-            elif now - seen_at > 30:
+            elif now - seen_at > STALL:
                 break
-            if now - t0 > MIGRATION_BUDGET:
-                stop.set()
         elapsed = time.monotonic() - t0
         stop.set()
         workers[0].join(30)
@@ -796,7 +837,6 @@ def test_concurrent_cpu_threads_migrations_and_device(cprog, hmm_cpu, tmp_path):
 
         assert not errors, errors
         assert done["migrations"] == MIGRATIONS
-        assert elapsed < MIGRATION_BUDGET, f"{MIGRATIONS} migrations took {elapsed:.0f}s"
         assert proc.returncode == 0 and " corrupt=0" in out, out
         assert done["moved_cpu"] > 0 and added["runs"] > 0
         assert set(done["holes"]) <= {"-EBUSY", "-ENOENT"}

@@ -587,8 +587,9 @@ def test_link_down_during_a_device_workload(lc):
     other = lc.region("other", 32 * PAGE)
     fill(other, 32, 13)
     assert other.migrate(0, 16 * PAGE, "1")["migrated"] == 16       # half on cdm0's node
-    errors: list[int] = []
+    errors: list[tuple[int, bool]] = []     # (errno, whether the link was going down)
     ran = [0]
+    going_down = threading.Event()
 
     def workload() -> None:
         while True:
@@ -596,16 +597,24 @@ def test_link_down_during_a_device_workload(lc):
                 gpu.access("add", "wl", 0, 64 * PAGE, 1)
                 ran[0] += 1
             except OSError as e:
-                errors.append(e.errno)
+                errors.append((e.errno, going_down.is_set()))
                 return
 
-    t = threading.Thread(target=workload)
+    t = threading.Thread(target=workload, daemon=True)
     t.start()
-    time.sleep(0.3)
+    # The link goes down once the workload has run a few accesses (the
+    # deadline only catches a workload that never gets going).
+    deadline = time.monotonic() + 60
+    while ran[0] < 3 and t.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert t.is_alive() and ran[0] >= 3, \
+        f"the workload did {ran[0]} accesses, then {'failed: ' + str(errors) if errors else 'hung'}"
+    going_down.set()
     gpu.inject("link_down")
     t.join(30)
-    assert not t.is_alive() and ran[0] > 0
-    assert errors[0] in (errno.ENODEV, errno.EIO)
+    assert not t.is_alive()
+    # It failed because the link went down, not before.
+    assert len(errors) == 1 and errors[0][0] in (errno.ENODEV, errno.EIO) and errors[0][1], errors
     assert not gpu.online
     refused(errno.ENODEV, gpu.access, "read", "other", 0, PAGE)
     # Its memory is lost: every page that was there is poisoned.

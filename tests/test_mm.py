@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import errno
 import os
+import zlib
+
+import pytest
 
 import pytest
 
 from cdmfs import config
+from cdmfs._core import lib
 from cdmfs.drivers import dmirror
 from cdmfs.mm import memory_failure
 from cdmfs.mm.machine import Machine
@@ -201,3 +205,82 @@ def test_cdmfs_reads_no_native_struct_directly():
              for path in root.rglob("*.py")
              for k, line in enumerate(path.read_text().splitlines()) if live.search(line)]
     assert not found, "\n".join(found)
+
+
+@pytest.mark.parametrize("name", ["cdm0", "gpu0"])
+async def test_device_read_sees_cpu_stores_made_during_it(name):
+    """A device read sees every CPU store made before it answers.  It takes
+    the CPU's copies back first, but the CPU may fault a page in again right
+    after and store to it: the store sits in the CPU's copy, where the device
+    op cannot see it.  The read must notice the page is mapped again, take it
+    back (its store written back) and read again.
+
+    The CPU is the host page cache, modelled deterministically: cpu_unmapper
+    (which the filesystem installs) writes back the dirty copies of the range
+    and drops them; on its first call, right after that and before the device
+    op, the CPU faults page 3 back in and stores new bytes to its copy."""
+    m, regions, devices, _ = machine()
+    dev = devices[name]
+    dev.fault_policy = "remote"         # the device reaches the pages where they lie
+    npages, page, pid = 8, 3, os.getpid()
+    r = regions.create("r")
+    r.resize(npages * PAGE)
+    old = os.urandom(npages * PAGE)
+    await r.writeback(0, old, pid)
+    stored = os.urandom(PAGE)
+    dirty: dict[int, bytearray] = {}    # the CPU's copies it stored to, not written back
+    calls = []
+
+    async def cpu_unmapper(region, first, n):
+        calls.append((first, n))
+        for p in sorted(p for p in dirty if first <= p < first + n):
+            await region.writeback(p * PAGE, bytes(dirty.pop(p)), pid)
+        lib.cdm_region_uncache(m.core, region.core, first, n)
+        if len(calls) == 1:
+            copy = await region.fault(page * PAGE, PAGE, pid)
+            copy[:] = stored
+            dirty[page] = copy
+    m.cpu_unmapper = cpu_unmapper
+
+    res = await dev.access(r, 0, npages, "read", 0)
+    want = old[:page * PAGE] + stored + old[(page + 1) * PAGE:]
+    assert calls[0] == (0, npages) and len(calls) >= 2, calls
+    assert not dirty, "the CPU's store was never written back"
+    got, crc_want, crc_old = res.crc32, zlib.crc32(want), zlib.crc32(old)
+    assert got == crc_want, (
+        f"the device read missed a CPU store made before it answered: crc32 {got:#010x}, "
+        f"{'the bytes from before the store' if got == crc_old else 'neither old nor new bytes'} "
+        f"(want {crc_want:#010x}); {len(calls)} invalidation(s)")
+    assert bytes(await r.fault(0, npages * PAGE, pid)) == want
+
+
+async def test_truncation_after_a_device_write_leaves_no_entry_past_the_end():
+    """A device write whose range is truncated after its device op (here
+    while its last invalidation runs, the CPU having faulted a page in
+    meanwhile) answers as written, is counted in truncated_accesses, and
+    leaves no entry in the device's page table past the new end: pages grown
+    back there and stored by the CPU are none of the device's."""
+    m, regions, devices, _ = machine()
+    dev = devices["cdm0"]
+    npages, half, pid = 8, 4, os.getpid()
+    r = regions.create("r")
+    r.resize(npages * PAGE)
+    await r.writeback(0, bytes(npages * PAGE), pid)
+    calls = []
+
+    async def cpu_unmapper(region, first, n):
+        calls.append((first, n))
+        lib.cdm_region_uncache(m.core, region.core, first, n)
+        if len(calls) == 1:
+            await region.fault(0, PAGE, pid)        # the CPU maps page 0 again
+        else:
+            region.resize(half * PAGE)              # and the range is truncated
+    m.cpu_unmapper = cpu_unmapper
+
+    res = await dev.access(r, 0, npages, "write", 0x5A)
+    assert len(calls) == 2 and res.bytes == npages * PAGE
+    assert dev.stats["truncated_accesses"] == 1
+    r.resize(npages * PAGE)
+    await r.writeback(half * PAGE, bytes([1]) * (half * PAGE), pid)
+    snap = dict(line.split() for line in "".join(dev.snapshot(r, 0, npages)).splitlines())
+    assert [snap[str(p)] for p in range(npages)] == ["write"] * half + ["none"] * half, snap

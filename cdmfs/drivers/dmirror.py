@@ -40,7 +40,7 @@ MIRROR_CHUNK = 1 << 12      # pages per chunk of a device page table
 OP_CHUNK = 1 << 12          # pages per native device op: 16 MiB, a few ms at most
 READ_RETRIES = 3            # reads again after CPU stores raced them, at most this often
 STAT_KEYS = ("faults", "fault_batches", "migrated_to", "migrated_from", "local_bytes",
-             "remote_bytes", "invalidations", "modeled_ns")
+             "remote_bytes", "invalidations", "modeled_ns", "truncated_accesses")
 
 
 @dataclass
@@ -197,7 +197,11 @@ class Device:
     async def access(self, region: "Region", first: int, n: int, op: str, arg: int) -> AccessResult:
         """A device kernel touching pages [first, first + n) of region.  A range
         truncated under the access fails with EFAULT, a region removed under
-        it with ENOENT, whatever step noticed."""
+        it with ENOENT, whatever step noticed.  An access that began inside
+        the region and ends with part of its range gone counts in
+        ``truncated_accesses``, however it ended (a truncation after its last
+        device op leaves it the bytes it read)."""
+        inside = not region.removed and first + n <= region.npages
         try:
             with region.hold():
                 return await self._access(region, first, n, op, arg)
@@ -207,6 +211,9 @@ class Device:
             if first + n > region.npages:
                 raise OSError(errno.EFAULT, "the range was truncated during the access") from None
             raise
+        finally:
+            if inside and (region.removed or first + n > region.npages):
+                self.stats["truncated_accesses"] += 1
 
     async def _access(self, region: "Region", first: int, n: int, op: str, arg: int) -> AccessResult:
         if not self.online:
@@ -246,7 +253,9 @@ class Device:
             await m.cpu_unmap(region, first, n)
             if writing:
                 break
-        pt.map(first, first + n, MAP_WRITE if writing else MAP_READ)
+        # A truncation after the last device op took pages of the range away:
+        # the device keeps no entry past the end.
+        pt.map(first, min(first + n, region.npages), MAP_WRITE if writing else MAP_READ)
         own_fig, remote_fig = self.own_figures(), self.remote_figures()
         res.modeled_ns += transfer_ns(res.local_bytes, own_fig.write_bandwidth if writing else own_fig.read_bandwidth)
         res.modeled_ns += transfer_ns(res.remote_bytes, remote_fig.write_bandwidth if writing else remote_fig.read_bandwidth)
