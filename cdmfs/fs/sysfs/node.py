@@ -57,12 +57,13 @@ def node_masks(m: Machine) -> dict[str, Callable[[], str]]:
 
 # ----------------------------------------------------------- per node
 
-def node_meminfo(m: Machine, nid: int) -> str:
-    p = m.node_pages(nid)
-    kb = {key: pages * KB_PER_PAGE for key, pages in {
+def meminfo_kb(p: dict[str, int]) -> dict[str, int]:
+    """The meminfo lines the emulator has numbers for, in kB, from a node's
+    page counts (Machine.node_stats) or their sum over the machine: region
+    pages are active anonymous memory, pinned ones mlocked."""
+    return {key: pages * KB_PER_PAGE for key, pages in {
         "MemTotal": p["total"],
         "MemFree": p["free"],
-        "MemUsed": p["total"] - p["free"],
         "Active": p["anon"],
         "Active(anon)": p["anon"],
         "Unevictable": p["mlocked"],
@@ -71,45 +72,54 @@ def node_meminfo(m: Machine, nid: int) -> str:
         "Mapped": p["mapped"],
         "AnonPages": p["anon"],
     }.items()}
-    return formats.node_meminfo(nid, kb)
+
+
+def node_meminfo(m: Machine, nid: int) -> str:
+    return formats.node_meminfo(nid, meminfo_kb(m.node_pages(nid)))
+
+
+def numastat_values(c: list[int]) -> dict[str, int]:
+    """A node's numastat counters by their numastat names."""
+    return {
+        "numa_hit": c[lib.CDM_NUMA_HIT],
+        "numa_miss": c[lib.CDM_NUMA_MISS],
+        "numa_foreign": c[lib.CDM_NUMA_FOREIGN],
+        "interleave_hit": c[lib.CDM_INTERLEAVE_HIT],
+        "local_node": c[lib.CDM_LOCAL_NODE],
+        "other_node": c[lib.CDM_OTHER_NODE],
+    }
 
 
 def node_numastat(m: Machine, nid: int) -> str:
-    c = m.node_stats(nid)[1].__getitem__
-    return formats.node_numastat({
-        "numa_hit": c(lib.CDM_NUMA_HIT),
-        "numa_miss": c(lib.CDM_NUMA_MISS),
-        "numa_foreign": c(lib.CDM_NUMA_FOREIGN),
-        "interleave_hit": c(lib.CDM_INTERLEAVE_HIT),
-        "local_node": c(lib.CDM_LOCAL_NODE),
-        "other_node": c(lib.CDM_OTHER_NODE),
-    })
+    return formats.node_numastat(numastat_values(m.node_stats(nid)[1]))
 
 
-def node_vmstat(m: Machine, nid: int) -> str:
-    p, counters = m.node_stats(nid)
-    c = counters.__getitem__
-    return formats.node_vmstat({
+def vmstat_values(p: dict[str, int], c: list[int]) -> dict[str, int]:
+    """The node vmstat items the emulator counts, from one snapshot (page
+    counts and event counters).  No vm events: the kernel keeps pgfault,
+    pgmigrate_* and the rest machine-wide, in /proc/vmstat (see proc.py)."""
+    return {
         "nr_free_pages": p["free"],
         "nr_zone_active_anon": p["anon"],
         "nr_zone_unevictable": p["mlocked"],
         "nr_zone_write_pending": p["dirty"],
         "nr_mlock": p["mlocked"],
-        "numa_hit": c(lib.CDM_NUMA_HIT),
-        "numa_miss": c(lib.CDM_NUMA_MISS),
-        "numa_foreign": c(lib.CDM_NUMA_FOREIGN),
-        "numa_interleave": c(lib.CDM_INTERLEAVE_HIT),
-        "numa_local": c(lib.CDM_LOCAL_NODE),
-        "numa_other": c(lib.CDM_OTHER_NODE),
+        "numa_hit": c[lib.CDM_NUMA_HIT],
+        "numa_miss": c[lib.CDM_NUMA_MISS],
+        "numa_foreign": c[lib.CDM_NUMA_FOREIGN],
+        "numa_interleave": c[lib.CDM_INTERLEAVE_HIT],
+        "numa_local": c[lib.CDM_LOCAL_NODE],
+        "numa_other": c[lib.CDM_OTHER_NODE],
         "nr_active_anon": p["anon"],
         "nr_unevictable": p["mlocked"],
         "nr_anon_pages": p["anon"],
         "nr_mapped": p["mapped"],
         "nr_dirty": p["dirty"],
-        "pgfault": c(lib.CDM_PGFAULT),
-        "pgmigrate_success": c(lib.CDM_PGMIGRATE_SUCCESS),
-        "pgmigrate_fail": c(lib.CDM_PGMIGRATE_FAIL),
-    })
+    }
+
+
+def node_vmstat(m: Machine, nid: int) -> str:
+    return formats.node_vmstat(vmstat_values(*m.node_stats(nid)))
 
 
 def node_distance(m: Machine, nid: int) -> str:
