@@ -530,6 +530,13 @@ def test_proc_meminfo():
             F.proc_meminfo(bad)
 
 
+def test_hugepages_attrs():
+    assert F.ulong(0) == "0\n"
+    assert F.hugepages_demote_size(2048) == "2048kB\n"
+    with pytest.raises(ValueError):
+        F.ulong(-1)
+
+
 def test_node_distance():
     assert F.node_distance([10, 20]) == "10 20\n"
     assert F.node_distance([10]) == "10\n"

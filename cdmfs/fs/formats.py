@@ -18,6 +18,7 @@ Linux 6.18 (the host kernel this was checked against, byte for byte, by
   ``hugetlb_report_meminfo()``; ``arch/x86/mm/pat/set_memory.c`` --
   ``arch_report_meminfo()``.
 * ``mm/vmstat.c`` -- ``vmstat_text[]`` and ``vmstat_show()`` (``/proc/vmstat``).
+* ``mm/hugetlb_sysfs.c`` -- the per-node ``hugepages-<size>kB`` attributes.
 
 Counters are C ``unsigned long`` in the kernel; the functions here accept only
 non-negative ``int`` values below 2**64 and raise ``ValueError`` otherwise (a
@@ -53,6 +54,8 @@ __all__ = [
     "node_numastat",
     "node_vmstat",
     "node_distance",
+    "ulong",
+    "hugepages_demote_size",
     "proc_vmstat",
     "proc_meminfo",
     "kv_lines",
@@ -326,6 +329,19 @@ def node_distance(row: Sequence[int], ids: Optional[Sequence[int]] = None) -> st
             raise ValueError(f"node_distance: bad distance {d!r}")
         out.append(f"{' ' if i else ''}{d}")
     return "".join(out) + "\n"
+
+
+def ulong(n: int) -> str:
+    """A single ``"%lu\\n"`` value (``sysfs_emit(buf, "%lu\\n", n)``): the
+    per-node ``nr_hugepages``, ``free_hugepages``, ``surplus_hugepages``
+    (mm/hugetlb_sysfs.c) and the ``power/runtime_*_time`` attributes."""
+    return f"{_count('value', n)}\n"
+
+
+def hugepages_demote_size(kb: int) -> str:
+    """``hugepages-<size>kB/demote_size`` -- ``demote_size_show()``:
+    ``"%lukB\\n"``, the size huge pages of this size demote to (``2048kB``)."""
+    return f"{_count('demote_size', kb)}kB\n"
 
 
 # --------------------------------------------------------------------------- #

@@ -1,6 +1,14 @@
 """``sys/devices/system/node`` and the memory policy files (SPEC §5): one
 show/store function per attribute, in the manner of drivers/base/node.c.
 Formats live in ``formats``.
+
+A node directory holds what drivers/base/node.c gives it (cpulist, cpumap,
+distance, meminfo, numastat, vmstat, compact, the cpuK and memoryB links,
+access0/ of HMAT), what the driver core gives every device (uevent, power/,
+the subsystem link) and hugetlb's hugepages/; then the CDM switches of SPEC
+§5 that no kernel has (isolated, numa_balancing) -- and ``reclaim``, which
+the kernel also has, write-only, as proactive reclaim (``echo 1G >
+reclaim``), but which SPEC makes the CDM discussion's 0/1 switch.
 """
 from __future__ import annotations
 
@@ -10,6 +18,8 @@ from ..._core import lib
 from ...mm.machine import KB_PER_PAGE, Machine
 from .. import formats
 from .cpu import nr_cpu_ids
+from .device import add_device_files
+from .hugetlb import add_node_hstates
 from ..tree import Attr, Dir, Link, Tree
 
 NODE_DIR = "devices/system/node"
@@ -163,6 +173,46 @@ def best_initiators(m: Machine, nid: int) -> list[int]:
     return [c for c in cpu_nodes if m.topo.distance[(c, nid)] == best]
 
 
+def compact_store(text: str) -> None:
+    """``compact_store()``: any write compacts the node's zones.  Emulated
+    memory has no fragmentation to undo (every frame is a 4 KiB page): it
+    does nothing, and succeeds as the kernel's does."""
+
+
+def access_dir(tree: Tree, d: Dir) -> Dir:
+    """``nodeN/access0/``, made on first use as node_init_node_access()
+    makes it: a device with the groups ``initiators`` and ``targets`` (both
+    present, maybe empty), its uevent and power/."""
+    acc = d.children.get("access0")
+    if acc is None:
+        acc = tree.add(d, "access0", Dir())
+        tree.add(acc, "initiators", Dir())
+        tree.add(acc, "targets", Dir())
+        add_device_files(tree, acc)
+    assert isinstance(acc, Dir)
+    return acc
+
+
+def link_accesses(tree: Tree, nodes: Dir, m: Machine) -> None:
+    """register_memory_node_under_compute_node() for every memory node and
+    each of its nearest CPU nodes whose directories exist: the target's
+    ``access0/initiators/nodeI`` and the initiator's ``access0/targets/nodeM``.
+    Adds only the links missing (a hot-added node links in after the rest)."""
+    for name, target in list(nodes.children.items()):
+        if not (name.startswith("node") and name[4:].isdigit() and isinstance(target, Dir)):
+            continue
+        mem = int(name[4:])
+        for cpu in best_initiators(m, mem):
+            init = nodes.children.get(f"node{cpu}")
+            if not isinstance(init, Dir):
+                continue
+            for group, d, other in (("initiators", target, cpu), ("targets", init, mem)):
+                g = access_dir(tree, d).children[group]
+                assert isinstance(g, Dir)
+                if f"node{other}" not in g.children:
+                    tree.add(g, f"node{other}", Link(f"../../../node{other}"))
+
+
 def add_node(tree: Tree, nodes: Dir, m: Machine, nid: int) -> None:
     d = tree.add(nodes, f"node{nid}", Dir())
     for name, show in {
@@ -174,20 +224,31 @@ def add_node(tree: Tree, nodes: Dir, m: Machine, nid: int) -> None:
         "vmstat": node_vmstat,
     }.items():
         tree.add(d, name, Attr(lambda show=show: show(m, nid)))
+    tree.add(d, "compact", Attr(None, compact_store))
+    add_device_files(tree, d)
+    tree.add(d, "subsystem", Link("../../../../bus/node"))
+    add_node_hstates(tree, d)
     tree.add(d, "isolated", Attr(lambda: node_isolated_show(m, nid),
                                  lambda text: node_isolated_store(m, nid, text)))
     for switch in ("numa_balancing", "reclaim"):
         tree.add(d, switch, node_switch(m, nid, switch))
     for cpu in sorted(m.nodes[nid].spec.cpus):
         tree.add(d, f"cpu{cpu}", Link(f"../../cpu/cpu{cpu}"))
-    # HMAT access class 0: the figures of the nearest CPU initiator.
-    init = tree.add(tree.dir(d, "access0"), "initiators", Dir())
+    # HMAT access class 0: the figures of the nearest CPU initiator
+    # (node_set_perf_attrs()), on every node with memory.
+    init = access_dir(tree, d).children["initiators"]
+    assert isinstance(init, Dir)
     fig = m.topo.access_of("cpu", f"node:{nid}")
     for name, value in (("read_bandwidth", fig.read_bandwidth), ("read_latency", fig.read_latency),
                         ("write_bandwidth", fig.write_bandwidth), ("write_latency", fig.write_latency)):
         tree.add(init, name, Attr(lambda value=value: f"{value}\n"))
-    for c in best_initiators(m, nid):
-        tree.add(init, f"node{c}", Link(f"../../../node{c}"))
+    link_accesses(tree, nodes, m)
+
+
+def add_node_root(tree: Tree, nodes: Dir) -> None:
+    """``sys/devices/system/node`` is itself a device (the node subsystem's
+    root): its uevent and power/."""
+    add_device_files(tree, nodes)
 
 
 # ----------------------------------------------------------- mempolicy
