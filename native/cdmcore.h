@@ -83,7 +83,11 @@
  * fault (device memory is always backed); beyond it they go back to the host. */
 #define CDM_RESIDENT_FREE_PAGES 16384
 
-/* Event counters kept per pool, shown in numastat/vmstat. */
+/* Event counters kept per pool, shown in numastat/vmstat.  The NUMA ones
+ * (numa_hit .. other_node) are counted as zone_statistics() counts them, for
+ * every page allocated on a node: a first touch, and a migration's target
+ * (cdm_migrate_alloc, cdm_migrate_alloc_plan).  Device-private pools are not
+ * nodes: no NUMA event is ever counted on one. */
 enum cdm_counter {
     CDM_NUMA_HIT,
     CDM_NUMA_MISS,
@@ -136,6 +140,10 @@ struct cdm_machine {
      * lock is free). */
     int drop_pool;
     uint64_t drop_start, drop_len;
+    /* The pool of the node whose CPU runs migrations (numa_node_id() of the
+     * task that migrates): the local node of their target pages in the NUMA
+     * counters; -1 (the default) for none.  See cdm_machine_set_cpu_pool(). */
+    int cpu_pool;
 };
 
 /*
@@ -228,6 +236,9 @@ struct cdm_region_stats {
 
 struct cdm_machine *cdm_machine_new(void);
 void cdm_machine_free(struct cdm_machine *m);
+/* Sets m->cpu_pool: a migration's target pages count as local_node on that
+ * pool's node and other_node elsewhere (-1: no pool is local). */
+void cdm_machine_set_cpu_pool(struct cdm_machine *m, int pool);
 
 /* Adds a pool of npages frames starting at base_pfn; returns its index or
  * -errno: -EINVAL unless base_pfn + npages <= CDM_PTE_PFN_MASK (the PFN field
@@ -380,11 +391,16 @@ int64_t cdm_migrate_lock(struct cdm_machine *m, struct cdm_region *r, uint64_t f
 /* lock, also skipping (-ENOENT) a page whose frame is no longer src[k]'s. */
 int64_t cdm_migrate_lock_src(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
                              uint64_t n, const uint64_t *src, int32_t *status);
+/* Each target page on a node counts as alloc_migration_target() counts it
+ * (__GFP_THISNODE on the target): numa_hit on the target, local_node if the
+ * target is m->cpu_pool, else other_node. */
 int64_t cdm_migrate_alloc(struct cdm_machine *m, int target, uint64_t n,
                           int32_t *status, uint64_t *dst);
 /* alloc by a policy's plan instead of one pool: page first + k gets a frame
  * as its first touch would (its interleave slot, then that slot's fallback),
- * as migrate_to_ram() allocates by the vma's policy, page by page. */
+ * as migrate_to_ram() allocates by the vma's policy, page by page; the NUMA
+ * events are a first touch's (hit/miss/foreign against the page's intended
+ * pool, interleave_hit, local/other against plan->local). */
 int64_t cdm_migrate_alloc_plan(struct cdm_machine *m, uint64_t first, uint64_t n,
                                const struct cdm_plan *plan, int32_t *status, uint64_t *dst);
 void cdm_migrate_copy(struct cdm_machine *m, uint64_t n, const int32_t *status,

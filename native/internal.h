@@ -70,6 +70,11 @@ int64_t frame_alloc(struct cdm_machine *m, struct cdm_pool *p, int zero);
 void frame_free(struct cdm_machine *m, struct cdm_pool *p, uint64_t f);
 void frame_unalloc(struct cdm_pool *p, uint64_t f);
 
+/* page_alloc.c: the NUMA events of a page allocated on pool (zone_statistics).
+ * Caller holds m->lock. */
+void numa_count(struct cdm_machine *m, int pool, int preferred, int local);
+void numa_account(struct cdm_machine *m, uint64_t idx, int pool, const struct cdm_plan *plan);
+
 /* page_alloc.c: the pool of a PFN, the frames of a PFN range that are in one
  * pool.  Caller holds m->lock: npools and the pools it counts are written by
  * cdm_pool_add() under it, and read only under it. */

@@ -170,6 +170,10 @@ int64_t cdm_migrate_alloc(struct cdm_machine *m, int target, uint64_t n,
         }
         dst[k] = p->base_pfn + (uint64_t)f;
         p->nr_held++;       /* owned by its page from finalize on */
+        /* alloc_migration_target(): the target node is the preferred one
+         * and the only one allowed (__GFP_THISNODE), the migrating CPU's
+         * node the local one. */
+        numa_count(m, target, target, m->cpu_pool);
         got++;
     }
     machine_unlock(m);
@@ -188,17 +192,19 @@ int64_t cdm_migrate_alloc_plan(struct cdm_machine *m, uint64_t first, uint64_t n
         int intended = plan->table[(first + k) % plan->ntable];
         const int32_t *row = plan->fallback + (size_t)intended * CDM_MAX_POOLS;
         int64_t f = -1;
-        struct cdm_pool *p = NULL;
+        int pool = -1;
         for (int j = 0; j < CDM_MAX_POOLS && row[j] >= 0 && f < 0; j++) {
-            p = &m->pools[row[j]];
-            f = frame_alloc(m, p, status[k] == CDM_MIG_ALLOC);
+            pool = row[j];
+            f = frame_alloc(m, &m->pools[pool], status[k] == CDM_MIG_ALLOC);
         }
         if (f < 0) {
             status[k] = -ENOMEM;
             continue;
         }
+        struct cdm_pool *p = &m->pools[pool];
         dst[k] = p->base_pfn + (uint64_t)f;
         p->nr_held++;       /* owned by its page from finalize on */
+        numa_account(m, first + k, pool, plan);
         got++;
     }
     machine_unlock(m);

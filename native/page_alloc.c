@@ -16,9 +16,18 @@ static int pool_add(struct cdm_machine *m, uint64_t base_pfn, uint64_t npages, i
 struct cdm_machine *cdm_machine_new(void)
 {
     struct cdm_machine *m = calloc(1, sizeof(*m));
-    if (m)
+    if (m) {
         pthread_mutex_init(&m->lock, NULL);
+        m->cpu_pool = -1;
+    }
     return m;
+}
+
+void cdm_machine_set_cpu_pool(struct cdm_machine *m, int pool)
+{
+    machine_lock(m);
+    m->cpu_pool = pool;
+    machine_unlock(m);
 }
 
 void cdm_machine_free(struct cdm_machine *m)
@@ -251,6 +260,40 @@ int64_t frame_alloc(struct cdm_machine *m, struct cdm_pool *p, int zero)
     p->nr_used++;
     p->counters[CDM_PGALLOC]++;
     return f;
+}
+
+/* The kernel's zone_statistics(): a page placed on pool when preferred was
+ * asked for, by a CPU of the node of pool local, is a hit there or a miss
+ * there and a foreign on preferred, and local or other.  Device-private
+ * memory is not a node (it has no numastat): nothing is counted for a page
+ * placed there.  Caller holds m->lock. */
+void numa_count(struct cdm_machine *m, int pool, int preferred, int local)
+{
+    struct cdm_pool *p = &m->pools[pool];
+    if (p->flags & CDM_POOL_PRIVATE)
+        return;
+    if (pool == preferred) {
+        p->counters[CDM_NUMA_HIT]++;
+    } else {
+        p->counters[CDM_NUMA_MISS]++;
+        m->pools[preferred].counters[CDM_NUMA_FOREIGN]++;
+    }
+    p->counters[pool == local ? CDM_LOCAL_NODE : CDM_OTHER_NODE]++;
+}
+
+/* The NUMA events of page idx placed in pool by a policy's plan: its
+ * intended pool is the preferred one (for preferred_many, the local pool
+ * once the page lands outside the nodemask), and an interleaved page that
+ * got its slot's pool is also an interleave hit (alloc_pages_mpol()).
+ * Caller holds m->lock. */
+void numa_account(struct cdm_machine *m, uint64_t idx, int pool, const struct cdm_plan *plan)
+{
+    int intended = plan->table[idx % plan->ntable];
+    if (plan->first_pools && !(plan->first_pools & (1ULL << pool)))
+        intended = plan->spill;
+    numa_count(m, pool, intended, plan->local);
+    if (pool == intended && plan->interleave && !(m->pools[pool].flags & CDM_POOL_PRIVATE))
+        m->pools[pool].counters[CDM_INTERLEAVE_HIT]++;
 }
 
 /* Returns frame f of pool p to the allocator, keeping its bytes for a while

@@ -301,26 +301,6 @@ void cdm_region_ptes(struct cdm_machine *m, struct cdm_region *r, uint64_t first
     machine_unlock(m);
 }
 
-/* Counts the NUMA events the kernel's zone_statistics() (and, for interleave,
- * alloc_pages_mpol()) counts for page idx placed in pool.  Caller holds m->lock. */
-static void numa_account(struct cdm_machine *m, uint64_t idx, int pool,
-                         const struct cdm_plan *plan)
-{
-    int intended = plan->table[idx % plan->ntable];
-    struct cdm_pool *p = &m->pools[pool];
-    if (plan->first_pools && !(plan->first_pools & (1ULL << pool)))
-        intended = plan->spill;
-    if (pool == intended) {
-        p->counters[CDM_NUMA_HIT]++;
-        if (plan->interleave)
-            p->counters[CDM_INTERLEAVE_HIT]++;
-    } else {
-        p->counters[CDM_NUMA_MISS]++;
-        m->pools[intended].counters[CDM_NUMA_FOREIGN]++;
-    }
-    p->counters[pool == plan->local ? CDM_LOCAL_NODE : CDM_OTHER_NODE]++;
-}
-
 /* Allocates a frame for page idx of r by plan.  Returns the new PTE or 0.  The
  * NUMA events are counted by numa_account() once the call commits.  Caller
  * holds m->lock. */

@@ -55,7 +55,7 @@ def test_mount_umount_and_sigterm(mp):
     assert res.returncode == 0, res.stderr
     assert res.stdout == f"mounted {mp}, log in {default_log_file(str(mp))}\n" and res.stderr == ""
     assert is_mounted(str(mp))
-    assert sorted(os.listdir(mp)) == ["devices", "regions", "sys"]
+    assert sorted(os.listdir(mp)) == ["devices", "proc", "regions", "sys"]
     res = cdmfs("umount", mp)
     assert res.returncode == 0, res.stderr
     assert res.stdout == f"unmounted {mp}\n" and res.stderr == ""

@@ -131,11 +131,37 @@ def test_host_vmstat(node):
     text = _read(os.path.join(node, "vmstat"))
     v = _kv(text)
     assert tuple(v) == F.NODE_VMSTAT_KEYS
-    # the kernel's lines unchanged, then cdmfs's three vm_event lines
-    extra = "pgfault 0\npgmigrate_success 0\npgmigrate_fail 0\n"
-    assert F.node_vmstat(v) == text + extra
-    v.update(pgfault=7, pgmigrate_success=8, pgmigrate_fail=9)
-    assert F.node_vmstat(v) == text + "pgfault 7\npgmigrate_success 8\npgmigrate_fail 9\n"
+    # the kernel's lines, nothing more: vm events are machine-wide (/proc/vmstat)
+    assert F.node_vmstat(v) == text
+    with pytest.raises(ValueError):
+        F.node_vmstat(dict(v, pgfault=7))
+
+
+def test_host_proc_vmstat():
+    """/proc/vmstat: the node items first, in the node vmstat's order, then
+    the rest; re-rendered from one read, byte for byte."""
+    text = _read("/proc/vmstat")
+    v = {}
+    for line in text.splitlines():
+        k, n = line.split(" ")
+        v[k] = int(n)
+    assert tuple(v) == F.PROC_VMSTAT_KEYS
+    assert F.PROC_VMSTAT_KEYS[:len(F.NODE_VMSTAT_KEYS)] == F.NODE_VMSTAT_KEYS
+    assert F.proc_vmstat(v) == text
+
+
+def test_host_proc_meminfo():
+    """/proc/meminfo re-rendered from one read, byte for byte: show_val_kb()'s
+    padding, the HugePages_* counts, VmallocTotal wider than %8lu."""
+    text = _read("/proc/meminfo")
+    kb = {}
+    for line in text.splitlines():
+        m = re.fullmatch(r"(\S+):\s+(\d+)( kB)?", line)
+        assert m, line
+        assert bool(m.group(3)) == (m.group(1) not in F.PROC_MEMINFO_HUGEPAGES_KEYS), line
+        kb[m.group(1)] = int(m.group(2))
+    assert tuple(kb) == F.PROC_MEMINFO_KEYS
+    assert F.proc_meminfo(kb) == text
 
 
 @pytest.mark.parametrize("node", _node_params())
@@ -209,8 +235,12 @@ def test_spec_vmstat_keys_present():
     for key in ("nr_free_pages", "nr_anon_pages", "numa_hit", "numa_miss", "pgpromote_success"):
         assert key in F.NODE_VMSTAT_KEYS
     assert [k for k in F.NODE_VMSTAT_KEYS if k.startswith("pgdemote_")]
-    assert not set(F.NODE_VMSTAT_KEYS) & set(F.NODE_VMSTAT_CDMFS_EVENTS)
-    assert len(set(F.NODE_VMSTAT_KEYS)) == len(F.NODE_VMSTAT_KEYS)
+    # SPEC §5: machine-wide events live in proc/vmstat, as in the kernel.
+    for key in ("pgfault", "pgmigrate_success", "pgmigrate_fail", "numa_hint_faults",
+                "numa_pages_migrated", "pgalloc_normal", "pgfree"):
+        assert key not in F.NODE_VMSTAT_KEYS and key in F.PROC_VMSTAT_KEYS
+    for keys in (F.NODE_VMSTAT_KEYS, F.PROC_VMSTAT_KEYS, F.PROC_MEMINFO_KEYS):
+        assert len(set(keys)) == len(keys)
 
 
 # --------------------------------------------------------------------------- #
@@ -462,15 +492,49 @@ def test_node_numastat():
 
 
 def test_node_vmstat():
-    out = F.node_vmstat({"nr_free_pages": 42, "pgfault": 3})
+    out = F.node_vmstat({"nr_free_pages": 42, "nr_kernel_file_pages": 3})
     lines = out.splitlines()
-    assert len(lines) == len(F.NODE_VMSTAT_KEYS) + 3
+    assert len(lines) == len(F.NODE_VMSTAT_KEYS)
     assert lines[0] == "nr_free_pages 42"
-    assert lines[-3:] == ["pgfault 3", "pgmigrate_success 0", "pgmigrate_fail 0"]
-    assert [ln.split()[0] for ln in lines] == list(F.NODE_VMSTAT_KEYS + F.NODE_VMSTAT_CDMFS_EVENTS)
-    for bad in ({"interleave_hit": 1}, {"pgfault": -2}):
+    assert lines[-1] == "nr_kernel_file_pages 3"
+    assert [ln.split()[0] for ln in lines] == list(F.NODE_VMSTAT_KEYS)
+    for bad in ({"interleave_hit": 1}, {"pgfault": 3}, {"pgmigrate_success": 1}, {"nr_free_pages": -2}):
         with pytest.raises(ValueError):
             F.node_vmstat(bad)
+
+
+def test_proc_vmstat():
+    out = F.proc_vmstat({"nr_free_pages": 5, "pgmigrate_success": 7, "pgalloc_movable": 2})
+    lines = out.splitlines()
+    assert [ln.split()[0] for ln in lines] == list(F.PROC_VMSTAT_KEYS)
+    assert lines[0] == "nr_free_pages 5"
+    assert "pgmigrate_success 7" in lines and "pgalloc_movable 2" in lines
+    assert lines[-1] == "nr_unstable 0"           # vmstat_show()'s deprecated tail
+    for bad in ({"interleave_hit": 1}, {"pgfault": -1}, {"pgfault": "1"}):
+        with pytest.raises(ValueError):
+            F.proc_vmstat(bad)
+
+
+def test_proc_meminfo():
+    out = F.proc_meminfo({"MemTotal": 2097152, "HugePages_Total": 3, "Hugepagesize": 2048,
+                          "VmallocTotal": 34359738367})
+    lines = out.splitlines()
+    assert [ln.split(":")[0] for ln in lines] == list(F.PROC_MEMINFO_KEYS)
+    assert lines[0] == "MemTotal:        2097152 kB"
+    assert lines[1] == "MemFree:               0 kB"
+    assert "HugePages_Total:       3" in lines
+    assert "Hugepagesize:       2048 kB" in lines
+    assert "VmallocTotal:   34359738367 kB" in lines    # wider than %8lu: pushes on
+    for bad in ({"MemUsed": 1}, {"MemTotal": -1}, {"MemTotal": 1.0}):
+        with pytest.raises(ValueError):
+            F.proc_meminfo(bad)
+
+
+def test_hugepages_attrs():
+    assert F.ulong(0) == "0\n"
+    assert F.hugepages_demote_size(2048) == "2048kB\n"
+    with pytest.raises(ValueError):
+        F.ulong(-1)
 
 
 def test_node_distance():

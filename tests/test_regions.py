@@ -130,7 +130,7 @@ def test_bad_region_names(mnt):
     # Regions live under regions/ only.
     with pytest.raises(OSError):
         os.mkdir(os.path.join(mnt.path, "sys", "x"))
-    assert sorted(os.listdir(mnt.path)) == ["devices", "regions", "sys"]
+    assert sorted(os.listdir(mnt.path)) == ["devices", "proc", "regions", "sys"]
 
 
 def test_rmdir_busy_while_open_or_mapped(mnt):

@@ -29,7 +29,8 @@ WEIGHTS = "sys/kernel/mm/mempolicy/weighted_interleave"
 MASKS = ("possible", "online", "has_cpu", "has_memory", "has_normal_memory",
          "has_generic_initiator", "has_coherent_device")
 ACCESS = ("read_bandwidth", "write_bandwidth", "read_latency", "write_latency")
-VMSTAT_CDMFS_TAIL = ["pgfault", "pgmigrate_success", "pgmigrate_fail"]
+# vm events the kernel keeps machine-wide only (/proc/vmstat), never per node.
+VM_EVENTS = ["pgfault", "pgmigrate_success", "pgmigrate_fail", "pgalloc_normal", "pgfree"]
 TIMEOUT = 60  # a hung mount must not hang the run; no test asserts on time
 
 # Three nodes: two sysram with one CPU each around a CDM node, a device on the
@@ -281,16 +282,18 @@ def test_numastat_keys_equal_host(machine):
         assert keys_of(cat(os.path.join(node_dir(m, nid), "numastat"))) == host
 
 
-def test_vmstat_keys_are_hosts_then_cdmfs_events(machine):
+def test_vmstat_keys_equal_host(machine):
+    """The node vmstat is the kernel's, key for key: no vm events, which the
+    kernel keeps machine-wide (they are in proc/vmstat)."""
     m, want = machine
     host = keys_of(host_read(f"{HOST_NODE}/node0/vmstat"))
     for nid in want["nodes"]:
         keys = keys_of(cat(os.path.join(node_dir(m, nid), "vmstat")))
-        assert keys[:len(host)] == host
-        assert keys[len(host):] == VMSTAT_CDMFS_TAIL
+        assert keys == host
         for key in ("nr_free_pages", "nr_anon_pages", "numa_hit", "numa_miss",
                     "pgpromote_success", "pgdemote_kswapd"):
             assert key in keys
+        assert not set(VM_EVENTS) & set(keys)
 
 
 def test_free_pages_agree_with_meminfo(machine):
@@ -335,6 +338,12 @@ def test_every_node_file_reads_in_a_kernel_format(machine):
         "numa_balancing": r"[01]\n",
         "reclaim": r"[01]\n",
         **{name: r"\d+\n" for name in ACCESS},
+        **{name: r"0\n" for name in ("nr_hugepages", "free_hugepages", "surplus_hugepages",
+                                      "runtime_active_time", "runtime_suspended_time")},
+        "demote_size": r"2048kB\n",
+        "uevent": r"",
+        "control": r"auto\n|on\n",
+        "runtime_status": r"unsupported\n",
     }
     seen = set()
     stack = [os.path.join(m.path, NODE)]
@@ -347,6 +356,12 @@ def test_every_node_file_reads_in_a_kernel_format(machine):
                 continue
             if not os.stat(e.path).st_mode & 0o444:
                 continue  # write-only, like the kernel's probe files
+            if e.name == "autosuspend_delay_ms":
+                # EIO without autosuspend, as the host's node0/power has it
+                done = run("cat", e.path)
+                assert done.returncode != 0 and "Input/output error" in done.stderr, done
+                seen.add(e.name)
+                continue
             text = cat(e.path)
             seen.add(e.name)
             if e.name in shapes:
@@ -479,7 +494,9 @@ def test_cpu_topology_is_one_package_per_cpu_node(machine):
 # 3. permissions
 # --------------------------------------------------------------------------- #
 
-RW_NODE_ATTRS = {"isolated", "numa_balancing", "reclaim"}
+RW_NODE_ATTRS = {"isolated", "numa_balancing", "reclaim", "uevent", "control", "autosuspend_delay_ms",
+                 "nr_hugepages", "demote_size"}
+WO_NODE_ATTRS = {"compact", "demote"}
 
 
 def test_attribute_modes_and_owner(machine):
@@ -497,7 +514,9 @@ def test_attribute_modes_and_owner(machine):
             mode = stat.S_IMODE(st.st_mode)
             rel = os.path.relpath(path, m.path)
             if rel.startswith(NODE + "/") or rel.startswith(CPU + "/"):
-                expected = 0o644 if rel.startswith(NODE + "/node") and name in RW_NODE_ATTRS else 0o444
+                expected = 0o444
+                if rel.startswith(NODE + "/"):
+                    expected = 0o644 if name in RW_NODE_ATTRS else 0o200 if name in WO_NODE_ATTRS else 0o444
                 assert mode == expected, f"{rel}: {oct(mode)}"
             elif rel.startswith(WEIGHTS + "/"):
                 assert mode == 0o644, f"{rel}: {oct(mode)}"
@@ -717,3 +736,243 @@ def test_lstopo_default_bandwidths(default_mount):
     attrs = memattrs(lstopo(default_mount, "-p", "--memattrs"))
     assert attrs["Bandwidth"][0][0] == 100000
     assert attrs["Bandwidth"][1][0] == 32000
+
+
+# --------------------------------------------------------------------------- #
+# 7. the rest of a node directory: drivers/base/node.c, the driver core
+#    (uevent, power/, subsystem), hugetlb's hugepages/, HMAT's access0/
+# --------------------------------------------------------------------------- #
+
+#: What a host's node directory may hold that the emulated one lacks, and why.
+NODE_LACKS = {
+    "access1": "HMAT's CPU-only access class: every emulated initiator is a CPU node, so "
+               "class 1 would repeat class 0, and the emulator registers class 0 only",
+    "memory_side_cache": "HMAT memory-side caches: the emulated memory has none",
+    "x86": "SGX enclave memory (x86/sgx_total_bytes): the emulated machine has none",
+}
+#: What the emulated node directory holds that a host's may lack, and why.
+NODE_EXTRAS = {
+    "access0": "HMAT access class 0 with SPEC §3's figures (a host without HMAT has none)",
+    "isolated": "SPEC §5: the CDM node's switch against implicit allocation",
+    "numa_balancing": "SPEC §5: the per-node switch for automatic placement",
+}
+#: Same name, other meaning: the kernel's nodeN/reclaim is write-only proactive
+#: reclaim (echo 1G > reclaim); SPEC §5 makes it the 0/1 switch of the CDM
+#: discussion, read-write.
+NODE_DIFFERS = {"reclaim"}
+
+
+def config_free(names) -> set:
+    """Names of a node directory without the cpuK and memoryB links, which
+    follow the machine, not the kernel's layout."""
+    return {n for n in names if not re.fullmatch(r"(cpu|memory)\d+", n)}
+
+
+def host_dir(path: str) -> list:
+    if not os.path.isdir(path):
+        pytest.skip(f"host has no {path}")
+    return os.listdir(path)
+
+
+def tree_modes(root: str) -> dict:
+    """{relative path: (kind, mode)} of everything under root, links not followed."""
+    out = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(folder, name)
+            st = os.lstat(path)
+            kind = "l" if stat.S_ISLNK(st.st_mode) else "d" if stat.S_ISDIR(st.st_mode) else "f"
+            out[os.path.relpath(path, root)] = (kind, stat.S_IMODE(st.st_mode))
+    return out
+
+
+def test_node_dir_keys_against_host(machine):
+    """Every node directory holds what the host's node0 holds, but for the
+    allow-listed names (each with its reason), and nothing else but SPEC's."""
+    m, want = machine
+    host = config_free(host_dir(f"{HOST_NODE}/node0"))
+    for nid in want["nodes"]:
+        ours = config_free(os.listdir(node_dir(m, nid)))
+        assert host - ours <= set(NODE_LACKS), f"node{nid} lacks {sorted(host - ours - set(NODE_LACKS))}"
+        assert ours - host <= set(NODE_EXTRAS), f"node{nid} has {sorted(ours - host - set(NODE_EXTRAS))}"
+    # The node subsystem's root too: its masks, uevent and power/.
+    root = {n for n in os.listdir(os.path.join(m.path, NODE)) if not re.fullmatch(r"node\d+", n)}
+    host_root = {n for n in host_dir(HOST_NODE) if not re.fullmatch(r"node\d+", n)}
+    assert root - host_root == {"has_coherent_device"}
+    assert host_root <= root
+
+
+def test_node_subtrees_and_modes_equal_host(machine):
+    """hugepages/ and power/ hold the host's files with the host's modes, and
+    every attribute the host's node0 also has carries the host's mode."""
+    m, want = machine
+    host = tree_modes(f"{HOST_NODE}/node0")
+    if not host:
+        pytest.skip("host has no node0")
+    for nid in want["nodes"]:
+        ours = tree_modes(node_dir(m, nid))
+        for sub in ("hugepages", "power"):
+            h = {k: v for k, v in host.items() if k.split("/")[0] == sub}
+            o = {k: v for k, v in ours.items() if k.split("/")[0] == sub}
+            if h:
+                assert o == h, f"node{nid}/{sub}"
+        for rel, (kind, mode) in ours.items():
+            if rel in host and rel.split("/")[0] not in NODE_DIFFERS and kind != "l":
+                assert (kind, mode) == host[rel], f"node{nid}/{rel}: {oct(mode)}, host {oct(host[rel][1])}"
+        assert ours["compact"] == ("f", 0o200)
+        assert ours["reclaim"] == ("f", 0o644)     # SPEC's switch (NODE_DIFFERS)
+
+
+def test_subsystem_link_and_bus_node(machine):
+    m, want = machine
+    bus = os.path.join(m.path, "sys/bus/node")
+    for nid in want["nodes"]:
+        link = os.path.join(node_dir(m, nid), "subsystem")
+        assert readlink(link) == "../../../../bus/node"
+        assert os.path.realpath(link) == os.path.realpath(bus)
+        assert os.path.realpath(os.path.join(link, "devices", f"node{nid}")) == os.path.realpath(node_dir(m, nid))
+    host = tree_modes("/sys/bus/node") if os.path.isdir("/sys/bus/node") else None
+    if host is not None:
+        strip = lambda t: {k: v for k, v in t.items() if not k.startswith("devices/")}  # noqa: E731
+        assert strip(tree_modes(bus)) == strip(host)
+    assert cat(os.path.join(bus, "drivers_autoprobe")) == "1\n"
+    assert py_write(os.path.join(bus, "drivers_probe"), b"node0\n") == 6
+    with pytest.raises(OSError) as e:
+        py_write(os.path.join(bus, "drivers_probe"), b"node9\n")
+    assert e.value.errno == errno.ENODEV
+
+
+def test_hugepages_read_zero(machine):
+    m, want = machine
+    for nid in want["nodes"]:
+        d = os.path.join(node_dir(m, nid), "hugepages")
+        assert sorted(os.listdir(d)) == ["hugepages-1048576kB", "hugepages-2048kB"]
+        for size in ("2048kB", "1048576kB"):
+            for name in ("nr_hugepages", "free_hugepages", "surplus_hugepages"):
+                assert cat(os.path.join(d, f"hugepages-{size}", name)) == "0\n"
+        assert cat(os.path.join(d, "hugepages-1048576kB", "demote_size")) == "2048kB\n"
+        assert not os.path.exists(os.path.join(d, "hugepages-2048kB", "demote_size"))
+        # and the node's meminfo agrees: no huge pages
+        info = m.node(nid).meminfo
+        assert info["HugePages_Total"] == info["HugePages_Free"] == info["HugePages_Surp"] == 0
+
+
+def test_nr_hugepages_write_allocates_nothing(default_mount):
+    """A well-formed count is taken, as the kernel takes it where no huge
+    page can be allocated (set_max_huge_pages() returns success), and the
+    file reads 0 after; a malformed one is EINVAL, past ULONG_MAX ERANGE."""
+    d = os.path.join(node_dir(default_mount, 0), "hugepages")
+    for size in ("2048kB", "1048576kB"):
+        path = os.path.join(d, f"hugepages-{size}", "nr_hugepages")
+        for data in (b"4\n", b"0\n", b"+2\n", b"18446744073709551615\n"):
+            assert py_write(path, data) == len(data), data
+            assert cat(path) == "0\n"
+        for data in (b"-1\n", b"abc\n", b"\n", b"1 \n", b"0x10\n", b"1.5\n"):
+            py_write_fails_einval(path, data)
+        with pytest.raises(OSError) as e:
+            py_write(path, b"18446744073709551616\n")
+        assert e.value.errno == errno.ERANGE
+        assert sh(f"echo 8 > {path}").returncode == 0
+        assert cat(path) == "0\n"
+    assert default_mount.node(0).meminfo["HugePages_Total"] == 0
+
+
+def test_demote_and_demote_size(default_mount):
+    d = os.path.join(node_dir(default_mount, 1), "hugepages", "hugepages-1048576kB")
+    for data in (b"2048kB\n", b"2M\n", b"2097152\n", b"0x200000\n"):
+        assert py_write(os.path.join(d, "demote_size"), data) == len(data), data
+        assert cat(os.path.join(d, "demote_size")) == "2048kB\n"
+    for data in (b"1G\n", b"4096\n", b"x\n", b"\n"):
+        py_write_fails_einval(os.path.join(d, "demote_size"), data)
+    assert py_write(os.path.join(d, "demote"), b"1\n") == 2   # nothing free to demote
+    py_write_fails_einval(os.path.join(d, "demote"), b"one\n")
+    with pytest.raises(PermissionError):
+        py_read(os.path.join(d, "demote"))
+
+
+def test_compact_is_write_only(default_mount):
+    path = os.path.join(node_dir(default_mount, 0), "compact")
+    assert sh(f"echo 1 > {path}").returncode == 0
+    assert py_write(path, b"anything\n") == 9       # compact_store() takes any write
+    with pytest.raises(PermissionError):
+        py_read(path)
+
+
+def test_uevent(default_mount):
+    for d in (node_dir(default_mount, 0), os.path.join(node_dir(default_mount, 1), "access0"),
+              os.path.join(default_mount.path, NODE)):
+        path = os.path.join(d, "uevent")
+        assert cat(path) == ""                      # as the host's node0/uevent
+        for data in (b"add\n", b"change", b"change 12345678-9abc-def0-1234-56789abcdef0\n",
+                     b"online 12345678-9abc-def0-1234-56789abcdef0 A=1 B=x\n"):
+            assert py_write(path, data) == len(data), data
+        for data in (b"bogus\n", b"\n", b"add notauuid\n", b"Add\n",
+                     b"add 12345678-9abc-def0-1234-56789abcdef0 =x\n"):
+            py_write_fails_einval(path, data)
+        assert cat(path) == ""
+    bus = os.path.join(default_mount.path, "sys/bus/node/uevent")
+    assert py_write(bus, b"add\n") == 4
+    py_write_fails_einval(bus, b"nope\n")
+
+
+def test_power(default_mount):
+    for d in (node_dir(default_mount, 0), os.path.join(node_dir(default_mount, 0), "access0"),
+              os.path.join(default_mount.path, NODE)):
+        p = os.path.join(d, "power")
+        assert cat(os.path.join(p, "runtime_status")) == "unsupported\n"
+        assert cat(os.path.join(p, "runtime_active_time")) == "0\n"
+        assert cat(os.path.join(p, "runtime_suspended_time")) == "0\n"
+        control = os.path.join(p, "control")
+        assert cat(control) == "auto\n"
+        try:
+            assert py_write(control, b"on\n") == 3
+            assert cat(control) == "on\n"
+            assert cat(os.path.join(p, "runtime_status")) == "unsupported\n"
+            py_write_fails_einval(control, b"off\n")
+            py_write_fails_einval(control, b"on \n")
+            assert cat(control) == "on\n"
+        finally:
+            py_write(control, b"auto")
+        assert cat(control) == "auto\n"
+        with pytest.raises(OSError) as e:
+            py_read(os.path.join(p, "autosuspend_delay_ms"))
+        assert e.value.errno == errno.EIO
+        with pytest.raises(OSError) as e:
+            py_write(os.path.join(p, "autosuspend_delay_ms"), b"100\n")
+        assert e.value.errno == errno.EIO
+
+
+def test_access0_targets_links(machine):
+    """register_memory_node_under_compute_node(): a memory node's nearest
+    CPU node lists it in access0/targets, as the memory node lists that CPU
+    node in access0/initiators; every access0 has both groups."""
+    m, want = machine
+    for nid in want["nodes"]:
+        acc = os.path.join(node_dir(m, nid), "access0")
+        assert sorted(os.listdir(acc)) == ["initiators", "power", "targets", "uevent"]
+        d = os.path.join(acc, "targets")
+        expected = [f"node{t}" for t in want["nodes"] if nid in want["initiators"][t]]
+        assert sorted(os.listdir(d)) == expected, f"node{nid}"
+        for name in expected:
+            link = os.path.join(d, name)
+            assert readlink(link) == f"../../../{name}"
+            assert os.path.realpath(link) == os.path.realpath(os.path.join(m.path, NODE, name))
+            # and the target names this node among its initiators
+            assert os.path.islink(os.path.join(link, "access0", "initiators", f"node{nid}"))
+    if want["nodes"] == [0, 1]:
+        assert sorted(os.listdir(os.path.join(node_dir(m, 0), "access0", "targets"))) == ["node0", "node1"]
+        assert os.listdir(os.path.join(node_dir(m, 1), "access0", "targets")) == []
+
+
+def test_kstrtox():
+    """The kernel's parsers, as the stores above use them."""
+    from cdmfs.lib.kstrtox import kstrtoul, memparse
+    assert kstrtoul("12\n") == 12 and kstrtoul("+7") == 7 and kstrtoul("0") == 0
+    for bad in ("", "\n", "-1", " 1", "1 ", "1\n\n", "0x1", "1e3"):
+        with pytest.raises(ValueError):
+            kstrtoul(bad)
+    with pytest.raises(OSError):
+        kstrtoul(str(1 << 64))
+    assert kstrtoul("0x1f", 16) == 31 and kstrtoul("017", 0) == 15 and kstrtoul("0x10", 0) == 16
+    assert memparse("2M") == memparse("2048kB") == memparse("0x200000") == 2 << 20
+    assert memparse("1G\n") == 1 << 30 and memparse("010") == 8 and memparse("x") == 0

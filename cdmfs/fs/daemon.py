@@ -130,7 +130,7 @@ def serve(mountpoint: str, topo: Topology, allow_other: bool = False,
     from ..drivers import dmirror
     from ..mm.machine import Machine
     from ..mm.region import Regions
-    from . import devices, sysfs
+    from . import devices, proc, sysfs
     from .ops import Filesystem
     from .tree import Tree
 
@@ -138,6 +138,7 @@ def serve(mountpoint: str, topo: Topology, allow_other: bool = False,
     regions = Regions(machine)
     tree = Tree()
     sysfs.build(tree, machine)
+    proc.build(tree, machine)
     devices.build(tree, machine, dmirror.probe(machine))
     ops = Filesystem(machine, tree, regions)
     options = set(pyfuse3.default_options) | {"fsname=cdmfs", "subtype=cdmfs"}

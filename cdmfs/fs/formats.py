@@ -13,7 +13,12 @@ Linux 6.18 (the host kernel this was checked against, byte for byte, by
 * ``mm/hugetlb.c`` -- ``hugetlb_report_node_meminfo()``.
 * ``drivers/base/memory.c`` -- ``block_size_bytes_show()``, ``phys_index_show()``,
   ``state_show()``, ``valid_zones_show()``.
-* ``fs/proc/meminfo.c`` -- ``show_val_kb()`` (padding model for ``device_meminfo``).
+* ``fs/proc/meminfo.c`` -- ``meminfo_proc_show()``, ``show_val_kb()`` (also the
+  padding model for ``device_meminfo``); ``mm/hugetlb.c`` --
+  ``hugetlb_report_meminfo()``; ``arch/x86/mm/pat/set_memory.c`` --
+  ``arch_report_meminfo()``.
+* ``mm/vmstat.c`` -- ``vmstat_text[]`` and ``vmstat_show()`` (``/proc/vmstat``).
+* ``mm/hugetlb_sysfs.c`` -- the per-node ``hugepages-<size>kB`` attributes.
 
 Counters are C ``unsigned long`` in the kernel; the functions here accept only
 non-negative ``int`` values below 2**64 and raise ``ValueError`` otherwise (a
@@ -37,7 +42,9 @@ __all__ = [
     "NODE_MEMINFO_HUGEPAGES_KEYS",
     "NODE_NUMASTAT_KEYS",
     "NODE_VMSTAT_KEYS",
-    "NODE_VMSTAT_CDMFS_EVENTS",
+    "PROC_VMSTAT_KEYS",
+    "PROC_MEMINFO_KEYS",
+    "PROC_MEMINFO_HUGEPAGES_KEYS",
     "nodelist",
     "cpulist",
     "cpumask",
@@ -47,6 +54,10 @@ __all__ = [
     "node_numastat",
     "node_vmstat",
     "node_distance",
+    "ulong",
+    "hugepages_demote_size",
+    "proc_vmstat",
+    "proc_meminfo",
     "kv_lines",
     "device_meminfo",
     "block_size_bytes",
@@ -288,27 +299,15 @@ NODE_VMSTAT_KEYS: Tuple[str, ...] = (
     "nr_kernel_file_pages",
 )
 
-#: cdmfs extension: vm_event counters appended to ``nodeN/vmstat``.  The real
-#: kernel has no per-node vm events -- pgfault, pgmigrate_success and
-#: pgmigrate_fail exist only system-wide in /proc/vmstat -- but cdmfs's SPEC (§5)
-#: asks for them per node.  They come last so every kernel line keeps its place
-#: and parsers that read "name value" pairs see the kernel's lines unchanged.
-NODE_VMSTAT_CDMFS_EVENTS: Tuple[str, ...] = (
-    "pgfault",
-    "pgmigrate_success",
-    "pgmigrate_fail",
-)
-
-
 def node_vmstat(v: Mapping[str, int]) -> str:
     """``nodeN/vmstat`` -- ``node_read_vmstat()``: ``"%s %lu\\n"`` per item.
 
-    The kernel's :data:`NODE_VMSTAT_KEYS` in order, then cdmfs's
-    :data:`NODE_VMSTAT_CDMFS_EVENTS` (not in the real file); missing keys print 0.
+    The kernel's :data:`NODE_VMSTAT_KEYS` in order; missing keys print 0.  A
+    node has no vm events: pgfault, pgmigrate_success, ... are machine-wide,
+    in :func:`proc_vmstat` only, as in the kernel.
     """
-    keys = NODE_VMSTAT_KEYS + NODE_VMSTAT_CDMFS_EVENTS
-    _check_keys("node_vmstat", v, keys)
-    return "".join(f"{k} {_count(k, v.get(k, 0))}\n" for k in keys)
+    _check_keys("node_vmstat", v, NODE_VMSTAT_KEYS)
+    return "".join(f"{k} {_count(k, v.get(k, 0))}\n" for k in NODE_VMSTAT_KEYS)
 
 
 def node_distance(row: Sequence[int], ids: Optional[Sequence[int]] = None) -> str:
@@ -330,6 +329,255 @@ def node_distance(row: Sequence[int], ids: Optional[Sequence[int]] = None) -> st
             raise ValueError(f"node_distance: bad distance {d!r}")
         out.append(f"{' ' if i else ''}{d}")
     return "".join(out) + "\n"
+
+
+def ulong(n: int) -> str:
+    """A single ``"%lu\\n"`` value (``sysfs_emit(buf, "%lu\\n", n)``): the
+    per-node ``nr_hugepages``, ``free_hugepages``, ``surplus_hugepages``
+    (mm/hugetlb_sysfs.c) and the ``power/runtime_*_time`` attributes."""
+    return f"{_count('value', n)}\n"
+
+
+def hugepages_demote_size(kb: int) -> str:
+    """``hugepages-<size>kB/demote_size`` -- ``demote_size_show()``:
+    ``"%lukB\\n"``, the size huge pages of this size demote to (``2048kB``)."""
+    return f"{_count('demote_size', kb)}kB\n"
+
+
+# --------------------------------------------------------------------------- #
+# fs/proc: /proc/vmstat and /proc/meminfo
+# --------------------------------------------------------------------------- #
+
+#: ``/proc/vmstat`` lines in ``vmstat_text[]`` order on the reference kernel:
+#: the node vmstat's items (zone, NUMA and node stat items, the order of
+#: :data:`NODE_VMSTAT_KEYS`), the global writeback thresholds and memmap
+#: counters, the vm events (``enum vm_event_item``), and the deprecated
+#: ``nr_unstable`` that ``vmstat_show()`` appends, always 0.
+PROC_VMSTAT_KEYS: Tuple[str, ...] = NODE_VMSTAT_KEYS + (
+    "nr_dirty_threshold",
+    "nr_dirty_background_threshold",
+    "nr_memmap_pages",
+    "nr_memmap_boot_pages",
+    "pgpgin",
+    "pgpgout",
+    "pswpin",
+    "pswpout",
+    "pgalloc_dma",
+    "pgalloc_dma32",
+    "pgalloc_normal",
+    "pgalloc_movable",
+    "pgalloc_device",
+    "allocstall_dma",
+    "allocstall_dma32",
+    "allocstall_normal",
+    "allocstall_movable",
+    "allocstall_device",
+    "pgskip_dma",
+    "pgskip_dma32",
+    "pgskip_normal",
+    "pgskip_movable",
+    "pgskip_device",
+    "pgfree",
+    "pgactivate",
+    "pgdeactivate",
+    "pglazyfree",
+    "pgfault",
+    "pgmajfault",
+    "pglazyfreed",
+    "pgrefill",
+    "pgreuse",
+    "pgsteal_kswapd",
+    "pgsteal_direct",
+    "pgsteal_khugepaged",
+    "pgsteal_proactive",
+    "pgscan_kswapd",
+    "pgscan_direct",
+    "pgscan_khugepaged",
+    "pgscan_proactive",
+    "pgscan_direct_throttle",
+    "pgscan_anon",
+    "pgscan_file",
+    "pgsteal_anon",
+    "pgsteal_file",
+    "zone_reclaim_success",
+    "zone_reclaim_failed",
+    "pginodesteal",
+    "slabs_scanned",
+    "kswapd_inodesteal",
+    "kswapd_low_wmark_hit_quickly",
+    "kswapd_high_wmark_hit_quickly",
+    "pageoutrun",
+    "pgrotated",
+    "drop_pagecache",
+    "drop_slab",
+    "oom_kill",
+    "numa_pte_updates",
+    "numa_huge_pte_updates",
+    "numa_hint_faults",
+    "numa_hint_faults_local",
+    "numa_pages_migrated",
+    "pgmigrate_success",
+    "pgmigrate_fail",
+    "thp_migration_success",
+    "thp_migration_fail",
+    "thp_migration_split",
+    "compact_migrate_scanned",
+    "compact_free_scanned",
+    "compact_isolated",
+    "compact_stall",
+    "compact_fail",
+    "compact_success",
+    "compact_daemon_wake",
+    "compact_daemon_migrate_scanned",
+    "compact_daemon_free_scanned",
+    "htlb_buddy_alloc_success",
+    "htlb_buddy_alloc_fail",
+    "unevictable_pgs_culled",
+    "unevictable_pgs_scanned",
+    "unevictable_pgs_rescued",
+    "unevictable_pgs_mlocked",
+    "unevictable_pgs_munlocked",
+    "unevictable_pgs_cleared",
+    "unevictable_pgs_stranded",
+    "thp_fault_alloc",
+    "thp_fault_fallback",
+    "thp_fault_fallback_charge",
+    "thp_collapse_alloc",
+    "thp_collapse_alloc_failed",
+    "thp_file_alloc",
+    "thp_file_fallback",
+    "thp_file_fallback_charge",
+    "thp_file_mapped",
+    "thp_split_page",
+    "thp_split_page_failed",
+    "thp_deferred_split_page",
+    "thp_underused_split_page",
+    "thp_split_pmd",
+    "thp_scan_exceed_none_pte",
+    "thp_scan_exceed_swap_pte",
+    "thp_scan_exceed_share_pte",
+    "thp_split_pud",
+    "thp_zero_page_alloc",
+    "thp_zero_page_alloc_failed",
+    "thp_swpout",
+    "thp_swpout_fallback",
+    "balloon_inflate",
+    "balloon_deflate",
+    "balloon_migrate",
+    "swap_ra",
+    "swap_ra_hit",
+    "swpin_zero",
+    "swpout_zero",
+    "ksm_swpin_copy",
+    "cow_ksm",
+    "zswpin",
+    "zswpout",
+    "zswpwb",
+    "direct_map_level2_splits",
+    "direct_map_level3_splits",
+    "direct_map_level2_collapses",
+    "direct_map_level3_collapses",
+    "nr_unstable",
+)
+
+
+def proc_vmstat(v: Mapping[str, int]) -> str:
+    """``/proc/vmstat`` -- ``vmstat_show()``: ``"%s %lu\\n"`` per item of
+    :data:`PROC_VMSTAT_KEYS`, in order; missing keys print 0."""
+    _check_keys("proc_vmstat", v, PROC_VMSTAT_KEYS)
+    return "".join(f"{k} {_count(k, v.get(k, 0))}\n" for k in PROC_VMSTAT_KEYS)
+
+
+#: ``/proc/meminfo`` lines in ``meminfo_proc_show()`` order on the reference
+#: x86_64 kernel (CONFIG_ZSWAP, CONFIG_TRANSPARENT_HUGEPAGE,
+#: CONFIG_HUGETLB_PAGE, CONFIG_MEMORY_BALLOON; no CONFIG_HIGHMEM, no
+#: CONFIG_CMA, no CONFIG_UNACCEPTED_MEMORY), with ``hugetlb_report_meminfo()``
+#: and x86's ``arch_report_meminfo()`` (DirectMap*) at the end.
+PROC_MEMINFO_KEYS: Tuple[str, ...] = (
+    "MemTotal",
+    "MemFree",
+    "MemAvailable",
+    "Buffers",
+    "Cached",
+    "SwapCached",
+    "Active",
+    "Inactive",
+    "Active(anon)",
+    "Inactive(anon)",
+    "Active(file)",
+    "Inactive(file)",
+    "Unevictable",
+    "Mlocked",
+    "SwapTotal",
+    "SwapFree",
+    "Zswap",
+    "Zswapped",
+    "Dirty",
+    "Writeback",
+    "AnonPages",
+    "Mapped",
+    "Shmem",
+    "KReclaimable",
+    "Slab",
+    "SReclaimable",
+    "SUnreclaim",
+    "KernelStack",
+    "PageTables",
+    "SecPageTables",
+    "NFS_Unstable",
+    "Bounce",
+    "WritebackTmp",
+    "CommitLimit",
+    "Committed_AS",
+    "VmallocTotal",
+    "VmallocUsed",
+    "VmallocChunk",
+    "Percpu",
+    "AnonHugePages",
+    "ShmemHugePages",
+    "ShmemPmdMapped",
+    "FileHugePages",
+    "FilePmdMapped",
+    "Balloon",
+    "HugePages_Total",
+    "HugePages_Free",
+    "HugePages_Rsvd",
+    "HugePages_Surp",
+    "Hugepagesize",
+    "Hugetlb",
+    "DirectMap4k",
+    "DirectMap2M",
+    "DirectMap1G",
+)
+
+#: The meminfo lines that are page counts, not kB values: the kernel's
+#: ``"HugePages_Total:   %5lu\\n"`` and its three siblings.
+PROC_MEMINFO_HUGEPAGES_KEYS: Tuple[str, ...] = (
+    "HugePages_Total",
+    "HugePages_Free",
+    "HugePages_Rsvd",
+    "HugePages_Surp",
+)
+
+
+def proc_meminfo(kb: Mapping[str, int]) -> str:
+    """``/proc/meminfo`` -- ``meminfo_proc_show()``.
+
+    Each kB line is ``show_val_kb()``: the key and its colon padded to 16
+    columns, ``%8lu`` (wider numbers push on, as VmallocTotal's does) and
+    `` kB``; the ``HugePages_*`` lines are the key padded to 19 columns and
+    ``%5lu``, no unit.  Values from ``kb`` (kB; pages for HugePages_*); keys
+    not given print 0.
+    """
+    _check_keys("proc_meminfo", kb, PROC_MEMINFO_KEYS)
+    out = []
+    for key in PROC_MEMINFO_KEYS:
+        v = _count(key, kb.get(key, 0))
+        if key in PROC_MEMINFO_HUGEPAGES_KEYS:
+            out.append(f"{key + ':':<19}{v:5d}\n")
+        else:
+            out.append(f"{key + ':':<16}{v:8d} kB\n")
+    return "".join(out)
 
 
 # --------------------------------------------------------------------------- #

@@ -103,6 +103,9 @@ class Machine:
         # With one CPU node, every fault is local to it: no need to ask the host.
         self.only_cpu_node: Optional[int] = cpu_nodes[0] if len(cpu_nodes) == 1 else None
         self.default_cpu_node = cpu_nodes[0]
+        # Migrations run on a CPU of this node (the daemon is the kernel's
+        # migrating task): their target pages are local there in numastat.
+        lib.cdm_machine_set_cpu_pool(self.core, self.nodes[self.default_cpu_node].pool)
         self._plans: dict[tuple, _Plan] = {}
         self.regions = None  # set by Regions
         self.first_sysram = next(n.id for n in topo.nodes if n.kind == "sysram")

@@ -1,6 +1,14 @@
 """``sys/devices/system/node`` and the memory policy files (SPEC §5): one
 show/store function per attribute, in the manner of drivers/base/node.c.
 Formats live in ``formats``.
+
+A node directory holds what drivers/base/node.c gives it (cpulist, cpumap,
+distance, meminfo, numastat, vmstat, compact, the cpuK and memoryB links,
+access0/ of HMAT), what the driver core gives every device (uevent, power/,
+the subsystem link) and hugetlb's hugepages/; then the CDM switches of SPEC
+§5 that no kernel has (isolated, numa_balancing) -- and ``reclaim``, which
+the kernel also has, write-only, as proactive reclaim (``echo 1G >
+reclaim``), but which SPEC makes the CDM discussion's 0/1 switch.
 """
 from __future__ import annotations
 
@@ -10,6 +18,8 @@ from ..._core import lib
 from ...mm.machine import KB_PER_PAGE, Machine
 from .. import formats
 from .cpu import nr_cpu_ids
+from .device import add_device_files
+from .hugetlb import add_node_hstates
 from ..tree import Attr, Dir, Link, Tree
 
 NODE_DIR = "devices/system/node"
@@ -57,12 +67,13 @@ def node_masks(m: Machine) -> dict[str, Callable[[], str]]:
 
 # ----------------------------------------------------------- per node
 
-def node_meminfo(m: Machine, nid: int) -> str:
-    p = m.node_pages(nid)
-    kb = {key: pages * KB_PER_PAGE for key, pages in {
+def meminfo_kb(p: dict[str, int]) -> dict[str, int]:
+    """The meminfo lines the emulator has numbers for, in kB, from a node's
+    page counts (Machine.node_stats) or their sum over the machine: region
+    pages are active anonymous memory, pinned ones mlocked."""
+    return {key: pages * KB_PER_PAGE for key, pages in {
         "MemTotal": p["total"],
         "MemFree": p["free"],
-        "MemUsed": p["total"] - p["free"],
         "Active": p["anon"],
         "Active(anon)": p["anon"],
         "Unevictable": p["mlocked"],
@@ -71,45 +82,54 @@ def node_meminfo(m: Machine, nid: int) -> str:
         "Mapped": p["mapped"],
         "AnonPages": p["anon"],
     }.items()}
-    return formats.node_meminfo(nid, kb)
+
+
+def node_meminfo(m: Machine, nid: int) -> str:
+    return formats.node_meminfo(nid, meminfo_kb(m.node_pages(nid)))
+
+
+def numastat_values(c: list[int]) -> dict[str, int]:
+    """A node's numastat counters by their numastat names."""
+    return {
+        "numa_hit": c[lib.CDM_NUMA_HIT],
+        "numa_miss": c[lib.CDM_NUMA_MISS],
+        "numa_foreign": c[lib.CDM_NUMA_FOREIGN],
+        "interleave_hit": c[lib.CDM_INTERLEAVE_HIT],
+        "local_node": c[lib.CDM_LOCAL_NODE],
+        "other_node": c[lib.CDM_OTHER_NODE],
+    }
 
 
 def node_numastat(m: Machine, nid: int) -> str:
-    c = m.node_stats(nid)[1].__getitem__
-    return formats.node_numastat({
-        "numa_hit": c(lib.CDM_NUMA_HIT),
-        "numa_miss": c(lib.CDM_NUMA_MISS),
-        "numa_foreign": c(lib.CDM_NUMA_FOREIGN),
-        "interleave_hit": c(lib.CDM_INTERLEAVE_HIT),
-        "local_node": c(lib.CDM_LOCAL_NODE),
-        "other_node": c(lib.CDM_OTHER_NODE),
-    })
+    return formats.node_numastat(numastat_values(m.node_stats(nid)[1]))
 
 
-def node_vmstat(m: Machine, nid: int) -> str:
-    p, counters = m.node_stats(nid)
-    c = counters.__getitem__
-    return formats.node_vmstat({
+def vmstat_values(p: dict[str, int], c: list[int]) -> dict[str, int]:
+    """The node vmstat items the emulator counts, from one snapshot (page
+    counts and event counters).  No vm events: the kernel keeps pgfault,
+    pgmigrate_* and the rest machine-wide, in /proc/vmstat (see proc.py)."""
+    return {
         "nr_free_pages": p["free"],
         "nr_zone_active_anon": p["anon"],
         "nr_zone_unevictable": p["mlocked"],
         "nr_zone_write_pending": p["dirty"],
         "nr_mlock": p["mlocked"],
-        "numa_hit": c(lib.CDM_NUMA_HIT),
-        "numa_miss": c(lib.CDM_NUMA_MISS),
-        "numa_foreign": c(lib.CDM_NUMA_FOREIGN),
-        "numa_interleave": c(lib.CDM_INTERLEAVE_HIT),
-        "numa_local": c(lib.CDM_LOCAL_NODE),
-        "numa_other": c(lib.CDM_OTHER_NODE),
+        "numa_hit": c[lib.CDM_NUMA_HIT],
+        "numa_miss": c[lib.CDM_NUMA_MISS],
+        "numa_foreign": c[lib.CDM_NUMA_FOREIGN],
+        "numa_interleave": c[lib.CDM_INTERLEAVE_HIT],
+        "numa_local": c[lib.CDM_LOCAL_NODE],
+        "numa_other": c[lib.CDM_OTHER_NODE],
         "nr_active_anon": p["anon"],
         "nr_unevictable": p["mlocked"],
         "nr_anon_pages": p["anon"],
         "nr_mapped": p["mapped"],
         "nr_dirty": p["dirty"],
-        "pgfault": c(lib.CDM_PGFAULT),
-        "pgmigrate_success": c(lib.CDM_PGMIGRATE_SUCCESS),
-        "pgmigrate_fail": c(lib.CDM_PGMIGRATE_FAIL),
-    })
+    }
+
+
+def node_vmstat(m: Machine, nid: int) -> str:
+    return formats.node_vmstat(vmstat_values(*m.node_stats(nid)))
 
 
 def node_distance(m: Machine, nid: int) -> str:
@@ -153,6 +173,46 @@ def best_initiators(m: Machine, nid: int) -> list[int]:
     return [c for c in cpu_nodes if m.topo.distance[(c, nid)] == best]
 
 
+def compact_store(text: str) -> None:
+    """``compact_store()``: any write compacts the node's zones.  Emulated
+    memory has no fragmentation to undo (every frame is a 4 KiB page): it
+    does nothing, and succeeds as the kernel's does."""
+
+
+def access_dir(tree: Tree, d: Dir) -> Dir:
+    """``nodeN/access0/``, made on first use as node_init_node_access()
+    makes it: a device with the groups ``initiators`` and ``targets`` (both
+    present, maybe empty), its uevent and power/."""
+    acc = d.children.get("access0")
+    if acc is None:
+        acc = tree.add(d, "access0", Dir())
+        tree.add(acc, "initiators", Dir())
+        tree.add(acc, "targets", Dir())
+        add_device_files(tree, acc)
+    assert isinstance(acc, Dir)
+    return acc
+
+
+def link_accesses(tree: Tree, nodes: Dir, m: Machine) -> None:
+    """register_memory_node_under_compute_node() for every memory node and
+    each of its nearest CPU nodes whose directories exist: the target's
+    ``access0/initiators/nodeI`` and the initiator's ``access0/targets/nodeM``.
+    Adds only the links missing (a hot-added node links in after the rest)."""
+    for name, target in list(nodes.children.items()):
+        if not (name.startswith("node") and name[4:].isdigit() and isinstance(target, Dir)):
+            continue
+        mem = int(name[4:])
+        for cpu in best_initiators(m, mem):
+            init = nodes.children.get(f"node{cpu}")
+            if not isinstance(init, Dir):
+                continue
+            for group, d, other in (("initiators", target, cpu), ("targets", init, mem)):
+                g = access_dir(tree, d).children[group]
+                assert isinstance(g, Dir)
+                if f"node{other}" not in g.children:
+                    tree.add(g, f"node{other}", Link(f"../../../node{other}"))
+
+
 def add_node(tree: Tree, nodes: Dir, m: Machine, nid: int) -> None:
     d = tree.add(nodes, f"node{nid}", Dir())
     for name, show in {
@@ -164,20 +224,31 @@ def add_node(tree: Tree, nodes: Dir, m: Machine, nid: int) -> None:
         "vmstat": node_vmstat,
     }.items():
         tree.add(d, name, Attr(lambda show=show: show(m, nid)))
+    tree.add(d, "compact", Attr(None, compact_store))
+    add_device_files(tree, d)
+    tree.add(d, "subsystem", Link("../../../../bus/node"))
+    add_node_hstates(tree, d)
     tree.add(d, "isolated", Attr(lambda: node_isolated_show(m, nid),
                                  lambda text: node_isolated_store(m, nid, text)))
     for switch in ("numa_balancing", "reclaim"):
         tree.add(d, switch, node_switch(m, nid, switch))
     for cpu in sorted(m.nodes[nid].spec.cpus):
         tree.add(d, f"cpu{cpu}", Link(f"../../cpu/cpu{cpu}"))
-    # HMAT access class 0: the figures of the nearest CPU initiator.
-    init = tree.add(tree.dir(d, "access0"), "initiators", Dir())
+    # HMAT access class 0: the figures of the nearest CPU initiator
+    # (node_set_perf_attrs()), on every node with memory.
+    init = access_dir(tree, d).children["initiators"]
+    assert isinstance(init, Dir)
     fig = m.topo.access_of("cpu", f"node:{nid}")
     for name, value in (("read_bandwidth", fig.read_bandwidth), ("read_latency", fig.read_latency),
                         ("write_bandwidth", fig.write_bandwidth), ("write_latency", fig.write_latency)):
         tree.add(init, name, Attr(lambda value=value: f"{value}\n"))
-    for c in best_initiators(m, nid):
-        tree.add(init, f"node{c}", Link(f"../../../node{c}"))
+    link_accesses(tree, nodes, m)
+
+
+def add_node_root(tree: Tree, nodes: Dir) -> None:
+    """``sys/devices/system/node`` is itself a device (the node subsystem's
+    root): its uevent and power/."""
+    add_device_files(tree, nodes)
 
 
 # ----------------------------------------------------------- mempolicy
