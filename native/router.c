@@ -54,7 +54,9 @@
  * INTERRUPT of a request has its unique with this bit set. */
 #define FUSE_INT_REQ_BIT 1ULL
 /* libfuse's read buffer (FUSE_MAX_MAX_PAGES pages and FUSE_BUFFER_HEADER_SIZE
- * bytes of headers): libfuse never negotiates a max_write beyond it. */
+ * bytes of headers): libfuse never negotiates a max_write beyond it.  The
+ * request buffer has this size until INIT's reply, then max_write plus
+ * HEADER_ROOM, as libfuse's. */
 #define HEADER_ROOM 0x1000
 #define DEFAULT_BUFSIZE (256 * CDM_PAGE_SIZE + HEADER_ROOM)
 /* Socket buffers: a whole WRITE (max_write plus headers) must fit in one
@@ -305,10 +307,11 @@ static void *request_loop(void *arg)
         pthread_mutex_unlock(&r->lock);
         if (stopping)
             break;
-        if (want > bufsize) {
-            unsigned char *bigger = realloc(buf, want);
-            if (bigger) {
-                buf = bigger;
+        if (want != bufsize) {
+            /* INIT's reply has set max_write: the largest request is known. */
+            unsigned char *resized = realloc(buf, want);
+            if (resized) {
+                buf = resized;
                 bufsize = want;
             }
         }
@@ -363,8 +366,9 @@ static void record_init_reply(struct cdm_router *r, const unsigned char *msg, si
         r->init.max_write = out.max_write;
         r->init.time_gran = out.time_gran;
         r->init.max_pages = out.max_pages;
-        if ((uint64_t)out.max_write + HEADER_ROOM > r->want_bufsize)
-            r->want_bufsize = (uint64_t)out.max_write + HEADER_ROOM;
+        /* As libfuse sizes its own buffer: max_write plus the headers. */
+        uint64_t want = (uint64_t)out.max_write + HEADER_ROOM;
+        r->want_bufsize = want > FUSE_MIN_READ_BUFFER ? want : FUSE_MIN_READ_BUFFER;
     }
     pthread_mutex_unlock(&r->lock);
 }
