@@ -125,6 +125,13 @@ class Router:
             os.close(self._python_fd)
             self._python_fd = None
         lib.cdm_router_stop(self._r)
+        init, stats = self.init_params(), self.stats()
+        log.info("router: INIT %d.%d (kernel %d.%d), max_write %d, max_pages %d, max_readahead %d; "
+                 "%d requests, %d replies, %d notifications, %d without reply, %d failed by the router, "
+                 "%d writes refused", init["major"], init["minor"], init["kernel_major"], init["kernel_minor"],
+                 init["max_write"], init["max_pages"], init["max_readahead"], stats["requests"],
+                 stats["replies"], stats["notifications"], stats["no_reply"], stats["failed"],
+                 stats["write_errors"])
         p = select.poll()
         p.register(self.fuse_fd, 0)
         gone = any(ev & select.POLLERR for _, ev in p.poll(0))
