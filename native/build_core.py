@@ -24,6 +24,7 @@ SOURCES = [
     "memory_failure.c",
     "gup.c",
     "fuse.c",
+    "router.c",
     "check.c",
 ]
 

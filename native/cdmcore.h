@@ -37,7 +37,8 @@
  * The code is cut as the kernel's mm tree: page_alloc.c (pools, frames),
  * pagetable.c (page tables, gather/scatter, walks, introspection), migrate.c,
  * device.c (device ops, CRC-32), hotplug.c (memory blocks), memory_failure.c
- * (retire, poison), gup.c (long-term pins) and fuse.c; internal.h is what they
+ * (retire, poison), gup.c (long-term pins), fuse.c and router.c (the
+ * request router between /dev/fuse and pyfuse3); internal.h is what they
  * share.  This header is the only public one: cffi's cdef is made from it.
  */
 #ifndef CDMCORE_H
@@ -471,6 +472,79 @@ void cdm_copy_frames(struct cdm_machine *m, const uint64_t *src, const uint64_t 
  * Blocks while the kernel writes dirty pages back.  0, or -errno (-ENOENT:
  * the kernel has nothing cached for the inode). */
 int cdm_fuse_inval(int fd, uint64_t ino, int64_t off, int64_t len);
+
+/*
+ * The request router (router.c): owns /dev/fuse and forwards every request
+ * to pyfuse3 over a SOCK_SEQPACKET socketpair, replies and notifications
+ * back (issue 13, step 1; nothing is served in C yet).
+ *
+ * new          — a router, nothing opened.
+ * mount        — opens /dev/fuse, makes the socketpair (buffers a whole
+ *                1 MiB WRITE fits in; needs CAP_NET_ADMIN, as mount(2) needs
+ *                CAP_SYS_ADMIN), and mounts: source fsname, type
+ *                fuse.SUBTYPE, MS_NOSUID | MS_NODEV, data "fd=N,rootmode=
+ *                40000,user_id=U,group_id=G" plus options (comma-separated
+ *                kernel options: default_permissions, allow_other), as
+ *                libfuse's mount.c does.  0 or -errno, nothing left open.
+ * start        — starts the threads (request, reply, notifier; named
+ *                cdmfs-router, cdmfs-reply, cdmfs-notify; all signals
+ *                blocked).  0 or -errno.
+ * python_fd    — pyfuse3's end: pyfuse3.init(ops, "/dev/fd/N", ...).  libfuse
+ *                owns it from then on (closes it in fuse_session_destroy).
+ * fuse_fd      — the mounted /dev/fuse (O_NONBLOCK), for the daemon's own
+ *                notifications (cdm_fuse_inval): write them from a thread
+ *                that delivers no replies.
+ * event_fd     — an eventfd that becomes readable when the router has ended
+ *                or lost its Python side: state says which.  Python then
+ *                ends pyfuse3's loop (pyfuse3.terminate()).
+ * init_params  — what INIT carried both ways (done once its reply passed).
+ * stop         — ends and joins the threads; requests still awaiting a
+ *                reply fail with EIO.  The mount stays (see free).
+ * free         — stop, then closes /dev/fuse (the kernel aborts the
+ *                connection if it was the last descriptor) and the rest.
+ */
+#define CDM_ROUTER_RUNNING 1
+#define CDM_ROUTER_UNMOUNTED 2      /* /dev/fuse read ENODEV: unmounted or aborted */
+#define CDM_ROUTER_PYTHON_GONE 4    /* Python's end closed: the router answers EIO */
+#define CDM_ROUTER_FAILED 8         /* another read error, or no memory */
+
+struct cdm_router_init {
+    uint32_t kernel_major, kernel_minor, kernel_max_readahead;  /* fuse_init_in */
+    uint32_t kernel_flags, kernel_flags2;
+    uint32_t major, minor, max_readahead;                       /* fuse_init_out */
+    uint32_t flags, flags2;
+    uint32_t max_background, congestion_threshold;
+    uint32_t max_write, time_gran, max_pages;
+    int32_t error;          /* the reply's error (0: accepted) */
+    int32_t done;           /* 1 once the reply has been passed on */
+};
+
+struct cdm_router_stats {
+    uint64_t requests;      /* read from /dev/fuse */
+    uint64_t forwarded;     /* sent to Python */
+    uint64_t replies;       /* replies from Python */
+    uint64_t notifications; /* notifications from Python (unique 0) */
+    uint64_t no_reply;      /* forwarded requests that get none (FORGET, INTERRUPT...) */
+    uint64_t failed;        /* answered by the router with an error (Python gone) */
+    uint64_t write_errors;  /* writes to /dev/fuse refused (ENOENT: interrupted) */
+    uint64_t outstanding;   /* forwarded, awaiting their reply */
+    int32_t last_write_errno, last_read_errno;
+};
+
+struct cdm_router;
+
+struct cdm_router *cdm_router_new(void);
+int cdm_router_mount(struct cdm_router *r, const char *mountpoint, const char *fsname,
+                     const char *subtype, const char *options);
+int cdm_router_start(struct cdm_router *r);
+int cdm_router_fuse_fd(struct cdm_router *r);
+int cdm_router_python_fd(struct cdm_router *r);
+int cdm_router_event_fd(struct cdm_router *r);
+int cdm_router_state(struct cdm_router *r);
+void cdm_router_init_params(struct cdm_router *r, struct cdm_router_init *out);
+void cdm_router_stats(struct cdm_router *r, struct cdm_router_stats *out);
+void cdm_router_stop(struct cdm_router *r);
+void cdm_router_free(struct cdm_router *r);
 
 /*
  * Introspection of a region's pages (numa_maps, pagemap, mbind).

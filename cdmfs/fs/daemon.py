@@ -122,15 +122,17 @@ def fuse_device_fd() -> int:
 
 
 def serve(mountpoint: str, topo: Topology, allow_other: bool = False,
-          ready: Optional[Callable[[], None]] = None) -> None:
-    """Mounts and serves until unmounted or signalled (SIGINT/SIGTERM unmount cleanly)."""
+          ready: Optional[Callable[[], None]] = None, use_router: Optional[bool] = None) -> None:
+    """Mounts and serves until unmounted or signalled (SIGINT/SIGTERM unmount cleanly).
+    use_router: mount through the C router (fs/router.py); None: as
+    CDMFS_ROUTER says (off by default)."""
     import pyfuse3
     import trio
 
     from ..drivers import dmirror
     from ..mm.machine import Machine
     from ..mm.region import Regions
-    from . import devices, proc, sysfs
+    from . import devices, proc, router, sysfs
     from .ops import Filesystem
     from .tree import Tree
 
@@ -144,11 +146,24 @@ def serve(mountpoint: str, topo: Topology, allow_other: bool = False,
     options = set(pyfuse3.default_options) | {"fsname=cdmfs", "subtype=cdmfs"}
     if allow_other:
         options.add("allow_other")
+    rt: Optional[router.Router] = None
+    if router.enabled(use_router):
+        # The router mounts; libfuse takes its socket as already mounted.
+        try:
+            rt = router.Router(mountpoint, options)
+        except OSError as e:
+            raise MountError(str(e)) from None
     try:
-        pyfuse3.init(ops, mountpoint, options)
+        pyfuse3.init(ops, rt.mountpoint_arg if rt else mountpoint, options)
     except RuntimeError as e:
+        if rt:
+            rt.close()
         raise MountError(f"cannot mount {mountpoint}: {e}") from None
-    ops.fuse_fd = fuse_device_fd()
+    if rt:
+        rt.handed_over()
+        ops.fuse_fd = rt.fuse_fd
+    else:
+        ops.fuse_fd = fuse_device_fd()
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -159,6 +174,13 @@ def serve(mountpoint: str, topo: Topology, allow_other: bool = False,
                         pyfuse3.terminate()
                         return
             nursery.start_soon(on_signal)
+            if rt:
+                async def on_router_end() -> None:
+                    # Unmounted (the router read ENODEV): pyfuse3's loop
+                    # would otherwise wait on its socket for ever.
+                    await rt.watch()
+                    pyfuse3.terminate()
+                nursery.start_soon(on_router_end)
             if ready:
                 ready()
             await pyfuse3.main(min_tasks=MIN_TASKS, max_tasks=MAX_TASKS)
@@ -170,14 +192,20 @@ def serve(mountpoint: str, topo: Topology, allow_other: bool = False,
         log.critical("the daemon is ending on an error", exc_info=True)
         raise
     finally:
+        ops.fuse_fd = None
         try:
-            pyfuse3.close(unmount=True)
+            # With the router, libfuse does not unmount ("/dev/fd/N" was
+            # mounted by someone else); it closes its end of the socket.
+            pyfuse3.close(unmount=rt is None)
         except Exception:  # already unmounted from outside
             pass
+        if rt:
+            rt.close()
 
 
 def start(mountpoint: str, topo: Topology, allow_other: bool = False,
-          log_level: Optional[str] = None, log_file: Optional[str] = None) -> int:
+          log_level: Optional[str] = None, log_file: Optional[str] = None,
+          use_router: Optional[bool] = None) -> int:
     """Forks a daemon that serves the mount; returns its pid once the mount answers.
 
     The daemon detaches from the terminal and from this process's output (so
@@ -205,7 +233,7 @@ def start(mountpoint: str, topo: Topology, allow_other: bool = False,
             def ready() -> None:
                 os.write(wfd, b"ok\n")
                 os.close(wfd)
-            serve(mountpoint, topo, allow_other, ready)
+            serve(mountpoint, topo, allow_other, ready, use_router)
             logging.shutdown()
             drop_empty_log(log_file)
             os._exit(0)

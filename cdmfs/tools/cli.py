@@ -23,11 +23,12 @@ def cmd_mount(args: argparse.Namespace) -> None:
     if args.foreground:
         daemon.check_mountpoint(args.mountpoint)
         daemon.setup_logging(log_file, args.log_level, to_stderr=True)
-        daemon.serve(args.mountpoint, topo, args.allow_other)
+        daemon.serve(args.mountpoint, topo, args.allow_other, use_router=args.router)
         logging.shutdown()
         daemon.drop_empty_log(log_file)
     else:
-        daemon.start(args.mountpoint, topo, args.allow_other, args.log_level, log_file)
+        daemon.start(args.mountpoint, topo, args.allow_other, args.log_level, log_file,
+                     use_router=args.router)
         print(f"mounted {args.mountpoint}, log in {log_file}")
 
 
@@ -203,6 +204,8 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--config", metavar="FILE", help="topology TOML (default: the embedded one)")
     m.add_argument("--foreground", action="store_true", help="serve in this process")
     m.add_argument("--allow-other", action="store_true", help="let other users access the mount")
+    m.add_argument("--router", action="store_true", default=None,
+                   help="serve through the C request router (experimental; also CDMFS_ROUTER=1; needs root)")
     m.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS,
                    help="log at this level (default: warnings); also to stderr when given")
     m.add_argument("--log-file", metavar="FILE",

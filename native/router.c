@@ -1,0 +1,664 @@
+/* router.c — the request router between /dev/fuse and pyfuse3 (issue 13,
+ * build step 1: everything is forwarded).
+ *
+ * The router opens /dev/fuse and mounts it with mount(2) itself; pyfuse3
+ * runs unmodified on one end of a SOCK_SEQPACKET socketpair, given to it as
+ * the mountpoint "/dev/fd/N" (libfuse 3.14 takes such a descriptor as
+ * already mounted).  Three threads, none of which runs Python:
+ *
+ *   request  reads each request from /dev/fuse and sends it, one message,
+ *            to the socket.  A request that gets a reply is recorded first
+ *            (unique -> the descriptor it came from, its opcode) so that its
+ *            reply goes back to that descriptor and, if the Python side goes
+ *            away, it can be failed with EIO; FORGET, BATCH_FORGET,
+ *            NOTIFY_REPLY and INTERRUPT get no reply and are not recorded.
+ *            At ENODEV (unmounted, or the connection aborted) it tells
+ *            Python through an eventfd and ends.
+ *   reply    reads each message of the Python side and writes it to
+ *            /dev/fuse: replies to the descriptor their request came from
+ *            (learning the negotiated parameters from INIT's reply), and
+ *            notifications (unique 0) through the notifier.  At the end of
+ *            the socket (Python closed its end, or died) every recorded
+ *            request is failed with EIO and the router answers further
+ *            requests with EIO itself, so nothing waits for a reply that
+ *            cannot come.
+ *   notifier writes notifications.  A FUSE_NOTIFY_INVAL_INODE blocks on the
+ *            folio lock of any READ in flight on its range (DESIGN §5): the
+ *            thread that delivers READ replies must never be the one that
+ *            waits, so they are queued to a thread of their own.
+ *
+ * /dev/fuse is read non-blocking: when it has nothing, the request thread
+ * sleeps in poll() on it and on a stop eventfd, so that cdm_router_stop()
+ * can end it whatever the mount does.  Writes to it are unaffected.
+ */
+#define _GNU_SOURCE
+#include "cdmcore.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/mount.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <linux/fuse.h>
+
+/* The kernel's fs/fuse/dev.c: ordinary requests have even uniques, the
+ * INTERRUPT of a request has its unique with this bit set. */
+#define FUSE_INT_REQ_BIT 1ULL
+/* libfuse's read buffer (FUSE_MAX_MAX_PAGES pages and FUSE_BUFFER_HEADER_SIZE
+ * bytes of headers): libfuse never negotiates a max_write beyond it.  The
+ * request buffer has this size until INIT's reply, then max_write plus
+ * HEADER_ROOM, as libfuse's. */
+#define HEADER_ROOM 0x1000
+#define DEFAULT_BUFSIZE (256 * CDM_PAGE_SIZE + HEADER_ROOM)
+/* Socket buffers: a whole WRITE (max_write plus headers) must fit in one
+ * message, with room for a few more queued behind it. */
+#define SOCKET_BUFFER (4 << 20)
+
+struct entry {
+    uint64_t unique;        /* 0: empty slot */
+    int32_t fd;             /* the descriptor the request was read from */
+    uint32_t opcode;
+};
+
+struct note {
+    struct note *next;
+    size_t len;
+    unsigned char msg[];
+};
+
+struct cdm_router {
+    int fuse_fd;            /* /dev/fuse, mounted */
+    int sock;               /* the router's end of the socketpair */
+    int python_fd;          /* pyfuse3's end (libfuse closes it) */
+    int event_fd;           /* to Python: the router has ended (see state) */
+    int stop_fd;            /* from cdm_router_stop(): end the request thread */
+    int mounted;            /* mount(2) succeeded */
+    int started;
+    pthread_t request_thread, reply_thread, notify_thread;
+
+    pthread_mutex_t lock;   /* everything below */
+    int state;              /* CDM_ROUTER_* */
+    int stopping;
+    struct entry *table;    /* forwarded requests awaiting a reply: open addressing */
+    uint64_t table_cap;     /* a power of two */
+    uint64_t table_used;
+    struct cdm_router_init init;
+    struct cdm_router_stats stats;
+    uint64_t want_bufsize;  /* the request buffer the negotiated max_write needs */
+    struct note *notes, **notes_tail;
+    pthread_cond_t notes_cond;
+};
+
+/* ------------------------------------------------------------ the table */
+
+static uint64_t slot_of(const struct cdm_router *r, uint64_t unique)
+{
+    return ((unique >> 1) * 0x9e3779b97f4a7c15ULL) >> 32 & (r->table_cap - 1);
+}
+
+static int table_grow(struct cdm_router *r)
+{
+    uint64_t cap = r->table_cap ? r->table_cap * 2 : 1024;
+    struct entry *t = calloc(cap, sizeof(*t));
+    if (!t)
+        return -ENOMEM;
+    struct entry *old = r->table;
+    uint64_t oldcap = r->table_cap;
+    r->table = t;
+    r->table_cap = cap;
+    for (uint64_t i = 0; i < oldcap; i++) {
+        if (!old[i].unique)
+            continue;
+        uint64_t s = slot_of(r, old[i].unique);
+        while (t[s].unique)
+            s = (s + 1) & (cap - 1);
+        t[s] = old[i];
+    }
+    free(old);
+    return 0;
+}
+
+/* Caller holds r->lock. */
+static int table_insert(struct cdm_router *r, uint64_t unique, int fd, uint32_t opcode)
+{
+    if ((r->table_used + 1) * 2 > r->table_cap && table_grow(r) < 0)
+        return -ENOMEM;
+    uint64_t s = slot_of(r, unique);
+    while (r->table[s].unique && r->table[s].unique != unique)
+        s = (s + 1) & (r->table_cap - 1);
+    if (!r->table[s].unique)
+        r->table_used++;
+    r->table[s] = (struct entry){unique, fd, opcode};
+    return 0;
+}
+
+/* Removes unique; its entry into *out.  1 if it was there.  Caller holds
+ * r->lock.  Deletion shifts the entries after it back (linear probing keeps
+ * no tombstones). */
+static int table_remove(struct cdm_router *r, uint64_t unique, struct entry *out)
+{
+    if (!r->table_cap)
+        return 0;
+    uint64_t mask = r->table_cap - 1, s = slot_of(r, unique);
+    while (r->table[s].unique != unique) {
+        if (!r->table[s].unique)
+            return 0;
+        s = (s + 1) & mask;
+    }
+    *out = r->table[s];
+    uint64_t hole = s;
+    for (uint64_t j = (s + 1) & mask; r->table[j].unique; j = (j + 1) & mask) {
+        uint64_t home = slot_of(r, r->table[j].unique);
+        /* j's entry may fill the hole unless its home lies in (hole, j]. */
+        if (((j - home) & mask) >= ((j - hole) & mask)) {
+            r->table[hole] = r->table[j];
+            hole = j;
+        }
+    }
+    r->table[hole].unique = 0;
+    r->table_used--;
+    return 1;
+}
+
+/* ------------------------------------------------------------ /dev/fuse */
+
+static void write_fuse(struct cdm_router *r, int fd, const void *msg, size_t len)
+{
+    ssize_t n;
+    do
+        n = write(fd, msg, len);
+    while (n < 0 && errno == EINTR);
+    if (n < 0) {
+        /* ENOENT: the request was interrupted or aborted meanwhile;
+         * ENODEV: the connection is gone.  Either way nobody waits. */
+        pthread_mutex_lock(&r->lock);
+        r->stats.write_errors++;
+        r->stats.last_write_errno = errno;
+        pthread_mutex_unlock(&r->lock);
+    }
+}
+
+static void reply_error(struct cdm_router *r, int fd, uint64_t unique, int err)
+{
+    struct fuse_out_header oh = {sizeof(oh), -err, unique};
+    write_fuse(r, fd, &oh, sizeof(oh));
+}
+
+static void signal_python(struct cdm_router *r)
+{
+    uint64_t one = 1;
+    ssize_t n = write(r->event_fd, &one, sizeof(one));
+    (void)n;   /* EAGAIN: the counter is set already */
+}
+
+/* The Python side is gone (its end of the socket closed, or sending to it
+ * failed): every recorded request fails with EIO, and from now on the
+ * request thread answers requests itself. */
+static void python_gone(struct cdm_router *r)
+{
+    pthread_mutex_lock(&r->lock);
+    if (r->state & CDM_ROUTER_PYTHON_GONE) {
+        pthread_mutex_unlock(&r->lock);
+        return;
+    }
+    r->state |= CDM_ROUTER_PYTHON_GONE;
+    struct entry *t = r->table;
+    uint64_t cap = r->table_cap;
+    r->table = NULL;
+    r->table_cap = r->table_used = 0;
+    pthread_mutex_unlock(&r->lock);
+    uint64_t failed = 0;
+    for (uint64_t i = 0; i < cap; i++) {
+        if (t[i].unique) {
+            reply_error(r, t[i].fd, t[i].unique, EIO);
+            failed++;
+        }
+    }
+    free(t);
+    pthread_mutex_lock(&r->lock);
+    r->stats.failed += failed;
+    pthread_mutex_unlock(&r->lock);
+    signal_python(r);
+}
+
+static int no_reply(uint32_t opcode)
+{
+    return opcode == FUSE_FORGET || opcode == FUSE_BATCH_FORGET ||
+           opcode == FUSE_NOTIFY_REPLY || opcode == FUSE_INTERRUPT;
+}
+
+static void forward_request(struct cdm_router *r, int fd, unsigned char *buf, size_t len)
+{
+    const struct fuse_in_header *ih = (const void *)buf;
+    uint64_t unique = ih->unique;
+    uint32_t opcode = ih->opcode;
+    int quiet = no_reply(opcode);
+
+    pthread_mutex_lock(&r->lock);
+    r->stats.requests++;
+    if (opcode == FUSE_INIT && len >= sizeof(*ih) + 5 * sizeof(uint32_t)) {
+        struct fuse_init_in in = {0};
+        size_t n = len - sizeof(*ih);
+        memcpy(&in, buf + sizeof(*ih), n < sizeof(in) ? n : sizeof(in));
+        r->init.kernel_major = in.major;
+        r->init.kernel_minor = in.minor;
+        r->init.kernel_max_readahead = in.max_readahead;
+        r->init.kernel_flags = in.flags;
+        r->init.kernel_flags2 = in.minor >= 36 ? in.flags2 : 0;
+    }
+    if (r->state & CDM_ROUTER_PYTHON_GONE) {
+        if (!quiet)
+            r->stats.failed++;
+        pthread_mutex_unlock(&r->lock);
+        if (!quiet)
+            reply_error(r, fd, unique, EIO);
+        return;
+    }
+    if (quiet) {
+        r->stats.no_reply++;
+    } else if (table_insert(r, unique, fd, opcode) < 0) {
+        r->stats.failed++;
+        pthread_mutex_unlock(&r->lock);
+        reply_error(r, fd, unique, ENOMEM);
+        return;
+    }
+    pthread_mutex_unlock(&r->lock);
+
+    ssize_t n;
+    do
+        n = send(r->sock, buf, len, MSG_NOSIGNAL);
+    while (n < 0 && errno == EINTR);
+    if (n == (ssize_t)len) {
+        pthread_mutex_lock(&r->lock);
+        r->stats.forwarded++;
+        pthread_mutex_unlock(&r->lock);
+        return;
+    }
+    /* EPIPE/ECONNRESET: Python closed its end (also: stopping).  This
+     * request is in the table and fails with the others. */
+    python_gone(r);
+}
+
+static void *request_loop(void *arg)
+{
+    struct cdm_router *r = arg;
+    size_t bufsize = DEFAULT_BUFSIZE;
+    unsigned char *buf = malloc(bufsize);
+    if (!buf) {
+        pthread_mutex_lock(&r->lock);
+        r->state |= CDM_ROUTER_FAILED;
+        pthread_mutex_unlock(&r->lock);
+        signal_python(r);
+        return NULL;
+    }
+    for (;;) {
+        pthread_mutex_lock(&r->lock);
+        int stopping = r->stopping;
+        uint64_t want = r->want_bufsize;
+        pthread_mutex_unlock(&r->lock);
+        if (stopping)
+            break;
+        if (want != bufsize) {
+            /* INIT's reply has set max_write: the largest request is known. */
+            unsigned char *resized = realloc(buf, want);
+            if (resized) {
+                buf = resized;
+                bufsize = want;
+            }
+        }
+        ssize_t n = read(r->fuse_fd, buf, bufsize);
+        if (n < 0) {
+            int err = errno;
+            if (err == EAGAIN) {
+                struct pollfd p[2] = {{r->fuse_fd, POLLIN, 0}, {r->stop_fd, POLLIN, 0}};
+                if (poll(p, 2, -1) < 0 && errno != EINTR)
+                    break;
+                continue;
+            }
+            if (err == EINTR || err == ENOENT)   /* ENOENT: interrupted in the kernel */
+                continue;
+            pthread_mutex_lock(&r->lock);
+            if (err == ENODEV || err == ECONNABORTED)
+                r->state |= CDM_ROUTER_UNMOUNTED;
+            else
+                r->state |= CDM_ROUTER_FAILED;
+            r->stats.last_read_errno = err;
+            pthread_mutex_unlock(&r->lock);
+            signal_python(r);
+            break;
+        }
+        if ((size_t)n < sizeof(struct fuse_in_header))
+            continue;
+        forward_request(r, r->fuse_fd, buf, (size_t)n);
+    }
+    free(buf);
+    return NULL;
+}
+
+/* ------------------------------------------------------------ Python's side */
+
+static void record_init_reply(struct cdm_router *r, const unsigned char *msg, size_t len)
+{
+    const struct fuse_out_header *oh = (const void *)msg;
+    struct fuse_init_out out = {0};
+    size_t n = len - sizeof(*oh);
+    memcpy(&out, msg + sizeof(*oh), n < sizeof(out) ? n : sizeof(out));
+    pthread_mutex_lock(&r->lock);
+    r->init.error = oh->error;
+    r->init.done = 1;
+    if (oh->error == 0) {
+        r->init.major = out.major;
+        r->init.minor = out.minor;
+        r->init.max_readahead = out.max_readahead;
+        r->init.flags = out.flags;
+        r->init.flags2 = out.flags2;
+        r->init.max_background = out.max_background;
+        r->init.congestion_threshold = out.congestion_threshold;
+        r->init.max_write = out.max_write;
+        r->init.time_gran = out.time_gran;
+        r->init.max_pages = out.max_pages;
+        /* As libfuse sizes its own buffer: max_write plus the headers. */
+        uint64_t want = (uint64_t)out.max_write + HEADER_ROOM;
+        r->want_bufsize = want > FUSE_MIN_READ_BUFFER ? want : FUSE_MIN_READ_BUFFER;
+    }
+    pthread_mutex_unlock(&r->lock);
+}
+
+static void queue_note(struct cdm_router *r, const unsigned char *msg, size_t len)
+{
+    struct note *nt = malloc(sizeof(*nt) + len);
+    if (!nt)
+        return;   /* a notification is advice: dropping it under no memory is safe */
+    nt->next = NULL;
+    nt->len = len;
+    memcpy(nt->msg, msg, len);
+    pthread_mutex_lock(&r->lock);
+    *r->notes_tail = nt;
+    r->notes_tail = &nt->next;
+    r->stats.notifications++;
+    pthread_cond_signal(&r->notes_cond);
+    pthread_mutex_unlock(&r->lock);
+}
+
+static void *reply_loop(void *arg)
+{
+    struct cdm_router *r = arg;
+    size_t bufsize = DEFAULT_BUFSIZE;
+    unsigned char *buf = malloc(bufsize);
+    while (buf) {
+        struct iovec iov = {buf, bufsize};
+        struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1};
+        ssize_t n = recvmsg(r->sock, &mh, 0);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            break;   /* the end of Python's side, or stopping */
+        if ((size_t)n < sizeof(struct fuse_out_header))
+            continue;
+        const struct fuse_out_header *oh = (const void *)buf;
+        uint64_t unique = oh->unique;
+        if (unique == 0) {
+            if (!(mh.msg_flags & MSG_TRUNC))
+                queue_note(r, buf, (size_t)n);
+            continue;
+        }
+        if (unique & FUSE_INT_REQ_BIT) {
+            /* An INTERRUPT's answer (EAGAIN, ENOSYS): for the kernel's
+             * queue of the request it interrupts; one descriptor so far. */
+            write_fuse(r, r->fuse_fd, buf, (size_t)n);
+            continue;
+        }
+        struct entry e = {0, r->fuse_fd, 0};
+        pthread_mutex_lock(&r->lock);
+        int known = table_remove(r, unique, &e);
+        r->stats.replies++;
+        pthread_mutex_unlock(&r->lock);
+        if (mh.msg_flags & MSG_TRUNC) {
+            /* A reply longer than any request allows: the kernel would refuse it. */
+            reply_error(r, e.fd, unique, EIO);
+            continue;
+        }
+        if (known && e.opcode == FUSE_INIT)
+            record_init_reply(r, buf, (size_t)n);
+        write_fuse(r, e.fd, buf, (size_t)n);
+    }
+    free(buf);
+    python_gone(r);
+    return NULL;
+}
+
+static void *notify_loop(void *arg)
+{
+    struct cdm_router *r = arg;
+    pthread_mutex_lock(&r->lock);
+    for (;;) {
+        while (!r->notes && !r->stopping)
+            pthread_cond_wait(&r->notes_cond, &r->lock);
+        struct note *nt = r->notes;
+        if (!nt)
+            break;   /* stopping, and nothing left */
+        r->notes = nt->next;
+        if (!r->notes)
+            r->notes_tail = &r->notes;
+        pthread_mutex_unlock(&r->lock);
+        write_fuse(r, r->fuse_fd, nt->msg, nt->len);
+        free(nt);
+        pthread_mutex_lock(&r->lock);
+    }
+    pthread_mutex_unlock(&r->lock);
+    return NULL;
+}
+
+/* ------------------------------------------------------------ entry points */
+
+struct cdm_router *cdm_router_new(void)
+{
+    struct cdm_router *r = calloc(1, sizeof(*r));
+    if (!r)
+        return NULL;
+    r->fuse_fd = r->sock = r->python_fd = r->event_fd = r->stop_fd = -1;
+    r->notes_tail = &r->notes;
+    r->want_bufsize = DEFAULT_BUFSIZE;
+    pthread_mutex_init(&r->lock, NULL);
+    pthread_cond_init(&r->notes_cond, NULL);
+    return r;
+}
+
+static int set_buffers(int fd)
+{
+    int size = SOCKET_BUFFER;
+    if (setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &size, sizeof(size)) < 0 ||
+        setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &size, sizeof(size)) < 0) {
+        /* Without CAP_NET_ADMIN: as much as net.core.wmem_max allows. */
+        setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, sizeof(size));
+        setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, sizeof(size));
+    }
+    int got = 0;
+    socklen_t len = sizeof(got);
+    if (getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &got, &len) < 0)
+        return -errno;
+    /* A message must be smaller than the sender's buffer. */
+    return got >= 2 * DEFAULT_BUFSIZE ? 0 : -ENOBUFS;
+}
+
+int cdm_router_mount(struct cdm_router *r, const char *mountpoint, const char *fsname,
+                     const char *subtype, const char *options)
+{
+    if (r->fuse_fd >= 0)
+        return -EBUSY;
+    int sv[2] = {-1, -1}, err;
+    r->event_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    r->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (r->event_fd < 0 || r->stop_fd < 0)
+        goto fail_errno;
+    if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0)
+        goto fail_errno;
+    r->sock = sv[0];
+    r->python_fd = sv[1];
+    if ((err = set_buffers(sv[0])) < 0 || (err = set_buffers(sv[1])) < 0)
+        goto fail;
+    r->fuse_fd = open("/dev/fuse", O_RDWR | O_CLOEXEC | O_NONBLOCK);
+    if (r->fuse_fd < 0)
+        goto fail_errno;
+
+    /* As libfuse's mount.c does it: the source is fsname, the type
+     * fuse.SUBTYPE, nosuid and nodev, and the kernel's own options. */
+    struct stat st;
+    if (stat(mountpoint, &st) < 0)
+        goto fail_errno;
+    char data[1024], type[128];
+    int len = snprintf(data, sizeof(data), "fd=%d,rootmode=%o,user_id=%u,group_id=%u%s%s",
+                       r->fuse_fd, st.st_mode & S_IFMT, getuid(), getgid(),
+                       options && *options ? "," : "", options ? options : "");
+    if (len < 0 || (size_t)len >= sizeof(data))
+        { err = -EINVAL; goto fail; }
+    len = snprintf(type, sizeof(type), subtype && *subtype ? "fuse.%s" : "fuse",
+                   subtype ? subtype : "");
+    if (len < 0 || (size_t)len >= sizeof(type))
+        { err = -EINVAL; goto fail; }
+    if (mount(fsname && *fsname ? fsname : "fuse", mountpoint, type, MS_NOSUID | MS_NODEV, data) < 0)
+        goto fail_errno;
+    r->mounted = 1;
+    return 0;
+
+fail_errno:
+    err = -errno;
+fail:
+    if (r->fuse_fd >= 0)
+        close(r->fuse_fd);
+    if (r->sock >= 0)
+        close(r->sock);
+    if (r->python_fd >= 0)
+        close(r->python_fd);
+    if (r->event_fd >= 0)
+        close(r->event_fd);
+    if (r->stop_fd >= 0)
+        close(r->stop_fd);
+    r->fuse_fd = r->sock = r->python_fd = r->event_fd = r->stop_fd = -1;
+    return err;
+}
+
+int cdm_router_start(struct cdm_router *r)
+{
+    if (!r->mounted || r->started)
+        return -EINVAL;
+    /* Signals are for Python's thread: the router's threads block them all. */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    int err = pthread_create(&r->notify_thread, NULL, notify_loop, r);
+    if (!err) {
+        err = pthread_create(&r->reply_thread, NULL, reply_loop, r);
+        if (!err) {
+            err = pthread_create(&r->request_thread, NULL, request_loop, r);
+            if (err) {
+                shutdown(r->sock, SHUT_RDWR);
+                pthread_join(r->reply_thread, NULL);
+            }
+        }
+        if (err) {
+            pthread_mutex_lock(&r->lock);
+            r->stopping = 1;
+            pthread_cond_signal(&r->notes_cond);
+            pthread_mutex_unlock(&r->lock);
+            pthread_join(r->notify_thread, NULL);
+        }
+    }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (err)
+        return -err;
+    pthread_setname_np(r->request_thread, "cdmfs-router");
+    pthread_setname_np(r->reply_thread, "cdmfs-reply");
+    pthread_setname_np(r->notify_thread, "cdmfs-notify");
+    r->started = 1;
+    pthread_mutex_lock(&r->lock);
+    r->state |= CDM_ROUTER_RUNNING;
+    pthread_mutex_unlock(&r->lock);
+    return 0;
+}
+
+int cdm_router_fuse_fd(struct cdm_router *r) { return r->fuse_fd; }
+int cdm_router_python_fd(struct cdm_router *r) { return r->python_fd; }
+int cdm_router_event_fd(struct cdm_router *r) { return r->event_fd; }
+
+int cdm_router_state(struct cdm_router *r)
+{
+    pthread_mutex_lock(&r->lock);
+    int s = r->state;
+    pthread_mutex_unlock(&r->lock);
+    return s;
+}
+
+void cdm_router_init_params(struct cdm_router *r, struct cdm_router_init *out)
+{
+    pthread_mutex_lock(&r->lock);
+    *out = r->init;
+    pthread_mutex_unlock(&r->lock);
+}
+
+void cdm_router_stats(struct cdm_router *r, struct cdm_router_stats *out)
+{
+    pthread_mutex_lock(&r->lock);
+    *out = r->stats;
+    out->outstanding = r->table_used;
+    pthread_mutex_unlock(&r->lock);
+}
+
+void cdm_router_stop(struct cdm_router *r)
+{
+    if (!r->started)
+        return;
+    pthread_mutex_lock(&r->lock);
+    r->stopping = 1;
+    pthread_mutex_unlock(&r->lock);
+    uint64_t one = 1;
+    ssize_t n = write(r->stop_fd, &one, sizeof(one));
+    (void)n;
+    /* Wakes the reply thread (end of socket) and a request thread blocked
+     * sending to a Python side that no longer reads. */
+    shutdown(r->sock, SHUT_RDWR);
+    pthread_join(r->request_thread, NULL);
+    pthread_join(r->reply_thread, NULL);
+    pthread_mutex_lock(&r->lock);
+    pthread_cond_signal(&r->notes_cond);
+    pthread_mutex_unlock(&r->lock);
+    pthread_join(r->notify_thread, NULL);
+    r->started = 0;
+    pthread_mutex_lock(&r->lock);
+    r->state &= ~CDM_ROUTER_RUNNING;
+    pthread_mutex_unlock(&r->lock);
+}
+
+void cdm_router_free(struct cdm_router *r)
+{
+    if (!r)
+        return;
+    cdm_router_stop(r);
+    /* python_fd belongs to libfuse once handed over: not closed here. */
+    if (r->fuse_fd >= 0)
+        close(r->fuse_fd);
+    if (r->sock >= 0)
+        close(r->sock);
+    if (r->event_fd >= 0)
+        close(r->event_fd);
+    if (r->stop_fd >= 0)
+        close(r->stop_fd);
+    while (r->notes) {
+        struct note *nt = r->notes;
+        r->notes = nt->next;
+        free(nt);
+    }
+    free(r->table);
+    pthread_mutex_destroy(&r->lock);
+    pthread_cond_destroy(&r->notes_cond);
+    free(r);
+}
