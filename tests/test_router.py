@@ -86,7 +86,7 @@ def test_sysfs_reads(routed):
     base = os.path.join(routed.path, "sys/devices/system/node")
     assert open(os.path.join(base, "online")).read() == "0-1\n"
     assert "node0" in os.listdir(base)
-    assert sorted(os.listdir(routed.path)) == ["devices", "regions", "sys"]
+    assert sorted(os.listdir(routed.path)) == ["devices", "proc", "regions", "sys"]
 
 
 def test_mmap_migrate_to_gpu_and_back(routed, cprog):
