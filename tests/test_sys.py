@@ -842,6 +842,24 @@ def test_subsystem_link_and_bus_node(machine):
     assert e.value.errno == errno.ENODEV
 
 
+def test_memory_block_dirs_and_bus_memory_equal_host(default_mount):
+    """memoryB/ holds the host's files with the host's modes (its nodeN link
+    follows the machine), uevent and power/ included, and subsystem is
+    sys/bus/memory, laid out as the host's."""
+    m = default_mount
+    host_block = "/sys/devices/system/memory/memory0"
+    if not os.path.isdir(host_block):
+        pytest.skip("host has no memory0")
+    ours = os.path.join(m.path, "sys/devices/system/memory/memory0")
+    strip = lambda t: {k: v for k, v in t.items() if not re.fullmatch(r"node\d+", k)}  # noqa: E731
+    assert strip(tree_modes(ours)) == strip(tree_modes(host_block))
+    assert readlink(os.path.join(ours, "subsystem")) == "../../../../bus/memory"
+    assert cat(os.path.join(ours, "uevent")) == cat(os.path.join(host_block, "uevent"))
+    bus = os.path.join(m.path, "sys/bus/memory")
+    no_devices = lambda t: {k: v for k, v in t.items() if not k.startswith("devices/")}  # noqa: E731
+    assert no_devices(tree_modes(bus)) == no_devices(tree_modes("/sys/bus/memory"))
+
+
 def test_hugepages_read_zero(machine):
     m, want = machine
     for nid in want["nodes"]:

@@ -93,3 +93,28 @@ def add_device_files(tree: Tree, d: Dir) -> None:
     """``uevent`` and ``power/`` of a device directory."""
     tree.add(d, "uevent", Attr(uevent_show, uevent_store))
     add_power(tree, d)
+
+
+def add_bus(tree: Tree, name: str) -> Dir:
+    """``sys/bus/NAME/`` as bus_register() makes it for a bus without
+    drivers (node): devices/, drivers/, drivers_autoprobe, drivers_probe and
+    uevent.  Returns devices/."""
+    bus = tree.path(f"sys/bus/{name}")
+    devices = tree.dir(bus, "devices")
+    tree.dir(bus, "drivers")
+    autoprobe = [True]
+
+    def autoprobe_store(text: str) -> None:
+        # drivers_autoprobe_store(): '0' first turns it off, anything else on.
+        autoprobe[0] = not text.startswith("0")
+
+    def probe_store(text: str) -> None:
+        # drivers_probe_store(): a device of the bus by name, or ENODEV; with
+        # no driver to bind, probing it succeeds and does nothing.
+        if not any(sysfs_streq(text, dev) for dev in devices.children):
+            raise OSError(errno.ENODEV, f"no device {text.strip()!r} on bus {name}")
+
+    tree.add(bus, "drivers_autoprobe", Attr(lambda: f"{int(autoprobe[0])}\n", autoprobe_store))
+    tree.add(bus, "drivers_probe", Attr(None, probe_store))
+    tree.add(bus, "uevent", Attr(None, uevent_store))
+    return devices

@@ -11,6 +11,7 @@ from ...mm.machine import Machine
 from ...mm.memory_hotplug import ONLINE_TYPES, Block, MemoryHotplug
 from .. import formats
 from ..tree import Attr, Dir, Link, Tree
+from .device import add_bus, add_device_files
 from .node import add_node, parse_bool01
 
 MEMORY_DIR = "sys/devices/system/memory"
@@ -92,6 +93,8 @@ def add_block_files(tree: Tree, hp: MemoryHotplug, b: Block) -> None:
     tree.add(d, "removable", Attr(lambda: "1\n"))
     tree.add(d, "phys_device", Attr(lambda: "0\n"))
     tree.add(d, f"node{b.nid}", Link(f"../../node/node{b.nid}"))
+    tree.add(d, "subsystem", Link("../../../../bus/memory"))
+    add_device_files(tree, d)
     tree.add(tree.path("sys/bus/memory/devices"), f"memory{b.id}",
              Link(f"../../../devices/system/memory/memory{b.id}"))
     node_dir = tree.path(NODE_DIR).children.get(f"node{b.nid}")
@@ -122,7 +125,7 @@ def build(tree: Tree, m: Machine) -> None:
     tree.add(mem, "probe", Attr(None, lambda t: probe_store(hp, t)))
     tree.add(mem, "soft_offline_page", Attr(None, lambda t: soft_offline_store(hp, t)))
     tree.add(mem, "hard_offline_page", Attr(None, lambda t: hard_offline_store(hp, t)))
-    tree.path("sys/bus/memory/devices")
+    add_bus(tree, "memory")
     for b in sorted(hp.blocks.values(), key=lambda b: b.id):
         if b.present:
             add_block_files(tree, hp, b)
