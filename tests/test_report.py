@@ -797,3 +797,6 @@ def test_hardware_before_and_after_hot_add():
         assert after["nodes"] == [0, 1]
         assert after["size"][1] == 4
         assert after["devices"]["cdm0"].startswith("coherent, node 1, size ")
+        # The device's memory is its node's: one 4 MiB block of the 8 configured.
+        assert m.device("cdm0").meminfo["MemTotal"] == m.node(1).meminfo["MemTotal"] == 4096
+        assert after["devices"]["cdm0"] == "coherent, node 1, size 4 MB, free 4 MB"

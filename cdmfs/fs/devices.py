@@ -32,6 +32,12 @@ def region_of(m: Machine, name: str):
 
 
 def device_meminfo(m: Machine, dev: Device) -> str:
+    """Its memory: a coherent device's is its node's online blocks (what
+    node/nodeN/meminfo counts, hot-added or not), a private one's the pool."""
+    for nid, node in m.nodes.items():
+        if node.pool == dev.pool:
+            pages = m.node_pages(nid)
+            return formats.device_meminfo(pages["total"] * KB_PER_PAGE, pages["free"] * KB_PER_PAGE)
     p = m.pool_stats(dev.pool)
     return formats.device_meminfo(p.npages * KB_PER_PAGE, p.nr_free * KB_PER_PAGE)
 
