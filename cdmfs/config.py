@@ -222,7 +222,8 @@ def host_cpus() -> frozenset[int]:
         return frozenset(range(os.cpu_count() or 1))
 
 
-def _host_text(path: str) -> Optional[str]:
+def host_text(path: str) -> Optional[str]:
+    """A host file's text, stripped; None where the host has no such file."""
     try:
         with open(path) as f:
             return f.read().strip()
@@ -233,7 +234,7 @@ def _host_text(path: str) -> Optional[str]:
 def _host_cpulist(name: str) -> frozenset[int]:
     """The host's cpu/{possible,present} (empty if unreadable)."""
     try:
-        return frozenset(bitmap.parse_cpulist(_host_text(f"{HOST_CPU}/{name}") or ""))
+        return frozenset(bitmap.parse_cpulist(host_text(f"{HOST_CPU}/{name}") or ""))
     except ValueError:
         return frozenset()
 
@@ -252,7 +253,7 @@ def host_caches() -> dict[tuple[int, str], dict[str, str]]:
         for attr in ("level", "type", "size", "ways_of_associativity", "coherency_line_size",
                      "physical_line_partition", "number_of_sets", "allocation_policy",
                      "write_policy"):
-            text = _host_text(f"{folder}/{name}/{attr}")
+            text = host_text(f"{folder}/{name}/{attr}")
             if text is not None:
                 attrs[attr] = text
         if attrs.get("level", "").isdigit() and "type" in attrs:

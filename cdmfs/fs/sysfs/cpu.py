@@ -16,7 +16,7 @@ import functools
 import os
 from typing import Callable, Optional
 
-from ...config import CacheSpec, CpuSpec
+from ...config import CacheSpec, CpuSpec, host_text
 from ...mm.machine import Machine
 from .. import cpu_formats as fmt
 from ..tree import Attr, Dir, Link, Tree
@@ -71,16 +71,8 @@ def cache_names() -> frozenset[str]:
     return host & CACHE_ATTRS if host else CACHE_ATTRS
 
 
-def _host_text(path: str) -> Optional[str]:
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError:
-        return None
-
-
 def host_kernel_max() -> Optional[int]:
-    text = _host_text(f"{HOST_CPU}/kernel_max")
+    text = host_text(f"{HOST_CPU}/kernel_max")
     return int(text) if text and text.isdigit() else None
 
 
@@ -93,7 +85,7 @@ def cpu0_hotpluggable() -> bool:
 def host_cpu_capacity() -> Optional[int]:
     """cpu0's cpu_capacity if the host kernel shows one: every emulated CPU has it
     (a symmetric machine)."""
-    text = _host_text(f"{HOST_CPU}/cpu0/cpu_capacity")
+    text = host_text(f"{HOST_CPU}/cpu0/cpu_capacity")
     return int(text) if text and text.isdigit() else None
 
 
