@@ -331,6 +331,27 @@ uint64_t cdm_region_count(struct cdm_machine *m, struct cdm_region *r, uint64_t 
 uint64_t cdm_region_next_present(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
                                  uint64_t end);
 
+/* The first page i of [first, min(end, npages)) whose entry is zero (never
+ * touched, or freed), or min(end, npages) if there is none.  Costs the
+ * chunks populated from first on up to the answer (lseek SEEK_HOLE). */
+uint64_t cdm_region_next_absent(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
+                                uint64_t end);
+
+/*
+ * Punches bytes [off, off + len) (clipped to the size) out of a region, as
+ * fallocate(FALLOC_FL_PUNCH_HOLE) on tmpfs: the whole pages inside are freed
+ * (entries zeroed: they read zero and are holes to SEEK_HOLE again), the
+ * partial pages at the edges are zeroed where they have a frame (CPU or
+ * device-private memory, as truncation zeroes the page its end cuts), the
+ * file's last page counting as whole past the end.  As truncation does,
+ * pinned pages are freed with the rest (nr_pinned drops) and a poisoned page
+ * forgets its poison; a poisoned edge page stays poisoned.  One hold of the
+ * mutex.  The caller invalidates the CPU's copies and the devices' mirrors
+ * first.  0, or -EAGAIN changing nothing if a page of the range is locked or
+ * collected by a migration: wait for it, then retry.
+ */
+int cdm_region_punch(struct cdm_machine *m, struct cdm_region *r, uint64_t off, uint64_t len);
+
 /* Runs of consecutive pages of [first, first + n) whose entry has any bit of
  * flag set: run_first, run_len, at most max runs.  *next gets the page to go
  * on from: the start of the first run that found no room, else first + n
@@ -498,6 +519,18 @@ int cdm_fuse_inval(int fd, uint64_t ino, int64_t off, int64_t len);
  *                or lost its Python side: state says which.  Python then
  *                ends pyfuse3's loop (pyfuse3.terminate()).
  * init_params  — what INIT carried both ways (done once its reply passed).
+ * route        — on != 0: requests of opcode (< 64; not INIT nor one without
+ *                reply) go to the side channel instead of pyfuse3; 0 or -EINVAL.
+ * side_fd      — Python's end of the side channel (SOCK_SEQPACKET, one
+ *                request per message, as read from /dev/fuse; the router
+ *                closes it in free, and shuts it down in stop: Python reads
+ *                its end of file then).
+ * reply        — the answer to a side-channel request: error (a positive
+ *                errno, or 0 with len bytes of data), written to the
+ *                descriptor the request came from.  0, -ENOENT if the
+ *                request is not (any longer) awaiting a reply (failed with
+ *                EIO when Python went away), -EINVAL, or write(2)'s -errno
+ *                (-ENOENT too: the kernel no longer waits for it).
  * stop         — ends and joins the threads; requests still awaiting a
  *                reply fail with EIO.  The mount stays (see free).
  * free         — stop, then closes /dev/fuse (the kernel aborts the
@@ -528,6 +561,8 @@ struct cdm_router_stats {
     uint64_t failed;        /* answered by the router with an error (Python gone) */
     uint64_t write_errors;  /* writes to /dev/fuse refused (ENOENT: interrupted) */
     uint64_t outstanding;   /* forwarded, awaiting their reply */
+    uint64_t side;          /* sent to the side channel */
+    uint64_t interrupts_dropped;  /* INTERRUPTs of side-channel requests */
     int32_t last_write_errno, last_read_errno;
 };
 
@@ -540,6 +575,10 @@ int cdm_router_start(struct cdm_router *r);
 int cdm_router_fuse_fd(struct cdm_router *r);
 int cdm_router_python_fd(struct cdm_router *r);
 int cdm_router_event_fd(struct cdm_router *r);
+int cdm_router_side_fd(struct cdm_router *r);
+int cdm_router_route(struct cdm_router *r, uint32_t opcode, int on);
+int cdm_router_reply(struct cdm_router *r, uint64_t unique, int32_t error,
+                     const void *data, size_t len);
 int cdm_router_state(struct cdm_router *r);
 void cdm_router_init_params(struct cdm_router *r, struct cdm_router_init *out);
 void cdm_router_stats(struct cdm_router *r, struct cdm_router_stats *out);

@@ -512,6 +512,75 @@ uint64_t cdm_region_next_present(struct cdm_machine *m, struct cdm_region *r, ui
     return found;
 }
 
+uint64_t cdm_region_next_absent(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
+                                uint64_t end)
+{
+    uint64_t lo, hi;
+    machine_lock(m);
+    uint64_t stop = end < r->npages ? end : r->npages;
+    uint64_t x = first;
+    /* A stretch the index does not mark is all zero: x itself, unless it
+     * lies in a marked chunk whose entries are all set. */
+    while (x < stop && next_populated_span(r, x, stop, &lo, &hi) && lo == x) {
+        uint64_t i = lo;
+        while (i < hi && r->pte[i])
+            i++;
+        x = i;
+        if (i < hi)
+            break;
+    }
+    machine_unlock(m);
+    return x < stop ? x : stop;
+}
+
+/* Zeroes bytes [from, to) of page i if it has a frame.  Caller holds m->lock. */
+static void page_zero(struct cdm_machine *m, struct cdm_region *r, uint64_t i,
+                      uint64_t from, uint64_t to)
+{
+    if (r->pte[i] & CDM_PTE_PRESENT)
+        memset(frame_addr(m, r->pte[i]) + from, 0, to - from);
+}
+
+int cdm_region_punch(struct cdm_machine *m, struct cdm_region *r, uint64_t off, uint64_t len)
+{
+    int ret = 0;
+    machine_lock(m);
+    uint64_t end = off + len < off || off + len > r->size ? r->size : off + len;
+    if (off >= end)
+        goto out;
+    uint64_t pfirst = off >> CDM_PAGE_SHIFT, pend = (end + PAGE - 1) >> CDM_PAGE_SHIFT;
+    /* Whole pages [first, last); the edges (partial pages) get zeroed. */
+    uint64_t first = (off + PAGE - 1) >> CDM_PAGE_SHIFT, last = end >> CDM_PAGE_SHIFT;
+    if (end == r->size)
+        last = pend;     /* the file's last page, cut by its end: whole as far as it goes */
+    uint64_t lo, hi;
+    for (uint64_t x = pfirst; next_populated_span(r, x, pend, &lo, &hi); x = hi)
+        for (uint64_t i = lo; i < hi; i++)
+            if (r->pte[i] & (CDM_PTE_LOCKED | CDM_PTE_MIGRATING)) {
+                ret = -EAGAIN;      /* checked first: a failed call changes nothing */
+                goto out;
+            }
+    if (first > last) {
+        /* Inside one page. */
+        page_zero(m, r, pfirst, off & (PAGE - 1), end - (pfirst << CDM_PAGE_SHIFT));
+        goto out;
+    }
+    if (pfirst < first)
+        page_zero(m, r, pfirst, off & (PAGE - 1), PAGE);
+    if (last < pend)
+        page_zero(m, r, last, 0, end & (PAGE - 1));
+    /* Last page first, as truncation frees (see region_truncate). */
+    for (uint64_t to = last; prev_populated_span(r, first, to, &lo, &hi); to = lo) {
+        for (uint64_t i = hi; i-- > lo;)
+            if (r->pte[i])
+                page_release(m, r, i);
+        chunk_settle(r, lo >> CHUNK_SHIFT);   /* the edges' pages may still hold it */
+    }
+out:
+    machine_unlock(m);
+    return ret;
+}
+
 uint64_t cdm_region_flag_runs(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
                               uint64_t n, uint64_t flag, uint64_t *run_first, uint64_t *run_len,
                               uint64_t max, uint64_t *next)

@@ -27,6 +27,20 @@
  *            thread that delivers READ replies must never be the one that
  *            waits, so they are queued to a thread of their own.
  *
+ * The side channel: requests whose opcode Python registered (cdm_router_route:
+ * FUSE_LSEEK and FUSE_FALLOCATE, which pyfuse3 has no handlers for) are
+ * recorded as any other but sent, whole, to a second SOCK_SEQPACKET
+ * socketpair that Python reads itself (trio, side_fd); Python answers with
+ * cdm_router_reply(), which writes to the descriptor the request came from
+ * and takes it out of the table.  The same table: if Python goes away they
+ * fail with EIO like forwarded requests.  An INTERRUPT of a side-channel
+ * request is dropped (libfuse would keep it for a request it never sees);
+ * the reply still comes.
+ *
+ * INIT's reply loses FUSE_AUTO_INVAL_DATA on its way: with it the kernel
+ * drops a file's whole page cache (the emulated CPU's mappings) whenever it
+ * sees the file's mtime change, and pyfuse3 offers no way to turn it off.
+ *
  * /dev/fuse is read non-blocking: when it has nothing, the request thread
  * sleeps in poll() on it and on a stop eventfd, so that cdm_router_stop()
  * can end it whatever the mount does.  Writes to it are unaffected.
@@ -46,7 +60,9 @@
 #include <sys/eventfd.h>
 #include <sys/mount.h>
 #include <sys/socket.h>
+#include <stddef.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
 #include <linux/fuse.h>
 
@@ -81,6 +97,8 @@ struct cdm_router {
     int python_fd;          /* pyfuse3's end (libfuse closes it) */
     int event_fd;           /* to Python: the router has ended (see state) */
     int stop_fd;            /* from cdm_router_stop(): end the request thread */
+    int side_sock;          /* the router's end of the side channel */
+    int side_python_fd;     /* Python's end of it (the router closes it in free) */
     int mounted;            /* mount(2) succeeded */
     int started;
     pthread_t request_thread, reply_thread, notify_thread;
@@ -88,6 +106,7 @@ struct cdm_router {
     pthread_mutex_t lock;   /* everything below */
     int state;              /* CDM_ROUTER_* */
     int stopping;
+    uint64_t side_mask;     /* opcodes (< 64) sent to the side channel */
     struct entry *table;    /* forwarded requests awaiting a reply: open addressing */
     uint64_t table_cap;     /* a power of two */
     uint64_t table_used;
@@ -139,6 +158,20 @@ static int table_insert(struct cdm_router *r, uint64_t unique, int fd, uint32_t 
         r->table_used++;
     r->table[s] = (struct entry){unique, fd, opcode};
     return 0;
+}
+
+/* unique's entry, or NULL.  Caller holds r->lock. */
+static struct entry *table_find(struct cdm_router *r, uint64_t unique)
+{
+    if (!r->table_cap)
+        return NULL;
+    uint64_t s = slot_of(r, unique);
+    while (r->table[s].unique) {
+        if (r->table[s].unique == unique)
+            return &r->table[s];
+        s = (s + 1) & (r->table_cap - 1);
+    }
+    return NULL;
 }
 
 /* Removes unique; its entry into *out.  1 if it was there.  Caller holds
@@ -245,6 +278,18 @@ static void forward_request(struct cdm_router *r, int fd, unsigned char *buf, si
 
     pthread_mutex_lock(&r->lock);
     r->stats.requests++;
+    int side = opcode < 64 && (r->side_mask >> opcode & 1);
+    if (opcode == FUSE_INTERRUPT && len >= sizeof(*ih) + sizeof(struct fuse_interrupt_in)) {
+        struct fuse_interrupt_in in;
+        memcpy(&in, buf + sizeof(*ih), sizeof(in));
+        struct entry *e = table_find(r, in.unique);
+        if (e && e->opcode < 64 && (r->side_mask >> e->opcode & 1)) {
+            /* Python answers side-channel requests soon; the reply comes. */
+            r->stats.interrupts_dropped++;
+            pthread_mutex_unlock(&r->lock);
+            return;
+        }
+    }
     if (opcode == FUSE_INIT && len >= sizeof(*ih) + 5 * sizeof(uint32_t)) {
         struct fuse_init_in in = {0};
         size_t n = len - sizeof(*ih);
@@ -275,11 +320,14 @@ static void forward_request(struct cdm_router *r, int fd, unsigned char *buf, si
 
     ssize_t n;
     do
-        n = send(r->sock, buf, len, MSG_NOSIGNAL);
+        n = send(side ? r->side_sock : r->sock, buf, len, MSG_NOSIGNAL);
     while (n < 0 && errno == EINTR);
     if (n == (ssize_t)len) {
         pthread_mutex_lock(&r->lock);
-        r->stats.forwarded++;
+        if (side)
+            r->stats.side++;
+        else
+            r->stats.forwarded++;
         pthread_mutex_unlock(&r->lock);
         return;
     }
@@ -346,12 +394,19 @@ static void *request_loop(void *arg)
 
 /* ------------------------------------------------------------ Python's side */
 
-static void record_init_reply(struct cdm_router *r, const unsigned char *msg, size_t len)
+static void record_init_reply(struct cdm_router *r, unsigned char *msg, size_t len)
 {
     const struct fuse_out_header *oh = (const void *)msg;
     struct fuse_init_out out = {0};
     size_t n = len - sizeof(*oh);
     memcpy(&out, msg + sizeof(*oh), n < sizeof(out) ? n : sizeof(out));
+    if (oh->error == 0 && n >= offsetof(struct fuse_init_out, flags) + sizeof(out.flags) &&
+        (out.flags & FUSE_AUTO_INVAL_DATA)) {
+        /* See the header: the page cache is the CPU's page table. */
+        out.flags &= ~FUSE_AUTO_INVAL_DATA;
+        memcpy(msg + sizeof(*oh) + offsetof(struct fuse_init_out, flags), &out.flags,
+               sizeof(out.flags));
+    }
     pthread_mutex_lock(&r->lock);
     r->init.error = oh->error;
     r->init.done = 1;
@@ -466,6 +521,7 @@ struct cdm_router *cdm_router_new(void)
     if (!r)
         return NULL;
     r->fuse_fd = r->sock = r->python_fd = r->event_fd = r->stop_fd = -1;
+    r->side_sock = r->side_python_fd = -1;
     r->notes_tail = &r->notes;
     r->want_bufsize = DEFAULT_BUFSIZE;
     pthread_mutex_init(&r->lock, NULL);
@@ -506,6 +562,12 @@ int cdm_router_mount(struct cdm_router *r, const char *mountpoint, const char *f
     r->python_fd = sv[1];
     if ((err = set_buffers(sv[0])) < 0 || (err = set_buffers(sv[1])) < 0)
         goto fail;
+    if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0)
+        goto fail_errno;
+    r->side_sock = sv[0];
+    r->side_python_fd = sv[1];
+    if ((err = set_buffers(sv[0])) < 0 || (err = set_buffers(sv[1])) < 0)
+        goto fail;
     r->fuse_fd = open("/dev/fuse", O_RDWR | O_CLOEXEC | O_NONBLOCK);
     if (r->fuse_fd < 0)
         goto fail_errno;
@@ -543,7 +605,12 @@ fail:
         close(r->event_fd);
     if (r->stop_fd >= 0)
         close(r->stop_fd);
+    if (r->side_sock >= 0)
+        close(r->side_sock);
+    if (r->side_python_fd >= 0)
+        close(r->side_python_fd);
     r->fuse_fd = r->sock = r->python_fd = r->event_fd = r->stop_fd = -1;
+    r->side_sock = r->side_python_fd = -1;
     return err;
 }
 
@@ -589,6 +656,50 @@ int cdm_router_start(struct cdm_router *r)
 int cdm_router_fuse_fd(struct cdm_router *r) { return r->fuse_fd; }
 int cdm_router_python_fd(struct cdm_router *r) { return r->python_fd; }
 int cdm_router_event_fd(struct cdm_router *r) { return r->event_fd; }
+int cdm_router_side_fd(struct cdm_router *r) { return r->side_python_fd; }
+
+int cdm_router_route(struct cdm_router *r, uint32_t opcode, int on)
+{
+    if (opcode >= 64 || opcode == FUSE_INIT || no_reply(opcode))
+        return -EINVAL;
+    pthread_mutex_lock(&r->lock);
+    if (on)
+        r->side_mask |= 1ULL << opcode;
+    else
+        r->side_mask &= ~(1ULL << opcode);
+    pthread_mutex_unlock(&r->lock);
+    return 0;
+}
+
+int cdm_router_reply(struct cdm_router *r, uint64_t unique, int32_t error,
+                     const void *data, size_t len)
+{
+    if (error < 0 || error > 4095 || (error && len))
+        return -EINVAL;
+    struct entry e;
+    pthread_mutex_lock(&r->lock);
+    int known = table_remove(r, unique, &e);
+    if (known)
+        r->stats.replies++;
+    pthread_mutex_unlock(&r->lock);
+    if (!known)
+        return -ENOENT;     /* failed already (Python gone), or never ours */
+    struct fuse_out_header oh = {(uint32_t)(sizeof(oh) + len), -error, unique};
+    struct iovec iov[2] = {{&oh, sizeof(oh)}, {(void *)data, len}};
+    ssize_t n;
+    do
+        n = writev(e.fd, iov, len ? 2 : 1);
+    while (n < 0 && errno == EINTR);
+    if (n < 0) {
+        int err = errno;
+        pthread_mutex_lock(&r->lock);
+        r->stats.write_errors++;
+        r->stats.last_write_errno = err;
+        pthread_mutex_unlock(&r->lock);
+        return -err;
+    }
+    return 0;
+}
 
 int cdm_router_state(struct cdm_router *r)
 {
@@ -626,6 +737,8 @@ void cdm_router_stop(struct cdm_router *r)
     /* Wakes the reply thread (end of socket) and a request thread blocked
      * sending to a Python side that no longer reads. */
     shutdown(r->sock, SHUT_RDWR);
+    if (r->side_sock >= 0)
+        shutdown(r->side_sock, SHUT_RDWR);   /* Python's side-channel reader sees its end */
     pthread_join(r->request_thread, NULL);
     pthread_join(r->reply_thread, NULL);
     pthread_mutex_lock(&r->lock);
@@ -652,6 +765,10 @@ void cdm_router_free(struct cdm_router *r)
         close(r->event_fd);
     if (r->stop_fd >= 0)
         close(r->stop_fd);
+    if (r->side_sock >= 0)
+        close(r->side_sock);
+    if (r->side_python_fd >= 0)
+        close(r->side_python_fd);
     while (r->notes) {
         struct note *nt = r->notes;
         r->notes = nt->next;

@@ -591,3 +591,68 @@ def test_device_read_crc_continues_across_calls(core):
     assert rc == 0 and res.crc == 0x5678
     rc, res = op(0, 2, 0x9abc, kind=lib.CDM_OP_TOUCH)
     assert rc == 0 and res.crc == 0x9abc and res.local_bytes == 2 * PAGE
+
+
+def test_next_absent_of_a_64tib_region_costs_by_the_pages_present(core):
+    a = core.add_pool(4 * CHUNK)
+    r = core.region(TIB64)
+    mid = TIB64 // 2 + 12345
+    for p in range(mid, mid + 2 * CHUNK + 3):      # spans three chunks
+        core.populate(r, p, 1, a)
+    core.populate(r, TIB64 - 1, 1, a)
+    faults = minor_faults()
+    absent = lambda first, end: lib.cdm_region_next_absent(core.m, r, first, end)
+    assert absent(0, TIB64) == 0
+    assert absent(mid, TIB64) == mid + 2 * CHUNK + 3
+    assert absent(mid + CHUNK, mid + CHUNK + 5) == mid + CHUNK + 5      # none: end
+    assert absent(TIB64 - 1, TIB64) == TIB64                            # none: npages
+    assert absent(TIB64 - 1, 2 * TIB64) == TIB64
+    assert absent(TIB64 + 5, 2 * TIB64) == TIB64                        # past the end
+    assert core.next_present(r, mid + 2 * CHUNK + 3, TIB64) == TIB64 - 1
+    assert minor_faults() - faults < WALK_FAULTS
+
+
+def test_punch_frees_whole_pages_and_zeroes_the_edges(core):
+    a = core.add_pool(64)
+    r = core.region(3 * CHUNK)
+    data = bytes(range(256)) * (PAGE // 256)
+    for p in list(range(0, 10)) + [CHUNK + 1, 2 * CHUNK + 7]:
+        core.write_page(r, p, data, a)
+    assert core.pin(r, 4, 1, 1) == (0, 1)
+    used = core.pool(a).nr_used
+    # [2 pages + 100, 8 pages + 10): pages 3-7 freed (a pinned one too, as
+    # truncation frees it), 2 and 8 zeroed past/before the edges.
+    assert lib.cdm_region_punch(core.m, r, 2 * PAGE + 100, 6 * PAGE - 90) == 0
+    ptes = core.ptes(r, 0, 10)
+    assert [i for i in range(10) if not ptes[i]] == [3, 4, 5, 6, 7]
+    assert r.nr_pinned == 0 and core.pool(a).nr_pinned == 0
+    assert core.pool(a).nr_used == used - 5
+    assert core.read(r, 2 * PAGE, PAGE) == data[:100] + b"\0" * (PAGE - 100)
+    assert core.read(r, 8 * PAGE, PAGE) == b"\0" * 10 + data[10:]
+    assert lib.cdm_region_next_absent(core.m, r, 0, r.npages) == 3
+    assert core.next_present(r, 3, r.npages) == 8
+    assert core.check() == ""
+    # A whole chunk's pages punched: its mark goes; past the end, nothing.
+    assert lib.cdm_region_punch(core.m, r, CHUNK * PAGE, CHUNK * PAGE) == 0
+    assert not chunk_marked(r, CHUNK)
+    assert lib.cdm_region_punch(core.m, r, 3 * CHUNK * PAGE, PAGE) == 0
+    assert lib.cdm_region_punch(core.m, r, 0, 0) == 0
+    # Inside one page: zeroed, kept.
+    assert lib.cdm_region_punch(core.m, r, 9 * PAGE + 1, 2) == 0
+    assert core.read(r, 9 * PAGE, 4) == data[:1] + b"\0\0" + data[3:4]
+    assert core.check() == ""
+
+
+def test_punch_refuses_pages_a_migration_holds(core):
+    a = core.add_pool(16)
+    r = core.region(8)
+    for p in range(8):
+        core.write_page(r, p, b"m" * PAGE, a)
+    for bit in (lib.CDM_PTE_LOCKED, lib.CDM_PTE_MIGRATING):
+        r.pte[5] |= bit
+        before = core.ptes(r)
+        assert lib.cdm_region_punch(core.m, r, 0, 8 * PAGE) == -errno.EAGAIN
+        assert core.ptes(r) == before                  # nothing changed
+        r.pte[5] &= ~bit
+    assert lib.cdm_region_punch(core.m, r, 0, 8 * PAGE) == 0
+    assert core.ptes(r) == [0] * 8 and core.pool(a).nr_used == 0

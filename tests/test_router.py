@@ -360,3 +360,81 @@ def test_python_side_gone_fails_requests_and_unmount_is_seen(hand):
     # Unmounting ends the request thread with ENODEV.
     assert ctypes.CDLL(None, use_errno=True).umount2(hand.mp.encode(), 0) == 0
     wait_for(lambda: lib.cdm_router_state(hand.r) & lib.CDM_ROUTER_UNMOUNTED, what="ENODEV")
+
+
+# ---------------------------------------------------------------- the side channel, by hand
+
+FUSE_OPEN, FUSE_FLUSH, FUSE_LSEEK = 14, 25, 46
+FUSE_ASYNC_READ, FUSE_AUTO_INVAL_DATA = 1 << 0, 1 << 12
+SEEKER = ("import os, signal, sys\n"
+          "signal.signal(signal.SIGUSR1, lambda *a: None)\n"
+          "fd = os.open(sys.argv[1], os.O_RDONLY)\n"
+          "print('open', flush=True)\n"
+          "for line in sys.stdin:\n"
+          "    try:\n"
+          "        print(os.lseek(fd, 0, os.SEEK_DATA), flush=True)\n"
+          "    except OSError as e:\n"
+          "        print(-e.errno, flush=True)\n")
+
+
+def test_side_channel(hand):
+    assert lib.cdm_router_route(hand.r, FUSE_INIT, 1) == -errno.EINVAL
+    assert lib.cdm_router_route(hand.r, FUSE_LSEEK, 1) == 0
+    side = lib.cdm_router_side_fd(hand.r)
+    # INIT's reply loses FUSE_AUTO_INVAL_DATA on its way to the kernel.
+    h, body = hand.recv_op(FUSE_INIT)
+    major, minor, readahead = struct.unpack_from("<III", body)
+    flags = FUSE_ASYNC_READ | FUSE_AUTO_INVAL_DATA
+    hand.reply(h[2], INIT_OUT.pack(7, minor, readahead, flags, 16, 12, 128 * 1024, 1, 0, 0, 0, *[0] * 7))
+    wait_for(lambda: hand.init_params()["done"], what="INIT's reply")
+    assert hand.init_params()["flags"] == FUSE_ASYNC_READ
+
+    child = subprocess.Popen([sys.executable, "-c", SEEKER, os.path.join(hand.mp, "x")],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        h, _ = hand.recv_op(FUSE_LOOKUP)
+        hand.reply(h[2], entry(2))
+        h, _ = hand.recv_op(FUSE_OPEN)
+        hand.reply(h[2], struct.pack("<QIi", 7, 0, 0))
+        assert child.stdout.readline().strip() == "open"
+
+        def side_request() -> tuple:
+            child.stdin.write("s\n")
+            child.stdin.flush()
+            assert select.select([side], [], [], 10)[0], "nothing on the side channel"
+            msg = os.read(side, 1 << 16)
+            h = IN_HEADER.unpack_from(msg)
+            fh, offset, whence = struct.unpack_from("<QqI", msg, IN_HEADER.size)
+            assert (h[1], h[3], fh, offset, whence) == (FUSE_LSEEK, 2, 7, 0, os.SEEK_DATA)
+            return h
+
+        # LSEEK goes to the side channel, not to pyfuse3; its reply goes back.
+        h = side_request()
+        assert not select.select([hand.sock], [], [], 0.2)[0]
+        assert hand.stats()["side"] == 1 and hand.stats()["outstanding"] == 1
+        assert lib.cdm_router_reply(hand.r, h[2], 0, struct.pack("<q", 4096), 8) == 0
+        assert child.stdout.readline().strip() == "4096"
+        assert lib.cdm_router_reply(hand.r, h[2], 0, ffi.NULL, 0) == -errno.ENOENT   # answered
+        assert hand.stats()["outstanding"] == 0
+
+        # An INTERRUPT of it is dropped; the reply still comes.
+        h = side_request()
+        child.send_signal(signal.SIGUSR1)
+        wait_for(lambda: hand.stats()["interrupts_dropped"] == 1, what="the INTERRUPT")
+        assert not select.select([hand.sock], [], [], 0.2)[0]
+        assert lib.cdm_router_reply(hand.r, h[2], errno.ENXIO, ffi.NULL, 0) == 0
+        assert child.stdout.readline().strip() == str(-errno.ENXIO)
+
+        # Python gone: the side-channel request in flight fails with EIO.
+        h = side_request()
+        os.close(hand.sock)
+        hand.sock = None
+        assert child.stdout.readline().strip() == str(-errno.EIO)
+        assert lib.cdm_router_reply(hand.r, h[2], 0, struct.pack("<q", 0), 8) == -errno.ENOENT
+        child.stdin.close()
+        child.wait(timeout=10)        # its FLUSH fails with EIO from the router
+        assert hand.stats()["outstanding"] == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()

@@ -162,6 +162,7 @@ def serve(mountpoint: str, topo: Topology, allow_other: bool = False,
     if rt:
         rt.handed_over()
         ops.fuse_fd = rt.fuse_fd
+        ops.routed = True
     else:
         ops.fuse_fd = fuse_device_fd()
 
@@ -181,6 +182,8 @@ def serve(mountpoint: str, topo: Topology, allow_other: bool = False,
                     await rt.watch()
                     pyfuse3.terminate()
                 nursery.start_soon(on_router_end)
+                # FUSE_LSEEK, FUSE_FALLOCATE: pyfuse3 has no handlers.
+                nursery.start_soon(rt.serve_side, ops)
             if ready:
                 ready()
             await pyfuse3.main(min_tasks=MIN_TASKS, max_tasks=MAX_TASKS)

@@ -40,6 +40,11 @@ WAITING_QUEUE = 1024
 INODES = 1 << 20          # statfs's total inodes (more when more exist)
 RELATIME_NS = 24 * 3600 * 10**9
 RENAME_NOREPLACE = 1      # renameat2(2)'s flags
+SEEK_DATA, SEEK_HOLE = 3, 4
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+# Handlers pyfuse3 has no slot for: the router's side channel calls them
+# (fs/router.py), with the same guard.
+SIDE_HANDLERS = ("lseek", "fallocate")
 
 
 class Answer:
@@ -110,7 +115,8 @@ def never_fatal(cls: type) -> type:
         return guarded
 
     for name, handler in list(vars(cls).items()):
-        if inspect.iscoroutinefunction(handler) and hasattr(pyfuse3.Operations, name):
+        if inspect.iscoroutinefunction(handler) and (hasattr(pyfuse3.Operations, name)
+                                                      or name in SIDE_HANDLERS):
             setattr(cls, name, guard(name, handler))
     return cls
 
@@ -134,6 +140,9 @@ class Filesystem(pyfuse3.Operations):
         self.uid, self.gid = os.getuid(), os.getgid()
         self.mount_ns = time.time_ns()
         self.fuse_fd: Optional[int] = None
+        # Mounted through the router (fs/router.py): INIT lost
+        # FUSE_AUTO_INVAL_DATA there, so a data file's mtime may move.
+        self.routed = False
         self.waiting = trio.CapacityLimiter(WAITING_RUNS)
         # An invalidation blocks its thread until the kernel's write-back is
         # served; trio's shared pool (40) must not be what bounds them.
@@ -412,13 +421,17 @@ class Filesystem(pyfuse3.Operations):
         of = self._open_file(fh)
         e = of.entry
         if isinstance(e, DataFile):
-            # mtime stays: the kernel (auto_inval_data, which pyfuse3 cannot
-            # turn off) drops the whole page cache -- every CPU mapping of the
-            # region -- when it sees a data file's mtime change.
+            # Without the router mtime stays: the kernel (auto_inval_data,
+            # which pyfuse3 cannot turn off) drops the whole page cache --
+            # every CPU mapping of the region -- when it sees a data file's
+            # mtime change.  The router takes the flag out of INIT's reply.
             try:
-                return await e.region.writeback(off, buf, of.pid)
+                n = await e.region.writeback(off, buf, of.pid)
             except OSError as err:
                 raise fuse_error(err) from None
+            if self.routed:
+                self._touch(e, mtime=True, ctime=True)
+            return n
         # All or nothing: a control write is one WRITE of at most a page.  A
         # longer one, or a piece continuing the previous write, changes nothing.
         continues = off > 0 and off == of.write_end
@@ -450,6 +463,47 @@ class Filesystem(pyfuse3.Operations):
             raise fuse_error(err) from None
         of.content = b""
         return len(buf)
+
+    # ------------------------------------------------------------ side channel (router)
+
+    async def lseek(self, inode, fh, offset, whence):
+        """FUSE_LSEEK (the kernel sends only SEEK_DATA and SEEK_HOLE): a
+        region's data has holes where pages were never touched (or were
+        punched); any other file is data up to its size."""
+        e = self._entry(inode)
+        if whence not in (SEEK_DATA, SEEK_HOLE):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        try:
+            if isinstance(e, DataFile):
+                with e.region.hold():
+                    return e.region.seek(offset, whence)
+        except OSError as err:
+            raise fuse_error(err) from None
+        size = self._attrs(e).st_size
+        if offset < 0 or offset >= size:
+            raise pyfuse3.FUSEError(errno.ENXIO)
+        return offset if whence == SEEK_DATA else size
+
+    async def fallocate(self, inode, fh, offset, length, mode):
+        """FUSE_FALLOCATE on a region's data: mode 0 (with or without
+        FALLOC_FL_KEEP_SIZE) places the range's absent pages now, growing
+        the file unless KEEP_SIZE; PUNCH_HOLE | KEEP_SIZE frees the range's
+        pages.  Other modes, and other files, EOPNOTSUPP (as tmpfs)."""
+        e = self._entry(inode)
+        if not isinstance(e, DataFile):
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        try:
+            if mode & ~FALLOC_FL_KEEP_SIZE == 0:
+                await e.region.fallocate(offset, length, keep_size=bool(mode & FALLOC_FL_KEEP_SIZE))
+            elif mode == FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE:
+                await e.region.punch(offset, length)
+            else:
+                raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        except OSError as err:
+            raise fuse_error(err) from None
+        # As tmpfs (file_modified): only mounted through the router, which
+        # is the only way a FALLOCATE gets here.
+        self._touch(e, mtime=True, ctime=True)
 
     # ------------------------------------------------------------ CPU page table
 

@@ -5,6 +5,12 @@ With the router, the daemon does not let libfuse mount: the router opens
 which runs unmodified on its end of a socketpair given as the mountpoint
 ``/dev/fd/N`` (DESIGN §5).  Issue 13, step 1: nothing is served in C yet.
 
+The side channel: requests pyfuse3 has no handler for (FUSE_LSEEK,
+FUSE_FALLOCATE; SIDE_OPCODES) are taken out of pyfuse3's stream by the
+router and read here from a second socket (``serve_side``, a trio task of
+the daemon); each is decoded, given to the Filesystem's method of the same
+name (ops.lseek, ops.fallocate) and answered with cdm_router_reply().
+
 Switched on by ``cdmfs mount --router`` or CDMFS_ROUTER=1 in the daemon's
 environment (``cdmfs.mounted()`` and ``cdmfs bench`` pass it on); off by
 default.  Needs root (mount(2), and socket buffers beyond net.core.wmem_max).
@@ -16,6 +22,7 @@ import errno
 import logging
 import os
 import select
+import struct
 from typing import Iterable, Optional
 
 from .._core import ffi, lib
@@ -27,6 +34,16 @@ KERNEL_OPTIONS = ("default_permissions", "allow_other")   # passed to mount(2) a
 MNT_DETACH = 2
 
 _libc = ctypes.CDLL(None, use_errno=True)
+
+# linux/fuse.h
+FUSE_FALLOCATE = 43
+FUSE_LSEEK = 46
+SIDE_OPCODES = (FUSE_LSEEK, FUSE_FALLOCATE)
+IN_HEADER = struct.Struct("<IIQQIIIHH")      # fuse_in_header: len, opcode, unique, nodeid, uid, gid, pid, ...
+LSEEK_IN = struct.Struct("<QqII")            # fuse_lseek_in: fh, offset, whence, padding
+LSEEK_OUT = struct.Struct("<q")              # fuse_lseek_out: offset
+FALLOCATE_IN = struct.Struct("<QqqII")       # fuse_fallocate_in: fh, offset, length, mode, padding
+SIDE_BUFSIZE = 1 << 17                       # a side-channel request is small (an IOCTL's data at most)
 
 
 def enabled(flag: Optional[bool] = None) -> bool:
@@ -70,6 +87,9 @@ class Router:
         self.fuse_fd = lib.cdm_router_fuse_fd(self._r)
         self.event_fd = lib.cdm_router_event_fd(self._r)
         self._python_fd: Optional[int] = lib.cdm_router_python_fd(self._r)
+        self.side_fd = lib.cdm_router_side_fd(self._r)
+        for opcode in SIDE_OPCODES:
+            lib.cdm_router_route(self._r, opcode, 1)
         rc = lib.cdm_router_start(self._r)
         if rc < 0:
             self.close()
@@ -114,6 +134,57 @@ class Router:
         log.info("router ended (state %#x): %s", state,
                  "unmounted" if state & lib.CDM_ROUTER_UNMOUNTED else
                  "pyfuse3's end closed" if state & lib.CDM_ROUTER_PYTHON_GONE else "failed")
+
+    async def serve_side(self, ops) -> None:
+        """Serves the side channel until the router shuts it (stop): each
+        request in a task of its own, as pyfuse3 serves its own (a punch
+        waits for the kernel's write-back, served meanwhile)."""
+        import trio
+        fd = self.side_fd
+        os.set_blocking(fd, False)
+        async with trio.open_nursery() as nursery:
+            while True:
+                try:
+                    msg = os.read(fd, SIDE_BUFSIZE)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(fd)
+                    continue
+                except OSError as e:
+                    log.warning("router: side channel: %s", e)
+                    return
+                if not msg:
+                    return
+                nursery.start_soon(self._serve_one, ops, msg)
+
+    async def _serve_one(self, ops, msg: bytes) -> None:
+        import pyfuse3
+        if len(msg) < IN_HEADER.size:
+            return
+        _, opcode, unique, nodeid = IN_HEADER.unpack_from(msg)[:4]
+        body = msg[IN_HEADER.size:]
+        data, err = b"", 0
+        try:
+            if opcode == FUSE_LSEEK and len(body) >= LSEEK_IN.size:
+                fh, offset, whence, _ = LSEEK_IN.unpack_from(body)
+                data = LSEEK_OUT.pack(await ops.lseek(nodeid, fh, offset, whence))
+            elif opcode == FUSE_FALLOCATE and len(body) >= FALLOCATE_IN.size:
+                fh, offset, length, mode, _ = FALLOCATE_IN.unpack_from(body)
+                await ops.fallocate(nodeid, fh, offset, length, mode)
+            else:
+                err = errno.EINVAL if opcode in SIDE_OPCODES else errno.ENOSYS
+        except pyfuse3.FUSEError as e:
+            err = e.errno
+        except Exception:       # never_fatal wraps the handlers; this is a bug here
+            log.exception("router: side-channel request %d failed", opcode)
+            err = errno.EIO
+        self.reply(unique, err, b"" if err else data)
+
+    def reply(self, unique: int, error: int, data: bytes = b"") -> int:
+        """Answers a side-channel request (cdm_router_reply): 0, or -errno
+        (-ENOENT: nobody waits for it any longer)."""
+        if self._r is None:
+            return -errno.ENODEV
+        return lib.cdm_router_reply(self._r, unique, error, data, len(data))
 
     def close(self) -> None:
         """Stops the router, closes /dev/fuse and, as libfuse's

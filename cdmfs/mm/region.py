@@ -43,6 +43,7 @@ USER_MAX_REGIONS = 1024
 # The reverse map keeps a frame's owner as (region id + 1) in 24 bits.
 MAX_REGION_ID = (1 << 24) - 2
 USER_MAX_SPACE = MAX_REGION_SIZE
+SEEK_DATA, SEEK_HOLE = 3, 4       # lseek(2)
 
 
 class Region:
@@ -313,6 +314,83 @@ class Region:
                 if e.errno != errno.EAGAIN:
                     raise
             await self.wait_unlocked()
+
+    # -------------------------------------------------------------- lseek, fallocate
+
+    def seek(self, offset: int, whence: int) -> int:
+        """lseek(2) SEEK_DATA/SEEK_HOLE on the data file: a page is data if
+        its entry is not zero (present anywhere, poisoned, a migration's
+        placeholder), a hole if never touched or freed.  ENXIO at or past
+        the end, or no data after offset; a hole always at the end."""
+        size = self.size
+        if offset < 0 or offset >= size:
+            raise OSError(errno.ENXIO, "offset past the end")
+        page, npages = offset // PAGE_SIZE, self.npages
+        if whence == SEEK_DATA:
+            p = lib.cdm_region_next_present(self.machine.core, self.core, page, npages)
+            if p >= npages:
+                raise OSError(errno.ENXIO, "no data past the offset")
+            return max(offset, p * PAGE_SIZE)
+        if whence == SEEK_HOLE:
+            p = lib.cdm_region_next_absent(self.machine.core, self.core, page, npages)
+            return min(max(offset, p * PAGE_SIZE), size)
+        raise OSError(errno.EINVAL, f"whence {whence}")
+
+    async def fallocate(self, off: int, length: int, keep_size: bool = False) -> None:
+        """fallocate(2) mode 0 (MADV_POPULATE_WRITE's placement): the absent
+        pages of [off, off + length) are placed now by the range's policy;
+        the file grows to off + length unless keep_size (pages past the end
+        are not placed then: the file has none).  ENOSPC if memory runs out:
+        the size is put back, pages placed meanwhile stay (a chunk of
+        Machine.populate at a time, each all or nothing)."""
+        if off < 0 or length <= 0:
+            raise OSError(errno.EINVAL, "bad range")
+        end = off + length
+        if end > MAX_REGION_SIZE:
+            raise OSError(errno.EFBIG, "past the largest region")
+        with self.hold():
+            old = self.size
+            grew = end > old and not keep_size
+            if grew:
+                await self.truncate(end)
+            first, last = off // PAGE_SIZE, min(-(-end // PAGE_SIZE), self.npages)
+            if first >= last:
+                return
+            try:
+                await self.machine.populate(self, first, last - first)
+            except OSError:
+                if grew and self.size == end:
+                    try:
+                        await self.truncate(old)
+                    except OSError:
+                        log.warning("region %s: cannot put the size back to %d", self.name, old)
+                raise
+
+    async def punch(self, off: int, length: int) -> None:
+        """fallocate(2) FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE (and
+        MADV_REMOVE): the whole pages of [off, off + length) are freed, the
+        partial pages at its edges zeroed, as tmpfs punches.  The CPU's
+        copies go first, then the devices' mirrors, then the pages, in the
+        core under its lock (cdm_region_punch; a migration holding a page
+        of the range is waited for)."""
+        if off < 0 or length <= 0:
+            raise OSError(errno.EINVAL, "bad range")
+        m = self.machine
+        with self.hold():
+            while True:
+                end = min(off + length, self.size)
+                if off >= end:
+                    return
+                first = off // PAGE_SIZE
+                n = -(-end // PAGE_SIZE) - first
+                await m.cpu_unmap(self, first, n)
+                m.invalidate_devices(self, first, n)
+                rc = lib.cdm_region_punch(m.core, self.core, off, end - off)
+                if rc == 0:
+                    return
+                if rc != -errno.EAGAIN:
+                    raise OSError(-rc, f"cannot punch: {errno.errorcode.get(-rc, rc)}")
+                await self.wait_unlocked()
 
     # -------------------------------------------------------------- mbind
 
