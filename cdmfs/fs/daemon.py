@@ -163,6 +163,7 @@ def serve(mountpoint: str, topo: Topology, allow_other: bool = False,
         rt.handed_over()
         ops.fuse_fd = rt.fuse_fd
         ops.routed = True
+        ops.router = rt
     else:
         ops.fuse_fd = fuse_device_fd()
 
