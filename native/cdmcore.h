@@ -517,7 +517,9 @@ int cdm_fuse_inval(int fd, uint64_t ino, int64_t off, int64_t len);
 /*
  * The request router (router.c): owns /dev/fuse and forwards every request
  * to pyfuse3 over a SOCK_SEQPACKET socketpair, replies and notifications
- * back (issue 13, step 1; nothing is served in C yet).
+ * back (issue 13, step 1), except READs and WRITEs of the region data
+ * mapped with cdm_router_map_data() that cdm_region_serve() can answer
+ * (step 2, first part: placed pages only; see there).
  *
  * new          — a router, nothing opened.
  * mount        — opens /dev/fuse, makes the socketpair (buffers a whole
