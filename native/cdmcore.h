@@ -177,6 +177,8 @@ struct cdm_region {
     uint64_t nr_poisoned;
     uint64_t *chunks;       /* sparse: a bit per CDM_CHUNK_PAGES entries, set if any may be non-zero */
     uint64_t *summary;      /* sparse: a bit per word of chunks, set if the word is not zero */
+    uint64_t served_reads;  /* READs served by cdm_region_serve (the router, in C) */
+    uint64_t served_writes; /* WRITEs served by cdm_region_serve */
 };
 
 /*
@@ -233,6 +235,7 @@ struct cdm_region_stats {
     uint64_t npages;
     uint64_t nr_pinned, nr_poisoned;
     uint64_t resident[CDM_MAX_POOLS];   /* pages per pool */
+    uint64_t served_reads, served_writes;   /* by cdm_region_serve (see there) */
 };
 
 struct cdm_machine *cdm_machine_new(void);
@@ -313,6 +316,23 @@ void cdm_region_ptes(struct cdm_machine *m, struct cdm_region *r, uint64_t first
 int cdm_region_rw(struct cdm_machine *m, struct cdm_region *r, uint64_t off, uint64_t len,
                   uint8_t *buf, int write, int mark_cpu, const struct cdm_plan *plan,
                   struct cdm_rw_result *res);
+
+/*
+ * The fast path of a FUSE READ (write == 0) or WRITE (write == 1) of a
+ * region's data, for the router's thread (issue 13, step 2): serves
+ * [off, off + len) only when nothing but the copy is needed, as
+ * cdm_region_rw would serve it -- every page present, none poisoned, locked
+ * by a migration or in device-private memory; a READ from below the end
+ * (cut at the end, as Region.fault cuts it: the bytes served are returned),
+ * a WRITE wholly inside the file (one past the end grows it: Python's).
+ * Under the mutex: copies, marks the pages CPU-mapped (a WRITE not of a page
+ * being migrated, as cdm_region_rw), dirty (WRITE), counts one pgfault per
+ * READ on its first page's pool, and served_reads or served_writes of the
+ * region (what Python counts as cpu_faults and writebacks).  Returns the
+ * bytes copied, or -EAGAIN changing nothing: Python serves the request.
+ */
+int64_t cdm_region_serve(struct cdm_machine *m, struct cdm_region *r, uint64_t off, uint64_t len,
+                         uint8_t *buf, int write);
 
 /* Allocates the absent pages of [first, first + n) by plan without copying or
  * marking them CPU-mapped (a device's first touch).  0, or -ENOSPC (nothing
@@ -497,7 +517,9 @@ int cdm_fuse_inval(int fd, uint64_t ino, int64_t off, int64_t len);
 /*
  * The request router (router.c): owns /dev/fuse and forwards every request
  * to pyfuse3 over a SOCK_SEQPACKET socketpair, replies and notifications
- * back (issue 13, step 1; nothing is served in C yet).
+ * back (issue 13, step 1), except READs and WRITEs of the region data
+ * mapped with cdm_router_map_data() that cdm_region_serve() can answer
+ * (step 2, first part: placed pages only; see there).
  *
  * new          — a router, nothing opened.
  * mount        — opens /dev/fuse, makes the socketpair (buffers a whole
@@ -564,6 +586,10 @@ struct cdm_router_stats {
     uint64_t side;          /* sent to the side channel */
     uint64_t interrupts_dropped;  /* INTERRUPTs of side-channel requests */
     int32_t last_write_errno, last_read_errno;
+    uint64_t served_reads;  /* READs of mapped data answered by the router itself */
+    uint64_t served_writes; /* WRITEs likewise */
+    uint64_t interrupts_stale;    /* INTERRUPTs of requests awaiting no reply from
+                                   * Python (served by the router, or answered) */
 };
 
 struct cdm_router;
@@ -584,6 +610,26 @@ void cdm_router_init_params(struct cdm_router *r, struct cdm_router_init *out);
 void cdm_router_stats(struct cdm_router *r, struct cdm_router_stats *out);
 void cdm_router_stop(struct cdm_router *r);
 void cdm_router_free(struct cdm_router *r);
+
+/*
+ * Region data served in C (issue 13, step 2).
+ *
+ * map_data    — READs and WRITEs of inode nodeid are offered to
+ *               cdm_region_serve(m, region) first; what it refuses (-EAGAIN)
+ *               is forwarded as before.  0, -EEXIST, -ENOMEM.
+ * unmap_data  — takes nodeid out, waiting for the router's use of it in
+ *               flight (a copy under the machine's mutex, no write to
+ *               /dev/fuse): once it returns the router never touches the
+ *               region again, which may then be freed.  0 or -ENOENT.
+ * data_times  — the CLOCK_REALTIME nanoseconds of the last READ and WRITE of
+ *               nodeid the router served since the previous call (0: none),
+ *               for atime/mtime; each is reset.  0 or -ENOENT.
+ */
+int cdm_router_map_data(struct cdm_router *r, uint64_t nodeid, struct cdm_machine *m,
+                        struct cdm_region *region);
+int cdm_router_unmap_data(struct cdm_router *r, uint64_t nodeid);
+int cdm_router_data_times(struct cdm_router *r, uint64_t nodeid, uint64_t *read_ns,
+                          uint64_t *write_ns);
 
 /*
  * Introspection of a region's pages (numa_maps, pagemap, mbind).

@@ -275,6 +275,8 @@ void cdm_region_snapshot(struct cdm_machine *m, struct cdm_region *r, struct cdm
     out->nr_pinned = r->nr_pinned;
     out->nr_poisoned = r->nr_poisoned;
     memcpy(out->resident, r->resident, sizeof(out->resident));
+    out->served_reads = r->served_reads;
+    out->served_writes = r->served_writes;
     machine_unlock(m);
 }
 
@@ -418,6 +420,58 @@ int cdm_region_rw(struct cdm_machine *m, struct cdm_region *r, uint64_t off, uin
         if (pte != r->pte[i])
             pte_set(m, r, i, pte);
     }
+out:
+    machine_unlock(m);
+    return ret;
+}
+
+int64_t cdm_region_serve(struct cdm_machine *m, struct cdm_region *r, uint64_t off, uint64_t len,
+                         uint8_t *buf, int write)
+{
+    if (len == 0 || len > UINT64_MAX - off)
+        return -EAGAIN;
+    int64_t ret = -EAGAIN;
+    machine_lock(m);
+    if (off >= r->size)
+        goto out;
+    if (len > r->size - off) {
+        if (write)
+            goto out;           /* grows the file */
+        len = r->size - off;
+    }
+    uint64_t first = off >> CDM_PAGE_SHIFT;
+    uint64_t last = (off + len - 1) >> CDM_PAGE_SHIFT;
+    for (uint64_t i = first; i <= last; i++) {
+        uint64_t pte = r->pte[i];
+        if ((pte & (CDM_PTE_PRESENT | CDM_PTE_POISONED | CDM_PTE_LOCKED | CDM_PTE_PRIVATE)) !=
+            CDM_PTE_PRESENT)
+            goto out;
+    }
+    for (uint64_t i = first; i <= last; i++) {
+        uint64_t pte = r->pte[i];
+        uint64_t pstart = i << CDM_PAGE_SHIFT;
+        uint64_t from = off > pstart ? off - pstart : 0;
+        uint64_t to = off + len < pstart + PAGE ? off + len - pstart : PAGE;
+        uint8_t *b = buf + (pstart + from - off);
+        uint8_t *f = frame_addr(m, pte);
+        if (write) {
+            memcpy(f + from, b, to - from);
+            pte |= CDM_PTE_DIRTY;
+        } else {
+            memcpy(b, f + from, to - from);
+            if (i == first)
+                m->pools[pte_pool(pte)].counters[CDM_PGFAULT]++;
+        }
+        if (!(write && (pte & CDM_PTE_MIGRATING)))
+            pte |= CDM_PTE_CPU;
+        if (pte != r->pte[i])
+            pte_set(m, r, i, pte);
+    }
+    if (write)
+        r->served_writes++;
+    else
+        r->served_reads++;
+    ret = (int64_t)len;
 out:
     machine_unlock(m);
     return ret;

@@ -41,6 +41,18 @@
  * drops a file's whole page cache (the emulated CPU's mappings) whenever it
  * sees the file's mtime change, and pyfuse3 offers no way to turn it off.
  *
+ * Region data (build step 2): Python maps the data inode of each region to
+ * its native region (cdm_router_map_data).  The request thread offers a READ
+ * or WRITE of a mapped inode to cdm_region_serve() first, which copies under
+ * the machine's mutex when every page is present and plain; the reply
+ * (fuse_out_header and the bytes, or fuse_write_out) is written from here and
+ * the request never enters the table.  Anything else (first touch, a page in
+ * device memory, locked, poisoned, past the end) is forwarded as before.  A
+ * mapping's use count, under r->lock, covers the copy only (not the write to
+ * /dev/fuse): cdm_router_unmap_data() waits for it to drop to zero, so the
+ * region is never used once unmapped.  An INTERRUPT of a request not in the
+ * table (served here, or answered already) is dropped: nobody waits for it.
+ *
  * /dev/fuse is read non-blocking: when it has nothing, the request thread
  * sleeps in poll() on it and on a stop eventfd, so that cdm_router_stop()
  * can end it whatever the mount does.  Writes to it are unaffected.
@@ -63,6 +75,7 @@
 #include <stddef.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 #include <linux/fuse.h>
 
@@ -84,6 +97,17 @@ struct entry {
     int32_t fd;             /* the descriptor the request was read from */
     uint32_t opcode;
 };
+
+struct data_map {
+    struct data_map *next;
+    uint64_t nodeid;
+    struct cdm_machine *m;
+    struct cdm_region *region;
+    uint32_t uses;          /* router copies in flight */
+    uint64_t read_ns, write_ns;   /* last served (cdm_router_data_times) */
+};
+
+#define DATA_BUCKETS 1024
 
 struct note {
     struct note *next;
@@ -115,6 +139,8 @@ struct cdm_router {
     uint64_t want_bufsize;  /* the request buffer the negotiated max_write needs */
     struct note *notes, **notes_tail;
     pthread_cond_t notes_cond;
+    struct data_map *data[DATA_BUCKETS];
+    pthread_cond_t data_cond;   /* a mapping's uses fell to zero */
 };
 
 /* ------------------------------------------------------------ the table */
@@ -283,6 +309,12 @@ static void forward_request(struct cdm_router *r, int fd, unsigned char *buf, si
         struct fuse_interrupt_in in;
         memcpy(&in, buf + sizeof(*ih), sizeof(in));
         struct entry *e = table_find(r, in.unique);
+        if (!e && !(r->state & CDM_ROUTER_PYTHON_GONE)) {
+            /* Served by the router (or answered already): no reply to interrupt. */
+            r->stats.interrupts_stale++;
+            pthread_mutex_unlock(&r->lock);
+            return;
+        }
         if (e && e->opcode < 64 && (r->side_mask >> e->opcode & 1)) {
             /* Python answers side-channel requests soon; the reply comes. */
             r->stats.interrupts_dropped++;
@@ -336,12 +368,157 @@ static void forward_request(struct cdm_router *r, int fd, unsigned char *buf, si
     python_gone(r);
 }
 
+/* ------------------------------------------------------------ region data */
+
+static struct data_map **data_slot(struct cdm_router *r, uint64_t nodeid)
+{
+    struct data_map **p = &r->data[(nodeid * 0x9e3779b97f4a7c15ULL) >> 54 & (DATA_BUCKETS - 1)];
+    while (*p && (*p)->nodeid != nodeid)
+        p = &(*p)->next;
+    return p;
+}
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+/* A READ or WRITE of a mapped inode: served here if cdm_region_serve takes
+ * it (1), else 0 (forward it).  out holds outsize bytes. */
+static int serve_data(struct cdm_router *r, int fd, unsigned char *buf, size_t len,
+                      unsigned char *out, size_t outsize)
+{
+    const struct fuse_in_header *ih = (const void *)buf;
+    int write = ih->opcode == FUSE_WRITE;
+    uint64_t off, size;
+    unsigned char *data;
+    if (write) {
+        struct fuse_write_in in;
+        if (len < sizeof(*ih) + sizeof(in))
+            return 0;
+        memcpy(&in, buf + sizeof(*ih), sizeof(in));
+        if (len - sizeof(*ih) - sizeof(in) < in.size)
+            return 0;
+        off = in.offset;
+        size = in.size;
+        data = buf + sizeof(*ih) + sizeof(in);
+    } else {
+        struct fuse_read_in in;
+        if (len < sizeof(*ih) + sizeof(in))
+            return 0;
+        memcpy(&in, buf + sizeof(*ih), sizeof(in));
+        if (in.size > outsize - sizeof(struct fuse_out_header))
+            return 0;
+        off = in.offset;
+        size = in.size;
+        data = out + sizeof(struct fuse_out_header);
+    }
+    pthread_mutex_lock(&r->lock);
+    struct data_map *d = *data_slot(r, ih->nodeid);
+    if (!d) {
+        pthread_mutex_unlock(&r->lock);
+        return 0;
+    }
+    d->uses++;
+    pthread_mutex_unlock(&r->lock);
+
+    int64_t n = cdm_region_serve(d->m, d->region, off, size, data, write);
+
+    pthread_mutex_lock(&r->lock);
+    if (n >= 0) {
+        uint64_t t = now_ns();
+        if (write) {
+            d->write_ns = t;
+            r->stats.served_writes++;
+        } else {
+            d->read_ns = t;
+            r->stats.served_reads++;
+        }
+        r->stats.requests++;
+    }
+    if (--d->uses == 0)
+        pthread_cond_broadcast(&r->data_cond);
+    pthread_mutex_unlock(&r->lock);
+    if (n < 0)
+        return 0;
+
+    struct fuse_out_header *oh = (void *)out;
+    oh->error = 0;
+    oh->unique = ih->unique;
+    if (write) {
+        struct fuse_write_out wo = {(uint32_t)n, 0};
+        oh->len = sizeof(*oh) + sizeof(wo);
+        memcpy(out + sizeof(*oh), &wo, sizeof(wo));
+    } else {
+        oh->len = (uint32_t)(sizeof(*oh) + (uint64_t)n);
+    }
+    write_fuse(r, fd, out, oh->len);
+    return 1;
+}
+
+int cdm_router_map_data(struct cdm_router *r, uint64_t nodeid, struct cdm_machine *m,
+                        struct cdm_region *region)
+{
+    struct data_map *d = calloc(1, sizeof(*d));
+    if (!d)
+        return -ENOMEM;
+    d->nodeid = nodeid;
+    d->m = m;
+    d->region = region;
+    pthread_mutex_lock(&r->lock);
+    struct data_map **p = data_slot(r, nodeid);
+    if (*p) {
+        pthread_mutex_unlock(&r->lock);
+        free(d);
+        return -EEXIST;
+    }
+    *p = d;
+    pthread_mutex_unlock(&r->lock);
+    return 0;
+}
+
+int cdm_router_unmap_data(struct cdm_router *r, uint64_t nodeid)
+{
+    pthread_mutex_lock(&r->lock);
+    struct data_map **p = data_slot(r, nodeid), *d = *p;
+    if (!d) {
+        pthread_mutex_unlock(&r->lock);
+        return -ENOENT;
+    }
+    *p = d->next;           /* no new use from now on */
+    while (d->uses)
+        pthread_cond_wait(&r->data_cond, &r->lock);
+    pthread_mutex_unlock(&r->lock);
+    free(d);
+    return 0;
+}
+
+int cdm_router_data_times(struct cdm_router *r, uint64_t nodeid, uint64_t *read_ns,
+                          uint64_t *write_ns)
+{
+    pthread_mutex_lock(&r->lock);
+    struct data_map *d = *data_slot(r, nodeid);
+    if (d) {
+        *read_ns = d->read_ns;
+        *write_ns = d->write_ns;
+        d->read_ns = d->write_ns = 0;
+    }
+    pthread_mutex_unlock(&r->lock);
+    return d ? 0 : -ENOENT;
+}
+
 static void *request_loop(void *arg)
 {
     struct cdm_router *r = arg;
     size_t bufsize = DEFAULT_BUFSIZE;
     unsigned char *buf = malloc(bufsize);
-    if (!buf) {
+    /* READ replies served here: max_pages is at most 256 (FUSE_MAX_MAX_PAGES). */
+    unsigned char *out = malloc(DEFAULT_BUFSIZE);
+    if (!buf || !out) {
+        free(buf);
+        free(out);
         pthread_mutex_lock(&r->lock);
         r->state |= CDM_ROUTER_FAILED;
         pthread_mutex_unlock(&r->lock);
@@ -386,9 +563,14 @@ static void *request_loop(void *arg)
         }
         if ((size_t)n < sizeof(struct fuse_in_header))
             continue;
+        uint32_t opcode = ((const struct fuse_in_header *)buf)->opcode;
+        if ((opcode == FUSE_READ || opcode == FUSE_WRITE) &&
+            serve_data(r, r->fuse_fd, buf, (size_t)n, out, DEFAULT_BUFSIZE))
+            continue;
         forward_request(r, r->fuse_fd, buf, (size_t)n);
     }
     free(buf);
+    free(out);
     return NULL;
 }
 
@@ -526,6 +708,7 @@ struct cdm_router *cdm_router_new(void)
     r->want_bufsize = DEFAULT_BUFSIZE;
     pthread_mutex_init(&r->lock, NULL);
     pthread_cond_init(&r->notes_cond, NULL);
+    pthread_cond_init(&r->data_cond, NULL);
     return r;
 }
 
@@ -775,7 +958,15 @@ void cdm_router_free(struct cdm_router *r)
         free(nt);
     }
     free(r->table);
+    for (int i = 0; i < DATA_BUCKETS; i++) {
+        while (r->data[i]) {
+            struct data_map *d = r->data[i];
+            r->data[i] = d->next;
+            free(d);
+        }
+    }
     pthread_mutex_destroy(&r->lock);
     pthread_cond_destroy(&r->notes_cond);
+    pthread_cond_destroy(&r->data_cond);
     free(r);
 }

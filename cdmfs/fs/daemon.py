@@ -163,6 +163,11 @@ def serve(mountpoint: str, topo: Topology, allow_other: bool = False,
         rt.handed_over()
         ops.fuse_fd = rt.fuse_fd
         ops.routed = True
+        ops.router = rt
+        # debugfs: the router's counters (served_reads, served_writes...), root only.
+        from .tree import Attr
+        tree.add(tree.path("sys/kernel/debug/cdmfs"), "router",
+                 Attr(lambda: "".join(f"{k} {v}\n" for k, v in rt.stats().items()), mode=0o400))
     else:
         ops.fuse_fd = fuse_device_fd()
 

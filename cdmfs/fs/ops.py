@@ -143,6 +143,7 @@ class Filesystem(pyfuse3.Operations):
         # Mounted through the router (fs/router.py): INIT lost
         # FUSE_AUTO_INVAL_DATA there, so a data file's mtime may move.
         self.routed = False
+        self.router = None      # fs/router.Router when routed: serves placed data in C
         self.waiting = trio.CapacityLimiter(WAITING_RUNS)
         # An invalidation blocks its thread until the kernel's write-back is
         # served; trio's shared pool (40) must not be what bounds them.
@@ -157,7 +158,24 @@ class Filesystem(pyfuse3.Operations):
         except KeyError:
             raise pyfuse3.FUSEError(errno.ENOENT) from None
 
+    def _fold_served_times(self, e: Entry) -> None:
+        """The READs and WRITEs of a data file the router served in C move
+        its times as Python's would have (write: mtime and ctime; read:
+        atime under relatime)."""
+        if self.router is None or not isinstance(e, DataFile):
+            return
+        read_ns, write_ns = self.router.data_times(e.inode)
+        if not (read_ns or write_ns):
+            return
+        times = e.times = e.times or [self.mount_ns] * 3
+        if write_ns > times[1]:
+            times[1] = times[2] = max(write_ns, times[2])
+        if read_ns > times[0] and (times[0] <= max(times[1], times[2]) or
+                                   read_ns - times[0] > RELATIME_NS):
+            times[0] = read_ns
+
     def _attrs(self, e: Entry) -> pyfuse3.EntryAttributes:
+        self._fold_served_times(e)
         a = pyfuse3.EntryAttributes()
         a.st_ino = e.inode
         a.st_mode = e.mode
@@ -216,6 +234,7 @@ class Filesystem(pyfuse3.Operations):
 
     async def setattr(self, inode, attr, fields, fh, ctx):
         e = self._entry(inode)
+        self._fold_served_times(e)      # before times given here replace them
         if fields.update_size:
             if not isinstance(e, DataFile):
                 # sysfs attributes ignore O_TRUNC; only data has a size.
@@ -286,6 +305,8 @@ class Filesystem(pyfuse3.Operations):
         log.info("region %s created by uid %d", region.name, ctx.uid)
         d = add_region(self.tree, self.regions_dir, self.machine, region, ctx.uid, ctx.gid)
         self.data_inodes[region.id] = d.children["data"].inode
+        if self.router is not None:
+            self.router.map_data(d.children["data"].inode, self.machine.core, region.core)
         self._touch(self.regions_dir, mtime=True, ctime=True)
         return self._attrs(d)
 
@@ -295,9 +316,15 @@ class Filesystem(pyfuse3.Operations):
         entry = self.regions_dir.children.get(os.fsdecode(name))
         if not isinstance(entry, RegionDir):
             raise pyfuse3.FUSEError(errno.ENOENT)
+        ino = self.data_inodes.get(entry.region.id)
+        if self.router is not None and ino is not None:
+            # Before the native region can be freed: the router stops using it.
+            self.router.unmap_data(ino)
         try:
             self.regions.remove(entry.region.name)
         except OSError as e:
+            if self.router is not None and ino is not None and not entry.region.removed:
+                self.router.map_data(ino, self.machine.core, entry.region.core)
             raise fuse_error(e) from None
         self.tree.remove(entry)
         self.data_inodes.pop(entry.region.id, None)

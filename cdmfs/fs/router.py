@@ -3,7 +3,17 @@
 With the router, the daemon does not let libfuse mount: the router opens
 /dev/fuse, mounts it with mount(2) and forwards every request to pyfuse3,
 which runs unmodified on its end of a socketpair given as the mountpoint
-``/dev/fd/N`` (DESIGN §5).  Issue 13, step 1: nothing is served in C yet.
+``/dev/fd/N`` (DESIGN §5).
+
+Issue 13, step 2 (first part): READ and WRITE of a region's data whose
+pages are all placed (present, not poisoned, locked or in device memory)
+are served by the router in C (cdm_region_serve); the Filesystem maps each
+region's data inode (``map_data``) at mkdir and unmaps it at rmdir before
+the native region may be freed.  What the C path does not do, Python makes
+up for: the region's cpu_faults/writebacks in ``stat`` add the core's
+served_reads/served_writes, the data file's atime/mtime fold in the times
+of the last served READ/WRITE (``data_times``), and no ``cpu_fault`` event
+is emitted for a served READ (nothing subscribes to it yet).
 
 The side channel: requests pyfuse3 has no handler for (FUSE_LSEEK,
 FUSE_FALLOCATE; SIDE_OPCODES) are taken out of pyfuse3's stream by the
@@ -178,6 +188,30 @@ class Router:
             log.exception("router: side-channel request %d failed", opcode)
             err = errno.EIO
         self.reply(unique, err, b"" if err else data)
+
+    def map_data(self, nodeid: int, machine_core, region_core) -> None:
+        """READs and WRITEs of nodeid are offered to the core first."""
+        if self._r is None:
+            return
+        rc = lib.cdm_router_map_data(self._r, nodeid, machine_core, region_core)
+        if rc < 0:
+            raise OSError(-rc, f"router: cannot map inode {nodeid}")
+
+    def unmap_data(self, nodeid: int) -> None:
+        """Takes nodeid out; when it returns the router no longer uses the
+        region (waits for a copy in flight, which holds no lock Python takes)."""
+        if self._r is not None:
+            lib.cdm_router_unmap_data(self._r, nodeid)
+
+    def data_times(self, nodeid: int) -> tuple[int, int]:
+        """(read_ns, write_ns) of the last READ/WRITE of nodeid served in C
+        since the last call (0: none)."""
+        if self._r is None:
+            return 0, 0
+        out = ffi.new("uint64_t[2]")
+        if lib.cdm_router_data_times(self._r, nodeid, out, out + 1) < 0:
+            return 0, 0
+        return out[0], out[1]
 
     def reply(self, unique: int, error: int, data: bytes = b"") -> int:
         """Answers a side-channel request (cdm_router_reply): 0, or -errno

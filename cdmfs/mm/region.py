@@ -547,11 +547,12 @@ class Region:
         items += [(f"N{nid}", s.resident[n.pool]) for nid, n in m.nodes.items()]
         items += [(f"private:{name}", s.resident[p.pool]) for name, p in m.private.items()]
         items += [
-            ("cpu_faults", self.cpu_faults),
+            # READs and WRITEs the router served in C are counted by the core.
+            ("cpu_faults", self.cpu_faults + s.served_reads),
             ("device_faults", self.device_faults),
             ("migrated_pages", self.migrated_pages),
             ("invalidations", self.invalidations),
-            ("writebacks", self.writebacks),
+            ("writebacks", self.writebacks + s.served_writes),
             ("pinned", s.nr_pinned),
             ("poisoned", s.nr_poisoned),
         ]

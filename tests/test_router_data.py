@@ -1,0 +1,247 @@
+"""Region data served by the router in C (issue 13, build step 2, first part).
+
+With the router, a READ or WRITE of a region's data whose pages are all
+placed (present, plain: not poisoned, locked or in device memory) is
+answered by the router from the core's page tables; everything else goes to
+Python as before.  The router's counters are read from debugfs
+(``sys/kernel/debug/cdmfs/router``): served_reads / served_writes.
+
+To make a placed page fault again the tests drop the kernel's clean copies
+with posix_fadvise(POSIX_FADV_DONTNEED) (unmapped pages only).
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+import cdmfs
+from conftest import PAGE, SMALL_CONFIG
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the router mounts with mount(2): root only")
+
+NPAGES = 64
+
+
+@pytest.fixture(scope="module")
+def rm():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CDMFS_ROUTER", "1")
+        with cdmfs.mounted(SMALL_CONFIG) as m:
+            yield m
+
+
+def rstats(m: cdmfs.Mount) -> dict[str, int]:
+    with open(os.path.join(m.path, "sys/kernel/debug/cdmfs/router")) as f:
+        return {k: int(v) for k, v in (line.split() for line in f)}
+
+
+def check_ok(m: cdmfs.Mount) -> None:
+    with open(os.path.join(m.path, "sys/kernel/debug/cdmfs/check")) as f:
+        assert f.read().strip() == "ok"
+
+
+def pattern(n: int, seed: int) -> bytes:
+    return b"".join(((seed * 1000003 + i) & 0xFFFFFFFF).to_bytes(4, "little") * (PAGE // 4)
+                    for i in range(n))
+
+
+def drop(fd: int) -> None:
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def delta(after: dict, before: dict) -> dict:
+    return {k: after[k] - before.get(k, 0) for k in after}
+
+
+def test_placed_pages_served_in_c(rm):
+    r = rm.region("served", NPAGES * PAGE)
+    data = pattern(NPAGES, 1)
+    fd = os.open(r.data, os.O_RDWR)
+    try:
+        s0, st0 = rstats(rm), r.stat
+        os.pwrite(fd, data, 0)                  # first touch: Python places the pages
+        s1 = rstats(rm)
+        assert delta(s1, s0)["served_writes"] == 0
+        assert r.stat["N0"] == NPAGES
+        drop(fd)
+        s1, st1 = rstats(rm), r.stat
+        assert os.pread(fd, len(data), 0) == data     # re-faults of placed pages: C
+        s2, st2 = rstats(rm), r.stat
+        d = delta(s2, s1)
+        assert d["served_reads"] > 0
+        # The region's cpu_faults count the READs served in C as Python's would.
+        assert delta(st2, st1)["cpu_faults"] == d["served_reads"]
+        new = pattern(NPAGES, 2)
+        os.pwrite(fd, new, 0)                   # placed: C
+        s3, st3 = rstats(rm), r.stat
+        d = delta(s3, s2)
+        assert d["served_writes"] > 0
+        assert delta(st3, st2)["writebacks"] == d["served_writes"]
+        drop(fd)
+        assert os.pread(fd, len(new), 0) == new
+        # A read past the end: Python's, zero bytes.
+        assert os.pread(fd, PAGE, NPAGES * PAGE) == b""
+        assert st3["cpu_faults"] >= st0["cpu_faults"]
+    finally:
+        os.close(fd)
+    check_ok(rm)
+    r.remove()
+
+
+def test_mmap_write_back_and_refault(rm):
+    r = rm.region("mapped", NPAGES * PAGE)
+    data = pattern(NPAGES, 3)
+    mm = r.mmap()
+    mm[:] = data                                # first touch (READ of absent pages): Python
+    s0 = rstats(rm)
+    mm.flush()                                  # write-back of placed pages: C
+    s1 = rstats(rm)
+    assert delta(s1, s0)["served_writes"] > 0
+    mm.close()
+    fd = os.open(r.data, os.O_RDONLY)
+    try:
+        drop(fd)
+    finally:
+        os.close(fd)
+    mm = r.mmap()
+    try:
+        assert mm[:] == data                    # re-faults: C
+    finally:
+        mm.close()
+    assert delta(rstats(rm), s1)["served_reads"] > 0
+    where = r.stat
+    assert where["N0"] == NPAGES and where["pages"] == NPAGES
+    check_ok(rm)
+    r.remove()
+
+
+def test_first_touch_forwarded(rm):
+    r = rm.region("fresh", NPAGES * PAGE)
+    s0 = rstats(rm)
+    mm = r.mmap()
+    try:
+        assert mm[:] == bytes(NPAGES * PAGE)
+    finally:
+        mm.close()
+    d = delta(rstats(rm), s0)
+    assert d["served_reads"] == 0 and d["forwarded"] > 0
+    assert r.stat["N0"] == NPAGES
+    r.remove()
+
+
+def test_fault_back_from_gpu0(rm):
+    r = rm.region("dev", NPAGES * PAGE)
+    data = pattern(NPAGES, 4)
+    fd = os.open(r.data, os.O_RDWR)
+    try:
+        os.pwrite(fd, data, 0)
+        res = r.migrate(0, NPAGES * PAGE, "gpu0")
+        assert res["migrated"] == NPAGES
+        assert r.stat["private:gpu0"] == NPAGES
+        drop(fd)
+        s0 = rstats(rm)
+        assert os.pread(fd, len(data), 0) == data   # device-private: Python faults back
+        s1 = rstats(rm)
+        assert delta(s1, s0)["served_reads"] == 0
+        assert r.stat["N0"] == NPAGES and r.stat["private:gpu0"] == 0
+        drop(fd)
+        assert os.pread(fd, len(data), 0) == data   # back on N0: C
+        assert delta(rstats(rm), s1)["served_reads"] > 0
+    finally:
+        os.close(fd)
+    check_ok(rm)
+    r.remove()
+
+
+def test_truncate_and_rmdir_race_reads(rm):
+    """Readers re-fault placed pages in a loop while the file shrinks and
+    grows under them and the region is removed: no crash, data correct where
+    the file still has it, the core consistent."""
+    for round_ in range(3):
+        name = f"race{round_}"
+        r = rm.region(name, NPAGES * PAGE)
+        data = pattern(NPAGES, 10 + round_)
+        fd = os.open(r.data, os.O_RDWR)
+        os.pwrite(fd, data, 0)
+        os.close(fd)
+        stop = threading.Event()
+        errors: list[BaseException] = []
+
+        def reader():
+            while not stop.is_set():
+                try:
+                    fd = os.open(r.data, os.O_RDWR)
+                except FileNotFoundError:
+                    return
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                    got = os.pread(fd, PAGE * 8, PAGE * 4)
+                    # The file may be cut anywhere meanwhile: what is read is
+                    # the data or zeroes (regrown).
+                    for k in range(0, len(got), PAGE):
+                        page = got[k:k + PAGE]
+                        assert page in (data[PAGE * 4 + k:PAGE * 4 + k + PAGE], bytes(len(page))), k
+                    os.pwrite(fd, data[PAGE * 20:PAGE * 21], PAGE * 20)
+                except OSError:
+                    pass                        # ENOENT after rmdir, EIO...
+                except BaseException as e:      # a wrong byte
+                    errors.append(e)
+                    return
+                finally:
+                    os.close(fd)
+                time.sleep(0.002)   # rmdir needs a moment with nothing open
+
+        threads = [threading.Thread(target=reader) for _ in range(2)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            r.truncate(6 * PAGE)
+            r.truncate(NPAGES * PAGE)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                os.rmdir(r.path)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "rmdir never found the region closed"
+        stop.set()
+        for t in threads:
+            t.join(30)
+        assert not errors, errors[0]
+        assert name not in rm.regions
+    check_ok(rm)
+    assert rstats(rm)["served_reads"] > 0
+
+
+def test_stat_counters_match_the_python_path(rm, monkeypatch):
+    """The same requests counted on a mount without the router and on this
+    one give the same cpu_faults and writebacks in stat."""
+    def run(m: cdmfs.Mount) -> dict[str, int]:
+        r = m.region("count", 16 * PAGE)
+        fd = os.open(r.data, os.O_RDWR)
+        try:
+            st0 = r.stat
+            os.pwrite(fd, pattern(16, 5), 0)        # one WRITE
+            os.pwrite(fd, pattern(1, 6), 3 * PAGE)  # one WRITE
+            drop(fd)
+            for k in range(4):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                os.pread(fd, PAGE, k * 4 * PAGE)
+            st1 = r.stat
+        finally:
+            os.close(fd)
+        r.remove()
+        return delta(st1, st0)
+
+    routed = run(rm)
+    monkeypatch.delenv("CDMFS_ROUTER", raising=False)
+    with cdmfs.mounted(SMALL_CONFIG) as plain:
+        assert not os.path.exists(os.path.join(plain.path, "sys/kernel/debug/cdmfs/router"))
+        direct = run(plain)
+    assert routed["writebacks"] == direct["writebacks"] == 2
+    assert routed["cpu_faults"] == direct["cpu_faults"] > 0
