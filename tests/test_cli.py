@@ -112,7 +112,10 @@ def test_kill9_stale_mount_is_cleaned(mp):
     # A program touching the dead mount gets an error, not a hang.
     with pytest.raises(OSError) as e:
         os.listdir(mp)
-    assert e.value.errno == errno.ENOTCONN
+    # ENOTCONN once the connection is gone; ECONNABORTED for a request that
+    # was queued while the dying daemon still held /dev/fuse (fuse_abort_conn
+    # ends those), which the router's slower exit makes likely.
+    assert e.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)
     assert is_mounted(str(mp))
     res = cdmfs("umount", mp)
     assert res.returncode == 0, res.stderr
