@@ -355,6 +355,43 @@ static int alloc_absent(struct cdm_machine *m, struct cdm_region *r, uint64_t fi
     return 0;
 }
 
+/* The copy of a gather/scatter whose pages [off, off + len) are all present:
+ * the bytes, the entry flags (dirty, CPU-mapped) and the counters (one
+ * pgfault per READ; the NUMA events of pages this call allocated, marked
+ * PTE_NEW, by plan).  Caller holds m->lock. */
+static void copy_pages(struct cdm_machine *m, struct cdm_region *r, uint64_t off, uint64_t len,
+                       uint8_t *buf, int write, int mark_cpu, const struct cdm_plan *plan)
+{
+    uint64_t first = off >> CDM_PAGE_SHIFT;
+    uint64_t last = (off + len - 1) >> CDM_PAGE_SHIFT;
+    for (uint64_t i = first; i <= last; i++) {
+        uint64_t pte = r->pte[i];
+        uint64_t pstart = i << CDM_PAGE_SHIFT;
+        uint64_t from = off > pstart ? off - pstart : 0;
+        uint64_t to = off + len < pstart + PAGE ? off + len - pstart : PAGE;
+        uint8_t *b = buf + (pstart + from - off);
+        uint8_t *f = frame_addr(m, pte);
+        if (write) {
+            memcpy(f + from, b, to - from);
+            pte |= CDM_PTE_DIRTY;
+        } else {
+            memcpy(b, f + from, to - from);
+            /* One fault per READ, however many pages its readahead brings. */
+            if (i == first)
+                m->pools[pte_pool(pte)].counters[CDM_PGFAULT]++;
+        }
+        /* A WRITE of a page being migrated is the write-back its invalidation
+         * caused: the kernel drops the page after it, so it is not mapped. */
+        if (mark_cpu && !(write && (pte & CDM_PTE_MIGRATING)))
+            pte |= CDM_PTE_CPU;
+        if (pte & PTE_NEW)
+            numa_account(m, i, pte_pool(pte), plan);
+        pte &= ~PTE_NEW;
+        if (pte != r->pte[i])
+            pte_set(m, r, i, pte);
+    }
+}
+
 int cdm_region_rw(struct cdm_machine *m, struct cdm_region *r, uint64_t off, uint64_t len,
                   uint8_t *buf, int write, int mark_cpu, const struct cdm_plan *plan,
                   struct cdm_rw_result *res)
@@ -394,32 +431,7 @@ int cdm_region_rw(struct cdm_machine *m, struct cdm_region *r, uint64_t off, uin
     ret = alloc_absent(m, r, first, last + 1, plan, res);
     if (ret)
         goto out;
-    for (uint64_t i = first; i <= last; i++) {
-        uint64_t pte = r->pte[i];
-        uint64_t pstart = i << CDM_PAGE_SHIFT;
-        uint64_t from = off > pstart ? off - pstart : 0;
-        uint64_t to = off + len < pstart + PAGE ? off + len - pstart : PAGE;
-        uint8_t *b = buf + (pstart + from - off);
-        uint8_t *f = frame_addr(m, pte);
-        if (write) {
-            memcpy(f + from, b, to - from);
-            pte |= CDM_PTE_DIRTY;
-        } else {
-            memcpy(b, f + from, to - from);
-            /* One fault per READ, however many pages its readahead brings. */
-            if (i == first)
-                m->pools[pte_pool(pte)].counters[CDM_PGFAULT]++;
-        }
-        /* A WRITE of a page being migrated is the write-back its invalidation
-         * caused: the kernel drops the page after it, so it is not mapped. */
-        if (mark_cpu && !(write && (pte & CDM_PTE_MIGRATING)))
-            pte |= CDM_PTE_CPU;
-        if (pte & PTE_NEW)
-            numa_account(m, i, pte_pool(pte), plan);
-        pte &= ~PTE_NEW;
-        if (pte != r->pte[i])
-            pte_set(m, r, i, pte);
-    }
+    copy_pages(m, r, off, len, buf, write, mark_cpu, plan);
 out:
     machine_unlock(m);
     return ret;
@@ -447,26 +459,7 @@ int64_t cdm_region_serve(struct cdm_machine *m, struct cdm_region *r, uint64_t o
             CDM_PTE_PRESENT)
             goto out;
     }
-    for (uint64_t i = first; i <= last; i++) {
-        uint64_t pte = r->pte[i];
-        uint64_t pstart = i << CDM_PAGE_SHIFT;
-        uint64_t from = off > pstart ? off - pstart : 0;
-        uint64_t to = off + len < pstart + PAGE ? off + len - pstart : PAGE;
-        uint8_t *b = buf + (pstart + from - off);
-        uint8_t *f = frame_addr(m, pte);
-        if (write) {
-            memcpy(f + from, b, to - from);
-            pte |= CDM_PTE_DIRTY;
-        } else {
-            memcpy(b, f + from, to - from);
-            if (i == first)
-                m->pools[pte_pool(pte)].counters[CDM_PGFAULT]++;
-        }
-        if (!(write && (pte & CDM_PTE_MIGRATING)))
-            pte |= CDM_PTE_CPU;
-        if (pte != r->pte[i])
-            pte_set(m, r, i, pte);
-    }
+    copy_pages(m, r, off, len, buf, write, 1, NULL);
     if (write)
         r->served_writes++;
     else
