@@ -729,6 +729,20 @@ static int set_buffers(int fd)
     return got >= 2 * DEFAULT_BUFSIZE ? 0 : -ENOBUFS;
 }
 
+/* Closes the router's descriptors and marks them closed; python_fd too
+ * unless libfuse owns it (handed over by a mount that succeeded). */
+static void close_fds(struct cdm_router *r, int with_python_fd)
+{
+    int *fds[] = {&r->fuse_fd, &r->sock, &r->event_fd, &r->stop_fd, &r->side_sock,
+                  &r->side_python_fd, with_python_fd ? &r->python_fd : NULL};
+    for (size_t k = 0; k < sizeof(fds) / sizeof(fds[0]); k++) {
+        if (fds[k] && *fds[k] >= 0) {
+            close(*fds[k]);
+            *fds[k] = -1;
+        }
+    }
+}
+
 int cdm_router_mount(struct cdm_router *r, const char *mountpoint, const char *fsname,
                      const char *subtype, const char *options)
 {
@@ -778,22 +792,7 @@ int cdm_router_mount(struct cdm_router *r, const char *mountpoint, const char *f
 fail_errno:
     err = -errno;
 fail:
-    if (r->fuse_fd >= 0)
-        close(r->fuse_fd);
-    if (r->sock >= 0)
-        close(r->sock);
-    if (r->python_fd >= 0)
-        close(r->python_fd);
-    if (r->event_fd >= 0)
-        close(r->event_fd);
-    if (r->stop_fd >= 0)
-        close(r->stop_fd);
-    if (r->side_sock >= 0)
-        close(r->side_sock);
-    if (r->side_python_fd >= 0)
-        close(r->side_python_fd);
-    r->fuse_fd = r->sock = r->python_fd = r->event_fd = r->stop_fd = -1;
-    r->side_sock = r->side_python_fd = -1;
+    close_fds(r, 1);
     return err;
 }
 
@@ -940,18 +939,7 @@ void cdm_router_free(struct cdm_router *r)
         return;
     cdm_router_stop(r);
     /* python_fd belongs to libfuse once handed over: not closed here. */
-    if (r->fuse_fd >= 0)
-        close(r->fuse_fd);
-    if (r->sock >= 0)
-        close(r->sock);
-    if (r->event_fd >= 0)
-        close(r->event_fd);
-    if (r->stop_fd >= 0)
-        close(r->stop_fd);
-    if (r->side_sock >= 0)
-        close(r->side_sock);
-    if (r->side_python_fd >= 0)
-        close(r->side_python_fd);
+    close_fds(r, 0);
     while (r->notes) {
         struct note *nt = r->notes;
         r->notes = nt->next;
