@@ -18,6 +18,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCES = [
     "page_alloc.c",
     "pagetable.c",
+    "mempolicy.c",
     "migrate.c",
     "device.c",
     "hotplug.c",

@@ -50,6 +50,8 @@
 #define CDM_PAGE_SHIFT 12
 #define CDM_PAGE_SIZE 4096
 #define CDM_MAX_POOLS 64
+/* Policies Python numbers for the core's first-touch lookups (mempolicy.c). */
+#define CDM_MAX_POLICIES 256
 
 /* Page-table entry layout: global PFN, the pool it belongs to, flags. */
 #define CDM_PTE_PFN_MASK 0xffffffffffULL      /* bits 0-39 */
@@ -131,6 +133,9 @@ struct cdm_pool {
     uint8_t *bflags;        /* per block: CDM_BLOCK_* */
 };
 
+struct cdm_policies;
+struct cdm_region_policies;
+
 struct cdm_machine {
     pthread_mutex_t lock;
     int npools;
@@ -145,6 +150,7 @@ struct cdm_machine {
      * task that migrates): the local node of their target pages in the NUMA
      * counters; -1 (the default) for none.  See cdm_machine_set_cpu_pool(). */
     int cpu_pool;
+    struct cdm_policies *policies;  /* plans and CPU nodes for first touch in C */
 };
 
 /*
@@ -179,6 +185,7 @@ struct cdm_region {
     uint64_t *summary;      /* sparse: a bit per word of chunks, set if the word is not zero */
     uint64_t served_reads;  /* READs served by cdm_region_serve (the router, in C) */
     uint64_t served_writes; /* WRITEs served by cdm_region_serve */
+    struct cdm_region_policies *policies;   /* policy ranges (cdm_region_set_policies) */
 };
 
 /*
@@ -320,19 +327,57 @@ int cdm_region_rw(struct cdm_machine *m, struct cdm_region *r, uint64_t off, uin
 /*
  * The fast path of a FUSE READ (write == 0) or WRITE (write == 1) of a
  * region's data, for the router's thread (issue 13, step 2): serves
- * [off, off + len) only when nothing but the copy is needed, as
- * cdm_region_rw would serve it -- every page present, none poisoned, locked
- * by a migration or in device-private memory; a READ from below the end
- * (cut at the end, as Region.fault cuts it: the bytes served are returned),
- * a WRITE wholly inside the file (one past the end grows it: Python's).
- * Under the mutex: copies, marks the pages CPU-mapped (a WRITE not of a page
- * being migrated, as cdm_region_rw), dirty (WRITE), counts one pgfault per
- * READ on its first page's pool, and served_reads or served_writes of the
- * region (what Python counts as cpu_faults and writebacks).  Returns the
- * bytes copied, or -EAGAIN changing nothing: Python serves the request.
+ * [off, off + len) only when nothing but placement and the copy is needed,
+ * as cdm_region_rw would serve it -- no page poisoned, locked by a migration
+ * or in device-private memory; a READ from below the end (cut at the end, as
+ * Region.fault cuts it: the bytes served are returned), a WRITE wholly
+ * inside the file (one past the end grows it: Python's).  Absent pages are
+ * a first touch: placed by the plan Python published for the policy of
+ * their range (cdm_region_set_policies, cdm_machine_set_plan) and the
+ * faulting CPU's pool local (-1: not known yet -- then -ENXIO, changing
+ * nothing: the caller finds it with cdm_machine_local_pool() and calls
+ * again).  Under the mutex: allocates, copies, marks the pages CPU-mapped (a
+ * WRITE not of a page being migrated, as cdm_region_rw), dirty (WRITE),
+ * counts one pgfault per READ on its first page's pool, the NUMA events of
+ * the pages placed, and served_reads or served_writes of the region (what
+ * Python counts as cpu_faults and writebacks).  Returns the bytes copied,
+ * -ENXIO (above), or -EAGAIN changing nothing: Python serves the request
+ * (a page it must handle, no published plan, the range split between
+ * policies, no memory left).
  */
 int64_t cdm_region_serve(struct cdm_machine *m, struct cdm_region *r, uint64_t off, uint64_t len,
-                         uint8_t *buf, int write);
+                         uint8_t *buf, int write, int32_t local);
+
+/*
+ * First touch in C (mempolicy.c).  Python decides every placement; the core
+ * keeps copies of its decisions for the router's first touches:
+ *
+ * set_plan       — the plan of policy (a number Python gives, below
+ *                  CDM_MAX_POLICIES) for a CPU on pool plan->local; copied
+ *                  (table, fallback).  0, -EINVAL (a pool the machine lacks).
+ * clear_plans    — forgets every plan (the placement changed: a node's
+ *                  state, isolation or weight).
+ * set_cpu_nodes  — the pool of each CPU's node (cpu_pool[cpu], ncpus of
+ *                  them) and of a CPU outside them (default_pool).
+ * local_pool     — the pool of the CPU pid last ran on (from /proc/PID/stat
+ *                  unless every CPU is on one node), default_pool if unknown;
+ *                  -1 before set_cpu_nodes.
+ * region_set_policies — the policy numbers placing r: n ranges [start[k],
+ *                  end[k]) of pages (sorted, disjoint) with id[k], the rest
+ *                  default_id; -1 for a policy without a number (its first
+ *                  touches stay Python's).  Replaces the previous ranges; on
+ *                  failure (-ENOMEM, -EINVAL: ranges not sorted and
+ *                  disjoint) leaves none, so Python places every first touch
+ *                  of r.
+ */
+int cdm_machine_set_plan(struct cdm_machine *m, int32_t policy, const struct cdm_plan *plan);
+void cdm_machine_clear_plans(struct cdm_machine *m);
+int cdm_machine_set_cpu_nodes(struct cdm_machine *m, int32_t default_pool, uint32_t ncpus,
+                              const int32_t *cpu_pool);
+int32_t cdm_machine_local_pool(struct cdm_machine *m, int32_t pid);
+int cdm_region_set_policies(struct cdm_machine *m, struct cdm_region *r, int32_t default_id,
+                            uint64_t n, const uint64_t *start, const uint64_t *end,
+                            const int32_t *id);
 
 /* Allocates the absent pages of [first, first + n) by plan without copying or
  * marking them CPU-mapped (a device's first touch).  0, or -ENOSPC (nothing

@@ -82,6 +82,14 @@ int pfn_pool(struct cdm_machine *m, uint64_t pfn);
 uint8_t *pfn_addr(struct cdm_machine *m, uint64_t pfn);
 int frame_range(struct cdm_machine *m, uint64_t pfn, uint64_t n, uint64_t *lo, uint64_t *hi);
 
+/* mempolicy.c: the published plan placing pages [first, last] of r on a
+ * first touch from a CPU of pool local, or NULL (Python's to place).  Caller
+ * holds m->lock.  And the frees of the policy tables. */
+const struct cdm_plan *fault_plan(struct cdm_machine *m, const struct cdm_region *r,
+                                  uint64_t first, uint64_t last, int32_t local);
+void region_policies_free(struct cdm_region_policies *p);
+void machine_policies_free(struct cdm_machine *m);
+
 /* pagetable.c: walks of the populated index. */
 int next_populated_span(const struct cdm_region *r, uint64_t from, uint64_t end,
                         uint64_t *lo, uint64_t *hi);

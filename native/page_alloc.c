@@ -40,6 +40,7 @@ void cdm_machine_free(struct cdm_machine *m)
         free(p->free_stack);
         free(p->bflags);
     }
+    machine_policies_free(m);
     pthread_mutex_destroy(&m->lock);
     free(m);
 }

@@ -288,6 +288,7 @@ void cdm_region_free(struct cdm_machine *m, struct cdm_region *r)
         munmap(r->chunks, chunks_bytes(r->cap));
         munmap(r->summary, summary_bytes(r->cap));
     }
+    region_policies_free(r->policies);
     free(r);
 }
 
@@ -438,7 +439,7 @@ out:
 }
 
 int64_t cdm_region_serve(struct cdm_machine *m, struct cdm_region *r, uint64_t off, uint64_t len,
-                         uint8_t *buf, int write)
+                         uint8_t *buf, int write, int32_t local)
 {
     if (len == 0 || len > UINT64_MAX - off)
         return -EAGAIN;
@@ -453,13 +454,29 @@ int64_t cdm_region_serve(struct cdm_machine *m, struct cdm_region *r, uint64_t o
     }
     uint64_t first = off >> CDM_PAGE_SHIFT;
     uint64_t last = (off + len - 1) >> CDM_PAGE_SHIFT;
+    int absent = 0;
     for (uint64_t i = first; i <= last; i++) {
         uint64_t pte = r->pte[i];
+        if (!pte) {
+            absent = 1;
+            continue;
+        }
         if ((pte & (CDM_PTE_PRESENT | CDM_PTE_POISONED | CDM_PTE_LOCKED | CDM_PTE_PRIVATE)) !=
             CDM_PTE_PRESENT)
             goto out;
     }
-    copy_pages(m, r, off, len, buf, write, 1, NULL);
+    const struct cdm_plan *plan = NULL;
+    if (absent) {
+        if (local < 0) {
+            ret = -ENXIO;
+            goto out;
+        }
+        plan = fault_plan(m, r, first, last, local);
+        struct cdm_rw_result res = {0, 0};
+        if (!plan || alloc_absent(m, r, first, last + 1, plan, &res))
+            goto out;
+    }
+    copy_pages(m, r, off, len, buf, write, 1, plan);
     if (write)
         r->served_writes++;
     else

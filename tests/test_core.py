@@ -673,6 +673,74 @@ def test_first_touch_allocates_by_plan(mach):
     assert mach.read(r, 0, 3 * PAGE) == b"p" * (3 * PAGE)  # present: no plan needed
 
 
+def serve(mach, r, off, n, local, write=None):
+    """cdm_region_serve: (rc, bytes read)."""
+    buf = ffi.from_buffer(bytearray(write) if write is not None else bytearray(n))
+    rc = lib.cdm_region_serve(mach.m, r, off, n, buf, int(write is not None), local)
+    return rc, bytes(ffi.buffer(buf))
+
+
+def test_serve_places_a_first_touch_by_the_published_plan(mach):
+    """The router's first touch: the plan Python published for the range's
+    policy and the faulting CPU's pool, copied by the core; without one (or
+    not knowing the CPU yet) the request is Python's, nothing changed."""
+    a, b = mach.add_pool(8), mach.add_pool(8)
+    r = mach.region(8)
+    # No policies published: Python's.
+    assert serve(mach, r, 0, PAGE, a)[0] == -errno.EAGAIN
+    start, end, ids = ffi.new("uint64_t[]", [4]), ffi.new("uint64_t[]", [6]), ffi.new("int32_t[]", [1])
+    assert lib.cdm_region_set_policies(mach.m, r, 0, 1, start, end, ids) == 0
+    # Policy 0 (pages 0-3, 6-7) goes to a, policy 1 (pages 4-5) to b; only
+    # CPUs of pool a have plans.
+    for policy, pool in ((0, a), (1, b)):
+        plan = simple_plan(pool, local=a)
+        assert lib.cdm_machine_set_plan(mach.m, policy, plan.c) == 0
+    del plan                                # the core keeps copies
+    assert serve(mach, r, 0, PAGE, -1)[0] == -errno.ENXIO      # which CPU?
+    assert serve(mach, r, 0, PAGE, b)[0] == -errno.EAGAIN      # no plan for b's CPUs
+    assert serve(mach, r, 3 * PAGE, 2 * PAGE, a)[0] == -errno.EAGAIN   # two policies
+    assert mach.ptes(r) == [0] * 8
+    before = mach.numa(a), mach.numa(b)
+    assert serve(mach, r, 0, 2 * PAGE, a, b"x" * 2 * PAGE)[0] == 2 * PAGE
+    assert serve(mach, r, 4 * PAGE, 2 * PAGE, a) == (2 * PAGE, bytes(2 * PAGE))
+    ptes = mach.ptes(r)
+    assert [pool_of(p) if p else None for p in ptes] == [a, a, None, None, b, b, None, None]
+    assert all(p & lib.CDM_PTE_CPU for p in ptes if p)
+    assert ptes[0] & lib.CDM_PTE_DIRTY and not ptes[4] & lib.CDM_PTE_DIRTY
+    na, nb = mach.numa(a), mach.numa(b)
+    assert na["numa_hit"] - before[0]["numa_hit"] == 2 and na["local_node"] - before[0]["local_node"] == 2
+    assert nb["numa_hit"] - before[1]["numa_hit"] == 2 and nb["other_node"] - before[1]["other_node"] == 2
+    assert serve(mach, r, 0, 2 * PAGE, -1) == (2 * PAGE, b"x" * 2 * PAGE)  # placed: no CPU needed
+    # No memory left: Python's (it fails the fault), nothing allocated.
+    full = mach.region(16)
+    lib.cdm_region_set_policies(mach.m, full, 0, 0, ffi.NULL, ffi.NULL, ffi.NULL)
+    assert serve(mach, full, 0, 16 * PAGE, a)[0] == -errno.EAGAIN
+    assert mach.ptes(full) == [0] * 16
+    # Forgotten plans (the placement changed): Python's again.
+    lib.cdm_machine_clear_plans(mach.m)
+    assert serve(mach, r, 6 * PAGE, PAGE, a)[0] == -errno.EAGAIN
+    # Bad input changes nothing.
+    bad = simple_plan(63)
+    assert lib.cdm_machine_set_plan(mach.m, 0, bad.c) == -errno.EINVAL
+    assert lib.cdm_machine_set_plan(mach.m, lib.CDM_MAX_POLICIES, simple_plan(a).c) == -errno.EINVAL
+    unsorted = ffi.new("uint64_t[]", [4, 2]), ffi.new("uint64_t[]", [6, 3]), ffi.new("int32_t[]", [0, 0])
+    assert lib.cdm_region_set_policies(mach.m, r, 0, 2, *unsorted) == -errno.EINVAL
+    assert mach.check() == ""
+
+
+def test_local_pool_of_a_pid(mach):
+    a, b = mach.add_pool(8), mach.add_pool(8)
+    assert lib.cdm_machine_local_pool(mach.m, os.getpid()) == -1      # not told yet
+    assert lib.cdm_machine_set_cpu_nodes(mach.m, a, 1, ffi.new("int32_t[]", [a])) == 0
+    assert lib.cdm_machine_local_pool(mach.m, os.getpid()) == a       # one node: no question
+    ncpu = os.cpu_count()
+    pools = [b] * ncpu
+    assert lib.cdm_machine_set_cpu_nodes(mach.m, a, ncpu, ffi.new("int32_t[]", pools)) == 0
+    assert lib.cdm_machine_local_pool(mach.m, os.getpid()) == b       # every CPU is b's
+    assert lib.cdm_machine_local_pool(mach.m, 0x7fffffff) == a        # no such pid: the default
+    assert lib.cdm_machine_set_cpu_nodes(mach.m, 63, 0, ffi.NULL) == -errno.EINVAL
+
+
 def test_write_read_roundtrip_unaligned(mach):
     a = mach.add_pool(64)
     plan = simple_plan(a)

@@ -1,9 +1,9 @@
 """Region data served by the router in C (issue 13, build step 2, first part).
 
-With the router, a READ or WRITE of a region's data whose pages are all
-placed (present, plain: not poisoned, locked or in device memory) is
-answered by the router from the core's page tables; everything else goes to
-Python as before.  The router's counters are read from debugfs
+With the router, a READ or WRITE of a region's data whose pages are placed
+(present, plain: not poisoned, locked or in device memory) or absent under
+one policy with a published plan (a first touch) is answered by the router
+from the core's page tables; everything else goes to Python as before.  The router's counters are read from debugfs
 (``sys/kernel/debug/cdmfs/router``): served_reads / served_writes.
 
 To make a placed page fault again the tests drop the kernel's clean copies
@@ -11,6 +11,7 @@ with posix_fadvise(POSIX_FADV_DONTNEED) (unmapped pages only).
 """
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import time
@@ -63,9 +64,9 @@ def test_placed_pages_served_in_c(rm):
     fd = os.open(r.data, os.O_RDWR)
     try:
         s0, st0 = rstats(rm), r.stat
-        os.pwrite(fd, data, 0)                  # first touch: Python places the pages
+        os.pwrite(fd, data, 0)                  # first touch: placed in C too
         s1 = rstats(rm)
-        assert delta(s1, s0)["served_writes"] == 0
+        assert delta(s1, s0)["served_writes"] == 1
         assert r.stat["N0"] == NPAGES
         drop(fd)
         s1, st1 = rstats(rm), r.stat
@@ -119,18 +120,109 @@ def test_mmap_write_back_and_refault(rm):
     r.remove()
 
 
-def test_first_touch_forwarded(rm):
+def node_numastat(m: cdmfs.Mount, nid: int) -> dict[str, int]:
+    with open(os.path.join(m.path, f"sys/devices/system/node/node{nid}/numastat")) as f:
+        return {k: int(v) for k, v in (line.split() for line in f)}
+
+
+def test_first_touch_served_in_c(rm):
+    """A first touch is placed by the core from the plan Python published for
+    the range's policy: node 0 by default, node 1 in an mbind range of
+    bind:1, each counted as the kernel counts an allocation."""
     r = rm.region("fresh", NPAGES * PAGE)
-    s0 = rstats(rm)
-    mm = r.mmap()
+    r.mbind(NPAGES // 2 * PAGE, NPAGES // 2 * PAGE, "bind:1")
+    s0, n0, n1 = rstats(rm), node_numastat(rm, 0), node_numastat(rm, 1)
+    fd = os.open(r.data, os.O_RDONLY)
     try:
-        assert mm[:] == bytes(NPAGES * PAGE)
+        # Page by page (read-ahead off): each READ lies in one policy range.
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        for k in range(NPAGES):
+            assert os.pread(fd, PAGE, k * PAGE) == bytes(PAGE)
     finally:
-        mm.close()
+        os.close(fd)
     d = delta(rstats(rm), s0)
-    assert d["served_reads"] == 0 and d["forwarded"] > 0
-    assert r.stat["N0"] == NPAGES
+    assert d["served_reads"] == NPAGES
+    assert r.stat["N0"] == NPAGES // 2 and r.stat["N1"] == NPAGES // 2
+    d0, d1 = delta(node_numastat(rm, 0), n0), delta(node_numastat(rm, 1), n1)
+    assert d0["numa_hit"] == NPAGES // 2 and d0["local_node"] == NPAGES // 2
+    # bind:1 from a CPU of node 0: hits on node 1, remote to the faulting CPU.
+    assert d1["numa_hit"] == NPAGES // 2 and d1["other_node"] == NPAGES // 2
+    assert r.numa_maps_text.splitlines() == [
+        "00000000 default anon=32 N0=32 kernelpagesize_kB=4",
+        "00020000 bind:1 anon=32 N1=32 kernelpagesize_kB=4"]
+    check_ok(rm)
     r.remove()
+
+
+def test_first_touch_of_an_isolated_node_is_forwarded(rm):
+    """Node 1 (cdm0's memory) is isolated: a default first touch never
+    lands there, in C or in Python; with node 0 full the fault fails
+    (Python's EIO) instead of spilling into node 1."""
+    with open(os.path.join(rm.path, "sys/devices/system/node/node0/meminfo")) as f:
+        free0 = int(next(l for l in f if "MemFree" in l).split()[3]) * 1024 // PAGE
+    r = rm.region("full", (free0 + 8) * PAGE)
+    fd = os.open(r.data, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        got = 0
+        with pytest.raises(OSError) as e:
+            for k in range(free0 + 8):
+                os.pread(fd, PAGE, k * PAGE)
+                got += 1
+        assert e.value.errno == errno.EIO
+        assert got <= free0
+    finally:
+        os.close(fd)
+    assert r.stat.get("N1", 0) == 0
+    check_ok(rm)
+    r.remove()
+
+
+TWO_CPU_NODES = """
+block_size = "4M"
+[[node]]
+id = 0
+kind = "sysram"
+size = "8M"
+cpus = "0"
+[[node]]
+id = 1
+kind = "sysram"
+size = "8M"
+cpus = "1"
+"""
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2 or not {0, 1} <= os.sched_getaffinity(0),
+                    reason="needs host CPUs 0 and 1")
+def test_first_touch_local_to_the_faulting_cpu():
+    """With CPUs on two nodes the core asks which CPU faulted: a process on
+    CPU 1 gets node 1's memory under the default policy, on CPU 0 node 0's."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CDMFS_ROUTER", "1")
+        with cdmfs.mounted(TWO_CPU_NODES) as m:
+            r = m.region("local", NPAGES * PAGE)
+            s0, ns0 = rstats(m), [node_numastat(m, nid) for nid in (0, 1)]
+            for cpu, lo in ((1, 0), (0, NPAGES // 2)):
+                pid = os.fork()
+                if pid == 0:
+                    try:
+                        os.sched_setaffinity(0, {cpu})
+                        fd = os.open(r.data, os.O_RDWR)
+                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+                        for k in range(lo, lo + NPAGES // 2):
+                            os.pread(fd, PAGE, k * PAGE)
+                        os._exit(0)
+                    except BaseException:
+                        os._exit(1)
+                assert os.waitpid(pid, 0)[1] == 0
+            assert delta(rstats(m), s0)["served_reads"] == NPAGES
+            assert r.stat["N1"] == NPAGES // 2 and r.stat["N0"] == NPAGES // 2
+            for nid in (0, 1):
+                d = delta(node_numastat(m, nid), ns0[nid])
+                assert d["numa_hit"] == d["local_node"] == NPAGES // 2, (nid, d)
+                assert d["other_node"] == 0, (nid, d)
+            r.remove()
 
 
 def test_fault_back_from_gpu0(rm):

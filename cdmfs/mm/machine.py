@@ -106,7 +106,18 @@ class Machine:
         # Migrations run on a CPU of this node (the daemon is the kernel's
         # migrating task): their target pages are local there in numastat.
         lib.cdm_machine_set_cpu_pool(self.core, self.nodes[self.default_cpu_node].pool)
+        # The router's first touches look the faulting CPU's node up in the core.
+        ncpus = max(self.cpu_node, default=-1) + 1
+        default_pool = self.nodes[self.default_cpu_node].pool
+        pools = [self.nodes[self.cpu_node[c]].pool if c in self.cpu_node else default_pool
+                 for c in range(ncpus)]
+        rc = lib.cdm_machine_set_cpu_nodes(self.core, default_pool, ncpus,
+                                           ffi.new("int32_t[]", pools) if pools else ffi.NULL)
+        if rc:
+            raise OSError(-rc, "cannot give the core the CPUs' nodes")
         self._plans: dict[tuple, _Plan] = {}
+        # Policies numbered for the core (its copies of their plans); see policy_id.
+        self._policy_ids: dict[mpol.MemPolicy, int] = {}
         self.regions = None  # set by Regions
         self.first_sysram = next(n.id for n in topo.nodes if n.kind == "sysram")
         self.pgmaps: dict[str, PageMap] = {}
@@ -213,6 +224,47 @@ class Machine:
     def placement_changed(self) -> None:
         """Forget cached plans: a node's isolation, weight or state changed."""
         self._plans.clear()
+        lib.cdm_machine_clear_plans(self.core)
+
+    def policy_id(self, policy: mpol.MemPolicy) -> int:
+        """The number under which the core keeps policy's plans (first touch
+        served in C), or -1.  The core has room for CDM_MAX_POLICIES: when
+        they are all taken, they are numbered again from the policies the
+        regions use now (each region republishes its ranges)."""
+        pid = self._policy_ids.get(policy)
+        if pid is not None:
+            return pid
+        if len(self._policy_ids) >= lib.CDM_MAX_POLICIES:
+            if getattr(self, "_renumbering", False):
+                return -1
+            self._renumber_policies()
+            pid = self._policy_ids.get(policy)
+            if pid is not None:
+                return pid
+            if len(self._policy_ids) >= lib.CDM_MAX_POLICIES:
+                return -1
+        pid = self._policy_ids[policy] = len(self._policy_ids)
+        for local in self.cpu_nodes():     # published now: even the first touch is C's
+            plan = self._plans.get((policy, local))
+            if plan is None:
+                self.plan_of(policy, local)
+            else:
+                lib.cdm_machine_set_plan(self.core, pid, plan.cdata)
+        return pid
+
+    def _renumber_policies(self) -> None:
+        self._renumbering = True
+        try:
+            self._policy_ids.clear()
+            lib.cdm_machine_clear_plans(self.core)
+            for region in list(self.regions.by_name.values()) if self.regions else []:
+                region.publish_policies()
+        finally:
+            self._renumbering = False
+
+    def cpu_nodes(self) -> list[int]:
+        """Nodes with CPUs."""
+        return sorted(set(self.cpu_node.values()))
 
     def local_node(self, pid: int) -> int:
         """The node of the CPU a process last ran on (the faulting CPU)."""
@@ -247,6 +299,9 @@ class Machine:
         plan = self._plans.get(key)
         if plan is None:
             plan = self._plans[key] = self._make_plan(policy, local)
+            pid = self._policy_ids.get(policy)
+            if pid is not None:
+                lib.cdm_machine_set_plan(self.core, pid, plan.cdata)
         return plan
 
     def placement(self, policy: mpol.MemPolicy, local: int) -> mpol.Placement:

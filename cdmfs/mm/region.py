@@ -20,6 +20,7 @@ import errno
 import functools
 import heapq
 import logging
+import os
 import re
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -70,7 +71,7 @@ class Region:
         # mbind with its moves and strict check) happen one at a time.
         self.policy_lock = trio.Lock()
         self.size = 0
-        self.policy = mpol.DEFAULT
+        self._policy = mpol.DEFAULT
         # mbind ranges: (first page, end page, policy), sorted, disjoint, none
         # of them ``default``; _starts mirrors the first pages for bisect.
         self.ranges: list[tuple[int, int, mpol.MemPolicy]] = []
@@ -84,6 +85,7 @@ class Region:
         self.migrations = 0             # migrations under way
         self._res = ffi.new("struct cdm_rw_result *")
         self._unlocked = trio.Event()
+        self.publish_policies()
         # Pages in device-private memory must come back before the CPU sees
         # them; the migration engine installs the handler (fault-back).
         self.faultback: Optional[Callable] = None
@@ -201,6 +203,34 @@ class Region:
                 merged.append(r)
         self.ranges = merged
         self._starts = [r[0] for r in merged]
+        self.publish_policies()
+
+    @property
+    def policy(self) -> mpol.MemPolicy:
+        """The region's own policy: pages outside every mbind range."""
+        return self._policy
+
+    @policy.setter
+    def policy(self, policy: mpol.MemPolicy) -> None:
+        self._policy = policy
+        self.publish_policies()
+
+    def publish_policies(self) -> None:
+        """Tells the core which policy places each page, so that the
+        router's first touches are placed in C (cdm_region_set_policies)."""
+        if self._core is None:
+            return
+        m = self.machine
+        n = len(self.ranges)
+        rc = lib.cdm_region_set_policies(
+            m.core, self._core, m.policy_id(self._policy), n,
+            ffi.new("uint64_t[]", [r[0] for r in self.ranges]) if n else ffi.NULL,
+            ffi.new("uint64_t[]", [r[1] for r in self.ranges]) if n else ffi.NULL,
+            ffi.new("int32_t[]", [m.policy_id(r[2]) for r in self.ranges]) if n else ffi.NULL)
+        if rc:
+            # The core then has no ranges: Python places every first touch.
+            log.warning("region %s: the core cannot take its policy ranges: %s",
+                        self.name, os.strerror(-rc))
 
     # -------------------------------------------------------------- CPU side
 
