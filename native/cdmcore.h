@@ -135,6 +135,7 @@ struct cdm_pool {
 
 struct cdm_policies;
 struct cdm_region_policies;
+struct cdm_faultback_log;
 
 struct cdm_machine {
     pthread_mutex_t lock;
@@ -151,6 +152,7 @@ struct cdm_machine {
      * counters; -1 (the default) for none.  See cdm_machine_set_cpu_pool(). */
     int cpu_pool;
     struct cdm_policies *policies;  /* plans and CPU nodes for first touch in C */
+    struct cdm_faultback_log *faultbacks;   /* fault-backs served in C, for Python */
 };
 
 /*
@@ -343,10 +345,29 @@ int cdm_region_rw(struct cdm_machine *m, struct cdm_region *r, uint64_t off, uin
  * Python counts as cpu_faults and writebacks).  Returns the bytes copied,
  * -ENXIO (above), or -EAGAIN changing nothing: Python serves the request
  * (a page it must handle, no published plan, the range split between
- * policies, no memory left).
+ * policies, no memory left, the fault-back log full).
  */
 int64_t cdm_region_serve(struct cdm_machine *m, struct cdm_region *r, uint64_t off, uint64_t len,
                          uint8_t *buf, int write, int32_t local);
+
+/*
+ * A fault-back cdm_region_serve did (the router's migrate_to_ram): pages of
+ * [first, first + n) of region (its id) that left device memory pool for
+ * system RAM.  The core keeps them in a log of CDM_FAULTBACK_LOG entries
+ * (serve leaves a request to Python rather than fill it) until Python takes
+ * them, oldest first, to do what only it knows: drop the devices' mirrored
+ * entries of the range and count the move in the device's statistics and
+ * the region's.  Returns how many were copied to out (at most max).
+ */
+#define CDM_FAULTBACK_LOG 1024
+struct cdm_faultback {
+    uint32_t region;
+    int32_t pool;
+    uint64_t first, n;
+    uint64_t moved;
+};
+uint64_t cdm_machine_take_faultbacks(struct cdm_machine *m, struct cdm_faultback *out,
+                                     uint64_t max);
 
 /*
  * First touch in C (mempolicy.c).  Python decides every placement; the core

@@ -90,6 +90,13 @@ const struct cdm_plan *fault_plan(struct cdm_machine *m, const struct cdm_region
 void region_policies_free(struct cdm_region_policies *p);
 void machine_policies_free(struct cdm_machine *m);
 
+/* migrate.c: the fault-back log (cdm_machine_take_faultbacks): whether it
+ * has room for entries more, and one entry.  Caller holds m->lock. */
+int faultback_room(struct cdm_machine *m, uint64_t entries);
+void faultback_log(struct cdm_machine *m, uint32_t region, int pool, uint64_t first, uint64_t n,
+                   uint64_t moved);
+void machine_faultbacks_free(struct cdm_machine *m);
+
 /* pagetable.c: walks of the populated index. */
 int next_populated_span(const struct cdm_region *r, uint64_t from, uint64_t end,
                         uint64_t *lo, uint64_t *hi);

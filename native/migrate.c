@@ -5,6 +5,7 @@
 #include "internal.h"
 
 #include <errno.h>
+#include <stdlib.h>
 #include <string.h>
 #ifdef __SSE2__
 #include <emmintrin.h>
@@ -429,4 +430,51 @@ uint64_t cdm_migrate_runs(const uint64_t *src, const int32_t *status, uint64_t n
         len[runs++] = k - s;
     }
     return runs;
+}
+
+/* ------------------------------------------------------- the fault-back log */
+
+struct cdm_faultback_log {
+    uint64_t head, count;   /* oldest entry, entries held */
+    struct cdm_faultback entry[CDM_FAULTBACK_LOG];
+};
+
+int faultback_room(struct cdm_machine *m, uint64_t entries)
+{
+    if (!m->faultbacks && !(m->faultbacks = calloc(1, sizeof(*m->faultbacks))))
+        return 0;
+    return CDM_FAULTBACK_LOG - m->faultbacks->count >= entries;
+}
+
+void faultback_log(struct cdm_machine *m, uint32_t region, int pool, uint64_t first, uint64_t n,
+                   uint64_t moved)
+{
+    struct cdm_faultback_log *l = m->faultbacks;
+    struct cdm_faultback *e = &l->entry[(l->head + l->count++) % CDM_FAULTBACK_LOG];
+    e->region = region;
+    e->pool = pool;
+    e->first = first;
+    e->n = n;
+    e->moved = moved;
+}
+
+uint64_t cdm_machine_take_faultbacks(struct cdm_machine *m, struct cdm_faultback *out,
+                                     uint64_t max)
+{
+    uint64_t k = 0;
+    machine_lock(m);
+    struct cdm_faultback_log *l = m->faultbacks;
+    for (; l && l->count && k < max; k++) {
+        out[k] = l->entry[l->head];
+        l->head = (l->head + 1) % CDM_FAULTBACK_LOG;
+        l->count--;
+    }
+    machine_unlock(m);
+    return k;
+}
+
+void machine_faultbacks_free(struct cdm_machine *m)
+{
+    free(m->faultbacks);
+    m->faultbacks = NULL;
 }

@@ -41,6 +41,7 @@ void cdm_machine_free(struct cdm_machine *m)
         free(p->bflags);
     }
     machine_policies_free(m);
+    machine_faultbacks_free(m);
     pthread_mutex_destroy(&m->lock);
     free(m);
 }

@@ -438,6 +438,59 @@ out:
     return ret;
 }
 
+/* Pages of one READ or WRITE the router faults back from device memory. */
+#define FAULTBACK_MAX 256
+
+/* The migrate_to_ram() of a router's READ or WRITE: every device-private
+ * page of [first, last] gets a frame by plan (its first touch's), all or
+ * nothing: 0, or -ENOSPC with nothing taken.  new[k] is the entry for page
+ * first + k (0: not private).  Caller holds m->lock. */
+static int faultback_alloc(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
+                           uint64_t last, const struct cdm_plan *plan, uint64_t *new)
+{
+    for (uint64_t i = first; i <= last; i++) {
+        new[i - first] = 0;
+        if (!(r->pte[i] & CDM_PTE_PRIVATE))
+            continue;
+        uint64_t pte = plan_alloc(m, r, i, plan);
+        if (!pte) {
+            for (uint64_t j = i; j-- > first;)
+                if (new[j - first]) {
+                    struct cdm_pool *p = &m->pools[pte_pool(new[j - first])];
+                    frame_unalloc(p, pte_pfn(new[j - first]) - p->base_pfn);
+                }
+            return -ENOSPC;
+        }
+        new[i - first] = pte;
+    }
+    return 0;
+}
+
+/* Moves the private pages to the frames faultback_alloc gave them: bytes,
+ * the page's own flags (pinned, dirty), the source frame freed and counted
+ * as a migration, the NUMA events left to copy_pages (PTE_NEW), and one
+ * entry per source pool in the log Python applies (devices' mirrors and
+ * counters).  Caller holds m->lock. */
+static void faultback_commit(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
+                             uint64_t last, const uint64_t *new)
+{
+    uint64_t moved[CDM_MAX_POOLS] = {0};
+    for (uint64_t i = first; i <= last; i++) {
+        uint64_t pte = new[i - first], old = r->pte[i];
+        if (!pte)
+            continue;
+        memcpy(frame_addr(m, pte), frame_addr(m, old), PAGE);
+        struct cdm_pool *sp = &m->pools[pte_pool(old)];
+        pte_set(m, r, i, pte | (old & (CDM_PTE_PINNED | CDM_PTE_DIRTY)) | PTE_NEW);
+        frame_free(m, sp, pte_pfn(old) - sp->base_pfn);
+        sp->counters[CDM_PGMIGRATE_SUCCESS]++;
+        moved[pte_pool(old)]++;
+    }
+    for (int pool = 0; pool < m->npools; pool++)
+        if (moved[pool])
+            faultback_log(m, r->id, pool, first, last - first + 1, moved[pool]);
+}
+
 int64_t cdm_region_serve(struct cdm_machine *m, struct cdm_region *r, uint64_t off, uint64_t len,
                          uint8_t *buf, int write, int32_t local)
 {
@@ -454,27 +507,48 @@ int64_t cdm_region_serve(struct cdm_machine *m, struct cdm_region *r, uint64_t o
     }
     uint64_t first = off >> CDM_PAGE_SHIFT;
     uint64_t last = (off + len - 1) >> CDM_PAGE_SHIFT;
-    int absent = 0;
+    int absent = 0, private = 0;
     for (uint64_t i = first; i <= last; i++) {
         uint64_t pte = r->pte[i];
         if (!pte) {
             absent = 1;
             continue;
         }
-        if ((pte & (CDM_PTE_PRESENT | CDM_PTE_POISONED | CDM_PTE_LOCKED | CDM_PTE_PRIVATE)) !=
-            CDM_PTE_PRESENT)
+        if ((pte & (CDM_PTE_PRESENT | CDM_PTE_POISONED | CDM_PTE_LOCKED)) != CDM_PTE_PRESENT)
             goto out;
+        if (pte & CDM_PTE_PRIVATE) {
+            /* Pinned, or collected by a migration (which the fault-back
+             * takes over): Python's. */
+            if (pte & (CDM_PTE_PINNED | CDM_PTE_MIGRATING))
+                goto out;
+            private = 1;
+        }
     }
     const struct cdm_plan *plan = NULL;
-    if (absent) {
+    uint64_t new[FAULTBACK_MAX];
+    if (absent || private) {
         if (local < 0) {
             ret = -ENXIO;
             goto out;
         }
         plan = fault_plan(m, r, first, last, local);
-        struct cdm_rw_result res = {0, 0};
-        if (!plan || alloc_absent(m, r, first, last + 1, plan, &res))
+        if (!plan)
             goto out;
+        if (private && (last - first >= FAULTBACK_MAX || !faultback_room(m, m->npools)
+                        || faultback_alloc(m, r, first, last, plan, new)))
+            goto out;
+        struct cdm_rw_result res = {0, 0};
+        if (absent && alloc_absent(m, r, first, last + 1, plan, &res)) {
+            if (private)
+                for (uint64_t i = last + 1; i-- > first;)
+                    if (new[i - first]) {
+                        struct cdm_pool *p = &m->pools[pte_pool(new[i - first])];
+                        frame_unalloc(p, pte_pfn(new[i - first]) - p->base_pfn);
+                    }
+            goto out;
+        }
+        if (private)
+            faultback_commit(m, r, first, last, new);
     }
     copy_pages(m, r, off, len, buf, write, 1, plan);
     if (write)

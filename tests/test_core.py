@@ -728,6 +728,46 @@ def test_serve_places_a_first_touch_by_the_published_plan(mach):
     assert mach.check() == ""
 
 
+def test_serve_faults_device_private_pages_back(mach):
+    """migrate_to_ram in the router's path: private pages come back by the
+    plan, bytes intact, the source frames freed and counted as migrations,
+    one log entry per source pool for Python; pinned pages, no room, or no
+    memory leave the request to Python with nothing changed."""
+    a, g = mach.add_pool(8), mach.add_pool(8, flags=lib.CDM_POOL_PRIVATE)
+    r = mach.region(8)
+    plan = simple_plan(a)
+    assert lib.cdm_machine_set_plan(mach.m, 0, plan.c) == 0
+    assert lib.cdm_region_set_policies(mach.m, r, 0, 0, ffi.NULL, ffi.NULL, ffi.NULL) == 0
+    data = pattern(7, 6 * PAGE)
+    mach.write(r, 0, data, plan)
+    assert mach.migrate(r, 0, 6, g)["moved"] == 6
+    out = ffi.new("struct cdm_faultback[]", 8)
+    assert lib.cdm_machine_take_faultbacks(mach.m, out, 8) == 0
+    free_g = mach.free(g)
+    mig0 = mach.ctr(g, lib.CDM_PGMIGRATE_SUCCESS)
+    # Pages 1-2 private, page 6 absent: one read, all in C.
+    assert serve(mach, r, PAGE, 2 * PAGE, a) == (2 * PAGE, data[PAGE:3 * PAGE])
+    ptes = mach.ptes(r)
+    assert pool_of(ptes[1]) == a and pool_of(ptes[2]) == a and pool_of(ptes[0]) == g
+    assert not ptes[1] & lib.CDM_PTE_PRIVATE and ptes[1] & lib.CDM_PTE_CPU
+    assert mach.free(g) == free_g + 2
+    assert mach.ctr(g, lib.CDM_PGMIGRATE_SUCCESS) == mig0 + 2
+    assert lib.cdm_machine_take_faultbacks(mach.m, out, 8) == 1
+    assert (out[0].region, out[0].pool, out[0].first, out[0].n, out[0].moved) == (0, g, 1, 2, 2)
+    # A pinned private page: Python's.
+    res = ffi.new("struct cdm_rw_result *")
+    assert lib.cdm_region_pin(mach.m, r, 3, 1, 1, 0, res) == 0 and res.allocated == 1
+    assert serve(mach, r, 3 * PAGE, PAGE, a)[0] == -errno.EAGAIN
+    # No memory left in a (one frame free, 3 asked): nothing changes.
+    other = mach.region(5)
+    mach.write(other, 0, bytes(5 * PAGE), plan)
+    before = mach.ptes(r)
+    assert serve(mach, r, 4 * PAGE, 3 * PAGE, a)[0] == -errno.EAGAIN
+    assert mach.ptes(r) == before and mach.free(g) == free_g + 2
+    assert lib.cdm_machine_take_faultbacks(mach.m, out, 8) == 0
+    assert mach.check() == ""
+
+
 def test_local_pool_of_a_pid(mach):
     a, b = mach.add_pool(8), mach.add_pool(8)
     assert lib.cdm_machine_local_pool(mach.m, os.getpid()) == -1      # not told yet

@@ -226,7 +226,13 @@ def test_first_touch_local_to_the_faulting_cpu():
 
 
 def test_fault_back_from_gpu0(rm):
+    """A CPU read of device-private pages: the router migrates them back to
+    RAM in C (migrate_to_ram by the range's policy); Python then finishes
+    what only it knows before its next request: gpu0 drops its mirrored
+    entries and counts the pages that left its memory, the region counts
+    them migrated."""
     r = rm.region("dev", NPAGES * PAGE)
+    gpu = rm.device("gpu0")
     data = pattern(NPAGES, 4)
     fd = os.open(r.data, os.O_RDWR)
     try:
@@ -234,12 +240,28 @@ def test_fault_back_from_gpu0(rm):
         res = r.migrate(0, NPAGES * PAGE, "gpu0")
         assert res["migrated"] == NPAGES
         assert r.stat["private:gpu0"] == NPAGES
+        assert set(gpu.snapshot("dev", 0, NPAGES * PAGE).values()) == {"private-local"}
         drop(fd)
-        s0 = rstats(rm)
-        assert os.pread(fd, len(data), 0) == data   # device-private: Python faults back
+        s0, g0, st0, n0 = rstats(rm), gpu.stat, r.stat, node_numastat(rm, 0)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        half = NPAGES // 2
+        for k in range(half):                        # device-private: C faults back
+            assert os.pread(fd, PAGE, k * PAGE) == data[k * PAGE:(k + 1) * PAGE]
         s1 = rstats(rm)
-        assert delta(s1, s0)["served_reads"] == 0
+        assert delta(s1, s0)["served_reads"] == half
+        st1 = r.stat
+        assert st1["N0"] == half and st1["private:gpu0"] == NPAGES - half
+        assert delta(st1, st0)["migrated_pages"] == half
+        d = delta(gpu.stat, g0)
+        assert d["migrated_from"] == half and d["invalidations"] == half
+        snap = gpu.snapshot("dev", 0, NPAGES * PAGE)
+        assert [snap[k] for k in range(NPAGES)] == ["none"] * half + ["private-local"] * (NPAGES - half)
+        dn = delta(node_numastat(rm, 0), n0)
+        assert dn["numa_hit"] == half and dn["local_node"] == half
+        # The rest in one read: all of it in C, then re-faults of placed pages.
+        assert os.pread(fd, len(data), 0) == data
         assert r.stat["N0"] == NPAGES and r.stat["private:gpu0"] == 0
+        assert set(gpu.snapshot("dev", 0, NPAGES * PAGE).values()) == {"none"}
         drop(fd)
         assert os.pread(fd, len(data), 0) == data   # back on N0: C
         assert delta(rstats(rm), s1)["served_reads"] > 0

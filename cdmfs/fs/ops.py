@@ -98,11 +98,14 @@ def never_fatal(cls: type) -> type:
     """Wraps every request handler of cls so that no request can end the
     daemon: pyfuse3 ends its loop on any exception but FUSEError, so anything
     unexpected (MemoryError included) fails that one request with EIO and is
-    logged with its traceback."""
+    logged with its traceback.  Each request first applies the fault-backs
+    the router served in C (Machine.apply_faultbacks): nothing Python shows
+    or decides is behind the core's page tables."""
     def guard(name: str, handler):
         @functools.wraps(handler)
         async def guarded(self, *args):
             try:
+                self.machine.apply_faultbacks()
                 return await handler(self, *args)
             except pyfuse3.FUSEError:
                 raise

@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 
 KB_PER_PAGE = PAGE_SIZE // 1024
 POPULATE_CHUNK = 1 << 16     # pages allocated per native call (a few ms at most)
+FAULTBACK_BATCH = 64         # fault-back log entries taken per native call
+# Where a fault-back sends pages: each by its range's policy, as a first touch.
+POLICY_TARGET = Target("policy", -1, False)
 
 
 @dataclass
@@ -131,6 +134,8 @@ class Machine:
         self.mmu_notifiers: list[Callable[["Region", int, int], None]] = []
         self.cpu_unmapper: Optional[Callable[["Region", int, int], Awaitable[None]]] = None
         self.hotplug = MemoryHotplug(self)
+        self._faultbacks = ffi.new("struct cdm_faultback[]", FAULTBACK_BATCH)
+        self._applying = False
 
     async def cpu_unmap(self, region: "Region", first: int, npages: int) -> None:
         """Invalidates the CPU's copies of pages (the host page cache's, which
@@ -154,6 +159,31 @@ class Machine:
     def invalidate_devices(self, region: "Region", first: int, npages: int) -> None:
         for notify in self.mmu_notifiers:
             notify(region, first, npages)
+
+    def apply_faultbacks(self) -> None:
+        """Finishes the fault-backs the router served in C: for each, the
+        devices drop their entries of the range and count the pages that
+        left their memory, and the region counts them, as after Python's
+        own fault-back (migrate_device.fault_back).  Called before Python
+        serves any request, so nothing it shows is behind the core."""
+        if self._applying:
+            return
+        self._applying = True
+        try:
+            out = self._faultbacks
+            while n := lib.cdm_machine_take_faultbacks(self.core, out, FAULTBACK_BATCH):
+                for e in out[0:n]:
+                    region = self.regions.by_id.get(e.region) if self.regions is not None else None
+                    if region is None:
+                        continue        # removed since: its mirrors went with it
+                    region.migrated_pages += e.moved
+                    self.invalidate_devices(region, e.first, e.n)
+                    dev = self.pool_owner.get(e.pool)
+                    self.events.emit("migrate", region=region, first=e.first, n=e.n,
+                                     target=POLICY_TARGET, moved=e.moved,
+                                     device_moves={dev: -e.moved} if dev else {})
+        finally:
+            self._applying = False
 
     # ------------------------------------------------------------ targets
 

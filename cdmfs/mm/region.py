@@ -113,6 +113,8 @@ class Region:
         if self.removed and self.refs == 0 and self._core is not None:
             core, self._core = self._core, None
             lib.cdm_region_free(self.machine.core, core)
+            # Fault-backs the router logged for it go before its id is reused.
+            self.machine.apply_faultbacks()
             self.machine.regions.release_id(self.id)
 
     @property
@@ -595,6 +597,7 @@ class Regions:
     def __init__(self, machine: Machine):
         self.machine = machine
         self.by_name: dict[str, Region] = {}
+        self.by_id: dict[int, Region] = {}
         self._next_id = 0
         self._free_ids: list[int] = []      # ids of freed regions, reused smallest first
         machine.regions = self
@@ -620,6 +623,7 @@ class Regions:
             raise
         region.faultback = functools.partial(migrate.fault_back, self.machine)
         self.by_name[name] = region
+        self.by_id[rid] = region
         return region
 
     def rename(self, old: str, new: str) -> None:
@@ -657,6 +661,7 @@ class Regions:
             raise OSError(errno.EBUSY, f"region {name} is open or mapped")
         region.resize(0)
         del self.by_name[name]
+        del self.by_id[region.id]
         region.removed = True
         self.machine.events.emit("region_removed", region=region)
         region._free_if_unused()
