@@ -595,7 +595,7 @@ int cdm_fuse_inval(int fd, uint64_t ino, int64_t off, int64_t len);
  *                40000,user_id=U,group_id=G" plus options (comma-separated
  *                kernel options: default_permissions, allow_other), as
  *                libfuse's mount.c does.  0 or -errno, nothing left open.
- * start        — starts the threads (request, reply, notifier; named
+ * start        — starts the threads (readers, reply, notifier; named
  *                cdmfs-router, cdmfs-reply, cdmfs-notify; all signals
  *                blocked).  0 or -errno.
  * python_fd    — pyfuse3's end: pyfuse3.init(ops, "/dev/fd/N", ...).  libfuse
@@ -656,6 +656,9 @@ struct cdm_router_stats {
     uint64_t served_writes; /* WRITEs likewise */
     uint64_t interrupts_stale;    /* INTERRUPTs of requests awaiting no reply from
                                    * Python (served by the router, or answered) */
+    uint64_t spin_hits;     /* requests a reader found while spinning */
+    uint64_t spin_misses;   /* spins that ended with nothing: the reader slept */
+    uint64_t sleeps;        /* times a reader slept in poll() */
 };
 
 struct cdm_router;
@@ -664,6 +667,14 @@ struct cdm_router *cdm_router_new(void);
 int cdm_router_mount(struct cdm_router *r, const char *mountpoint, const char *fsname,
                      const char *subtype, const char *options);
 int cdm_router_start(struct cdm_router *r);
+/* Before start: readers request threads (1..CDM_ROUTER_MAX_READERS; the
+ * second and later each on a clone of the /dev/fuse descriptor), and how
+ * long, at most, a reader keeps reading after a request before it sleeps
+ * (spin_us, 0..CDM_ROUTER_MAX_SPIN_US; 0: never spin).  0, -EINVAL, -EBUSY
+ * once started. */
+#define CDM_ROUTER_MAX_READERS 4
+#define CDM_ROUTER_MAX_SPIN_US 10000
+int cdm_router_tune(struct cdm_router *r, uint32_t readers, uint32_t spin_us);
 int cdm_router_fuse_fd(struct cdm_router *r);
 int cdm_router_python_fd(struct cdm_router *r);
 int cdm_router_event_fd(struct cdm_router *r);

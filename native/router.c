@@ -1,12 +1,13 @@
-/* router.c — the request router between /dev/fuse and pyfuse3 (issue 13,
- * build step 1: everything is forwarded).
+/* router.c — the request router between /dev/fuse and pyfuse3 (issue 13).
  *
  * The router opens /dev/fuse and mounts it with mount(2) itself; pyfuse3
  * runs unmodified on one end of a SOCK_SEQPACKET socketpair, given to it as
  * the mountpoint "/dev/fd/N" (libfuse 3.14 takes such a descriptor as
- * already mounted).  Three threads, none of which runs Python:
+ * already mounted).  Three kinds of threads, none of which runs Python:
  *
- *   request  reads each request from /dev/fuse and sends it, one message,
+ *   request  (one reader, or more on clones of the descriptor: see
+ *            cdm_router_tune and request_loop) reads each request from
+ *            /dev/fuse and sends it, one message,
  *            to the socket.  A request that gets a reply is recorded first
  *            (unique -> the descriptor it came from, its opcode) so that its
  *            reply goes back to that descriptor and, if the Python side goes
@@ -70,6 +71,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/socket.h>
 #include <stddef.h>
@@ -125,7 +127,14 @@ struct cdm_router {
     int side_python_fd;     /* Python's end of it (the router closes it in free) */
     int mounted;            /* mount(2) succeeded */
     int started;
-    pthread_t request_thread, reply_thread, notify_thread;
+    pthread_t reply_thread, notify_thread;
+    uint32_t nreaders;      /* request threads (cdm_router_tune) */
+    uint64_t spin_ns;       /* their longest spin */
+    struct reader {
+        struct cdm_router *r;
+        int fd;             /* fuse_fd for the first, a clone for the others */
+        pthread_t thread;
+    } readers[CDM_ROUTER_MAX_READERS];
 
     pthread_mutex_t lock;   /* everything below */
     int state;              /* CDM_ROUTER_* */
@@ -512,9 +521,30 @@ int cdm_router_data_times(struct cdm_router *r, uint64_t nodeid, uint64_t *read_
     return d ? 0 : -ENOENT;
 }
 
+static uint64_t mono_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+/*
+ * A reader: reads requests from its descriptor, serves what the core can and
+ * forwards the rest.  Waking a sleeping thread costs more than a fault
+ * served in C (DESIGN §5), so after a request the reader keeps reading for a
+ * while (spinning) before it sleeps in poll().  The window adapts: it
+ * doubles (up to spin_ns) when a spin finds a request and halves (down to
+ * a sixteenth of it) when one ends empty, so that requests that come in
+ * quick succession are met awake and a quiet mount costs little CPU.
+ */
 static void *request_loop(void *arg)
 {
-    struct cdm_router *r = arg;
+    struct reader *rd = arg;
+    struct cdm_router *r = rd->r;
+    const int fd = rd->fd;
+    const uint64_t spin_max = r->spin_ns, spin_min = r->spin_ns / 16;
+    uint64_t window = spin_max, last = 0;
+    int spinning = 0;
     size_t bufsize = DEFAULT_BUFSIZE;
     unsigned char *buf = malloc(bufsize);
     /* READ replies served here: max_pages is at most 256 (FUSE_MAX_MAX_PAGES). */
@@ -543,11 +573,21 @@ static void *request_loop(void *arg)
                 bufsize = want;
             }
         }
-        ssize_t n = read(r->fuse_fd, buf, bufsize);
+        ssize_t n = read(fd, buf, bufsize);
         if (n < 0) {
             int err = errno;
             if (err == EAGAIN) {
-                struct pollfd p[2] = {{r->fuse_fd, POLLIN, 0}, {r->stop_fd, POLLIN, 0}};
+                if (window && mono_ns() - last < window) {
+                    spinning = 1;
+                    continue;
+                }
+                if (spinning)
+                    __atomic_add_fetch(&r->stats.spin_misses, 1, __ATOMIC_RELAXED);
+                __atomic_add_fetch(&r->stats.sleeps, 1, __ATOMIC_RELAXED);
+                if (spinning && window / 2 >= spin_min)
+                    window /= 2;
+                spinning = 0;
+                struct pollfd p[2] = {{fd, POLLIN, 0}, {r->stop_fd, POLLIN, 0}};
                 if (poll(p, 2, -1) < 0 && errno != EINTR)
                     break;
                 continue;
@@ -564,13 +604,21 @@ static void *request_loop(void *arg)
             signal_python(r);
             break;
         }
+        if (spin_max) {
+            if (spinning) {
+                __atomic_add_fetch(&r->stats.spin_hits, 1, __ATOMIC_RELAXED);
+                window = window * 2 < spin_max ? window * 2 : spin_max;
+                spinning = 0;
+            }
+        }
         if ((size_t)n < sizeof(struct fuse_in_header))
             continue;
         uint32_t opcode = ((const struct fuse_in_header *)buf)->opcode;
-        if ((opcode == FUSE_READ || opcode == FUSE_WRITE) &&
-            serve_data(r, r->fuse_fd, buf, (size_t)n, out, DEFAULT_BUFSIZE))
-            continue;
-        forward_request(r, r->fuse_fd, buf, (size_t)n);
+        if (!((opcode == FUSE_READ || opcode == FUSE_WRITE) &&
+              serve_data(r, fd, buf, (size_t)n, out, DEFAULT_BUFSIZE)))
+            forward_request(r, fd, buf, (size_t)n);
+        if (spin_max)
+            last = mono_ns();
     }
     free(buf);
     free(out);
@@ -709,6 +757,9 @@ struct cdm_router *cdm_router_new(void)
     r->side_sock = r->side_python_fd = -1;
     r->notes_tail = &r->notes;
     r->want_bufsize = DEFAULT_BUFSIZE;
+    r->nreaders = 1;
+    for (int k = 0; k < CDM_ROUTER_MAX_READERS; k++)
+        r->readers[k].fd = -1;
     pthread_mutex_init(&r->lock, NULL);
     pthread_cond_init(&r->notes_cond, NULL);
     pthread_cond_init(&r->data_cond, NULL);
@@ -799,36 +850,76 @@ fail:
     return err;
 }
 
+int cdm_router_tune(struct cdm_router *r, uint32_t readers, uint32_t spin_us)
+{
+    if (r->started)
+        return -EBUSY;
+    if (readers < 1 || readers > CDM_ROUTER_MAX_READERS || spin_us > CDM_ROUTER_MAX_SPIN_US)
+        return -EINVAL;
+    r->nreaders = readers;
+    r->spin_ns = (uint64_t)spin_us * 1000;
+    return 0;
+}
+
+/* Joins the first n readers. */
+static void join_readers(struct cdm_router *r, uint32_t n)
+{
+    for (uint32_t k = 0; k < n; k++)
+        pthread_join(r->readers[k].thread, NULL);
+}
+
 int cdm_router_start(struct cdm_router *r)
 {
     if (!r->mounted || r->started)
         return -EINVAL;
+    /* Readers after the first read a clone of the descriptor: the kernel
+     * hands each request to one of them. */
+    for (uint32_t k = 0; k < r->nreaders; k++) {
+        struct reader *rd = &r->readers[k];
+        rd->r = r;
+        if (k == 0 || rd->fd >= 0)
+            continue;
+        int fd = open("/dev/fuse", O_RDWR | O_CLOEXEC | O_NONBLOCK);
+        if (fd < 0)
+            return -errno;
+        uint32_t master = (uint32_t)r->fuse_fd;
+        if (ioctl(fd, FUSE_DEV_IOC_CLONE, &master) < 0) {
+            int err = -errno;
+            close(fd);
+            return err;
+        }
+        rd->fd = fd;
+    }
+    r->readers[0].fd = r->fuse_fd;
     /* Signals are for Python's thread: the router's threads block them all. */
     sigset_t all, old;
     sigfillset(&all);
     pthread_sigmask(SIG_BLOCK, &all, &old);
+    uint32_t started = 0;
     int err = pthread_create(&r->notify_thread, NULL, notify_loop, r);
     if (!err) {
         err = pthread_create(&r->reply_thread, NULL, reply_loop, r);
-        if (!err) {
-            err = pthread_create(&r->request_thread, NULL, request_loop, r);
-            if (err) {
-                shutdown(r->sock, SHUT_RDWR);
-                pthread_join(r->reply_thread, NULL);
-            }
-        }
+        for (; !err && started < r->nreaders; started++)
+            err = pthread_create(&r->readers[started].thread, NULL, request_loop, &r->readers[started]);
         if (err) {
             pthread_mutex_lock(&r->lock);
             r->stopping = 1;
             pthread_cond_signal(&r->notes_cond);
             pthread_mutex_unlock(&r->lock);
+            uint64_t one = 1;
+            ssize_t n = write(r->stop_fd, &one, sizeof(one));
+            (void)n;
+            shutdown(r->sock, SHUT_RDWR);
+            join_readers(r, started);
+            pthread_join(r->reply_thread, NULL);
             pthread_join(r->notify_thread, NULL);
         }
     }
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (err)
         return -err;
-    pthread_setname_np(r->request_thread, "cdmfs-router");
+    for (uint32_t k = 0; k < r->nreaders; k++)
+        pthread_setname_np(r->readers[k].thread, "cdmfs-router");
     pthread_setname_np(r->reply_thread, "cdmfs-reply");
     pthread_setname_np(r->notify_thread, "cdmfs-notify");
     r->started = 1;
@@ -924,7 +1015,7 @@ void cdm_router_stop(struct cdm_router *r)
     shutdown(r->sock, SHUT_RDWR);
     if (r->side_sock >= 0)
         shutdown(r->side_sock, SHUT_RDWR);   /* Python's side-channel reader sees its end */
-    pthread_join(r->request_thread, NULL);
+    join_readers(r, r->nreaders);
     pthread_join(r->reply_thread, NULL);
     pthread_mutex_lock(&r->lock);
     pthread_cond_signal(&r->notes_cond);
@@ -943,6 +1034,9 @@ void cdm_router_free(struct cdm_router *r)
     cdm_router_stop(r);
     /* python_fd belongs to libfuse once handed over: not closed here. */
     close_fds(r, 0);
+    for (uint32_t k = 1; k < CDM_ROUTER_MAX_READERS; k++)
+        if (r->readers[k].fd >= 0)
+            close(r->readers[k].fd);
     while (r->notes) {
         struct note *nt = r->notes;
         r->notes = nt->next;

@@ -144,6 +144,38 @@ def start_foreground(mp: str, *extra: str) -> subprocess.Popen:
     return proc
 
 
+def test_readers_and_spin_are_settings(tmp_path, monkeypatch):
+    """CDMFS_ROUTER_READERS readers (the second on a cloned /dev/fuse),
+    CDMFS_ROUTER_SPIN_US of spinning (0: every reader sleeps as soon as
+    /dev/fuse is empty); the data is the same whichever reader serves it."""
+    monkeypatch.setenv("CDMFS_ROUTER", "1")
+    monkeypatch.setenv("CDMFS_ROUTER_READERS", "2")
+    monkeypatch.setenv("CDMFS_ROUTER_SPIN_US", "0")
+    with cdmfs.mounted() as m:
+        assert threads_of(daemon_pid(m.path)).count("cdmfs-router") == 2
+        r = m.region("two", 256 * PAGE)
+        data = os.urandom(256 * PAGE)
+        with open(r.data, "r+b") as f:
+            f.write(data)
+        fd = os.open(r.data, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            assert os.pread(fd, len(data), 0) == data
+        finally:
+            os.close(fd)
+        with open(os.path.join(m.path, "sys/kernel/debug/cdmfs/router")) as f:
+            st = {k: int(v) for k, v in (line.split() for line in f)}
+        assert st["served_reads"] > 0 and st["sleeps"] > 0
+        assert st["spin_hits"] == st["spin_misses"] == 0
+        r.remove()
+    # Out of range: the mount fails with one line naming the setting.
+    monkeypatch.setenv("CDMFS_ROUTER_READERS", "9")
+    res = subprocess.run(CDMFS + ["mount", str(tmp_path), "--foreground"], capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0 and "CDMFS_ROUTER_READERS" in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert not is_mounted(str(tmp_path))
+
+
 def test_flag_umount_ends_the_daemon_with_0(tmp_path):
     mp = str(tmp_path)
     proc = start_foreground(mp, "--router")

@@ -40,6 +40,11 @@ from .._core import ffi, lib
 log = logging.getLogger(__name__)
 
 ENV = "CDMFS_ROUTER"
+# Request threads and how long each stays awake after a request (see
+# request_loop in native/router.c); measured defaults, overridden by
+# CDMFS_ROUTER_READERS / CDMFS_ROUTER_SPIN_US (cdmfs bench compares them).
+READERS, READERS_ENV = 1, "CDMFS_ROUTER_READERS"
+SPIN_US, SPIN_ENV = 50, "CDMFS_ROUTER_SPIN_US"
 KERNEL_OPTIONS = ("default_permissions", "allow_other")   # passed to mount(2) as they are
 MNT_DETACH = 2
 
@@ -65,6 +70,14 @@ def enabled(flag: Optional[bool] = None) -> bool:
 
 class RouterError(OSError):
     pass
+
+
+def tuning() -> tuple[int, int]:
+    """(readers, spin_us): the defaults, or the environment's."""
+    try:
+        return (int(os.environ.get(READERS_ENV, READERS)), int(os.environ.get(SPIN_ENV, SPIN_US)))
+    except ValueError:
+        raise RouterError(errno.EINVAL, f"router: {READERS_ENV} and {SPIN_ENV} take numbers") from None
 
 
 class Router:
@@ -100,6 +113,11 @@ class Router:
         self.side_fd = lib.cdm_router_side_fd(self._r)
         for opcode in SIDE_OPCODES:
             lib.cdm_router_route(self._r, opcode, 1)
+        readers, spin_us = tuning()
+        if lib.cdm_router_tune(self._r, readers, spin_us) < 0:
+            self.close()
+            raise RouterError(errno.EINVAL, f"router: {READERS_ENV} must be 1..{lib.CDM_ROUTER_MAX_READERS}"
+                              f" and {SPIN_ENV} 0..{lib.CDM_ROUTER_MAX_SPIN_US}")
         rc = lib.cdm_router_start(self._r)
         if rc < 0:
             self.close()
