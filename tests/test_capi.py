@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+import pwd
+import re
 import select
 import shutil
 import subprocess
@@ -15,6 +17,7 @@ import time
 import pytest
 
 from cdmfs import client
+from cdmfs.fs.daemon import is_mounted
 from cdmfs.tools import capi
 from conftest import HERE, PAGE
 
@@ -274,3 +277,58 @@ def test_python_where_without_privilege(mnt, monkeypatch):
     monkeypatch.undo()
     assert r.where(0) == "node:1"
     r.remove()
+
+
+USER = "cdmfs-test"
+
+
+def test_where_without_privilege(prog, tmp_path_factory):
+    """Another user of a shared mount sees no frames in pagemap: cdmfs_where
+    answers from numa_maps while the page's range is in one place."""
+    if os.getuid() != 0:
+        pytest.skip("needs root: a test user and a shared mount")
+    try:
+        user = pwd.getpwnam(USER)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/bin/sh", USER], check=True)
+        user = pwd.getpwnam(USER)
+    top = tmp_path_factory.mktemp("capi-shared")
+    mp = top / "mnt"
+    mp.mkdir()
+    for d in (top, top.parent, top.parent.parent):
+        os.chmod(d, os.stat(d).st_mode | 0o011)
+    exe = top / "capi"
+    shutil.copy(prog, exe)
+    os.chmod(exe, 0o755)
+    subprocess.run([sys.executable, "-m", "cdmfs", "mount", str(mp), "--allow-other"], check=True, capture_output=True)
+    try:
+        def drop():
+            os.setgroups([])
+            os.setgid(user.pw_gid)
+            os.setuid(user.pw_uid)
+        done = subprocess.run([str(exe), "unpriv", str(mp), "mine"], capture_output=True, text=True,
+                              preexec_fn=drop, timeout=60, cwd="/")
+        assert done.returncode == 0, (done.stdout, done.stderr)
+        out = done.stdout.splitlines()
+        assert wheres(out, "gpu-page") == ["gpu0"] and wheres(out, "cpu-page") == ["node:0"]
+        assert "mixed=EACCES" in out            # node 0 and node 1 in one policy range
+        os.rmdir(mp / "regions" / "mine")
+    finally:
+        subprocess.run([sys.executable, "-m", "cdmfs", "umount", str(mp)], capture_output=True)
+    assert not is_mounted(str(mp))
+
+
+def test_readme_c_example_runs(mnt, tmp_path):
+    """The README's C program builds with its compile line and does what it prints."""
+    with open(os.path.join(HERE, "..", "README.md")) as f:
+        text = f.read()
+    section = text[text.index("## Devices from a C program"):]
+    src = tmp_path / "seed.c"
+    src.write_text(re.search(r"```c\n(.*?)```", section, re.S).group(1))
+    compile_line = re.search(r"```sh\n(cc .*?)\n```", section).group(1)
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    subprocess.run(compile_line, shell=True, check=True, cwd=tmp_path, env=env)
+    done = subprocess.run([str(tmp_path / "seed"), mnt.path], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "4096 pages migrated, page 0 in gpu0\npage 0 back in node:0\n"
+    mnt.region("seed").remove()

@@ -748,7 +748,8 @@ static int where_unprivileged(const struct piece *p, int present, char *out, siz
     }
     int places = 0, nid = -1;
     char dev[72] = "";
-    for (char *w = mine ? strtok(mine, " ") : NULL; w; w = strtok(NULL, " ")) {
+    char *save = NULL;
+    for (char *w = mine ? strtok_r(mine, " ", &save) : NULL; w; w = strtok_r(NULL, " ", &save)) {
         char *eq = strchr(w, '=');
         if (!eq || strtoull(eq + 1, NULL, 10) == 0)
             continue;

@@ -13,6 +13,8 @@
  *       One pointer range over two regions' mappings, back to back.
  *   capi errors MOUNT REGION
  *       The error rules (errno), printed as NAME=ERRNO lines.
+ *   capi unpriv MOUNT REGION
+ *       cdmfs_where for a user who sees no frames in pagemap.
  * Exit 0 when every check holds; 2 with a message otherwise.
  */
 #define _GNU_SOURCE
@@ -256,6 +258,23 @@ static int errors(const char *mount, const char *name)
     return 0;
 }
 
+static int unpriv(const char *mount, const char *name)
+{
+    size_t n = 4, len = n * PAGE;
+    char *buf = (char *)map_region(mount, name, n, NULL, MAP_SHARED);
+    char where_buf[64];
+    memset(buf, 1, len);
+    if (cdmfs_migrate(buf + 2 * PAGE, PAGE, "gpu0", NULL) != 0)
+        die("migrate to gpu0");
+    where("gpu-page", buf + 2 * PAGE);
+    where("cpu-page", buf);
+    if (cdmfs_migrate(buf, PAGE, "cdm0", NULL) != 0)
+        die("migrate to cdm0");
+    EXPECT("mixed", cdmfs_where(buf, where_buf, sizeof where_buf));
+    munmap(buf, len);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     if (argc >= 6 && !strcmp(argv[1], "seed"))
@@ -264,6 +283,8 @@ int main(int argc, char **argv)
         return split(argv[2], argv[3], argv[4]);
     if (argc == 4 && !strcmp(argv[1], "errors"))
         return errors(argv[2], argv[3]);
-    fprintf(stderr, "usage: capi seed MOUNT REGION DEVICE NPAGES [FIRST_TARGET] | split MOUNT R1 R2 | errors MOUNT R\n");
+    if (argc == 4 && !strcmp(argv[1], "unpriv"))
+        return unpriv(argv[2], argv[3]);
+    fprintf(stderr, "usage: capi seed MOUNT REGION DEVICE NPAGES [FIRST_TARGET] | split MOUNT R1 R2 | errors MOUNT R | unpriv MOUNT R\n");
     return 1;
 }
