@@ -272,8 +272,16 @@ class Region:
         and as the C API spells them ``cdm0`` for a coherent device's node and
         ``cpu`` for system RAM, see ``Mount.target``):
         ``{"requested": n, "migrated": n, "skipped": n, "holes": [(first, last, "-EBUSY")]}``."""
-        target = self.mount.target(target)
-        return parse_migrate(transact(os.path.join(self.path, "migrate"), f"{start} {length} {target}\n"))
+        path = os.path.join(self.path, "migrate")
+        if target == "cpu":
+            target = self.mount.target(target)
+        try:
+            return parse_migrate(transact(path, f"{start} {length} {target}\n"))
+        except OSError as e:            # not a word of the file: a coherent device's name?
+            word = self.mount.target(target) if e.errno == errno.EINVAL else target
+            if word == target:
+                raise
+            return parse_migrate(transact(path, f"{start} {length} {word}\n"))
 
     def prefetch(self, start: int, length: int, target: str) -> None:
         """Asks for [start, start+length) to move to target ahead of use

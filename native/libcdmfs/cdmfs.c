@@ -343,8 +343,9 @@ static int in_nodelist(const char *list, long nid)
 }
 
 /* A target as the mount's migrate file spells it: "cpu" is the first node
- * with CPUs and memory, a coherent device's name is its node; the rest as is. */
-static int mount_target(const struct piece *p, const char *target, char *out, size_t size)
+ * with CPUs and memory, with `coherent` a coherent device's name is its node
+ * (a look-up: migrate tries the word as it is first); the rest as is. */
+static int mount_target(const struct piece *p, const char *target, char *out, size_t size, int coherent)
 {
     if (!is_word(target))
         return fail(EINVAL, "bad target \"%s\"", target ? target : "(null)");
@@ -377,7 +378,7 @@ static int mount_target(const struct piece *p, const char *target, char *out, si
         }
         return fail(ENODEV, "no node has both CPUs and memory");
     }
-    if (!strchr(target, ':') && !isdigit((unsigned char)target[0]) && !strchr(target, '/')) {
+    if (coherent && !strchr(target, ':') && !isdigit((unsigned char)target[0]) && !strchr(target, '/')) {
         char dev[PATH_MAX + 128];
         snprintf(dev, sizeof dev, "devices/%s/type", target);
         if (mount_file(path, sizeof path, p, dev) < 0)
@@ -535,7 +536,7 @@ API int cdmfs_device_access(const char *device, int op, void *addr, size_t len, 
         rc = parse_access(answer, &sum, p->len, i == 0);
     }
     free(pieces);
-    if (rc == 0 && res)
+    if (res)
         *res = sum;
     return rc;
 }
@@ -558,13 +559,25 @@ static int resolve_pages(void *addr, size_t len, struct piece **pieces)
 static int migrate_piece(const struct piece *p, const char *target, struct cdmfs_migrate_result *sum)
 {
     char path[PATH_MAX + 128], tgt[256], req[512], answer[4096];
-    if (mount_target(p, target, tgt, sizeof tgt) < 0)
+    if (mount_target(p, target, tgt, sizeof tgt, 0) < 0)
         return -1;
     if (region_file(path, sizeof path, p, "migrate") < 0)
         return -1;
     snprintf(req, sizeof req, "%" PRIu64 " %" PRIu64 " %s\n", p->off, p->len, tgt);
-    if (transact(path, req, answer, sizeof answer) < 0)
-        return fail(errno, "migrate %s of %s to %s: %s", req, p->name, tgt, strerror(errno));
+    int rc = transact(path, req, answer, sizeof answer);
+    if (rc < 0 && errno == EINVAL) {        /* not a word of the file: a coherent device's name? */
+        char node[256];
+        if (mount_target(p, target, node, sizeof node, 1) == 0 && strcmp(node, tgt)) {
+            snprintf(tgt, sizeof tgt, "%s", node);
+            snprintf(req, sizeof req, "%" PRIu64 " %" PRIu64 " %s\n", p->off, p->len, tgt);
+            rc = transact(path, req, answer, sizeof answer);
+        } else {
+            errno = EINVAL;
+        }
+    }
+    if (rc < 0)
+        return fail(errno, "migrate %" PRIu64 " %" PRIu64 " of %s to %s: %s", p->off, p->len, p->name, tgt,
+                    strerror(errno));
     uint64_t v[3] = {0, 0, 0};
     static const char *const keys[] = {"requested ", "migrated ", "skipped "};
     for (const char *line = answer; *line; line = strchr(line, '\n') ? strchr(line, '\n') + 1 : "")
@@ -641,7 +654,7 @@ API int cdmfs_prefetch(void *addr, size_t len, const char *target)
     for (int i = 0; i < n && rc == 0; i++) {
         char tgt[256], advice[300];
         struct cdmfs_migrate_result ignored = {0, 0, 0};
-        if ((rc = mount_target(&pieces[i], target, tgt, sizeof tgt)) < 0)
+        if ((rc = mount_target(&pieces[i], target, tgt, sizeof tgt, 1)) < 0)
             break;
         snprintf(advice, sizeof advice, "prefetch:%s", tgt);
         rc = advise_piece(&pieces[i], advice);

@@ -9,7 +9,9 @@
  * devices/DEV/access, regions/NAME/migrate, regions/NAME/advise,
  * regions/NAME/pagemap.  A range over several mappings or regions is split
  * into one request per piece (contiguous mappings of one region are one
- * piece); the whole range is checked before the first request is sent.
+ * piece); the whole range is checked before the first request is sent, and
+ * the pieces run in address order: a failure stops at its piece, the work of
+ * the pieces before it stays done (and counted in the result, if any).
  *
  * Errors: -1 and errno, as system calls do; cdmfs_last_error() gives this
  * thread's last failure as a sentence.  Common to every call:
@@ -22,6 +24,10 @@
  *   other   what the control file answered (EIO, ENOMEM, EBUSY, ...)
  * A length of 0 does nothing and succeeds.  The library keeps no state and
  * is safe to call from several threads.
+ *
+ * The mapping may be the program's own (mmap of MOUNT/regions/NAME/data) or
+ * made for it (`cdmfs run`); the library keeps nothing between calls, so
+ * mappings may come and go.
  *
  * Build:  cc prog.c $(cdmfs capi --cflags) $(cdmfs capi --libs)
  */
