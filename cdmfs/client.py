@@ -16,6 +16,7 @@ from typing import Iterator, Optional
 
 from .lib import bitmap
 
+PAGE_SIZE = 4096
 NODE_DIR = "sys/devices/system/node"
 MEMORY_DIR = "sys/devices/system/memory"
 WEIGHTS_DIR = "sys/kernel/mm/mempolicy/weighted_interleave"
@@ -267,9 +268,63 @@ class Region:
         return _kv(_read(os.path.join(self.path, "stat")))
 
     def migrate(self, start: int, length: int, target: str) -> dict:
-        """Migrates [start, start+length) to target (``1``, ``node:1``, ``gpu0``):
+        """Migrates [start, start+length) to target (``1``, ``node:1``, ``gpu0``,
+        and as the C API spells them ``cdm0`` for a coherent device's node and
+        ``cpu`` for system RAM, see ``Mount.target``):
         ``{"requested": n, "migrated": n, "skipped": n, "holes": [(first, last, "-EBUSY")]}``."""
-        return parse_migrate(transact(os.path.join(self.path, "migrate"), f"{start} {length} {target}\n"))
+        path = os.path.join(self.path, "migrate")
+        if target == "cpu":
+            target = self.mount.target(target)
+        try:
+            return parse_migrate(transact(path, f"{start} {length} {target}\n"))
+        except OSError as e:            # not a word of the file: a coherent device's name?
+            word = self.mount.target(target) if e.errno == errno.EINVAL else target
+            if word == target:
+                raise
+            return parse_migrate(transact(path, f"{start} {length} {word}\n"))
+
+    def prefetch(self, start: int, length: int, target: str) -> None:
+        """Asks for [start, start+length) to move to target ahead of use
+        (``prefetch:TARGET`` advice, as cudaMemPrefetchAsync); where the mount
+        does not take that advice yet, migrates now.  As cdmfs_prefetch()."""
+        target = self.mount.target(target)
+        try:
+            self.advise(start, length, f"prefetch:{target}")
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            self.migrate(start, length, target)
+
+    def where(self, offset: int) -> str:
+        """Where the page holding byte ``offset`` lives, as cdmfs_where() says
+        it: ``node:N``, a device's name for its private memory (``gpu0``),
+        ``none`` (never touched) or ``poisoned``.  Frames are root's to see:
+        for anyone else the answer comes from numa_maps, and PermissionError
+        when the page's policy range holds pages in more than one place."""
+        if not 0 <= offset < self.size:
+            raise ValueError(f"offset {offset} is outside region {self.name}")
+        entry = self.pagemap(offset // PAGE_SIZE, 1)[0]
+        if not entry & (PM_PRESENT | PM_SWAP):
+            return "none"
+        if os.geteuid() != 0:
+            return self._where_from_numa_maps(offset, bool(entry & PM_PRESENT))
+        if pagemap_swap_type(entry) == SWP_HWPOISON:
+            return "poisoned"
+        pfn = pagemap_pfn(entry)
+        if entry & PM_PRESENT:
+            return f"node:{self.mount.node_of_pfn(pfn)}"
+        return self.mount.device_of_pfn(pfn)
+
+    def _where_from_numa_maps(self, offset: int, present: bool) -> str:
+        line = [e for e in self.numa_maps if e["start"] <= offset][-1]
+        places = ([f"node:{n}" for n, c in line["nodes"].items() if c] if present
+                  else [d for d, c in line["private"].items() if c])
+        poisoned = 0 if present else self.stat.get("poisoned", 0)
+        if not present and not places and poisoned:
+            return "poisoned"
+        if len(places) != 1 or poisoned:
+            raise PermissionError(errno.EACCES, "only root sees where this page is (pagemap frames)")
+        return places[0]
 
     def mbind(self, start: int, length: int, policy: str, move: bool = False, strict: bool = False) -> None:
         """mbind(2) of [start, start+length) (bytes): ``policy`` for that range
@@ -467,6 +522,43 @@ class Mount:
 
     def device(self, name: str) -> Device:
         return Device(self, name)
+
+    def target(self, word: str) -> str:
+        """A migration target as the ``migrate`` file takes it: ``cpu`` is
+        system RAM (the first node with CPUs and memory), a coherent device's
+        name its node (``cdm0`` -> ``node:1``); other words as they are."""
+        if word == "cpu":
+            d = os.path.join(self.path, NODE_DIR)
+            cpus = bitmap.parse_nodelist(_read(os.path.join(d, "has_cpu")))
+            memory = bitmap.parse_nodelist(_read(os.path.join(d, "has_memory")))
+            both = sorted(set(cpus) & set(memory))
+            if not both:
+                raise OSError(errno.ENODEV, "no node has both CPUs and memory")
+            return f"node:{both[0]}"
+        if ":" not in word and not word.isdigit() and "/" not in word:
+            dev = os.path.join(self.path, "devices", word)
+            with contextlib.suppress(OSError):
+                if _read(os.path.join(dev, "type")).strip() == "coherent":
+                    return f"node:{int(_read(os.path.join(dev, 'node')))}"
+        return word
+
+    def node_of_pfn(self, pfn: int) -> int:
+        """The node whose memory blocks hold frame ``pfn``."""
+        block = pfn * PAGE_SIZE // self.block_size
+        for nid in self.nodes:
+            if os.path.lexists(os.path.join(self.path, NODE_DIR, f"node{nid}", f"memory{block}")):
+                return nid
+        raise LookupError(f"frame {pfn:#x} is in no node's memory blocks")
+
+    def device_of_pfn(self, pfn: int) -> str:
+        """The device whose private memory holds frame ``pfn``."""
+        for name in self.devices:
+            dev = self.device(name)
+            if _read(os.path.join(dev.path, "type")).strip() == "private":
+                start, end = dev.resource
+                if start <= pfn * PAGE_SIZE <= end:
+                    return name
+        raise LookupError(f"frame {pfn:#x} is in no device's private memory")
 
     @property
     def devices(self) -> list[str]:

@@ -50,6 +50,17 @@ def cmd_demo(args: argparse.Namespace) -> None:
         raise CliError(f"the demo failed: {e}") from None
 
 
+def cmd_capi(args: argparse.Namespace) -> None:
+    from . import capi
+    if args.paths:
+        capi.cflags()                   # fails with a message if they are missing
+        print(f"{capi.header()}\n{capi.library()}")
+        return
+    both = not (args.cflags or args.libs)
+    words = ([capi.cflags()] if args.cflags or both else []) + ([capi.libs()] if args.libs or both else [])
+    print(" ".join(words))
+
+
 class _IntermixedParser(argparse.ArgumentParser):
     """Lets options and positionals mix, as getopt does (``numastat MNT -m REGION``)."""
 
@@ -234,6 +245,14 @@ def parser() -> argparse.ArgumentParser:
     dv.add_argument("name", help="the device (as in MOUNT/devices)")
     dv.add_argument("state", choices=("online", "offline"))
     dv.set_defaults(func=cmd_device)
+
+    c = sub.add_parser("capi", help="how to build a C program against the C API (cdmfs.h, libcdmfs.so)",
+                       description="Prints the compiler and linker flags of the C API: "
+                                   "cc prog.c $(cdmfs capi --cflags) $(cdmfs capi --libs)")
+    c.add_argument("--cflags", action="store_true", help="the compiler flags (-I the folder of cdmfs.h)")
+    c.add_argument("--libs", action="store_true", help="the linker flags (-L, run path, -lcdmfs)")
+    c.add_argument("--paths", action="store_true", help="the header's and the library's paths, one a line")
+    c.set_defaults(func=cmd_capi)
 
     d = sub.add_parser("demo", help="mount in a temporary folder and run a short workload")
     d.set_defaults(func=cmd_demo)
