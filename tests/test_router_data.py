@@ -353,7 +353,7 @@ def test_stat_counters_match_the_python_path(rm, monkeypatch):
         return delta(st1, st0)
 
     routed = run(rm)
-    monkeypatch.delenv("CDMFS_ROUTER", raising=False)
+    monkeypatch.setenv("CDMFS_ROUTER", "0")
     with cdmfs.mounted(SMALL_CONFIG) as plain:
         assert not os.path.exists(os.path.join(plain.path, "sys/kernel/debug/cdmfs/router"))
         direct = run(plain)

@@ -125,7 +125,7 @@ def serve(mountpoint: str, topo: Topology, allow_other: bool = False,
           ready: Optional[Callable[[], None]] = None, use_router: Optional[bool] = None) -> None:
     """Mounts and serves until unmounted or signalled (SIGINT/SIGTERM unmount cleanly).
     use_router: mount through the C router (fs/router.py); None: as
-    CDMFS_ROUTER says (off by default)."""
+    CDMFS_ROUTER says, else for root only (router.enabled)."""
     import pyfuse3
     import trio
 

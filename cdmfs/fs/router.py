@@ -21,9 +21,10 @@ router and read here from a second socket (``serve_side``, a trio task of
 the daemon); each is decoded, given to the Filesystem's method of the same
 name (ops.lseek, ops.fallocate) and answered with cdm_router_reply().
 
-Switched on by ``cdmfs mount --router`` or CDMFS_ROUTER=1 in the daemon's
-environment (``cdmfs.mounted()`` and ``cdmfs bench`` pass it on); off by
-default.  Needs root (mount(2), and socket buffers beyond net.core.wmem_max).
+On by default for root (it needs mount(2), and socket buffers beyond
+net.core.wmem_max); other users mount through libfuse as before.
+``cdmfs mount --router/--no-router`` or CDMFS_ROUTER=1/0 in the daemon's
+environment (``cdmfs.mounted()`` and ``cdmfs bench`` pass it on) choose.
 """
 from __future__ import annotations
 
@@ -62,10 +63,17 @@ SIDE_BUFSIZE = 1 << 17                       # a side-channel request is small (
 
 
 def enabled(flag: Optional[bool] = None) -> bool:
-    """Whether to route: the flag when given, else CDMFS_ROUTER (1/yes/on/true)."""
+    """Whether to route: the flag when given, else CDMFS_ROUTER (1/yes/on/true
+    or 0/no/off/false), else whether we are root (the router mounts with
+    mount(2); other users mount through libfuse's fusermount3)."""
     if flag is not None:
         return flag
-    return os.environ.get(ENV, "").strip().lower() in ("1", "yes", "on", "true")
+    value = os.environ.get(ENV, "").strip().lower()
+    if value in ("1", "yes", "on", "true"):
+        return True
+    if value in ("0", "no", "off", "false"):
+        return False
+    return os.geteuid() == 0
 
 
 class RouterError(OSError):

@@ -215,8 +215,9 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--config", metavar="FILE", help="topology TOML (default: the embedded one)")
     m.add_argument("--foreground", action="store_true", help="serve in this process")
     m.add_argument("--allow-other", action="store_true", help="let other users access the mount")
-    m.add_argument("--router", action="store_true", default=None,
-                   help="serve through the C request router (experimental; also CDMFS_ROUTER=1; needs root)")
+    m.add_argument("--router", action=argparse.BooleanOptionalAction, default=None,
+                   help="serve through the C request router (the default for root; "
+                        "also CDMFS_ROUTER=1/0)")
     m.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS,
                    help="log at this level (default: warnings); also to stderr when given")
     m.add_argument("--log-file", metavar="FILE",
