@@ -579,6 +579,11 @@ void cdm_copy_frames(struct cdm_machine *m, const uint64_t *src, const uint64_t 
  * Blocks while the kernel writes dirty pages back.  0, or -errno (-ENOENT:
  * the kernel has nothing cached for the inode). */
 int cdm_fuse_inval(int fd, uint64_t ino, int64_t off, int64_t len);
+/* Writes back the dirty pages of bytes [off, off + len) of the file open as
+ * fd and waits for them (sync_file_range): the kernel sends them in WRITEs
+ * of up to max_pages each, where the invalidation that follows would write
+ * ("launder") each dirty page in a WRITE of its own.  0 or -errno. */
+int cdm_fuse_writeback(int fd, int64_t off, int64_t len);
 
 /*
  * The request router (router.c): owns /dev/fuse and forwards every request

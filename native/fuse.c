@@ -1,9 +1,11 @@
 /* fuse.c — the raw FUSE_NOTIFY_INVAL_INODE write on /dev/fuse (the message
- * the kernel's fs/fuse/dev.c reads in fuse_notify_inval_inode()). */
+ * the kernel's fs/fuse/dev.c reads in fuse_notify_inval_inode()), and the
+ * range write-back that goes before it. */
 #define _GNU_SOURCE
 #include "cdmcore.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
 #include <sys/uio.h>
@@ -35,4 +37,12 @@ int cdm_fuse_inval(int fd, uint64_t ino, int64_t off, int64_t len)
     if (n < 0)
         return -errno;
     return n == (ssize_t)sizeof(msg) ? 0 : -EIO;
+}
+
+int cdm_fuse_writeback(int fd, int64_t off, int64_t len)
+{
+    if (sync_file_range(fd, off, len, SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE |
+                        SYNC_FILE_RANGE_WAIT_AFTER) < 0)
+        return -errno;
+    return 0;
 }

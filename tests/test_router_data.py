@@ -359,3 +359,27 @@ def test_stat_counters_match_the_python_path(rm, monkeypatch):
         direct = run(plain)
     assert routed["writebacks"] == direct["writebacks"] == 2
     assert routed["cpu_faults"] == direct["cpu_faults"] > 0
+
+
+def test_migration_writes_dirty_pages_back_in_large_writes(rm):
+    """Migrating mapped, dirty pages: the daemon writes the batch back
+    (sync_file_range) before it invalidates, so the kernel sends a few
+    large WRITEs instead of laundering each dirty page in a WRITE of its
+    own; every byte arrives on gpu0."""
+    n = 512                                      # one 2 MiB batch
+    r = rm.region("dirty", n * PAGE)
+    mm = r.mmap()
+    try:
+        data = pattern(n, 9)
+        mm[:] = data                            # dirty in the page cache, never synced
+        st0 = r.stat
+        res = r.migrate(0, n * PAGE, "gpu0")
+        assert res["migrated"] == n
+        d = delta(r.stat, st0)
+        assert 0 < d["writebacks"] <= 8, d
+        assert r.stat["private:gpu0"] == n
+        assert mm[:] == data                    # faulted back, intact
+    finally:
+        mm.close()
+    check_ok(rm)
+    r.remove()

@@ -143,6 +143,7 @@ def serve(mountpoint: str, topo: Topology, allow_other: bool = False,
     proc.build(tree, machine)
     devices.build(tree, machine, dmirror.probe(machine))
     ops = Filesystem(machine, tree, regions)
+    ops.mountpoint = os.path.realpath(mountpoint)
     options = set(pyfuse3.default_options) | {"fsname=cdmfs", "subtype=cdmfs"}
     if allow_other:
         options.add("allow_other")

@@ -38,6 +38,7 @@ TIMEOUT = 300.0           # entries and attributes change only through us
 WAITING_RUNS = 8
 WAITING_QUEUE = 1024
 INODES = 1 << 20          # statfs's total inodes (more when more exist)
+WRITEBACK_MIN_PAGES = 16  # an invalidation this long writes the range back first
 RELATIME_NS = 24 * 3600 * 10**9
 RENAME_NOREPLACE = 1      # renameat2(2)'s flags
 SEEK_DATA, SEEK_HOLE = 3, 4
@@ -143,6 +144,7 @@ class Filesystem(pyfuse3.Operations):
         self.uid, self.gid = os.getuid(), os.getgid()
         self.mount_ns = time.time_ns()
         self.fuse_fd: Optional[int] = None
+        self.mountpoint: Optional[str] = None   # where it is mounted (set by the daemon)
         # Mounted through the router (fs/router.py): INIT lost
         # FUSE_AUTO_INVAL_DATA there, so a data file's mtime may move.
         self.routed = False
@@ -548,9 +550,31 @@ class Filesystem(pyfuse3.Operations):
         with region.hold():
             # Forget the belief first: a fault racing the invalidation sets it again.
             lib.cdm_region_uncache(self.machine.core, region.core, first, npages)
-            rc = await trio.to_thread.run_sync(
-                lib.cdm_fuse_inval, self.fuse_fd, ino, first * PAGE_SIZE, npages * PAGE_SIZE,
-                limiter=self.unmap_threads)
+            rc = await trio.to_thread.run_sync(self._write_back_and_invalidate, region, ino, first,
+                                               npages, limiter=self.unmap_threads)
             if rc not in (0, -errno.ENOENT):
                 raise OSError(-rc, "invalidating the CPU's copies failed")
             region.invalidations += 1
+
+    def _write_back_and_invalidate(self, region: Region, ino: int, first: int, npages: int) -> int:
+        """In a worker thread.  The kernel's invalidation writes each dirty
+        page back in a WRITE of its own (fuse_launder_folio); a range
+        write-back first sends them in WRITEs of up to max_pages (a few times
+        faster for a batch of dirty pages).  It needs a descriptor of the
+        data file: opened through the mount, checked to be this inode, and
+        skipped (the invalidation launders instead) if anything is amiss."""
+        off, length = first * PAGE_SIZE, npages * PAGE_SIZE
+        if self.mountpoint and npages >= WRITEBACK_MIN_PAGES:
+            path = os.path.join(self.mountpoint, "regions", region.name, "data")
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            except OSError:
+                fd = -1
+            if fd >= 0:
+                try:
+                    st = os.fstat(fd)
+                    if st.st_ino == ino and st.st_dev == os.stat(self.mountpoint).st_dev:
+                        lib.cdm_fuse_writeback(fd, off, length)
+                finally:
+                    os.close(fd)
+        return lib.cdm_fuse_inval(self.fuse_fd, ino, off, length)
