@@ -664,6 +664,7 @@ struct cdm_router_stats {
     uint64_t spin_hits;     /* requests a reader found while spinning */
     uint64_t spin_misses;   /* spins that ended with nothing: the reader slept */
     uint64_t sleeps;        /* times a reader slept in poll() */
+    uint64_t spin_replies;  /* Python's replies a spinning reader delivered */
 };
 
 struct cdm_router;

@@ -129,6 +129,7 @@ struct cdm_router {
     int started;
     pthread_t reply_thread, notify_thread;
     uint32_t nreaders;      /* request threads (cdm_router_tune) */
+    uint64_t last_reply_ns; /* when a reply was last delivered (atomic) */
     uint64_t spin_ns;       /* their longest spin */
     struct reader {
         struct cdm_router *r;
@@ -387,6 +388,13 @@ static struct data_map **data_slot(struct cdm_router *r, uint64_t nodeid)
     return p;
 }
 
+static uint64_t mono_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
 static uint64_t now_ns(void)
 {
     struct timespec ts;
@@ -521,12 +529,7 @@ int cdm_router_data_times(struct cdm_router *r, uint64_t nodeid, uint64_t *read_
     return d ? 0 : -ENOENT;
 }
 
-static uint64_t mono_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
-}
+static void deliver(struct cdm_router *r, unsigned char *buf, size_t n, int truncated);
 
 /*
  * A reader: reads requests from its descriptor, serves what the core can and
@@ -535,7 +538,9 @@ static uint64_t mono_ns(void)
  * while (spinning) before it sleeps in poll().  The window adapts: it
  * doubles (up to spin_ns) when a spin finds a request and halves (down to
  * a sixteenth of it) when one ends empty, so that requests that come in
- * quick succession are met awake and a quiet mount costs little CPU.
+ * quick succession are met awake and a quiet mount costs little CPU.  The
+ * window runs from the last request read or reply delivered (the requester
+ * runs again then), and a spinning reader delivers Python's replies itself.
  */
 static void *request_loop(void *arg)
 {
@@ -577,7 +582,21 @@ static void *request_loop(void *arg)
         if (n < 0) {
             int err = errno;
             if (err == EAGAIN) {
-                if (window && mono_ns() - last < window) {
+                uint64_t since = __atomic_load_n(&r->last_reply_ns, __ATOMIC_RELAXED);
+                if (since < last)
+                    since = last;
+                if (window && mono_ns() - since < window) {
+                    /* Awake anyway: deliver Python's replies too, sparing
+                     * the reply thread's wake-up. */
+                    struct iovec iov = {out, DEFAULT_BUFSIZE};
+                    struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1};
+                    ssize_t m = recvmsg(r->sock, &mh, MSG_DONTWAIT);
+                    if (m > 0) {
+                        __atomic_add_fetch(&r->stats.spin_replies, 1, __ATOMIC_RELAXED);
+                        deliver(r, out, (size_t)m, mh.msg_flags & MSG_TRUNC);
+                        if (window * 2 <= spin_max)
+                            window *= 2;
+                    }
                     spinning = 1;
                     continue;
                 }
@@ -677,6 +696,44 @@ static void queue_note(struct cdm_router *r, const unsigned char *msg, size_t le
     pthread_mutex_unlock(&r->lock);
 }
 
+/* A message of Python's side (n bytes in buf, truncated if longer than it):
+ * a reply goes to the descriptor its request came from, a notification to
+ * the notifier.  From the reply thread, or a reader that found it while
+ * spinning. */
+static void deliver(struct cdm_router *r, unsigned char *buf, size_t n, int truncated)
+{
+    if (n < sizeof(struct fuse_out_header))
+        return;
+    const struct fuse_out_header *oh = (const void *)buf;
+    uint64_t unique = oh->unique;
+    if (unique == 0) {
+        if (!truncated)
+            queue_note(r, buf, n);
+        return;
+    }
+    if (unique & FUSE_INT_REQ_BIT) {
+        /* An INTERRUPT's answer (EAGAIN, ENOSYS): for the kernel's
+         * queue of the request it interrupts; one descriptor so far. */
+        write_fuse(r, r->fuse_fd, buf, n);
+        return;
+    }
+    struct entry e = {0, r->fuse_fd, 0};
+    pthread_mutex_lock(&r->lock);
+    int known = table_remove(r, unique, &e);
+    r->stats.replies++;
+    pthread_mutex_unlock(&r->lock);
+    if (truncated) {
+        /* A reply longer than any request allows: the kernel would refuse it. */
+        reply_error(r, e.fd, unique, EIO);
+        return;
+    }
+    if (known && e.opcode == FUSE_INIT)
+        record_init_reply(r, buf, n);
+    write_fuse(r, e.fd, buf, n);
+    /* The requester runs again: its next request may follow at once. */
+    __atomic_store_n(&r->last_reply_ns, mono_ns(), __ATOMIC_RELAXED);
+}
+
 static void *reply_loop(void *arg)
 {
     struct cdm_router *r = arg;
@@ -686,38 +743,11 @@ static void *reply_loop(void *arg)
         struct iovec iov = {buf, bufsize};
         struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1};
         ssize_t n = recvmsg(r->sock, &mh, 0);
-        if (n < 0 && errno == EINTR)
+        if (n < 0 && (errno == EINTR || errno == EAGAIN))
             continue;
         if (n <= 0)
             break;   /* the end of Python's side, or stopping */
-        if ((size_t)n < sizeof(struct fuse_out_header))
-            continue;
-        const struct fuse_out_header *oh = (const void *)buf;
-        uint64_t unique = oh->unique;
-        if (unique == 0) {
-            if (!(mh.msg_flags & MSG_TRUNC))
-                queue_note(r, buf, (size_t)n);
-            continue;
-        }
-        if (unique & FUSE_INT_REQ_BIT) {
-            /* An INTERRUPT's answer (EAGAIN, ENOSYS): for the kernel's
-             * queue of the request it interrupts; one descriptor so far. */
-            write_fuse(r, r->fuse_fd, buf, (size_t)n);
-            continue;
-        }
-        struct entry e = {0, r->fuse_fd, 0};
-        pthread_mutex_lock(&r->lock);
-        int known = table_remove(r, unique, &e);
-        r->stats.replies++;
-        pthread_mutex_unlock(&r->lock);
-        if (mh.msg_flags & MSG_TRUNC) {
-            /* A reply longer than any request allows: the kernel would refuse it. */
-            reply_error(r, e.fd, unique, EIO);
-            continue;
-        }
-        if (known && e.opcode == FUSE_INIT)
-            record_init_reply(r, buf, (size_t)n);
-        write_fuse(r, e.fd, buf, (size_t)n);
+        deliver(r, buf, (size_t)n, mh.msg_flags & MSG_TRUNC);
     }
     free(buf);
     python_gone(r);

@@ -10,6 +10,7 @@ bounds.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -20,9 +21,10 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 from ..client import Mount, mounted
+from ..fs import router
 from ..fs.daemon import daemon_rss
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -73,6 +75,53 @@ def first_touch(driver: str, path: str, size: int, mode: str) -> float:
     out = subprocess.run([driver, path, str(size), mode], capture_output=True, text=True, check=True)
     pages, seconds = out.stdout.split()
     return int(pages) / float(seconds)
+
+
+def re_fault(driver: str, path: str, size: int) -> float:
+    """Pages per second of random faults on pages already placed: the file
+    is written, its page cache dropped, then every page faulted again."""
+    with open(path, "wb") as f:
+        chunk = b"\1" * (4 * MB)
+        for _ in range(size // len(chunk)):
+            f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    out = subprocess.run([driver, path, str(size), "random"], capture_output=True, text=True, check=True)
+    pages, seconds = out.stdout.split()
+    return int(pages) / float(seconds)
+
+
+def control_latency(m: Mount, n: int = 200) -> float:
+    """Median seconds of one Python-served control request: a ``migrate``
+    transaction of one page (open, write, read, release), to gpu0 and back."""
+    r = m.region("bench-ctl", PAGE)
+    try:
+        with open(r.data, "r+b") as f:
+            f.write(b"\1" * PAGE)
+        xs = []
+        for i in range(n):
+            t = time.perf_counter()
+            r.migrate(0, PAGE, "gpu0" if i % 2 == 0 else "node:0")
+            xs.append(time.perf_counter() - t)
+        return statistics.median(xs)
+    finally:
+        r.remove()
+
+
+@contextlib.contextmanager
+def environment(**values: str) -> Iterator[None]:
+    """os.environ with values set (the daemon a mount starts inherits them)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def memcpy_rate(nbytes: int) -> float:
@@ -274,6 +323,22 @@ def run(quick: bool = False, json_path: Optional[str] = None) -> list[Row]:
             if floor_proc:
                 rows.append(Row(label, "MB/s", seq, FLOOR,
                                 [x * PAGE / MB for x in reps_of("pyfuse3 floor sequential", on_floor("seq"))]))
+            label = f"CPU re-fault of placed pages, random 4 KiB, {touch_size // MB} MiB"
+            def refault_region() -> float:
+                r = m.region("bench-refault")
+                try:
+                    return re_fault(driver, r.data, touch_size)
+                finally:
+                    r.remove()
+            refault = reps_of("cdmfs re-fault", refault_region)
+            if have_bindfs:
+                def refault_bindfs() -> float:
+                    path = os.path.join(bindfs, "f")
+                    try:
+                        return re_fault(driver, path, touch_size)
+                    finally:
+                        os.unlink(path)
+                rows.append(Row(label, "faults/s", refault, "bindfs", reps_of("bindfs re-fault", refault_bindfs)))
             fb = reps_of("fault-back from gpu0", lambda: fault_back_rate(m, driver, mig_size))
             rows.append(Row("CPU fault-back from gpu0, random 4 KiB", "faults/s", fb,
                             "cdmfs random first touch", random))
@@ -296,6 +361,30 @@ def run(quick: bool = False, json_path: Optional[str] = None) -> list[Row]:
                                 "MB/s", dirty, "memcpy", cpy))
                 dev = [x / MB for x in reps_of("device read", lambda: device_read_rate(fresh, mig_size))]
                 rows.append(Row("gpu0 read of 64 MiB in its own memory", "MB/s", dev, "memcpy", cpy))
+            routed = router.enabled()
+            if routed:
+                # The router's settings (fs/router.py): each variant on a mount of its own.
+                default = f"{router.READERS} reader, {router.SPIN_US} us spin"
+                for readers, spin in ((1, 0), (2, router.SPIN_US)):
+                    with environment(**{router.READERS_ENV: str(readers), router.SPIN_ENV: str(spin)}):
+                        with mounted() as tuned:
+                            def on_tuned() -> float:
+                                r = tuned.region("bench-touch")
+                                try:
+                                    return first_touch(driver, r.data, touch_size, "random")
+                                finally:
+                                    r.remove()
+                            variant = reps_of(f"first touch, {readers} readers, {spin} us spin", on_tuned)
+                    rows.append(Row(f"CPU first touch, random 4 KiB, router with {readers} reader"
+                                    f"{'s' if readers > 1 else ''}, {spin} us spin", "faults/s", variant,
+                                    f"default ({default})", random))
+            ctl = [control_latency(m) * 1e6 for _ in reps_of("control request", lambda: 0.0)]
+            if routed:
+                with environment(**{router.ENV: "0"}):
+                    with mounted() as plain:
+                        ctl_plain = [control_latency(plain) * 1e6 for _ in range(reps)]
+                rows.append(Row("control request: migrate one page (open, write, read, close)", "us", ctl,
+                                "without the router", ctl_plain))
             emu = os.path.join(m.path, "sys/devices/system/node/node1/meminfo")
             host = "/sys/devices/system/node/node0/meminfo"
             lat = [read_latency(emu) * 1e6 for _ in reps_of("meminfo", lambda: 0.0)]

@@ -177,6 +177,10 @@ Each row is a median beside a reference measured in the same run on this machine
                             for attribute reads; also bindfs over a copy of it and the
                             floor's small attribute file
   cdmfs random first touch  cdmfs's own first-touch rate, for fault-back from gpu0
+  default (...)             the same with the router's default settings, for the rows
+                            of other settings (CDMFS_ROUTER_READERS, _SPIN_US; as root)
+  without the router        a mount with CDMFS_ROUTER=0 (every request in Python), for
+                            a control request that Python serves either way (as root)
   bytes touched             for the daemon's memory growth with a 1 TiB CDM node
 ratio = median / reference: for faults/s and MB/s higher is better (1.00x matches
 the reference); for us (latency) and MiB (memory) lower is better.
