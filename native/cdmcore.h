@@ -65,8 +65,11 @@
 #define CDM_PTE_DIRTY (1ULL << 58)     /* has been written since allocation */
 #define CDM_PTE_PRIVATE (1ULL << 57)   /* frame is device-private memory */
 #define CDM_PTE_MIGRATING (1ULL << 56) /* collected; CPU copies being invalidated */
+#define CDM_PTE_NUMA (1ULL << 55)      /* NUMA hinting (change_prot_numa): the CPU's copy was
+                                        * unmapped to sample accesses; the next CPU fault
+                                        * is a hinting fault, Python's (numa_balancing.c) */
 /* bit 48 is the core's own (PTE_NEW in internal.h: allocated by the call under
- * way, never left in an entry when a call returns); bits 49-55 are free for
+ * way, never left in an entry when a call returns); bits 49-54 are free for
  * later users (device mirror, access hints). */
 
 /* Pool flags */
@@ -344,7 +347,8 @@ int cdm_region_rw(struct cdm_machine *m, struct cdm_region *r, uint64_t off, uin
  * the pages placed, and served_reads or served_writes of the region (what
  * Python counts as cpu_faults and writebacks).  Returns the bytes copied,
  * -ENXIO (above), or -EAGAIN changing nothing: Python serves the request
- * (a page it must handle, no published plan, the range split between
+ * (a page it must handle -- a READ of a page marked CDM_PTE_NUMA is a NUMA
+ * hinting fault --, no published plan, the range split between
  * policies, no memory left, the fault-back log full).
  */
 int64_t cdm_region_serve(struct cdm_machine *m, struct cdm_region *r, uint64_t off, uint64_t len,
@@ -453,6 +457,32 @@ uint64_t cdm_region_mirror_pool(struct cdm_machine *m, struct cdm_region *r, uin
 
 /* Clears the CPU-mapped belief of n pages from first (after an invalidation). */
 void cdm_region_uncache(struct cdm_machine *m, struct cdm_region *r, uint64_t first, uint64_t n);
+
+/*
+ * NUMA hinting (numa_balancing.c; kernel/sched/fair.c task_numa_work and
+ * mm/mprotect.c change_prot_numa):
+ *
+ * numa_mark — sets CDM_PTE_NUMA on the pages of [first, first + n) the CPU
+ *            is believed to map (CDM_PTE_CPU) that sit in a pool whose bit
+ *            is set in pools and may move (not pinned, poisoned, locked,
+ *            collected or device-private), at most max of them; pages
+ *            already marked are left as they are and not counted.  *next
+ *            gets the page to go on from (after the last one marked when max
+ *            was reached, else the end of the range, clipped to npages).
+ *            Costs the pages present.  Returns the pages marked (the
+ *            kernel's numa_pte_updates).  The caller then invalidates the
+ *            CPU's copies of the marked pages: the next CPU access of one is
+ *            a FUSE READ, which cdm_region_serve leaves to Python (-EAGAIN),
+ *            the hinting fault.
+ * numa_take — for the hinting fault: copies the n entries from first to out
+ *            (as they were) and clears CDM_PTE_NUMA in them, under one hold
+ *            of the mutex, so that each hinting fault is taken once.  Returns
+ *            how many had it.
+ */
+uint64_t cdm_region_numa_mark(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
+                              uint64_t n, uint64_t pools, uint64_t max, uint64_t *next);
+uint64_t cdm_region_numa_take(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
+                              uint64_t n, uint64_t *out);
 
 /*
  * Migration, in the steps of migrate_vma (mm/migrate_device.c):

@@ -219,6 +219,9 @@ static int check_entry(struct region_scan *s, uint64_t i, uint64_t pte)
                         r->id, i, pte);
         return 0;
     }
+    if ((pte & CDM_PTE_NUMA) && (pte & CDM_PTE_PRIVATE))
+        return fail(c, "region %u page %" PRIu64 " is device-private with a NUMA hinting mark",
+                    r->id, i);
     int pool = pte_pool(pte);
     if (pool >= m->npools)
         return fail(c, "region %u page %" PRIu64 " is on pool %d of %d", r->id, i, pool, m->npools);

@@ -28,7 +28,7 @@ NUMA = {
 }
 FLAG_BITS = (lib.CDM_PTE_PRESENT | lib.CDM_PTE_CPU | lib.CDM_PTE_LOCKED | lib.CDM_PTE_PINNED
              | lib.CDM_PTE_POISONED | lib.CDM_PTE_DIRTY | lib.CDM_PTE_PRIVATE
-             | lib.CDM_PTE_MIGRATING)
+             | lib.CDM_PTE_MIGRATING | lib.CDM_PTE_NUMA)
 
 
 def proc_status_kib(key: str) -> int:
@@ -725,6 +725,50 @@ def test_serve_places_a_first_touch_by_the_published_plan(mach):
     assert lib.cdm_machine_set_plan(mach.m, lib.CDM_MAX_POLICIES, simple_plan(a).c) == -errno.EINVAL
     unsorted = ffi.new("uint64_t[]", [4, 2]), ffi.new("uint64_t[]", [6, 3]), ffi.new("int32_t[]", [0, 0])
     assert lib.cdm_region_set_policies(mach.m, r, 0, 2, *unsorted) == -errno.EINVAL
+    assert mach.check() == ""
+
+
+def test_numa_hinting_mark_leaves_the_read_to_python(mach):
+    """change_prot_numa in the core: numa_mark marks the CPU-mapped pages of
+    the pools asked for (not pinned ones, not unmapped ones), at most max,
+    and says where to go on; serve refuses a READ of a marked page (the
+    hinting fault is Python's) but still serves a WRITE and unmarked pages;
+    numa_take clears the mark once and reports the entries as they were."""
+    a, b = mach.add_pool(16), mach.add_pool(16)
+    r = mach.region(8)
+    lib.cdm_region_set_policies(mach.m, r, 0, 0, ffi.NULL, ffi.NULL, ffi.NULL)
+    lib.cdm_machine_set_plan(mach.m, 0, simple_plan(a).c)
+    assert serve(mach, r, 0, 6 * PAGE, a, b"h" * 6 * PAGE)[0] == 6 * PAGE
+    lib.cdm_region_uncache(mach.m, r, 5, 1)         # page 5: not CPU-mapped
+    assert lib.cdm_region_pin(mach.m, r, 4, 1, 1, 0, ffi.new("struct cdm_rw_result *")) == 0
+    nxt = ffi.new("uint64_t *")
+    # Only pool b's pages: none.
+    assert lib.cdm_region_numa_mark(mach.m, r, 0, 8, 1 << b, 100, nxt) == 0 and nxt[0] == 8
+    # At most 2, then on from page 2.
+    assert lib.cdm_region_numa_mark(mach.m, r, 0, 8, 1 << a, 2, nxt) == 2 and nxt[0] == 2
+    assert lib.cdm_region_numa_mark(mach.m, r, 0, 8, 1 << a, 100, nxt) == 2 and nxt[0] == 8
+    ptes = mach.ptes(r)
+    assert [bool(p & lib.CDM_PTE_NUMA) for p in ptes] == [True] * 4 + [False] * 4
+    assert mach.check() == ""
+    # A READ of a marked page: Python's, nothing changed; unmarked pages are served.
+    served = r.served_reads
+    assert serve(mach, r, 0, PAGE, a)[0] == -errno.EAGAIN
+    assert serve(mach, r, 3 * PAGE, 2 * PAGE, a)[0] == -errno.EAGAIN
+    assert mach.ptes(r) == ptes and r.served_reads == served
+    assert serve(mach, r, 4 * PAGE, 2 * PAGE, a) == (2 * PAGE, b"h" * 2 * PAGE)
+    # A WRITE (write(2), no hinting fault) is served and keeps the mark.
+    assert serve(mach, r, PAGE, PAGE, a, b"w" * PAGE)[0] == PAGE
+    assert mach.ptes(r, 1, 1)[0] & lib.CDM_PTE_NUMA
+    # The hinting fault takes the marks of its range, once.
+    out = ffi.new("uint64_t[]", 3)
+    assert lib.cdm_region_numa_take(mach.m, r, 0, 3, out) == 3
+    assert all(out[k] & lib.CDM_PTE_NUMA for k in range(3))
+    assert lib.cdm_region_numa_take(mach.m, r, 0, 3, out) == 0
+    assert serve(mach, r, 0, 2 * PAGE, a) == (2 * PAGE, b"h" * PAGE + b"w" * PAGE)
+    assert serve(mach, r, 3 * PAGE, PAGE, a)[0] == -errno.EAGAIN     # still marked
+    # Past the end: zero entries, nothing taken.
+    out = ffi.new("uint64_t[]", 4)
+    assert lib.cdm_region_numa_take(mach.m, r, 6, 4, out) == 0 and out[2] == 0 and out[3] == 0
     assert mach.check() == ""
 
 
