@@ -98,7 +98,7 @@ def parse_size(value: Any, key: str) -> int:
 @dataclass(frozen=True)
 class NodeSpec:
     id: int
-    kind: str                   # "sysram" | "cdm"
+    kind: str                   # "sysram" | "cdm" | "memory" (CPU-less, not isolated: CXL)
     size: int                   # bytes
     cpus: frozenset[int]
     isolated: bool
@@ -323,14 +323,14 @@ def _parse_nodes(raw: Any) -> list[NodeSpec]:
         if any(n.id == nid for n in nodes):
             raise ConfigError(f"{where}id: node {nid} is defined twice")
         kind = t.get("kind", "sysram")
-        if kind not in ("sysram", "cdm"):
-            raise ConfigError(f"{where}kind: expected \"sysram\" or \"cdm\", got {kind!r}")
+        if kind not in ("sysram", "cdm", "memory"):
+            raise ConfigError(f"{where}kind: expected \"sysram\", \"cdm\" or \"memory\", got {kind!r}")
         if "size" not in t:
             raise ConfigError(f"{where}size: missing")
         size = parse_size(t["size"], f"{where}size")
         cpus_raw = t.get("cpus", "")
-        if kind == "cdm" and cpus_raw not in ("", None):
-            raise ConfigError(f"{where}cpus: a cdm node has no CPUs")
+        if kind in ("cdm", "memory") and cpus_raw not in ("", None):
+            raise ConfigError(f"{where}cpus: a {kind} node has no CPUs")
         if cpus_raw == "all":
             cpus = host_cpus()
         elif isinstance(cpus_raw, str):

@@ -190,6 +190,9 @@ def serve(mountpoint: str, topo: Topology, allow_other: bool = False,
                 nursery.start_soon(on_router_end)
                 # FUSE_LSEEK, FUSE_FALLOCATE: pyfuse3 has no handlers.
                 nursery.start_soon(rt.serve_side, ops)
+            # The kernel's threads of automatic placement: the NUMA hinting
+            # scanner (task_numa_work); cancelled with the nursery at unmount.
+            nursery.start_soon(machine.balancing.run)
             if ready:
                 ready()
             await pyfuse3.main(min_tasks=MIN_TASKS, max_tasks=MAX_TASKS)

@@ -9,17 +9,28 @@ the pools where the core counts them.  A read takes one snapshot per pool
 pool), so the numbers of one pool agree with each other.
 
 What the emulator does not model reads 0: it has no page cache, swap, slab
-or kernel of its own, no huge pages, and no reclaim or NUMA balancing yet.
+or kernel of its own, no huge pages.  NUMA balancing and reclaim by demotion
+count their events in Python (mm/numa_balancing.py, mm/vmscan.py).
+
+``sys/kernel/numa_balancing`` and ``numa_balancing_promote_rate_limit_MBps``
+are the sysctls of the automatic placement; ``zoneinfo`` shows each node's
+zone with its watermarks (mm/vmstat.c zoneinfo_show_print()).
 """
 from __future__ import annotations
 
 from collections import Counter
 
 from .._core import lib
+from ..lib.kstrtox import INT_MAX, proc_dointvec
 from ..mm.machine import KB_PER_PAGE, Machine
 from . import formats
-from .sysfs.node import meminfo_kb, vmstat_values
+from .sysfs.node import NODE_EVENTS, meminfo_kb, vmstat_values
 from .tree import Attr, Tree
+
+#: vm events Python counts machine-wide (NumaBalancing.events, vmscan).
+PY_EVENTS = ("numa_pte_updates", "numa_hint_faults", "numa_hint_faults_local",
+             "numa_pages_migrated", "pgsteal_kswapd", "pgsteal_direct", "pgsteal_anon",
+             "pgscan_kswapd", "pgscan_direct", "pgscan_anon")
 
 #: vm events the core counts per pool, by their /proc/vmstat names.
 EVENTS = {
@@ -57,6 +68,11 @@ def vmstat(m: Machine) -> str:
         v["pgfree"] += c[lib.CDM_PGFREE]
         for name, index in EVENTS.items():
             v[name] += c[index]
+        events = m.nodes[nid].events
+        for name in NODE_EVENTS:
+            v[name] += events[name]
+    for name in PY_EVENTS:
+        v[name] += m.balancing.events[name]
     for priv in m.private.values():
         c = m.pool_stats(priv.pool).counters
         for name, index in EVENTS.items():
@@ -82,8 +98,60 @@ def meminfo(m: Machine) -> str:
     return formats.proc_meminfo(kb)
 
 
+def zoneinfo(m: Machine) -> str:
+    """``/proc/zoneinfo``: one populated zone per online node (Normal, or
+    Movable for CDM memory), its node's stats, its watermarks and sizes."""
+    wmarks = m.watermarks()
+    out = []
+    for nid, node in m.nodes.items():
+        if not node.online:
+            continue
+        pages, c = m.node_stats(nid)
+        v = vmstat_values(pages, c)
+        v.update({k: node.events[k] for k in NODE_EVENTS})
+        wm = wmarks[nid]
+        keys = formats.NODE_VMSTAT_KEYS
+        zone_keys = keys[:keys.index("numa_hit")]
+        numa_keys = keys[keys.index("numa_hit"):keys.index("nr_inactive_anon")]
+        node_keys = keys[keys.index("nr_inactive_anon"):]
+        lines = [f"Node {nid}, zone {zone_of(m, nid).capitalize():>8}", "  per-node stats"]
+        lines += [f"      {k:<12} {v.get(k, 0)}" for k in node_keys]
+        spanned = node.spec.npages
+        lines += [f"  pages free     {pages['free']}",
+                  "        boost    0",
+                  f"        min      {wm.min}",
+                  f"        low      {wm.low}",
+                  f"        high     {wm.high}",
+                  f"        promo    {wm.promo}",
+                  f"        spanned  {spanned}",
+                  f"        present  {pages['total']}",
+                  f"        managed  {pages['total']}",
+                  "        cma      0",
+                  "        protection: (0, 0, 0, 0, 0)"]
+        lines += [f"      {k:<12} {v.get(k, 0)}" for k in zone_keys + numa_keys]
+        lines += ["  pagesets",
+                  "  node_unreclaimable:  0",
+                  f"  start_pfn:           {node.spec.base_pfn}"]
+        out.append("\n".join(lines) + "\n")
+    return "".join(out)
+
+
+def sysctl(tree: Tree, d, name: str, get, put, lo: int, hi: int) -> None:
+    """A sysctl integer file (proc_dointvec_minmax): EINVAL outside [lo, hi]."""
+    tree.add(d, name, Attr(lambda: f"{get()}\n", lambda text: put(proc_dointvec(text, lo, hi))))
+
+
 def build(tree: Tree, m: Machine) -> None:
     """Adds proc/ for machine m to tree."""
     d = tree.path("proc")
     tree.add(d, "meminfo", Attr(lambda: meminfo(m)))
     tree.add(d, "vmstat", Attr(lambda: vmstat(m)))
+    tree.add(d, "zoneinfo", Attr(lambda: zoneinfo(m)))
+    kernel = tree.path("proc/sys/kernel")
+    bal = m.balancing
+
+    def set_rate(v: int) -> None:
+        bal.promote_rate_limit_mbps = v
+    sysctl(tree, kernel, "numa_balancing", lambda: bal.mode, bal.set_mode, 0, 3)
+    sysctl(tree, kernel, "numa_balancing_promote_rate_limit_MBps",
+           lambda: bal.promote_rate_limit_mbps, set_rate, 0, INT_MAX)

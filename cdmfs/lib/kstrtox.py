@@ -49,3 +49,49 @@ def memparse(text: str) -> int:
     value = int(m.group(1), 0) if not m.group(1).startswith("0") or m.group(1)[:2].lower() == "0x" \
         else int(m.group(1), 8)
     return (value << _SHIFT.get(m.group(2).lower(), 0)) & ULONG_MAX
+
+
+def kstrtobool(text: str) -> bool:
+    """``kstrtobool()``: ``y``/``Y``/``1``/``t``/``T``... true, ``n``/``N``/
+    ``0``/``f``/``F`` false, ``on``/``off`` (any case); the kernel looks at the
+    first characters only, but a write here must be one word (ValueError
+    otherwise)."""
+    word = text.strip()
+    low = word.lower()
+    if low in ("1", "y", "yes", "t", "true", "on"):
+        return True
+    if low in ("0", "n", "no", "f", "false", "off"):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+INT_MAX = (1 << 31) - 1
+U32_MAX = (1 << 32) - 1
+
+
+def proc_dointvec(text: str, lo: int = -INT_MAX - 1, hi: int = INT_MAX) -> int:
+    """One integer written to a sysctl (``proc_dointvec_minmax``): blanks
+    around it, decimal (or ``0x`` hex), within [lo, hi]; ValueError
+    otherwise (the write's EINVAL)."""
+    word = text.strip()
+    neg = word.startswith("-")
+    digits = word[1:] if neg else word
+    if digits[:2].lower() == "0x" and len(digits) > 2 and all(c in _DIGITS[16] for c in digits[2:]):
+        value = int(digits[2:], 16)
+    elif digits and all(c in _DIGITS[10] for c in digits):
+        value = int(digits, 10)
+    else:
+        raise ValueError(f"not an integer: {text!r}")
+    value = -value if neg else value
+    if not lo <= value <= hi:
+        raise ValueError(f"{value} is outside {lo}..{hi}")
+    return value
+
+
+def debugfs_u32(text: str) -> int:
+    """A debugfs u32 attribute's write (simple_attr_write: kstrtoull base 0),
+    refused past U32_MAX."""
+    value = kstrtoul(text.strip() + "\n" if text.strip() else text, 0)
+    if value > U32_MAX:
+        raise ValueError(f"{value} does not fit a u32")
+    return value

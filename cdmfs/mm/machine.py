@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Awaitable, Callable, Optional
 
@@ -20,8 +21,11 @@ from ..config import PAGE_SIZE, Topology
 from ..lib.events import Events
 from ..lib.sched import cond_resched
 from . import mempolicy as mpol
+from . import vmscan
 from .memory_hotplug import MemoryHotplug
+from .memory_tiers import MemoryTiers
 from .migrate_device import Target
+from .numa_balancing import NUMA_BALANCING_NORMAL, NumaBalancing
 
 if TYPE_CHECKING:
     from .region import Region
@@ -48,6 +52,8 @@ class Node:
     # free frames of the blocks that are not online (not in MemFree).
     online_pages: int = 0
     hidden_free: int = 0
+    # Node events Python counts (pgpromote_*, pgdemote_*, pgsteal_*): node vmstat.
+    events: Counter = field(default_factory=Counter)
 
     @property
     def id(self) -> int:
@@ -134,6 +140,13 @@ class Machine:
         self.mmu_notifiers: list[Callable[["Region", int, int], None]] = []
         self.cpu_unmapper: Optional[Callable[["Region", int, int], Awaitable[None]]] = None
         self.hotplug = MemoryHotplug(self)
+        self.tiers = MemoryTiers(self)
+        for kind in ("node_registered", "memory_online", "memory_offline", "device_offline",
+                     "device_online"):
+            self.events.subscribe(kind, lambda **_: self.tiers.refresh())
+        # As a distribution kernel (NUMA_BALANCING_DEFAULT_ENABLED): on when
+        # the machine has more than one node.
+        self.balancing = NumaBalancing(self, NUMA_BALANCING_NORMAL if len(self.nodes) > 1 else 0)
         self._faultbacks = ffi.new("struct cdm_faultback[]", FAULTBACK_BATCH)
         self._applying = False
 
@@ -307,6 +320,10 @@ class Machine:
         except (OSError, ValueError, IndexError):
             return self.default_cpu_node
         return self.cpu_node.get(cpu, self.default_cpu_node)
+
+    def watermarks(self) -> dict[int, vmscan.Watermarks]:
+        """Each node's min, low, high and promo watermarks, in pages."""
+        return vmscan.watermarks(self)
 
     def memory_nodes(self) -> list[int]:
         """N_MEMORY: nodes with online memory."""

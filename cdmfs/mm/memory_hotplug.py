@@ -88,7 +88,7 @@ class MemoryHotplug:
                     b.hidden_free = b.npages
                 self.blocks[b.id] = b
             # The CDM discussion: no automatic balancing or reclaim on device memory.
-            node.numa_balancing = node.reclaim = spec.kind == "sysram"
+            node.numa_balancing = node.reclaim = spec.kind != "cdm"
             self._refresh(nid)
 
     # ------------------------------------------------------------ queries

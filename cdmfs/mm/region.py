@@ -242,6 +242,11 @@ class Region:
             return bytearray()
         size = min(size, self.size - off)
         buf = bytearray(size)
+        balancing = self.machine.balancing
+        if balancing.hinting:
+            # Pages the NUMA scanner unmapped: this READ is their hinting fault.
+            first = off // PAGE_SIZE
+            await balancing.numa_hint_fault(self, first, (off + size - 1) // PAGE_SIZE + 1 - first, pid)
         await self._rw(off, size, ffi.from_buffer(buf), 0, pid)
         self.cpu_faults += 1
         self.machine.events.emit("cpu_fault", region=self, off=off, size=size, pid=pid)

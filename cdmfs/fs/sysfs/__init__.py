@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from ...mm.machine import Machine
 from ..tree import Attr, Link, Tree
-from . import memory
+from . import memory, numa
 from .cpu import add_cpus
 from .device import add_bus
 from .node import NODE_DIR, add_node, add_node_root, add_weighted_interleave, node_masks
@@ -27,6 +27,7 @@ def build(tree: Tree, m: Machine) -> None:
     add_cpus(tree, m)
     add_weighted_interleave(tree, m)
     memory.build(tree, m)
+    numa.build(tree, m)
     # debugfs: the core's invariants, checked on demand (root only, as debugfs).
     tree.add(tree.path("sys/kernel/debug/cdmfs"), "check",
              Attr(lambda: f"{m.check() or 'ok'}\n", mode=0o400))

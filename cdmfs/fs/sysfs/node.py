@@ -128,8 +128,15 @@ def vmstat_values(p: dict[str, int], c: list[int]) -> dict[str, int]:
     }
 
 
+#: Node stat items Python counts (Node.events): promotion and demotion.
+NODE_EVENTS = ("pgpromote_success", "pgpromote_candidate", "pgdemote_kswapd", "pgdemote_direct")
+
+
 def node_vmstat(m: Machine, nid: int) -> str:
-    return formats.node_vmstat(vmstat_values(*m.node_stats(nid)))
+    v = vmstat_values(*m.node_stats(nid))
+    events = m.nodes[nid].events
+    v.update({k: events[k] for k in NODE_EVENTS})
+    return formats.node_vmstat(v)
 
 
 def node_distance(m: Machine, nid: int) -> str:
@@ -161,6 +168,7 @@ def node_switch(m: Machine, nid: int, name: str) -> Attr:
     CDM discussion, stored for the automatic placement that honours them."""
     def store(text: str) -> None:
         setattr(m.nodes[nid], name, parse_bool01(text))
+        m.balancing.changed()
     return Attr(lambda: f"{int(getattr(m.nodes[nid], name))}\n", store)
 
 
