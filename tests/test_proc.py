@@ -106,8 +106,8 @@ def fill(region, npages: int) -> None:
 
 def test_proc_dir(mnt):
     assert sorted(os.listdir(mnt.path)) == ["devices", "proc", "regions", "sys"]
-    assert sorted(os.listdir(os.path.join(mnt.path, "proc"))) == ["meminfo", "vmstat"]
-    for name in ("meminfo", "vmstat"):
+    assert sorted(os.listdir(os.path.join(mnt.path, "proc"))) == ["meminfo", "sys", "vmstat", "zoneinfo"]
+    for name in ("meminfo", "vmstat", "zoneinfo"):
         assert os.stat(os.path.join(mnt.path, "proc", name)).st_mode & 0o777 == 0o444
 
 

@@ -91,7 +91,10 @@ def proc_dointvec(text: str, lo: int = -INT_MAX - 1, hi: int = INT_MAX) -> int:
 def debugfs_u32(text: str) -> int:
     """A debugfs u32 attribute's write (simple_attr_write: kstrtoull base 0),
     refused past U32_MAX."""
-    value = kstrtoul(text.strip() + "\n" if text.strip() else text, 0)
+    try:
+        value = kstrtoul(text.strip() + "\n" if text.strip() else text, 0)
+    except OSError:
+        value = U32_MAX + 1
     if value > U32_MAX:
         raise ValueError(f"{value} does not fit a u32")
     return value

@@ -21,7 +21,8 @@ def tunable(m: Machine, name: str) -> Attr:
     def store(text: str) -> None:
         setattr(tun, name, debugfs_u32(text))
         m.balancing.changed()
-    return Attr(lambda: f"{getattr(tun, name)}\n", store)
+    # debugfs: root's alone, as the mount's other debugfs files.
+    return Attr(lambda: f"{getattr(tun, name)}\n", store, mode=0o600)
 
 
 def demotion_enabled(m: Machine) -> Attr:

@@ -1,0 +1,260 @@
+"""Placement the kernel decides (issue balancing): NUMA balancing with
+hinting faults, memory tiers with demotion and promotion, and the controls.
+
+The two-node machine has one host CPU per node (CPU 0 on node 0, CPU 1 on
+node 1), so a child pinned to a CPU makes its node the faulting one, as
+test_router_data.test_first_touch_local_to_the_faulting_cpu does.  Waits
+are bounded by generous deadlines, never timed assertions.
+"""
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import random
+import time
+
+import pytest
+
+import cdmfs
+
+PAGE = 4096
+N = 512
+DEADLINE = 60.0
+
+TWO_NODES = """
+block_size = "4M"
+[[node]]
+id = 0
+kind = "sysram"
+size = "32M"
+cpus = "0"
+[[node]]
+id = 1
+kind = "sysram"
+size = "32M"
+cpus = "1"
+"""
+
+needs_two_cpus = pytest.mark.skipif(
+    len(os.sched_getaffinity(0)) < 2 or not {0, 1} <= os.sched_getaffinity(0),
+    reason="needs host CPUs 0 and 1")
+
+FAST_SCAN = {"scan_delay_ms": "20", "scan_period_min_ms": "50", "scan_period_max_ms": "200"}
+
+
+def path(m: cdmfs.Mount, rel: str) -> str:
+    return os.path.join(m.path, rel)
+
+
+def read(m: cdmfs.Mount, rel: str) -> str:
+    with open(path(m, rel)) as f:
+        return f.read()
+
+
+def write(m: cdmfs.Mount, rel: str, text: str) -> None:
+    with open(path(m, rel), "w") as f:
+        f.write(text)
+
+
+def vmstat(m: cdmfs.Mount, rel: str = "proc/vmstat") -> dict[str, int]:
+    return {k: int(v) for k, v in (line.split() for line in read(m, rel).splitlines())}
+
+
+def fast_scan(m: cdmfs.Mount) -> None:
+    for k, v in FAST_SCAN.items():
+        write(m, f"sys/kernel/debug/sched/numa_balancing/{k}", v)
+
+
+def pattern(n: int, seed: int = 1) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def on_cpu(cpu: int, fn) -> int:
+    """Runs fn() in a child pinned to cpu; returns its pid (exit 0: fn True)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.sched_setaffinity(0, {cpu})
+            code = 0 if fn() else 2
+        finally:
+            os._exit(code)
+    return pid
+
+
+def first_touch(r, cpu: int, data: bytes) -> None:
+    def fill():
+        fd = os.open(r.data, os.O_RDWR)
+        with mmap.mmap(fd, len(data)) as mm:
+            mm[:] = data
+            mm.flush()
+        os.close(fd)
+        return True
+    pid = on_cpu(cpu, fill)
+    assert os.waitpid(pid, 0)[1] == 0
+
+
+def reader(r, cpu: int, data: bytes, seconds: float) -> int:
+    """A child on cpu reading every page of r through a mapping for
+    seconds, then checking the bytes (exit 2 if they differ)."""
+    def loop():
+        fd = os.open(r.data, os.O_RDONLY)
+        with mmap.mmap(fd, len(data), prot=mmap.PROT_READ) as mm:
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                for k in range(0, len(data), PAGE):
+                    mm[k]
+                time.sleep(0.005)
+            ok = mm[:] == data
+        os.close(fd)
+        return ok
+    return on_cpu(cpu, loop)
+
+
+def wait_child(pid: int) -> int:
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+@pytest.fixture
+def two():
+    with cdmfs.mounted(TWO_NODES) as m:
+        fast_scan(m)
+        yield m
+
+
+# ---------------------------------------------------------------- controls
+
+CONTROLS = {
+    "proc/sys/kernel/numa_balancing": ("1\n", ["4", "-1", "x", " ", "1 2", "0x10"]),
+    "proc/sys/kernel/numa_balancing_promote_rate_limit_MBps": ("65536\n", ["-1", "abc", "2147483648"]),
+    "sys/kernel/debug/sched/numa_balancing/scan_delay_ms": ("1000\n", ["-5", "1e3", "4294967296"]),
+    "sys/kernel/debug/sched/numa_balancing/scan_period_min_ms": ("1000\n", ["ten", "-1"]),
+    "sys/kernel/debug/sched/numa_balancing/scan_period_max_ms": ("60000\n", ["\n", "9" * 20]),
+    "sys/kernel/debug/sched/numa_balancing/scan_size_mb": ("256\n", ["256M", "-256"]),
+    "sys/kernel/debug/sched/numa_balancing/hot_threshold_ms": ("1000\n", ["1.5", "x"]),
+    "sys/kernel/mm/numa/demotion_enabled": ("false\n", ["maybe", "2", "\n"]),
+}
+
+
+def test_controls_have_the_kernels_defaults_and_refuse_bad_writes():
+    with cdmfs.mounted(TWO_NODES) as m:
+        for rel, (default, bad) in CONTROLS.items():
+            assert read(m, rel) == default, rel
+            debugfs = rel.startswith("sys/kernel/debug/")     # root's alone
+            assert os.stat(path(m, rel)).st_mode & 0o777 == (0o600 if debugfs else 0o644), rel
+            for text in bad:
+                with pytest.raises(OSError) as e:
+                    write(m, rel, text)
+                assert e.value.errno == errno.EINVAL, (rel, text)
+                assert read(m, rel) == default, (rel, text)
+        for mode in ("0", "2", "3", "1"):
+            write(m, "proc/sys/kernel/numa_balancing", mode + "\n")
+            assert read(m, "proc/sys/kernel/numa_balancing") == mode + "\n"
+        write(m, "sys/kernel/mm/numa/demotion_enabled", "1")
+        assert read(m, "sys/kernel/mm/numa/demotion_enabled") == "true\n"
+        write(m, "sys/kernel/mm/numa/demotion_enabled", "n")
+        assert read(m, "sys/kernel/mm/numa/demotion_enabled") == "false\n"
+        write(m, "sys/kernel/debug/sched/numa_balancing/scan_size_mb", "64")
+        assert read(m, "sys/kernel/debug/sched/numa_balancing/scan_size_mb") == "64\n"
+        # Two DRAM nodes: one tier, memory_tier4 (abstract distance 576 >> 7).
+        tiers = path(m, "sys/devices/virtual/memory_tiering")
+        assert os.listdir(tiers) == ["memory_tier4"]
+        assert read(m, "sys/devices/virtual/memory_tiering/memory_tier4/nodelist") == "0-1\n"
+        zi = read(m, "proc/zoneinfo")
+        assert zi.startswith("Node 0, zone   Normal\n")
+        for key in ("min", "low", "high", "promo"):
+            assert f"\n        {key:<8} " in zi
+        for key in ("numa_pte_updates", "numa_hint_faults", "numa_hint_faults_local",
+                    "numa_pages_migrated"):
+            assert key in vmstat(m)
+        for key in ("pgpromote_success", "pgdemote_kswapd", "pgdemote_direct"):
+            assert key in vmstat(m, "sys/devices/system/node/node0/vmstat")
+
+
+def test_cdm_nodes_keep_balancing_and_reclaim_off():
+    with cdmfs.mounted() as m:
+        node = "sys/devices/system/node/node1"
+        assert read(m, f"{node}/numa_balancing") == "0\n" and read(m, f"{node}/reclaim") == "0\n"
+        assert read(m, "sys/devices/system/node/node0/numa_balancing") == "1\n"
+
+
+# ---------------------------------------------------------------- balancing
+
+
+@needs_two_cpus
+def test_pages_move_to_the_node_of_the_cpu_that_reads_them(two):
+    """First touched from CPU 0 (node 0), then read from CPU 1: hinting
+    faults move them to node 1 within a bounded time, bytes intact, and the
+    counters agree with what moved."""
+    m = two
+    r = m.region("bal", N * PAGE)
+    data = pattern(N * PAGE)
+    first_touch(r, 0, data)
+    assert r.stat["N0"] == N
+    v0 = vmstat(m)
+    t0 = time.monotonic()
+    pid = reader(r, 1, data, DEADLINE)
+    try:
+        while r.stat["N1"] < N * 9 // 10 and time.monotonic() - t0 < DEADLINE:
+            time.sleep(0.05)
+        t90 = time.monotonic() - t0
+        assert r.stat["N1"] >= N * 9 // 10, r.stat
+    finally:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+    print(f"90% of {N} pages on the accessing node after {t90:.2f} s")
+    v = vmstat(m)
+    moved = v["numa_pages_migrated"] - v0["numa_pages_migrated"]
+    st = r.stat
+    assert moved == st["N1"] == st["migrated_pages"]
+    assert v["numa_hint_faults"] - v0["numa_hint_faults"] >= moved
+    assert v["numa_pte_updates"] - v0["numa_pte_updates"] >= v["numa_hint_faults"] - v0["numa_hint_faults"]
+    assert v["numa_hint_faults_local"] <= v["numa_hint_faults"]
+    assert v["pgmigrate_success"] - v0["pgmigrate_success"] == moved
+    with open(r.data, "rb") as f:
+        assert f.read() == data
+    assert read(m, "sys/kernel/debug/cdmfs/check") == "ok\n"
+
+
+def nothing_moves(m, r, data, seconds: float = 1.5) -> dict[str, int]:
+    v0 = vmstat(m)
+    pid = reader(r, 1, data, seconds)
+    assert wait_child(pid) == 0
+    assert r.stat["N0"] == N and r.stat["N1"] == 0
+    v = vmstat(m)
+    return {k: v[k] - v0[k] for k in v}
+
+
+@needs_two_cpus
+def test_nothing_moves_with_balancing_off(two):
+    m = two
+    write(m, "proc/sys/kernel/numa_balancing", "0")
+    r = m.region("off", N * PAGE)
+    data = pattern(N * PAGE, 2)
+    first_touch(r, 0, data)
+    d = nothing_moves(m, r, data)
+    assert d["numa_pte_updates"] == d["numa_hint_faults"] == d["numa_pages_migrated"] == 0
+
+
+@needs_two_cpus
+def test_nothing_moves_to_a_node_whose_switch_is_off(two):
+    m = two
+    write(m, "sys/devices/system/node/node1/numa_balancing", "0")
+    r = m.region("sw", N * PAGE)
+    data = pattern(N * PAGE, 3)
+    first_touch(r, 0, data)
+    d = nothing_moves(m, r, data)
+    assert d["numa_pages_migrated"] == 0
+
+
+@needs_two_cpus
+def test_nothing_moves_under_a_single_node_bind(two):
+    m = two
+    r = m.region("bind", N * PAGE)
+    r.policy = "bind:0"
+    data = pattern(N * PAGE, 4)
+    first_touch(r, 0, data)
+    d = nothing_moves(m, r, data)
+    assert d["numa_pages_migrated"] == 0
+    assert d["numa_hint_faults"] > 0       # sampled all the same, as the kernel does
