@@ -191,8 +191,10 @@ def serve(mountpoint: str, topo: Topology, allow_other: bool = False,
                 # FUSE_LSEEK, FUSE_FALLOCATE: pyfuse3 has no handlers.
                 nursery.start_soon(rt.serve_side, ops)
             # The kernel's threads of automatic placement: the NUMA hinting
-            # scanner (task_numa_work); cancelled with the nursery at unmount.
+            # scanner (task_numa_work) and kswapd (reclaim by demotion);
+            # cancelled with the nursery at unmount.
             nursery.start_soon(machine.balancing.run)
+            nursery.start_soon(machine.kswapd.run)
             if ready:
                 ready()
             await pyfuse3.main(min_tasks=MIN_TASKS, max_tasks=MAX_TASKS)

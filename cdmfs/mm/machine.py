@@ -147,6 +147,7 @@ class Machine:
         # As a distribution kernel (NUMA_BALANCING_DEFAULT_ENABLED): on when
         # the machine has more than one node.
         self.balancing = NumaBalancing(self, NUMA_BALANCING_NORMAL if len(self.nodes) > 1 else 0)
+        self.kswapd = vmscan.Kswapd(self)
         self._faultbacks = ffi.new("struct cdm_faultback[]", FAULTBACK_BATCH)
         self._applying = False
 

@@ -316,8 +316,9 @@ class NumaBalancing:
             target = self._target(region, first + k, src, local, now)
             if target is not None:
                 moves[(src, target)].append(first + k)
-        self.events["numa_hint_faults"] += faults
-        self.events["numa_hint_faults_local"] += local_faults
+        if self.mode:       # marks left by reclaim's aging alone are not sampling
+            self.events["numa_hint_faults"] += faults
+            self.events["numa_hint_faults_local"] += local_faults
         self._faults[0] += local_faults
         self._faults[1] += faults
         migrated = 0

@@ -45,6 +45,7 @@ USER_MAX_REGIONS = 1024
 MAX_REGION_ID = (1 << 24) - 2
 USER_MAX_SPACE = MAX_REGION_SIZE
 SEEK_DATA, SEEK_HOLE = 3, 4       # lseek(2)
+DIRECT_RECLAIM_TRIES = 16         # reclaim rounds a fault may run before it fails
 
 
 class Region:
@@ -283,6 +284,7 @@ class Region:
         """One native gather/scatter of [off, off + size), allocating by policy."""
         m = self.machine
         res = self._res
+        reclaims = 0
         while True:
             plan = m.plan(policy, m.local_node(pid))
             rc = lib.cdm_region_rw(m.core, self.core, off, size, buf, write, 1, plan, res)
@@ -293,6 +295,9 @@ class Region:
                 await self.wait_unlocked()
             elif rc == -errno.EREMOTE and self.faultback is not None:
                 await self.faultback(self, off // PAGE_SIZE, (off + size - 1) // PAGE_SIZE + 1, pid)
+            elif rc == -errno.ENOSPC and reclaims < DIRECT_RECLAIM_TRIES and \
+                    await self._direct_reclaim(policy, pid, size):
+                reclaims += 1       # the lower tier took cold pages: try again
             elif rc == -errno.ENOSPC:
                 log.info("region %s: no memory for page %d under %s", self.name, page, policy)
                 # A fault that cannot allocate dies with SIGBUS (EIO), write() gets ENOSPC.
@@ -301,6 +306,14 @@ class Region:
                 raise OSError(errno.EIO, f"page {page} is poisoned")
             else:
                 raise OSError(-rc, f"page {page}: {errno.errorcode.get(-rc, rc)}")
+
+    async def _direct_reclaim(self, policy: mpol.MemPolicy, pid: int, size: int) -> int:
+        """Every node the policy allows is full: reclaim by demotion from
+        them, nearest first (try_to_free_pages).  Returns the pages freed."""
+        m = self.machine
+        pl = m.placement(policy, m.local_node(pid))
+        nodes = list(dict.fromkeys(n for t in pl.table for n in pl.fallback.get(t, ())))
+        return await m.kswapd.direct_reclaim(nodes, -(-size // PAGE_SIZE))
 
     async def wait_unlocked(self) -> None:
         """Waits until the migration holding a page of this region finishes."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 from ..config import PAGE_SIZE
 
@@ -57,3 +57,192 @@ def watermarks(m: "Machine") -> dict[int, Watermarks]:
         delta = max(wmin // 4, pages * WATERMARK_SCALE_FACTOR // 10000)
         out[nid] = Watermarks(wmin, wmin + delta, wmin + 2 * delta, wmin + 3 * delta)
     return out
+
+
+# ---------------------------------------------------------------- reclaim
+
+KSWAPD_INTERVAL = 0.05      # seconds between kswapd's looks at the watermarks
+AGE_SECONDS = 0.2           # an aged page gets this long to be referenced again
+SCAN_BATCH = 1 << 14        # page-table entries copied per native call
+
+
+class Kswapd:
+    """kswapd and direct reclaim by demotion, over an approximate LRU.
+
+    The LRU is a second-chance clock per node over the pages present there
+    (a walk of the regions' populated page tables, by the pages present).
+    A page's referenced bit is the CPU's mapping of it: a page the CPU maps
+    and that carries no NUMA hinting mark was accessed since it was last
+    unmapped (a fault mapped it); giving it its second chance is clearing
+    that bit, i.e. unmapping it with a hinting mark, as the NUMA scanner
+    does (and the scanner's marks age pages just the same).  A page that is
+    not CPU-mapped, or still marked, is cold: it demotes first.  An aged
+    page gets AGE_SECONDS before the clock may take it.
+    """
+
+    def __init__(self, m: "Machine"):
+        self.m = m
+        self._hand: dict[int, tuple[int, int]] = {}    # node -> (region id, page)
+        self._aged: dict[int, float] = {}               # node -> when its pages were last aged
+
+    def can_demote(self, nid: int) -> Optional[int]:
+        """The demotion target of nid, if reclaim may demote from it now."""
+        m = self.m
+        node = m.nodes[nid]
+        if not (m.tiers.demotion_enabled and node.reclaim and node.online):
+            return None
+        target = m.tiers.demotion_target(nid)
+        if target is None or not m.nodes[target].reclaim:
+            return None     # the CDM switch gates every automatic move to or from a node
+        return target
+
+    async def run(self) -> None:
+        """kswapd: every node with reclaim on that falls below its low
+        watermark demotes its coldest pages until it is above high."""
+        import trio
+        m = self.m
+        while True:
+            for nid in list(m.nodes):
+                if self.can_demote(nid) is None:
+                    continue
+                wm = m.watermarks()[nid]
+                free = m.node_pages(nid)["free"]
+                if free < wm.low:
+                    await self.shrink_node(nid, wm.high - free, direct=False)
+            await trio.sleep(KSWAPD_INTERVAL)
+
+    async def direct_reclaim(self, nodes: "list[int]", want: int) -> int:
+        """A fault found every allowed node full: the first of nodes that may
+        demote gives up to want pages (at least SWAP_CLUSTER_MAX) of its
+        coldest, unmapped ones.  Returns the pages freed."""
+        for nid in nodes:
+            if self.can_demote(nid) is not None:
+                got = await self.shrink_node(nid, max(want, SWAP_CLUSTER_MAX), direct=True)
+                if got:
+                    return got
+        return 0
+
+    def _regions(self, nid: int):
+        m = self.m
+        regions = sorted(m.regions.by_id.items()) if m.regions is not None else []
+        rid0, page0 = self._hand.get(nid, (0, 0))
+        k = next((i for i, (rid, _) in enumerate(regions) if rid >= rid0), 0)
+        order = regions[k:] + regions[:k]
+        for rid, region in order:
+            yield region, (page0 if rid == rid0 else 0)
+        if order and page0:
+            yield order[0][1], 0        # the part before the hand, last
+
+    def _victims(self, nid: int, want: int, age: bool):
+        """Up to want cold pages on nid as {region: [pages]} in clock order,
+        and the referenced pages the walk passed, {region: [pages]}."""
+        from .._core import ffi, lib
+        m = self.m
+        pool = m.nodes[nid].pool
+        victims: dict = {}
+        referenced: dict = {}
+        found = 0
+        skip = (lib.CDM_PTE_PINNED | lib.CDM_PTE_LOCKED | lib.CDM_PTE_MIGRATING
+                | lib.CDM_PTE_POISONED | lib.CDM_PTE_PRIVATE)
+        for region, start in self._regions(nid):
+            if region.removed:
+                continue
+            for s, k in region.present_spans(start, region.npages):
+                k = min(k, SCAN_BATCH)
+                out = ffi.new("uint64_t[]", k)
+                lib.cdm_region_ptes(m.core, region.core, s, k, out)
+                for i, pte in enumerate(ffi.unpack(out, k)):
+                    if not pte & lib.CDM_PTE_PRESENT or pte & skip or \
+                            (pte & lib.CDM_PTE_POOL_MASK) >> lib.CDM_PTE_POOL_SHIFT != pool:
+                        continue
+                    if pte & lib.CDM_PTE_CPU and not pte & lib.CDM_PTE_NUMA:
+                        referenced.setdefault(region, []).append(s + i)
+                        continue
+                    victims.setdefault(region, []).append(s + i)
+                    found += 1
+                    if found >= want:
+                        self._hand[nid] = (region.id, s + i + 1)
+                        return victims, referenced
+        self._hand[nid] = (0, 0)
+        return victims, referenced
+
+    async def shrink_node(self, nid: int, want: int, direct: bool) -> int:
+        """Demotes up to want of nid's coldest pages to its demotion target
+        (those whose policy lets them go there).  Returns the pages moved."""
+        import time
+
+        from .migrate_device import migrate_range
+        m = self.m
+        target = self.can_demote(nid)
+        if target is None or want <= 0:
+            return 0
+        victims, referenced = self._victims(nid, want, age=not direct)
+        scanned = sum(map(len, victims.values())) + sum(map(len, referenced.values()))
+        kind = "direct" if direct else "kswapd"
+        m.balancing.events[f"pgscan_{kind}"] += scanned
+        m.balancing.events["pgscan_anon"] += scanned
+        moved = 0
+        local = nid if m.nodes[nid].spec.cpus else m.default_cpu_node
+        try:
+            tgt = m.node_target(target)
+        except (OSError, ValueError):
+            return 0
+        pool = m.nodes[nid].pool
+        for region, pages in victims.items():
+            if region.removed:
+                continue
+            with region.hold():
+                for s, c in _runs(pages):
+                    for a, b, policy in region.policy_segments(s, s + c):
+                        if not _allowed(m, policy, local, target):
+                            continue
+                        res = await migrate_range(m, region, a, b - a, tgt, from_pools=1 << pool)
+                        if res.migrated:
+                            moved += res.migrated
+                            m.events.emit("demote", region=region, first=a, n=b - a, source=nid,
+                                          target=target, moved=res.migrated, reason=kind)
+        if moved:
+            m.nodes[nid].events[f"pgdemote_{kind}"] += moved
+            m.balancing.events[f"pgsteal_{kind}"] += moved
+            m.balancing.events["pgsteal_anon"] += moved
+        if not direct and moved < want:
+            now = time.monotonic()
+            if now - self._aged.get(nid, 0.0) >= AGE_SECONDS:
+                # Second chance: the referenced pages lose their bit (unmapped
+                # with a hinting mark); those not touched again go next time.
+                self._aged[nid] = now
+                await self._age(referenced, pool, want - moved)
+        return moved
+
+    async def _age(self, referenced: dict, pool: int, budget: int) -> None:
+        from .._core import ffi, lib
+        m = self.m
+        nxt = ffi.new("uint64_t *")
+        for region, pages in referenced.items():
+            if region.removed or budget <= 0:
+                continue
+            with region.hold():
+                for s, c in _runs(pages):
+                    marked = lib.cdm_region_numa_mark(m.core, region.core, s, c, 1 << pool, c, nxt)
+                    if marked:
+                        m.balancing.hinting = True
+                        await m.cpu_unmap(region, s, c)
+                        budget -= marked
+                    if budget <= 0:
+                        break
+
+
+def _allowed(m: "Machine", policy, local: int, target: int) -> bool:
+    """The placement rule: target is a node policy may place a page on."""
+    pl = m.placement(policy, local)
+    return any(target in pl.fallback.get(n, ()) for n in pl.table)
+
+
+def _runs(pages: "list[int]") -> "list[tuple[int, int]]":
+    out: list[list[int]] = []
+    for p in pages:
+        if out and out[-1][0] + out[-1][1] == p:
+            out[-1][1] += 1
+        else:
+            out.append([p, 1])
+    return [(a, c) for a, c in out]
