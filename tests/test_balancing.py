@@ -258,3 +258,203 @@ def test_nothing_moves_under_a_single_node_bind(two):
     d = nothing_moves(m, r, data)
     assert d["numa_pages_migrated"] == 0
     assert d["numa_hint_faults"] > 0       # sampled all the same, as the kernel does
+
+
+# ---------------------------------------------------------------- tiers
+
+TIERED = """
+block_size = "4M"
+[[node]]
+id = 0
+kind = "sysram"
+size = "8M"
+cpus = "all"
+[[node]]
+id = 1
+kind = "memory"
+size = "32M"
+[[node]]
+id = 2
+kind = "cdm"
+size = "32M"
+[[device]]
+name = "cdm0"
+memory = "node:2"
+"""
+NODE0 = 2048
+
+
+def fill(r, n: int, seed: int) -> bytes:
+    """Writes n pages of r through a mapping (this process's CPU)."""
+    data = pattern(n * PAGE, seed)
+    fd = os.open(r.data, os.O_RDWR)
+    with mmap.mmap(fd, n * PAGE) as mm:
+        mm[:] = data
+        mm.flush()
+    os.close(fd)
+    return data
+
+
+def keep_reading(r, data: bytes, seconds: float) -> int:
+    """A child reading r's pages through a mapping for seconds (no pinning)."""
+    def loop():
+        fd = os.open(r.data, os.O_RDONLY)
+        with mmap.mmap(fd, len(data), prot=mmap.PROT_READ) as mm:
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                for k in range(0, len(data), PAGE):
+                    mm[k]
+                time.sleep(0.002)
+            ok = mm[:] == data
+        os.close(fd)
+        return ok
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            code = 0 if loop() else 2
+        finally:
+            os._exit(code)
+    return pid
+
+
+def until(cond, deadline: float = DEADLINE) -> bool:
+    end = time.monotonic() + deadline
+    while not cond():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def node_vmstat(m, nid: int) -> dict[str, int]:
+    return vmstat(m, f"sys/devices/system/node/node{nid}/vmstat")
+
+
+def zone_marks(m, nid: int) -> dict[str, int]:
+    out, node = {}, None
+    for line in read(m, "proc/zoneinfo").splitlines():
+        if line.startswith("Node "):
+            node = int(line.split(",")[0].split()[1])
+        elif node == nid and line.strip().split(" ")[0] in ("min", "low", "high", "promo"):
+            k, v = line.split()
+            out[k] = int(v)
+    return out
+
+
+@pytest.fixture
+def tiered():
+    with cdmfs.mounted(TIERED) as m:
+        fast_scan(m)
+        write(m, "sys/kernel/mm/numa/demotion_enabled", "1")
+        yield m
+
+
+def test_tiers_from_the_access_figures(tiered):
+    m = tiered
+    tiers = sorted(os.listdir(path(m, "sys/devices/virtual/memory_tiering")))
+    assert tiers == ["memory_tier4", "memory_tier70"]
+    assert read(m, "sys/devices/virtual/memory_tiering/memory_tier4/nodelist") == "0\n"
+    assert read(m, "sys/devices/virtual/memory_tiering/memory_tier70/nodelist") == "1-2\n"
+    assert read(m, "sys/devices/system/node/node1/reclaim") == "1\n"     # memory: not CDM
+    assert read(m, "sys/devices/system/node/node2/reclaim") == "0\n"
+
+
+def test_filling_the_fast_node_demotes_cold_pages_and_keeps_hot_ones(tiered):
+    """Node 0 filled past its low watermark: kswapd demotes the pages nobody
+    touched to node 1 (never to the CDM node 2) until node 0 is above its
+    high watermark; the pages a reader keeps touching stay; data intact."""
+    m = tiered
+    marks = zone_marks(m, 0)
+    cold = m.region("cold", 1000 * PAGE)
+    cold_data = fill(cold, 1000, 11)
+    hot = m.region("hot", 400 * PAGE)
+    hot_data = fill(hot, 400, 12)
+    pid = keep_reading(hot, hot_data, 4.0)
+    try:
+        time.sleep(0.3)
+        filler = m.region("filler", 800 * PAGE)
+        filler_data = fill(filler, 800, 13)
+        assert until(lambda: node_vmstat(m, 0)["nr_free_pages"] >= marks["high"])
+        time.sleep(0.5)
+    finally:
+        assert wait_child(pid) == 0
+    demoted = node_vmstat(m, 0)["pgdemote_kswapd"]
+    assert cold.stat["N1"] > 0 and demoted >= cold.stat["N1"]
+    assert hot.stat["N0"] == 400 and hot.stat["N1"] == 0
+    assert all(r.stat.get("N2", 0) == 0 for r in (cold, hot, filler))
+    v = vmstat(m)
+    assert v["pgdemote_kswapd"] == demoted and v["pgsteal_kswapd"] == demoted
+    for r, data in ((cold, cold_data), (hot, hot_data), (filler, filler_data)):
+        with open(r.data, "rb") as f:
+            assert f.read() == data
+    assert read(m, "sys/kernel/debug/cdmfs/check") == "ok\n"
+
+
+def test_a_full_node_demotes_directly_for_a_bound_fault(tiered):
+    """bind:0 on a full node 0: the fault reclaims by demotion (direct)
+    instead of failing, while node 1 has room."""
+    m = tiered
+    cold = m.region("cold", 1900 * PAGE)
+    cold_data = fill(cold, 1900, 21)
+    # The hinting scanner unmaps them: nobody touches them again, they are cold.
+    assert until(lambda: vmstat(m)["numa_pte_updates"] >= 1900)
+    b = m.region("bound", 400 * PAGE)
+    b.policy = "bind:0"
+    b_data = fill(b, 400, 22)
+    assert b.stat["N0"] == 400
+    assert cold.stat["N1"] > 0
+    assert vmstat(m)["pgdemote_direct"] + vmstat(m)["pgdemote_kswapd"] >= cold.stat["N1"]
+    for r, data in ((cold, cold_data), (b, b_data)):
+        with open(r.data, "rb") as f:
+            assert f.read() == data
+
+
+def test_a_cdm_node_never_receives_a_demoted_page():
+    conf = TIERED.replace('kind = "memory"\nsize = "32M"', 'kind = "cdm"\nsize = "32M"') \
+        .replace('name = "cdm0"\nmemory = "node:2"', 'name = "cdm0"\nmemory = "node:2"\n[[device]]\n'
+                 'name = "cdm1"\nmemory = "node:1"')
+    with cdmfs.mounted(conf) as m:
+        write(m, "sys/kernel/mm/numa/demotion_enabled", "1")
+        # Even with its switches on: isolated nodes are no demotion target.
+        for nid in (1, 2):
+            write(m, f"sys/devices/system/node/node{nid}/reclaim", "1")
+        r = m.region("full", 2040 * PAGE)
+        data = fill(r, 2040, 31)
+        time.sleep(1.0)
+        assert r.stat["N0"] == 2040 and r.stat.get("N1", 0) == 0 and r.stat.get("N2", 0) == 0
+        assert node_vmstat(m, 0)["pgdemote_kswapd"] == 0
+        with open(r.data, "rb") as f:
+            assert f.read() == data
+
+
+def test_tiering_mode_promotes_reaccessed_pages_within_the_rate_limit(tiered):
+    """Pages on the slow node that the CPU reads again come back to node 0
+    (numa_balancing 2), no faster than the promote rate limit allows."""
+    m = tiered
+    write(m, "proc/sys/kernel/numa_balancing", "2")
+    write(m, "proc/sys/kernel/numa_balancing_promote_rate_limit_MBps", "1")    # 256 pages/s
+    r = m.region("slow", 600 * PAGE)
+    r.policy = "preferred:1"
+    data = fill(r, 600, 41)
+    assert r.stat["N1"] == 600
+    r.policy = "default"
+    v0, t0 = node_vmstat(m, 0), time.monotonic()
+    pid = keep_reading(r, data, 2.0)
+    assert wait_child(pid) == 0
+    elapsed = time.monotonic() - t0
+    v = node_vmstat(m, 0)
+    promoted = v["pgpromote_success"] - v0["pgpromote_success"]
+    assert 0 < promoted == r.stat["N0"]
+    assert promoted <= 256 * (elapsed + 1)
+    assert v["pgpromote_candidate"] - v0["pgpromote_candidate"] >= promoted
+    # Without the limit the rest come back too.
+    write(m, "proc/sys/kernel/numa_balancing_promote_rate_limit_MBps", "65536")
+    pid = keep_reading(r, data, DEADLINE)
+    try:
+        assert until(lambda: r.stat["N0"] == 600)
+    finally:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+    with open(r.data, "rb") as f:
+        assert f.read() == data

@@ -99,6 +99,8 @@ class NumaBalancing:
         self._windows: dict[int, list[tuple[int, int, float]]] = defaultdict(list)
         self._last: dict[int, dict[int, int]] = defaultdict(dict)   # region id -> page -> node
         self._promoted: dict[int, tuple[float, int]] = {}   # node -> (window start, pages)
+        # Nodes a promotion found full: kswapd balances them to the promo watermark.
+        self.promote_pressure: set[int] = set()
         self._changed = trio.Event()
         self.period_ms = self.tun.scan_period_min_ms
         self._faults = [0, 0]               # hinting faults since the last pass: local, all
@@ -265,15 +267,19 @@ class NumaBalancing:
             scanned = self._scanned_at(region, page)
             if scanned is None or (now - scanned) * 1000 >= self.tun.hot_threshold_ms:
                 return None
-            for nid in [local] + [n for n in m.tiers.promotion_order() if n != local]:
-                if m.tiers.tier_of.get(nid, 1 << 30) >= m.tiers.tier_of.get(src, 0):
-                    continue
-                if not nodes[nid].numa_balancing or not self._allowed(policy, local, nid):
-                    continue
-                nodes[nid].events["pgpromote_candidate"] += 1
-                if not self._room(nid, 1):
-                    continue
-                return nid if self._rate_ok(nid, 1) else None
+            # The fastest tier with room, the accessing CPU's node first.
+            tier = m.tiers.tier_of
+            order = sorted((n for n in m.tiers.promotion_order()
+                            if tier.get(n, 1 << 30) < tier.get(src, 0) and nodes[n].numa_balancing
+                            and self._allowed(policy, local, n)),
+                           key=lambda n: (tier[n], n != local, m.topo.distance[(local, n)], n))
+            if not order:
+                return None
+            nodes[order[0]].events["pgpromote_candidate"] += 1
+            for nid in order:
+                if self._room(nid, 1):
+                    return nid if self._rate_ok(nid, 1) else None
+            self.promote_pressure.add(order[0])     # kswapd makes room up to promo
             return None
         if not self.mode & NUMA_BALANCING_NORMAL:
             return None

@@ -107,8 +107,12 @@ class Kswapd:
                     continue
                 wm = m.watermarks()[nid]
                 free = m.node_pages(nid)["free"]
-                if free < wm.low:
-                    await self.shrink_node(nid, wm.high - free, direct=False)
+                # Memory tiering: a promotion that found the node full asks
+                # for room up to the promo watermark (pgdat_balanced).
+                promo = nid in m.balancing.promote_pressure
+                if free < wm.low or (promo and free < wm.promo):
+                    m.balancing.promote_pressure.discard(nid)
+                    await self.shrink_node(nid, (wm.promo if promo else wm.high) - free, direct=False)
             await trio.sleep(KSWAPD_INTERVAL)
 
     async def direct_reclaim(self, nodes: "list[int]", want: int) -> int:
