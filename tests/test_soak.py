@@ -28,6 +28,7 @@ SECONDS = float(os.environ.get("CDMFS_SOAK_SECONDS", "15"))
 CPU_PAGES = 2048
 DEV_PAGES = 256
 ELASTIC_KEEP = 64
+COLD_PAGES = 1024
 TARGETS = ("node:0", "node:1", "gpu0")
 POLICIES = ("default", "bind:0", "bind:1", "interleave:0-1", "preferred:1", "preferred_many:0-1")
 
@@ -68,9 +69,70 @@ class Workers:
             assert not t.is_alive(), f"{t.name} hangs"
 
 
+# The soak's machine with a slower tier (issue balancing): a small node 0
+# that the workload overfills, a CXL-like memory node 2 below it, NUMA
+# balancing in both modes with a fast scanner, and demotion on.
+TIERED = """
+block_size = "4M"
+[[node]]
+id = 0
+kind = "sysram"
+size = "8M"
+cpus = "all"
+[[node]]
+id = 1
+kind = "cdm"
+size = "16M"
+[[node]]
+id = 2
+kind = "memory"
+size = "64M"
+[[device]]
+name = "cdm0"
+memory = "node:1"
+[[device]]
+name = "gpu0"
+memory = "private:16M"
+"""
+AUTOMATIC = {
+    "proc/sys/kernel/numa_balancing": "3",
+    "sys/kernel/mm/numa/demotion_enabled": "1",
+    "sys/kernel/debug/sched/numa_balancing/scan_delay_ms": "50",
+    "sys/kernel/debug/sched/numa_balancing/scan_period_min_ms": "100",
+    "sys/kernel/debug/sched/numa_balancing/scan_period_max_ms": "400",
+}
+
+
 def test_soak(cprog, tmp_path):
-    stress = cprog("hmm_stress")
     with cdmfs.mounted() as m:
+        soak(m, cprog("hmm_stress"), tmp_path)
+
+
+def test_soak_with_balancing_and_demotion(cprog, tmp_path):
+    """The same workload while the kernel's automatic placement moves pages
+    on its own: hinting faults, promotion, demotion by kswapd and by faults."""
+    with cdmfs.mounted(TIERED) as m:
+        for rel, value in AUTOMATIC.items():
+            with open(os.path.join(m.path, rel), "w") as f:
+                f.write(value)
+        # Cold pages that crowd node 0: reclaim demotes them to make room.
+        cold = m.region("cold", COLD_PAGES * PAGE)
+        cold_data = random.Random(2).randbytes(COLD_PAGES * PAGE)
+        with open(cold.data, "r+b") as f:
+            f.write(cold_data)
+        soak(m, cprog("hmm_stress"), tmp_path)
+        with open(cold.data, "rb") as f:
+            assert f.read() == cold_data
+        with open(os.path.join(m.path, "proc/vmstat")) as f:
+            v = {k: int(n) for k, n in (line.split() for line in f)}
+        assert v["numa_pte_updates"] > 0
+        print("automatic placement:", {k: v[k] for k in (
+            "numa_pte_updates", "numa_hint_faults", "numa_pages_migrated", "pgdemote_kswapd",
+            "pgdemote_direct", "pgpromote_success")})
+
+
+def soak(m, stress, tmp_path) -> None:
+    if True:
         cpu = m.region("cpu", CPU_PAGES * PAGE)
         dev = m.region("dev", DEV_PAGES * PAGE)
         elastic = m.region("elastic", ELASTIC_KEEP * PAGE)

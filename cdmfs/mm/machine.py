@@ -326,6 +326,14 @@ class Machine:
         """Each node's min, low, high and promo watermarks, in pages."""
         return vmscan.watermarks(self)
 
+    async def direct_reclaim(self, policy: mpol.MemPolicy, local: int, want: int) -> int:
+        """Every node policy allows a CPU of node local is full: reclaim by
+        demotion from them, nearest first (try_to_free_pages).  Returns the
+        pages freed (0: nothing could go)."""
+        pl = self.placement(policy, local)
+        nodes = list(dict.fromkeys(n for t in pl.table for n in pl.fallback.get(t, ())))
+        return await self.kswapd.direct_reclaim(nodes, want)
+
     def memory_nodes(self) -> list[int]:
         """N_MEMORY: nodes with online memory."""
         return [nid for nid, n in self.nodes.items() if n.online]

@@ -222,4 +222,7 @@ async def fault_back(m: "Machine", region: "Region", first: int, end: int, pid: 
                 await region.wait_unlocked()
             return
         if errno.ENOMEM in errs:
+            # Direct reclaim: demoting cold pages makes room (the caller retries).
+            if await m.direct_reclaim(policy, m.local_node(pid), stop - start):
+                return
             raise OSError(errno.EIO, "no system memory left to fault device-private pages back to")

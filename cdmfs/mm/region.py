@@ -308,12 +308,8 @@ class Region:
                 raise OSError(-rc, f"page {page}: {errno.errorcode.get(-rc, rc)}")
 
     async def _direct_reclaim(self, policy: mpol.MemPolicy, pid: int, size: int) -> int:
-        """Every node the policy allows is full: reclaim by demotion from
-        them, nearest first (try_to_free_pages).  Returns the pages freed."""
         m = self.machine
-        pl = m.placement(policy, m.local_node(pid))
-        nodes = list(dict.fromkeys(n for t in pl.table for n in pl.fallback.get(t, ())))
-        return await m.kswapd.direct_reclaim(nodes, -(-size // PAGE_SIZE))
+        return await m.direct_reclaim(policy, m.local_node(pid), -(-size // PAGE_SIZE))
 
     async def wait_unlocked(self) -> None:
         """Waits until the migration holding a page of this region finishes."""
