@@ -20,6 +20,7 @@ ROWS = [
     "gpu0 read of 64 MiB in its own memory",
     "read sys/.../node1/meminfo (open, read, close)",
     "daemon RSS growth after touching",
+    "CPU first touch, random 4 KiB, 64 MiB, 2 nodes, NUMA balancing on",
 ]
 
 

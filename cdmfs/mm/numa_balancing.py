@@ -117,7 +117,9 @@ class NumaBalancing:
         self.changed()
 
     def changed(self) -> None:
-        """A control changed: the scanner looks again now."""
+        """A control changed: the scanner looks again now, from the
+        shortest period."""
+        self.period_ms = self.tun.scan_period_min_ms
         self._changed.set()
         self._changed = trio.Event()
 
@@ -151,12 +153,14 @@ class NumaBalancing:
         the machine is mounted (cancelled at unmount)."""
         await self._sleep(self.tun.scan_delay_ms)
         while True:
+            hinted = 0
             if self.scan_pools():
                 try:
-                    await self.scan()
+                    hinted = await self.scan()
                 except OSError as e:
                     log.info("NUMA balancing scan: %s", e)
-            self._adapt_period()
+            if hinted:
+                self._adapt_period()
             await self._sleep(self.period_ms)
 
     async def _sleep(self, ms: int) -> None:
@@ -164,8 +168,9 @@ class NumaBalancing:
             await self._changed.wait()
 
     def _adapt_period(self) -> None:
-        """update_task_scan_period, simply: mostly local faults (or none)
-        slow the scanner down, others bring it back to the minimum."""
+        """update_task_scan_period, simply: after a pass that hinted pages,
+        mostly local faults (or none) slow the scanner down, others bring it
+        back to the minimum.  A pass with nothing to hint changes nothing."""
         local, total = self._faults
         self._faults = [0, 0]
         lo, hi = self.tun.scan_period_min_ms, max(self.tun.scan_period_max_ms, self.tun.scan_period_min_ms)

@@ -208,6 +208,42 @@ memory = "node:1"
 """
 
 
+# Two system RAM nodes, the CPUs on node 0: NUMA balancing has somewhere to
+# move pages, so its scanner runs (issue balancing).
+BALANCING_CONFIG = """
+[[node]]
+id = 0
+kind = "sysram"
+size = "{size}"
+cpus = "all"
+[[node]]
+id = 1
+kind = "sysram"
+size = "{size}"
+"""
+
+
+def balancing_cost(driver: str, touch_size: int, reps: int) -> tuple[list[float], list[float]]:
+    """Random first touches on a two-node machine with NUMA balancing on
+    (the kernel's default tunables) and off, alternating in one mount."""
+    on: list[float] = []
+    off: list[float] = []
+    ctl = "proc/sys/kernel/numa_balancing"
+    with mounted(BALANCING_CONFIG.format(size=f"{2 * touch_size // MB}M")) as m:
+        for i in range(reps):
+            for mode, out in (("1", on), ("0", off)):
+                progress(f"first touch, NUMA balancing {'on' if mode == '1' else 'off'} {i + 1}/{reps}")
+                with open(os.path.join(m.path, ctl), "w") as f:
+                    f.write(mode)
+                r = m.region("bench-balancing")
+                try:
+                    # Long enough for the scanner (delay 1 s, then a period of 1 s).
+                    out.append(first_touch(driver, r.data, touch_size, "random"))
+                finally:
+                    r.remove()
+    return on, off
+
+
 def rss_per_touched(size: int) -> tuple[float, float]:
     """(daemon RSS growth, bytes touched) after touching size bytes on a 1 TiB CDM node."""
     with mounted(TIB_CONFIG) as m:
@@ -399,6 +435,9 @@ def run(quick: bool = False, json_path: Optional[str] = None) -> list[Row]:
             if floor_proc:
                 rows.append(Row(label, "us", lat, FLOOR,
                                 [read_latency(os.path.join(floor, "attr")) * 1e6 for _ in range(reps)]))
+        on, off = balancing_cost(driver, touch_size, reps)
+        rows.append(Row(f"CPU first touch, random 4 KiB, {touch_size // MB} MiB, 2 nodes, NUMA balancing on",
+                        "faults/s", on, "NUMA balancing off", off))
         touched = (256 if quick else 1024) * MB
         progress("daemon memory with a 1 TiB CDM node")
         grown, size = rss_per_touched(touched)
