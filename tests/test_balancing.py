@@ -209,7 +209,8 @@ def test_pages_move_to_the_node_of_the_cpu_that_reads_them(two):
     st = r.stat
     assert moved == st["N1"] == st["migrated_pages"]
     assert v["numa_hint_faults"] - v0["numa_hint_faults"] >= moved
-    assert v["numa_pte_updates"] - v0["numa_pte_updates"] >= v["numa_hint_faults"] - v0["numa_hint_faults"]
+    # Every hinting fault took a mark the scanner set (maybe before v0).
+    assert v["numa_pte_updates"] >= v["numa_hint_faults"]
     assert v["numa_hint_faults_local"] <= v["numa_hint_faults"]
     assert v["pgmigrate_success"] - v0["pgmigrate_success"] == moved
     with open(r.data, "rb") as f:
@@ -384,6 +385,7 @@ def test_filling_the_fast_node_demotes_cold_pages_and_keeps_hot_ones(tiered):
     assert hot.stat["N0"] == 400 and hot.stat["N1"] == 0
     assert all(r.stat.get("N2", 0) == 0 for r in (cold, hot, filler))
     v = vmstat(m)
+    print(f"demoted {demoted} pages (cold: {cold.stat['N1']} on node 1), hot kept {hot.stat['N0']}")
     assert v["pgdemote_kswapd"] == demoted and v["pgsteal_kswapd"] == demoted
     for r, data in ((cold, cold_data), (hot, hot_data), (filler, filler_data)):
         with open(r.data, "rb") as f:
@@ -404,6 +406,8 @@ def test_a_full_node_demotes_directly_for_a_bound_fault(tiered):
     b_data = fill(b, 400, 22)
     assert b.stat["N0"] == 400
     assert cold.stat["N1"] > 0
+    print(f"bound fault: pgdemote_direct {vmstat(m)['pgdemote_direct']}, "
+          f"pgdemote_kswapd {vmstat(m)['pgdemote_kswapd']}")
     assert vmstat(m)["pgdemote_direct"] + vmstat(m)["pgdemote_kswapd"] >= cold.stat["N1"]
     for r, data in ((cold, cold_data), (b, b_data)):
         with open(r.data, "rb") as f:
@@ -446,6 +450,7 @@ def test_tiering_mode_promotes_reaccessed_pages_within_the_rate_limit(tiered):
     v = node_vmstat(m, 0)
     promoted = v["pgpromote_success"] - v0["pgpromote_success"]
     assert 0 < promoted == r.stat["N0"]
+    print(f"promoted {promoted} of 600 pages in {elapsed:.1f} s at 1 MB/s")
     assert promoted <= 256 * (elapsed + 1)
     assert v["pgpromote_candidate"] - v0["pgpromote_candidate"] >= promoted
     # Without the limit the rest come back too.
