@@ -24,6 +24,12 @@ memory_online         block
 memory_offline        block: its pages moved away first
 device_offline        device, moved: its memory evacuated, out of service
 device_online         device: back in service, its memory empty
+numa_hint_fault       region, first, n, node, faults, local, migrated: the NUMA
+                      hinting faults of one CPU fault (node: the faulting CPU's)
+demote                region, first, n, source, target, moved, reason (kswapd or
+                      direct): reclaim moved cold pages to the next slower tier
+promote               region, first, n, source, target, moved: hinting faults
+                      moved hot pages of a lower tier up (also a ``migrate``)
 poison                region, page, pfn: a page lost with its frame
 link_down             device, poisoned: a device's whole memory lost
 ====================  =======================================================

@@ -159,7 +159,10 @@ class Kswapd:
                     if not pte & lib.CDM_PTE_PRESENT or pte & skip or \
                             (pte & lib.CDM_PTE_POOL_MASK) >> lib.CDM_PTE_POOL_SHIFT != pool:
                         continue
-                    if pte & lib.CDM_PTE_CPU and not pte & lib.CDM_PTE_NUMA:
+                    if pte & lib.CDM_PTE_CPU and (not pte & lib.CDM_PTE_NUMA or not age):
+                        # Referenced; or, for direct reclaim (in a fault's
+                        # handler), CPU-mapped at all: moving it would unmap
+                        # it from there, never done (see numa_balancing).
                         referenced.setdefault(region, []).append(s + i)
                         continue
                     victims.setdefault(region, []).append(s + i)
