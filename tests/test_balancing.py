@@ -463,3 +463,45 @@ def test_tiering_mode_promotes_reaccessed_pages_within_the_rate_limit(tiered):
         os.waitpid(pid, 0)
     with open(r.data, "rb") as f:
         assert f.read() == data
+
+
+@needs_two_cpus
+def test_balancing_keeps_the_data_of_a_concurrent_writer(two):
+    """A writer on CPU 1 stamps every page through its mapping, round after
+    round, never syncing, while hinting faults move the pages under it:
+    every page ends with the last round's stamp and its other bytes intact."""
+    m = two
+    r = m.region("writer", N * PAGE)
+    data = bytearray(pattern(N * PAGE, 5))
+    first_touch(r, 0, bytes(data))
+    rd, wr = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(rd)
+            os.sched_setaffinity(0, {1})
+            fd = os.open(r.data, os.O_RDWR)
+            with mmap.mmap(fd, N * PAGE) as mm:
+                end, rounds = time.monotonic() + 3.0, 0
+                while time.monotonic() < end or rounds < 3:
+                    rounds += 1
+                    stamp = rounds.to_bytes(8, "little")
+                    for k in range(N):
+                        mm[k * PAGE:k * PAGE + 8] = stamp
+                os.write(wr, rounds.to_bytes(8, "little"))
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(wr)
+    assert wait_child(pid) == 0
+    rounds = int.from_bytes(os.read(rd, 8), "little")
+    os.close(rd)
+    assert r.stat["N1"] > 0, r.stat            # it did move pages under the writer
+    with open(r.data, "rb") as f:
+        got = f.read()
+    stamp = rounds.to_bytes(8, "little")
+    for k in range(N):
+        page = got[k * PAGE:(k + 1) * PAGE]
+        assert page[:8] == stamp and page[8:] == data[k * PAGE + 8:(k + 1) * PAGE], k
+    assert read(m, "sys/kernel/debug/cdmfs/check") == "ok\n"

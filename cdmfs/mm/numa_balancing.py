@@ -25,10 +25,11 @@ within ``hot_threshold_ms`` of the scan that unmapped it, promoted to the
 fastest tier with room within ``promote_rate_limit_MBps``.
 
 Only pages the CPU is believed to map (CDM_PTE_CPU) whose frames carry no
-other mark are hinted, and a hinting fault migrates only hinted pages whose
-CPU copy the scanner dropped: the READ being served holds the kernel's lock
-of its pages, so invalidating one of them from its own handler would wait
-for ever.
+other mark are hinted.  A hinting fault migrates only pages of its own READ,
+which the kernel is filling and so holds no copy of: their CPU belief is
+dropped first, so that the migration does not invalidate them (the READ
+holds the kernel's lock of its pages: invalidating one of them from its own
+handler would wait for ever).
 """
 from __future__ import annotations
 
@@ -322,8 +323,6 @@ class NumaBalancing:
                 continue
             faults += 1
             local_faults += src == local
-            if pte & lib.CDM_PTE_CPU:
-                continue    # its copy may be the one this READ fills: never unmap it here
             target = self._target(region, first + k, src, local, now)
             if target is not None:
                 moves[(src, target)].append(first + k)
@@ -339,6 +338,11 @@ class NumaBalancing:
             except (OSError, ValueError):
                 continue
             for s, c in _runs(pages):
+                # This READ is the kernel filling these pages: it holds no copy
+                # of them (a write-back during the scanner's invalidation may
+                # have left the belief set).  Forgotten, the migration does not
+                # invalidate them -- which would wait for this very READ.
+                lib.cdm_region_uncache(m.core, region.core, s, c)
                 res = await migrate_range(m, region, s, c, tgt, from_pools=1 << m.nodes[src].pool)
                 migrated += res.migrated
                 if res.migrated and not m.tiers.is_toptier(src) and m.tiers.is_toptier(target):
