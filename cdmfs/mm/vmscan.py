@@ -102,6 +102,7 @@ class Kswapd:
         import trio
         m = self.m
         while True:
+            idle = True     # a round that demoted nothing waits for the aged pages
             for nid in list(m.nodes):
                 if self.can_demote(nid) is None:
                     continue
@@ -112,8 +113,9 @@ class Kswapd:
                 promo = nid in m.balancing.promote_pressure
                 if free < wm.low or (promo and free < wm.promo):
                     m.balancing.promote_pressure.discard(nid)
-                    await self.shrink_node(nid, (wm.promo if promo else wm.high) - free, direct=False)
-            await trio.sleep(KSWAPD_INTERVAL)
+                    if await self.shrink_node(nid, (wm.promo if promo else wm.high) - free, direct=False):
+                        idle = False
+            await trio.sleep(KSWAPD_INTERVAL if not idle else max(KSWAPD_INTERVAL, AGE_SECONDS / 2))
 
     async def direct_reclaim(self, nodes: "list[int]", want: int) -> int:
         """A fault found every allowed node full: the first of nodes that may
