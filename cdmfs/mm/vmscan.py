@@ -12,10 +12,15 @@ is not low memory.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
+import trio
+
+from .._core import ffi, lib
 from ..config import PAGE_SIZE
+from .migrate_device import migrate_range
 
 if TYPE_CHECKING:
     from .machine import Machine
@@ -99,7 +104,6 @@ class Kswapd:
     async def run(self) -> None:
         """kswapd: every node with reclaim on that falls below its low
         watermark demotes its coldest pages until it is above high."""
-        import trio
         m = self.m
         while True:
             idle = True     # a round that demoted nothing waits for the aged pages
@@ -141,8 +145,8 @@ class Kswapd:
 
     def _victims(self, nid: int, want: int, age: bool):
         """Up to want cold pages on nid as {region: [pages]} in clock order,
-        and the referenced pages the walk passed, {region: [pages]}."""
-        from .._core import ffi, lib
+        and the referenced pages the walk passed, {region: [pages]}.  Without
+        age (direct reclaim), every CPU-mapped page counts as referenced."""
         m = self.m
         pool = m.nodes[nid].pool
         victims: dict = {}
@@ -178,9 +182,6 @@ class Kswapd:
     async def shrink_node(self, nid: int, want: int, direct: bool) -> int:
         """Demotes up to want of nid's coldest pages to its demotion target
         (those whose policy lets them go there).  Returns the pages moved."""
-        import time
-
-        from .migrate_device import migrate_range
         m = self.m
         target = self.can_demote(nid)
         if target is None or want <= 0:
@@ -224,7 +225,6 @@ class Kswapd:
         return moved
 
     async def _age(self, referenced: dict, pool: int, budget: int) -> None:
-        from .._core import ffi, lib
         m = self.m
         nxt = ffi.new("uint64_t *")
         for region, pages in referenced.items():
