@@ -98,7 +98,9 @@ class NumaBalancing:
         self.hinting = False                # pages have been marked: READs may be hint faults
         self._offset: dict[int, int] = {}   # region id -> next page to scan
         self._windows: dict[int, list[tuple[int, int, float]]] = defaultdict(list)
-        self._last: dict[int, dict[int, int]] = defaultdict(dict)   # region id -> page -> node
+        # last_cpupid's node, kept only for misplaced pages awaiting their
+        # second hinting fault: region id -> page -> node.
+        self._last: dict[int, dict[int, int]] = defaultdict(dict)
         self._promoted: dict[int, tuple[float, int]] = {}   # node -> (window start, pages)
         # Nodes a promotion found full: kswapd balances them to the promo watermark.
         self.promote_pressure: set[int] = set()
@@ -291,9 +293,12 @@ class NumaBalancing:
             return None
         target = mpol_misplaced(policy, local)
         last = self._last[region.id]
+        if target is None or target == src:
+            last.pop(page, None)    # well placed: only misplaced pages are remembered
+            return None
         prev = last.get(page)
         last[page] = local
-        if target is None or target == src or prev != local:
+        if prev != local:
             return None     # the two-access filter: twice from the same node
         if target not in nodes or not nodes[target].numa_balancing or nodes[target].isolated \
                 and target not in policy.nodes:
