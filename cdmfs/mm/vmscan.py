@@ -67,7 +67,6 @@ def watermarks(m: "Machine") -> dict[int, Watermarks]:
 # ---------------------------------------------------------------- reclaim
 
 KSWAPD_INTERVAL = 0.05      # seconds between kswapd's looks at the watermarks
-AGE_SECONDS = 0.2           # an aged page gets this long to be referenced again
 SCAN_BATCH = 1 << 14        # page-table entries copied per native call
 
 
@@ -82,13 +81,18 @@ class Kswapd:
     that bit, i.e. unmapping it with a hinting mark, as the NUMA scanner
     does (and the scanner's marks age pages just the same).  A page that is
     not CPU-mapped, or still marked, is cold: it demotes first.  An aged
-    page gets AGE_SECONDS before the clock may take it.
+    page gets ``hot_threshold_ms`` (the time within which a hinting fault
+    makes a page hot for promotion too) before the clock may take it.
     """
 
     def __init__(self, m: "Machine"):
         self.m = m
         self._hand: dict[int, tuple[int, int]] = {}    # node -> (region id, page)
         self._aged: dict[int, float] = {}               # node -> when its pages were last aged
+
+    def age_seconds(self) -> float:
+        """How long an aged page has to be referenced again."""
+        return self.m.balancing.tun.hot_threshold_ms / 1000
 
     def can_demote(self, nid: int) -> Optional[int]:
         """The demotion target of nid, if reclaim may demote from it now."""
@@ -119,7 +123,7 @@ class Kswapd:
                     m.balancing.promote_pressure.discard(nid)
                     if await self.shrink_node(nid, (wm.promo if promo else wm.high) - free, direct=False):
                         idle = False
-            await trio.sleep(KSWAPD_INTERVAL if not idle else max(KSWAPD_INTERVAL, AGE_SECONDS / 2))
+            await trio.sleep(KSWAPD_INTERVAL if not idle else max(KSWAPD_INTERVAL, self.age_seconds() / 2))
 
     async def direct_reclaim(self, nodes: "list[int]", want: int) -> int:
         """A fault found every allowed node full: the first of nodes that may
@@ -217,7 +221,7 @@ class Kswapd:
             m.balancing.events["pgsteal_anon"] += moved
         if not direct and moved < want:
             now = time.monotonic()
-            if now - self._aged.get(nid, 0.0) >= AGE_SECONDS:
+            if now - self._aged.get(nid, 0.0) >= self.age_seconds():
                 # Second chance: the referenced pages lose their bit (unmapped
                 # with a hinting mark); those not touched again go next time.
                 self._aged[nid] = now
