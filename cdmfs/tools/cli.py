@@ -8,7 +8,7 @@ import sys
 from typing import Optional, Sequence
 
 from .. import config
-from ..fs import daemon
+from ..fs import daemon, router
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -165,7 +165,7 @@ def cmd_device(args: argparse.Namespace) -> None:
         print(f"{args.name}: online")
 
 
-BENCH_EPILOG = """\
+BENCH_EPILOG = f"""\
 Each row is a median beside a reference measured in the same run on this machine:
   tmpfs                     CPU first touch on the kernel's own shared memory
   bindfs                    the same on bindfs over that tmpfs: a FUSE filesystem in C
@@ -177,8 +177,9 @@ Each row is a median beside a reference measured in the same run on this machine
                             for attribute reads; also bindfs over a copy of it and the
                             floor's small attribute file
   cdmfs random first touch  cdmfs's own first-touch rate, for fault-back from gpu0
-  default (...)             the same with the router's default settings, for the rows
-                            of other settings (CDMFS_ROUTER_READERS, _SPIN_US; as root)
+  router defaults           cdmfs random first touch with the router's default settings
+                            ({router.READERS} reader, {router.SPIN_US} us spin), for the rows of other settings
+                            (CDMFS_ROUTER_READERS, CDMFS_ROUTER_SPIN_US; as root)
   without the router        a mount with CDMFS_ROUTER=0 (every request in Python), for
                             a control request that Python serves either way (as root)
   bytes touched             for the daemon's memory growth with a 1 TiB CDM node
