@@ -1,19 +1,21 @@
-"""The C request router (native/router.c) under pyfuse3, behind a switch.
+"""The C request router (native/router.c) under pyfuse3.
 
 With the router, the daemon does not let libfuse mount: the router opens
-/dev/fuse, mounts it with mount(2) and forwards every request to pyfuse3,
-which runs unmodified on its end of a socketpair given as the mountpoint
-``/dev/fd/N`` (DESIGN §5).
+/dev/fuse, mounts it with mount(2) and forwards every request it does not
+serve itself to pyfuse3, which runs unmodified on its end of a socketpair
+given as the mountpoint ``/dev/fd/N`` (DESIGN §5).
 
-Issue 13, step 2 (first part): READ and WRITE of a region's data whose
-pages are all placed (present, not poisoned, locked or in device memory)
-are served by the router in C (cdm_region_serve); the Filesystem maps each
-region's data inode (``map_data``) at mkdir and unmaps it at rmdir before
-the native region may be freed.  What the C path does not do, Python makes
-up for: the region's cpu_faults/writebacks in ``stat`` add the core's
-served_reads/served_writes, the data file's atime/mtime fold in the times
-of the last served READ/WRITE (``data_times``), and no ``cpu_fault`` event
-is emitted for a served READ (nothing subscribes to it yet).
+READ and WRITE of a region's data are served by the router in C
+(cdm_region_serve) when the core can: placed pages, a first touch (by the
+plans Python publishes: Machine.policy_id, Region.publish_policies) and a
+fault-back of device-private pages (logged for Machine.apply_faultbacks);
+the Filesystem maps each region's data inode (``map_data``) at mkdir and
+unmaps it at rmdir before the native region may be freed.  What the C path
+does not do, Python makes up for: the region's cpu_faults/writebacks in
+``stat`` add the core's served_reads/served_writes, the data file's
+atime/mtime fold in the times of the last served READ/WRITE
+(``data_times``), and no ``cpu_fault`` event is emitted for a served READ
+(nothing subscribes to it yet).
 
 The side channel: requests pyfuse3 has no handler for (FUSE_LSEEK,
 FUSE_FALLOCATE; SIDE_OPCODES) are taken out of pyfuse3's stream by the
