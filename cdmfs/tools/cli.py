@@ -74,6 +74,15 @@ def cmd_hardware(args: argparse.Namespace) -> None:
     sys.stdout.write(text)
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from . import run
+    try:
+        status = run.run(args)
+    except run.RunError as e:
+        raise CliError(str(e)) from None
+    return status
+
+
 def cmd_numastat(args: argparse.Namespace) -> None:
     from . import report
     try:
@@ -235,6 +244,23 @@ def parser() -> argparse.ArgumentParser:
     dv.add_argument("state", choices=("online", "offline"))
     dv.set_defaults(func=cmd_device)
 
+    r = sub.add_parser("run", help="run a program with its memory and NUMA calls on the emulated machine",
+                       description="Runs COMMAND with its anonymous memory (the malloc heap included) in a "
+                       "region of the mount named after its pid, and its NUMA system calls on the emulated "
+                       "machine. The placement options are numactl's: the task policy COMMAND starts with.")
+    r.add_argument("mountpoint")
+    pl = r.add_mutually_exclusive_group()
+    pl.add_argument("--membind", "-m", metavar="NODES", help="allocate only on NODES (MPOL_BIND)")
+    pl.add_argument("--preferred", "-p", metavar="NODE", help="allocate on NODE first (MPOL_PREFERRED)")
+    pl.add_argument("--interleave", "-i", metavar="NODES", help="interleave over NODES (MPOL_INTERLEAVE)")
+    pl.add_argument("--localalloc", "-l", action="store_true", help="allocate on the CPU's node (MPOL_LOCAL)")
+    pl.add_argument("--preferred-many", metavar="NODES", help="allocate on NODES first (MPOL_PREFERRED_MANY)")
+    r.add_argument("--min-size", metavar="SIZE",
+                   help="anonymous mappings smaller than SIZE stay in host memory (default 0: all go)")
+    r.add_argument("command", nargs="*", metavar="-- COMMAND [ARGS]")
+    r.set_defaults(func=cmd_run)
+    r.__class__ = _IntermixedParser
+
     d = sub.add_parser("demo", help="mount in a temporary folder and run a short workload")
     d.set_defaults(func=cmd_demo)
 
@@ -254,13 +280,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p.print_help()
         return 0
     try:
-        args.func(args)
+        status = args.func(args)
     except (CliError, config.ConfigError, daemon.MountError, OSError) as e:
         print(f"cdmfs: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
-    return 0
+    return status if isinstance(status, int) else 0
 
 
 if __name__ == "__main__":
