@@ -380,6 +380,13 @@ class Filesystem(pyfuse3.Operations):
         except pyfuse3.FUSEError as e:
             log.warning("region %s of ended process %d: cannot remove it (errno %d)",
                         region.name, region.owner_pid, e.errno)
+            return
+        # Nobody's rmdir: the kernel's cached dentry must go too.
+        try:
+            pyfuse3.invalidate_entry_async(self.regions_dir.inode, os.fsencode(region.name),
+                                           deleted=entry.inode)
+        except Exception:   # the mount is going away
+            log.debug("region %s: cannot invalidate its entry", region.name, exc_info=True)
 
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
         """A region's directory may take a new name within regions/ (its
