@@ -257,6 +257,9 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("--preferred-many", metavar="NODES", help="allocate on NODES first (MPOL_PREFERRED_MANY)")
     r.add_argument("--min-size", metavar="SIZE",
                    help="anonymous mappings smaller than SIZE stay in host memory (default 0: all go)")
+    r.add_argument("--fault-around", action="store_true",
+                   help="let a fault read around (faster; pages near a fault are placed early, by the "
+                   "policy of that moment); default: one page a fault, as anonymous memory")
     r.add_argument("command", nargs="*", metavar="-- COMMAND [ARGS]")
     r.set_defaults(func=cmd_run)
     r.__class__ = _IntermixedParser

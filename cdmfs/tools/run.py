@@ -114,6 +114,7 @@ def run(args) -> int:
         env["CDMFS_RUN_MIN_SIZE"] = str(kstrtox.memparse(args.min_size) if args.min_size else 0)
     except ValueError:
         raise RunError(f"bad size {args.min_size!r}") from None
+    env["CDMFS_RUN_FAULT_AROUND"] = "1" if args.fault_around else "0"
     env.pop("CDMFS_RUN_MEMPOLICY", None)
     pol = policy_env(args, mount)
     if pol:

@@ -596,10 +596,14 @@ long cdm_mbind(void *start, unsigned long len, int mode, const unsigned long *nm
         return r;
     if (cdm_setup())
         return -ENOSYS;
-    /* The host kernel tells a hole in the range (EFAULT). */
-    r = RAW6(SYS_mbind, s, len, MPOL_DEFAULT, 0, 0, 0);
-    if (r)
-        return r;
+    /* The host kernel tells a hole in the range (EFAULT; MPOL_DEFAULT
+     * ignores holes), with a harmless local policy taken back at once. */
+    if (p.mode != MPOL_DEFAULT) {
+        r = RAW6(SYS_mbind, s, len, MPOL_PREFERRED, 0, 0, 0);
+        if (r)
+            return r;
+    }
+    RAW6(SYS_mbind, s, len, MPOL_DEFAULT, 0, 0, 0);
     char pol[600];
     mpol_region_str(&p, pol, sizeof pol);
     struct mbind_req q = {pol, flags, 0};
@@ -785,11 +789,10 @@ long cdm_move_pages(int pid, unsigned long count, void **pages, const int *nodes
         long off = target_offset(&t, (uintptr_t)pages[i]);
         if (nodes) {
             int node = nodes[i];
-            if (node < 0 || node >= MAX_NODES) { ret = -EINVAL; break; }
-            if (node >= nr || !nm_isset(&allowed, node)) {
-                /* the kernel: not a node with memory, ENODEV; not allowed, EACCES */
-                struct nodemask has;
-                ret = sys_nodes("has_memory", &has) == 0 && nm_isset(&has, node) ? -EACCES : -ENODEV;
+            /* do_pages_move(): no such node or no memory on it, ENODEV
+             * (allowed is the cpuset's mems: N_MEMORY here, so no EACCES) */
+            if (node < 0 || node >= nr || !nm_isset(&allowed, node)) {
+                ret = -ENODEV;
                 break;
             }
         }
@@ -866,6 +869,10 @@ long cdm_migrate_pages(int pid, unsigned long maxnode, const unsigned long *old_
     }
     struct nodemask allowed;
     cdm_mems_allowed(&allowed);
+    if (nm_empty(&new_)) {
+        close_target(&t);
+        return -EINVAL;                          /* as the host kernel answers */
+    }
     for (int i = 0; i < MASK_WORDS; i++) {
         if (new_.w[i] & ~allowed.w[i]) {
             close_target(&t);

@@ -73,6 +73,7 @@ struct cdm_state {
     int pid;
     int fd_data, fd_mbind, fd_migrate, fd_advise, fd_policy;
     unsigned long min_size;
+    int fault_around;               /* let faults read around (inexact placement) */
 };
 extern struct cdm_state cdm;
 int cdm_setup(void);                          /* lazily: 0, or -1 when disabled */

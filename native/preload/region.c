@@ -275,6 +275,8 @@ static int setup_locked(void)
     cdm_strlcpy(cdm.mount, mnt, sizeof cdm.mount);
     const char *min = getenv("CDMFS_RUN_MIN_SIZE");
     cdm.min_size = min ? strtoul(min, NULL, 10) : 0;
+    const char *fa = getenv("CDMFS_RUN_FAULT_AROUND");
+    cdm.fault_around = fa && *fa == '1';
     set_paths((int)RAW0(SYS_getpid));
     long r = RAW3(SYS_mkdirat, AT_FDCWD, cdm.dir, 0700);
     int reused = r == -EEXIST;      /* after exec: the pid's region is ours */
@@ -315,6 +317,17 @@ int cdm_setup(void)
 }
 
 /* ------------------------------------------------------------ the mmap family */
+
+/* The kernel faults anonymous memory a page at a time; a fault on a file
+ * mapping reads around (32 pages here), which would place pages the
+ * program never touched, by the policy of the moment, and on offsets that
+ * a later mapping or mbind() takes.  MADV_RANDOM makes a fault one page,
+ * unless `cdmfs run --fault-around` traded that exactness for speed. */
+static void one_page_a_fault(uintptr_t addr, size_t len)
+{
+    if (!cdm.fault_around)
+        RAW3(SYS_madvise, addr, len, MADV_RANDOM);
+}
 
 static int wanted(size_t len, int prot, int flags, int fd)
 {
@@ -359,6 +372,7 @@ static void *mmap_impl(void *addr, size_t len, int prot, int flags, int fd, off_
             if (flags & MAP_FIXED)
                 forget((uintptr_t)r, (uintptr_t)r + alen);
             insert((uintptr_t)r, (uintptr_t)r + alen, (uint64_t)o);
+            one_page_a_fault((uintptr_t)r, alen);
         }
     }
     cdm_unlock();
@@ -474,6 +488,7 @@ void *mremap(void *old, size_t oldlen, size_t newlen, int flags, ...)
                 if (fixed)
                     forget((uintptr_t)r, (uintptr_t)r + newlen);
                 insert((uintptr_t)r, (uintptr_t)r + newlen, (uint64_t)o);
+                one_page_a_fault((uintptr_t)r, newlen);
                 RAW2(SYS_munmap, old, oldlen);
                 forget(a, a + oldlen);
             }
@@ -619,6 +634,7 @@ static void remap_onto(int fd, const char *old_path)
                            (p[3] == 'x' ? PROT_EXEC : 0);
                 unsigned long off = strtoul(p + 6, NULL, 16);
                 RAW6(SYS_mmap, s, e - s, prot, MAP_SHARED | MAP_FIXED, fd, off);
+                one_page_a_fault(s, e - s);
             }
             line = nl + 1;
         }

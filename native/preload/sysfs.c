@@ -217,12 +217,14 @@ ssize_t readlinkat(int d, const char *p, char *out, size_t n) { char buf[4096]; 
 extern char **environ;
 extern void mpol_current_env(char *buf, size_t size);
 
-static const char *const carried[] = {"LD_PRELOAD", "CDMFS_RUN_MOUNT", "CDMFS_RUN_MIN_SIZE"};
-static char saved[3][4096];
+static const char *const carried[] = {"LD_PRELOAD", "CDMFS_RUN_MOUNT", "CDMFS_RUN_MIN_SIZE",
+                                      "CDMFS_RUN_FAULT_AROUND"};
+#define NCARRIED (int)(sizeof carried / sizeof *carried)
+static char saved[NCARRIED][4096];
 
 __attribute__((constructor)) static void save_env(void)
 {
-    for (int i = 0; i < 3; i++) {
+    for (int i = 0; i < NCARRIED; i++) {
         const char *v = getenv(carried[i]);
         if (v) {
             cdm_strlcpy(saved[i], carried[i], sizeof saved[i]);
@@ -245,10 +247,10 @@ static int has_var(char *const envp[], const char *name)
 static int with_run_env(char *const envp[], char **out, int cap, char *polbuf, size_t polsize)
 {
     int n = 0;
-    for (int i = 0; envp && envp[i] && n < cap - 6; i++)
+    for (int i = 0; envp && envp[i] && n < cap - NCARRIED - 2; i++)
         if (strncmp(envp[i], "CDMFS_RUN_MEMPOLICY=", 20))
             out[n++] = envp[i];
-    for (int i = 0; i < 3; i++)
+    for (int i = 0; i < NCARRIED; i++)
         if (saved[i][0] && !has_var(envp, carried[i]))
             out[n++] = saved[i];
     cdm_strlcpy(polbuf, "CDMFS_RUN_MEMPOLICY=", polsize);
@@ -263,10 +265,10 @@ int execve(const char *path, char *const argv[], char *const envp[])
     int n = 0;
     while (envp && envp[n])
         n++;
-    char *env[n + 8], pol[700];
+    char *env[n + NCARRIED + 4], pol[700];
     if (!saved[1][0])
         return (int)cdm_ret(RAW3(SYS_execve, path, argv, envp));
-    with_run_env(envp, env, n + 8, pol, sizeof pol);
+    with_run_env(envp, env, n + NCARRIED + 4, pol, sizeof pol);
     return (int)cdm_ret(RAW3(SYS_execve, path, argv, env));
 }
 
