@@ -110,6 +110,11 @@ def run(args) -> int:
         preload.append(env["LD_PRELOAD"])
     env["LD_PRELOAD"] = " ".join(preload)
     env["CDMFS_RUN_MOUNT"] = mount
+    # mimalloc otherwise counts nodes with access("/sys/.../nodeN") at its
+    # first allocation and leaves errno at ENOENT, which programs that check
+    # errno after a libnuma call (migspeed) take for a failure; placement is
+    # the policy's business, not the allocator's.
+    env.setdefault("MIMALLOC_USE_NUMA_NODES", "1")
     try:
         env["CDMFS_RUN_MIN_SIZE"] = str(kstrtox.memparse(args.min_size) if args.min_size else 0)
     except ValueError:

@@ -35,6 +35,24 @@ static const char *mount_path(void)
     return m && *m ? m : NULL;
 }
 
+/* hwloc opens "/" and reads relative to it: openat(rootfd, "sys/..."). */
+static const char *redirect_at(int dirfd, const char *path, char *buf, size_t size)
+{
+    const char *mnt;
+    if (!path || path[0] == '/' || dirfd == AT_FDCWD || strncmp(path, "sys/", 4) || !(mnt = mount_path()))
+        return NULL;
+    char abs[4096] = "/";
+    cdm_strlcat(abs, path, sizeof abs);
+    const char *r = cdm_redirect(abs, buf, size);
+    if (r == abs)
+        return NULL;
+    struct stat dir, root;
+    if (RAW4(SYS_newfstatat, dirfd, "", &dir, AT_EMPTY_PATH) || RAW4(SYS_newfstatat, AT_FDCWD, "/", &root, 0) ||
+        dir.st_dev != root.st_dev || dir.st_ino != root.st_ino)
+        return NULL;
+    return buf;
+}
+
 const char *cdm_redirect(const char *path, char *buf, size_t size)
 {
     const char *mnt;
@@ -62,6 +80,48 @@ static int is_status(const char *path)
     cdm_strlcat(own, cdm_utoa(num, (unsigned long)RAW0(SYS_getpid)), sizeof own);
     cdm_strlcat(own, "/status", sizeof own);
     return !strcmp(path, own);
+}
+
+/* A cgroup's cpuset.mems (v1) or cpuset.mems.effective (v2): hwloc takes
+ * the allowed nodes from it. */
+static int is_cpuset_mems(const char *path)
+{
+    if (!path || strncmp(path, "/sys/fs/cgroup/", 15) || !mount_path())
+        return 0;
+    size_t n = strlen(path);
+    static const char v1[] = "/cpuset.mems", v2[] = "/cpuset.mems.effective";
+    return (n >= sizeof v1 - 1 && !strcmp(path + n - (sizeof v1 - 1), v1)) ||
+           (n >= sizeof v2 - 1 && !strcmp(path + n - (sizeof v2 - 1), v2));
+}
+
+static int memfd_with(const char *text)
+{
+    long fd = RAW2(SYS_memfd_create, "cdmfs", MFD_CLOEXEC);
+    if (fd < 0)
+        return (int)fd;
+    RAW3(SYS_write, fd, text, strlen(text));
+    RAW3(SYS_lseek, fd, 0, SEEK_SET);
+    return (int)fd;
+}
+
+static int cpuset_mems_fd(void)
+{
+    char hm[1400], list[4096];
+    cdm_strlcpy(hm, mount_path(), sizeof hm);
+    cdm_strlcat(hm, "/sys/devices/system/node/has_memory", sizeof hm);
+    if (cdm_read_file(hm, list, sizeof list) < 0)
+        return -EIO;
+    return memfd_with(list);
+}
+
+/* The fd that stands for a file whose contents are rewritten, or -1. */
+static int rewritten_fd(const char *path)
+{
+    if (is_status(path))
+        return cdm_status_fd(path);
+    if (is_cpuset_mems(path))
+        return cpuset_mems_fd();
+    return -1;
 }
 
 /* A memfd holding /proc/self/status with the emulated Mems_allowed. */
@@ -112,12 +172,7 @@ int cdm_status_fd(const char *path)
             break;
         line = nl + 1;
     }
-    long fd = RAW2(SYS_memfd_create, "status", MFD_CLOEXEC);
-    if (fd < 0)
-        return (int)fd;
-    RAW3(SYS_write, fd, out, strlen(out));
-    RAW3(SYS_lseek, fd, 0, SEEK_SET);
-    return (int)fd;
+    return memfd_with(out);
 }
 
 /* ------------------------------------------------------------ open and friends */
@@ -125,13 +180,16 @@ int cdm_status_fd(const char *path)
 static int open_impl(int dirfd, const char *path, int flags, mode_t mode)
 {
     char buf[4096];
-    if (is_status(path)) {
-        int fd = cdm_status_fd(path);
+    if ((flags & O_ACCMODE) == O_RDONLY) {
+        int fd = rewritten_fd(path);
         if (fd >= 0 && !(flags & O_CLOEXEC))
             RAW3(SYS_fcntl, fd, F_SETFD, 0);
         if (fd >= 0)
             return fd;
     }
+    const char *at = redirect_at(dirfd, path, buf, sizeof buf);
+    if (at)
+        return (int)cdm_ret(RAW4(SYS_openat, AT_FDCWD, at, flags, mode));
     return (int)cdm_ret(RAW4(SYS_openat, dirfd, cdm_redirect(path, buf, sizeof buf), flags, mode));
 }
 
@@ -158,8 +216,8 @@ static FILE *fopen_impl(const char *path, const char *mode, const char *sym)
     static FILE *(*real)(const char *, const char *);
     if (!real)
         real = (FILE * (*)(const char *, const char *)) dlsym(RTLD_NEXT, sym);
-    if (is_status(path) && mode[0] == 'r') {
-        int fd = cdm_status_fd(path);
+    if (mode[0] == 'r' && mode[1] != '+') {
+        int fd = rewritten_fd(path);
         if (fd >= 0) {
             RAW3(SYS_fcntl, fd, F_SETFD, strchr(mode, 'e') ? FD_CLOEXEC : 0);
             FILE *f = fdopen(fd, mode);
@@ -196,21 +254,24 @@ int scandir(const char *path, struct dirent ***list, int (*sel)(const struct dir
 }
 
 #define RDR(p) cdm_redirect(p, buf, sizeof buf)
+/* A path relative to dirfd, or made absolute into the mount (dirfd then unused). */
+#define RDR_AT(d, p) (redirect_at(d, p, buf, sizeof buf) ? (d = AT_FDCWD, buf) : cdm_redirect(p, buf, sizeof buf))
 
 int stat(const char *p, struct stat *st) { char buf[4096]; return (int)cdm_ret(RAW4(SYS_newfstatat, AT_FDCWD, RDR(p), st, 0)); }
 int stat64(const char *p, struct stat64 *st) { char buf[4096]; return (int)cdm_ret(RAW4(SYS_newfstatat, AT_FDCWD, RDR(p), st, 0)); }
 int lstat(const char *p, struct stat *st) { char buf[4096]; return (int)cdm_ret(RAW4(SYS_newfstatat, AT_FDCWD, RDR(p), st, AT_SYMLINK_NOFOLLOW)); }
 int lstat64(const char *p, struct stat64 *st) { char buf[4096]; return (int)cdm_ret(RAW4(SYS_newfstatat, AT_FDCWD, RDR(p), st, AT_SYMLINK_NOFOLLOW)); }
-int fstatat(int d, const char *p, struct stat *st, int fl) { char buf[4096]; return (int)cdm_ret(RAW4(SYS_newfstatat, d, RDR(p), st, fl)); }
-int fstatat64(int d, const char *p, struct stat64 *st, int fl) { char buf[4096]; return (int)cdm_ret(RAW4(SYS_newfstatat, d, RDR(p), st, fl)); }
+int fstatat(int d, const char *p, struct stat *st, int fl) { char buf[4096]; const char *q = RDR_AT(d, p); return (int)cdm_ret(RAW4(SYS_newfstatat, d, q, st, fl)); }
+int fstatat64(int d, const char *p, struct stat64 *st, int fl) { char buf[4096]; const char *q = RDR_AT(d, p); return (int)cdm_ret(RAW4(SYS_newfstatat, d, q, st, fl)); }
 int access(const char *p, int m) { char buf[4096]; return (int)cdm_ret(RAW3(SYS_faccessat, AT_FDCWD, RDR(p), m)); }
 int faccessat(int d, const char *p, int m, int fl)
 {
     char buf[4096];
-    return (int)cdm_ret(RAW4(SYS_faccessat2, d, RDR(p), m, fl));
+    const char *q = RDR_AT(d, p);
+    return (int)cdm_ret(RAW4(SYS_faccessat2, d, q, m, fl));
 }
 ssize_t readlink(const char *p, char *out, size_t n) { char buf[4096]; return cdm_ret(RAW4(SYS_readlinkat, AT_FDCWD, RDR(p), out, n)); }
-ssize_t readlinkat(int d, const char *p, char *out, size_t n) { char buf[4096]; return cdm_ret(RAW4(SYS_readlinkat, d, RDR(p), out, n)); }
+ssize_t readlinkat(int d, const char *p, char *out, size_t n) { char buf[4096]; const char *q = RDR_AT(d, p); return cdm_ret(RAW4(SYS_readlinkat, d, q, out, n)); }
 
 /* ------------------------------------------------------------ exec */
 
