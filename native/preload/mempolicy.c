@@ -386,8 +386,8 @@ long cdm_set_mempolicy(int mode, const unsigned long *nmask, unsigned long maxno
         thread_pol = p;
         thread_pol_set = 1;
     }
-    if (!cdm_in_lib)
-        export_policy(&p);
+    if (!cdm_in_lib && !thread_pol_set)
+        export_policy(&p);                       /* posix_spawn and system() pass environ on */
     return 0;
 }
 

@@ -586,12 +586,18 @@ static void fork_prepare(void)
         long got = RAW4(SYS_pread64, pm, entries, sizeof entries, page * 8);
         if (got <= 0)
             break;
-        for (long i = 0; i < got / 8; i++) {
-            if (!entries[i])
+        for (long i = 0; i < got / 8;) {
+            if (!entries[i]) {
+                i++;
                 continue;
-            uint64_t off = (page + i) * PAGE;
-            if (RAW4(SYS_pread64, cdm.fd_data, buf, PAGE, off) == (long)PAGE)
-                RAW4(SYS_pwrite64, fd, buf, PAGE, off);
+            }
+            long j = i + 1;                      /* a run of pages present, a buffer at most */
+            while (j < got / 8 && entries[j] && (size_t)(j - i) * PAGE < sizeof buf)
+                j++;
+            uint64_t off = (page + i) * PAGE, len = (uint64_t)(j - i) * PAGE;
+            if (RAW4(SYS_pread64, cdm.fd_data, buf, len, off) == (long)len)
+                RAW4(SYS_pwrite64, fd, buf, len, off);
+            i = j;
         }
     }
     if (pm >= 0)
