@@ -329,3 +329,97 @@ def test_mbind_strict_with_misplaced_pages_is_eio(mnt, cc):
     exe = cc("numa_strict", STRICT_C, "-lnuma")
     out = subprocess.run(run_cmd(mnt, "--", exe), stdout=subprocess.PIPE, text=True, check=True).stdout
     assert out.splitlines() == ["strict -1 EIO", "strict_move 0 0", "node 1"]
+
+
+OFFLINE_C = r"""
+#define _GNU_SOURCE
+#include <errno.h>
+#include <numaif.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/mman.h>
+int main(void) {
+    unsigned long one = 2, both = 3;
+    long ps = 4096;
+    char *p = mmap(0, 4 * ps, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    memset(p, 1, 4 * ps);
+    void *pg[1] = {p}; int to[1] = {1}, st[1] = {7};
+    long r;
+#define T(name, call) r = (call); printf("%s %ld %s\n", name, r, r < 0 ? strerrorname_np(errno) : "0")
+    T("bind_offline", set_mempolicy(MPOL_BIND, &one, 64));
+    T("bind_with_online", set_mempolicy(MPOL_BIND, &both, 64));
+    T("mbind_offline", mbind(p, ps, MPOL_BIND, &one, 64, 0));
+    T("move_to_offline", move_pages(0, 1, pg, to, st, MPOL_MF_MOVE));
+    unsigned long mems = 0;
+    T("mems_allowed", get_mempolicy(NULL, &mems, 64, NULL, MPOL_F_MEMS_ALLOWED));
+    printf("mems %lu\n", mems);
+    return 0;
+}
+"""
+
+
+def test_offline_node_is_einval(small, cc):
+    """With cdm0 out of service its node 1 has no memory: a mask of it alone
+    is EINVAL (set_mempolicy, mbind), a move to it ENODEV, and it leaves
+    MEMS_ALLOWED; a mask that also names node 0 is taken."""
+    exe = cc("numa_offline", OFFLINE_C, "-lnuma")
+    small.device("cdm0").online = False
+    try:
+        got = errors(run_cmd(small, "--", exe))
+        r = subprocess.run(run_cmd(small, "--", "numactl", "--membind=1", "true"), stderr=subprocess.PIPE)
+    finally:
+        small.device("cdm0").online = True
+    assert got["bind_offline"] == "-1 EINVAL"
+    assert got["bind_with_online"] == "0 0"
+    assert got["mbind_offline"] == "-1 EINVAL"
+    assert got["move_to_offline"] == "-1 ENODEV"
+    assert got["mems_allowed"] == "0 0" and got["mems"] == "1"
+    assert r.returncode != 0
+
+
+PRIVATE_C = r"""
+#define _GNU_SOURCE
+#include <numaif.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+int main(void) {
+    long ps = 4096;
+    char *p = mmap(0, 4 * ps, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    for (int i = 0; i < 4; i++) p[i * ps] = (char)(i + 1);
+    printf("%d %p\n", getpid(), (void *)p);
+    fflush(stdout);
+    char l[8];
+    if (!fgets(l, sizeof l, stdin)) return 3;     /* the test moves pages to gpu0 */
+    void *pg[4]; int st[4];
+    for (int i = 0; i < 4; i++) pg[i] = p + i * ps;
+    move_pages(0, 4, pg, NULL, st, 0);
+    printf("query %d %d %d %d\n", st[0], st[1], st[2], st[3]);
+    int node = -1;
+    get_mempolicy(&node, NULL, 0, p, MPOL_F_NODE | MPOL_F_ADDR);
+    move_pages(0, 4, pg, NULL, st, 0);
+    printf("node %d then %d %d %d %d data %d\n", node, st[0], st[1], st[2], st[3], p[0]);
+    return 0;
+}
+"""
+
+
+def test_device_private_pages_are_not_present(mnt, cc):
+    """Pages migrated into gpu0's private memory: move_pages reports them
+    -ENOENT (the CPU cannot map them); get_mempolicy(MPOL_F_NODE|MPOL_F_ADDR)
+    faults the page back, to node 0, with its data."""
+    exe = cc("numa_private", PRIVATE_C, "-lnuma")
+    p = subprocess.Popen(run_cmd(mnt, "--", exe), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    pid, addr = p.stdout.readline().split()
+    s, e, off, path = mapping_of(int(pid), int(addr, 16))
+    off += int(addr, 16) - s
+    with open(os.path.join(region_dir(mnt, int(pid)), "migrate"), "r+") as f:
+        f.write(f"{off} {4 * PAGE} gpu0\n")
+        f.seek(0)
+        assert "migrated 4" in f.read()
+    out, _ = p.communicate("\n", timeout=60)
+    assert p.returncode == 0
+    lines = out.splitlines()
+    assert lines[0] == "query -2 -2 -2 -2"
+    assert lines[1] == "node 0 then 0 -2 -2 -2 data 1"

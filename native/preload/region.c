@@ -286,6 +286,8 @@ static int setup_locked(void)
     if (fd < 0)
         goto fail;
     cdm.fd_data = (int)fd;
+    /* pread of one page (get_mempolicy's fault-in) must not read around. */
+    RAW4(SYS_fadvise64, fd, 0, 0, POSIX_FADV_RANDOM);
     if (open_controls())
         goto fail;
     write_owner(cdm.pid);
@@ -662,6 +664,7 @@ static void fork_child(void)
             remap_onto(snap_fd, old_path);
             close_fds();
             cdm.fd_data = snap_fd;
+            RAW4(SYS_fadvise64, snap_fd, 0, 0, POSIX_FADV_RANDOM);
             open_controls();
         } else {
             cdm.ready = -1;          /* shares the parent's memory: say so by failing later */
