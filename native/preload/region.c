@@ -212,13 +212,25 @@ uint64_t cdm_region_used(void)
 
 /* ------------------------------------------------------------ setup */
 
+/* The interposer's descriptors live high, out of the way of programs that
+ * reuse low numbers (dup2 onto 3, 4...). */
+#define HIGH_FD 900
+
 static long open_in(const char *dir, const char *name, int flags)
 {
     char path[1400];
     cdm_strlcpy(path, dir, sizeof path);
     cdm_strlcat(path, "/", sizeof path);
     cdm_strlcat(path, name, sizeof path);
-    return RAW4(SYS_openat, AT_FDCWD, path, flags | O_CLOEXEC, 0);
+    long fd = RAW4(SYS_openat, AT_FDCWD, path, flags | O_CLOEXEC, 0);
+    if (fd >= 0 && fd < HIGH_FD) {
+        long high = RAW3(SYS_fcntl, fd, F_DUPFD_CLOEXEC, HIGH_FD);
+        if (high >= 0) {
+            RAW1(SYS_close, fd);
+            fd = high;
+        }
+    }
+    return fd;
 }
 
 static void close_fds(void)
