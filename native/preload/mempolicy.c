@@ -18,6 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "preload.h"
@@ -63,7 +64,34 @@ static int is_main_thread(void)
 
 /* ------------------------------------------------------------ the machine */
 
+/* The node lists change only with hotplug and device offlining: read at
+ * most every 20 ms, not at every call. */
+static int sys_nodes_read(const char *name, struct nodemask *m);
+
 static int sys_nodes(const char *name, struct nodemask *m)
+{
+    static struct { const char *name; struct nodemask m; long stamp; } cache[4];
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    long now = ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+    int slot = -1;
+    for (int i = 0; i < 4; i++)
+        if (cache[i].name == name || (!cache[i].name && slot < 0))
+            slot = i;
+    if (slot >= 0 && cache[slot].name == name && now - cache[slot].stamp < 20) {
+        *m = cache[slot].m;
+        return 0;
+    }
+    int r = sys_nodes_read(name, m);
+    if (!r && slot >= 0) {
+        cache[slot].m = *m;
+        cache[slot].stamp = now;
+        cache[slot].name = name;
+    }
+    return r;
+}
+
+static int sys_nodes_read(const char *name, struct nodemask *m)
 {
     char path[1400], text[4096];
     cdm_strlcpy(path, cdm.mount, sizeof path);
@@ -174,11 +202,29 @@ static int node_of_pfn(uint64_t pfn)
 /* The node of the page at region offset off of the region in dir (fd of its
  * pagemap given), or -ENOENT if not present (never touched, or in device
  * memory). */
+/* A window of pagemap entries read at once (move_pages asks page by page). */
+static __thread struct { int fd; uint64_t first, n; uint64_t e[512]; } pm_win
+    __attribute__((tls_model("initial-exec")));
+
+static void pm_forget(void)
+{
+    pm_win.n = 0;
+}
+
 static int node_at(int pagemap_fd, uint64_t off)
 {
-    uint64_t e = 0;
-    if (RAW4(SYS_pread64, pagemap_fd, &e, 8, off / PAGE * 8) != 8)
-        return -EFAULT;
+    uint64_t page = off / PAGE, e;
+    if (pm_win.fd != pagemap_fd || page < pm_win.first || page >= pm_win.first + pm_win.n) {
+        long got = RAW4(SYS_pread64, pagemap_fd, pm_win.e, sizeof pm_win.e, page * 8);
+        if (got < 8) {
+            pm_win.n = 0;
+            return -EFAULT;
+        }
+        pm_win.fd = pagemap_fd;
+        pm_win.first = page;
+        pm_win.n = (uint64_t)got / 8;
+    }
+    e = pm_win.e[page - pm_win.first];
     if (!(e & PM_PRESENT))
         return -ENOENT;
     int n = node_of_pfn(e & PM_PFN);
@@ -510,9 +556,11 @@ long cdm_get_mempolicy(int *mode, unsigned long *nmask, unsigned long maxnode, v
                 pm = RAW4(SYS_openat, AT_FDCWD, path, O_RDONLY | O_CLOEXEC, 0);
                 if (pm < 0)
                     return pm;
+                pm_forget();
                 node = node_at((int)pm, (uint64_t)off);
                 if (node == -ENOENT) {           /* faulted in, as get_user_pages does */
                     touch_page((uint64_t)off);
+                    pm_forget();
                     node = node_at((int)pm, (uint64_t)off);
                 }
                 RAW1(SYS_close, pm);
@@ -775,6 +823,7 @@ long cdm_move_pages(int pid, unsigned long count, void **pages, const int *nodes
         return RAW6(SYS_move_pages, pid, count, pages, nodes, status, flags);
     struct target t;
     int r = open_target(pid, &t);
+    pm_forget();
     if (r) {
         close_target(&t);
         /* not a process of this mount: the host's */
@@ -817,6 +866,7 @@ long cdm_move_pages(int pid, unsigned long count, void **pages, const int *nodes
             j++, end += PAGE;
         int nsk = 0;
         long k = migrate_run(&t, (uint64_t)off, end - (uint64_t)off, nodes[i], skips, &nsk, 4096);
+        pm_forget();
         if (k < 0) {
             ret = k;
             break;

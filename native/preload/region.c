@@ -153,6 +153,16 @@ static long alloc_offsets(uint64_t len)
     return (long)(bump - len);
 }
 
+/* len more offsets at the top (never from the free list). */
+static long grow_top(uint64_t len)
+{
+    uint64_t save = nfree;
+    nfree = 0;                       /* alloc_offsets then takes from the top */
+    long r = alloc_offsets(len);
+    nfree = save;
+    return r;
+}
+
 /* Takes [start, end) out of the table; the offsets it held are released. */
 static void forget(uintptr_t start, uintptr_t end)
 {
@@ -470,12 +480,9 @@ void *mremap(void *old, size_t oldlen, size_t newlen, int flags, ...)
             forget(a + newlen, a + oldlen);
     } else if ((uint64_t)off + oldlen == bump && !(flags & MREMAP_FIXED)) {
         /* At the top of the offsets: the mapping grows in the file too. */
-        long more = alloc_offsets(newlen - oldlen);
+        long more = grow_top(newlen - oldlen);
         r = more;
-        if (more >= 0 && (uint64_t)more != (uint64_t)off + oldlen) {
-            release_offsets((uint64_t)more, newlen - oldlen);
-            r = -ENOMEM;
-        } else if (more >= 0) {
+        if (more >= 0) {
             r = RAW6(SYS_mremap, old, oldlen, newlen, flags, 0, 0);
             if (r < 0 && r > -4096) {
                 release_offsets((uint64_t)more, newlen - oldlen);
