@@ -197,3 +197,12 @@ def test_threads_allocate_at_once(mnt, cc):
     exe = cc("stress", STRESS_C)
     text = subprocess.run(run_cmd(mnt, "--", exe), stdout=subprocess.PIPE, text=True, timeout=300).stdout
     assert text == "bad 0\n"
+
+
+def test_an_emptied_environment_keeps_the_interposer(mnt):
+    """env -i execs with nothing: the interposer puts itself and the task
+    policy back, as the kernel keeps a policy whatever the environment."""
+    text = subprocess.run(run_cmd(mnt, "--membind=1", "--", "env", "-i", "/bin/sh", "-c",
+                                  f"cat {mnt.path}/regions/$$/policy; echo ${{LD_PRELOAD:+set}}"),
+                          stdout=subprocess.PIPE, text=True, check=True).stdout
+    assert text.splitlines() == ["bind:1", "set"], text
