@@ -206,3 +206,48 @@ def test_an_emptied_environment_keeps_the_interposer(mnt):
                                   f"cat {mnt.path}/regions/$$/policy; echo ${{LD_PRELOAD:+set}}"),
                           stdout=subprocess.PIPE, text=True, check=True).stdout
     assert text.splitlines() == ["bind:1", "set"], text
+
+
+INHERIT_C = r"""
+#define _GNU_SOURCE
+#include <numaif.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/mman.h>
+/* A thread starts with its creator's policy (clone copies it); changing its
+ * own leaves the main thread's alone, and the memory each maps follows its
+ * own. */
+#define SZ (1 << 20)
+static int node_of(char *p) { int n = -1; get_mempolicy(&n, NULL, 0, p, MPOL_F_NODE | MPOL_F_ADDR); return n; }
+static char *fill(void) {
+    char *p = mmap(0, SZ, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    memset(p, 7, SZ);
+    return p;
+}
+static void *work(void *arg) {
+    int mode = -1; unsigned long mask = 0;
+    get_mempolicy(&mode, &mask, 64, NULL, 0);
+    printf("thread inherited %d %lu\n", mode, mask);
+    set_mempolicy(MPOL_DEFAULT, NULL, 0);
+    printf("thread node %d\n", node_of(fill()));
+    return NULL;
+}
+int main(void) {
+    unsigned long one = 2;
+    set_mempolicy(MPOL_BIND, &one, 64);
+    pthread_t t;
+    pthread_create(&t, NULL, work, NULL);
+    pthread_join(t, NULL);
+    int mode = -1;
+    get_mempolicy(&mode, NULL, 0, NULL, 0);
+    printf("main %d node %d\n", mode, node_of(fill()));
+    return 0;
+}
+"""
+
+
+def test_a_thread_starts_with_its_creators_policy(mnt, cc):
+    exe = cc("inherit", INHERIT_C, "-lnuma")
+    text = subprocess.run(run_cmd(mnt, "--", exe), stdout=subprocess.PIPE, text=True, check=True).stdout
+    assert text.splitlines() == ["thread inherited 2 2", "thread node 0", "main 2 node 1"], text

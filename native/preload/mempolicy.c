@@ -12,6 +12,8 @@
  */
 #define _GNU_SOURCE
 #include <dirent.h>
+#include <dlfcn.h>
+#include <pthread.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stdarg.h>
@@ -437,17 +439,25 @@ long cdm_set_mempolicy(int mode, const unsigned long *nmask, unsigned long maxno
     return 0;
 }
 
-/* A thread with a policy of its own: the anonymous memory it maps takes it
- * as a VMA policy (its allocations land there: mimalloc gives each thread
- * its own segments), since the daemon places a page by region and range,
- * not by the faulting thread. */
+static int mpol_equal(const struct mpol *a, const struct mpol *b)
+{
+    return a->mode == b->mode && a->flags == b->flags && !memcmp(&a->nodes, &b->nodes, sizeof a->nodes);
+}
+
+/* A thread whose policy is not the process's (the region's): the anonymous
+ * memory it maps takes it as a VMA policy (its allocations land there:
+ * mimalloc gives each thread its own segments), since the daemon places a
+ * page by region and range, not by the faulting thread. */
 void cdm_policy_for_mmap(uintptr_t addr, size_t len, uint64_t off)
 {
     (void)addr;
-    if (!thread_pol_set || thread_pol.mode == MPOL_DEFAULT)
+    if (!thread_pol_set || mpol_equal(&thread_pol, &proc_pol))
         return;
     char req[700], num[24], pol[600];
-    mpol_region_str(&thread_pol, pol, sizeof pol);
+    if (thread_pol.mode == MPOL_DEFAULT)
+        cdm_strlcpy(pol, "local", sizeof pol);   /* "default" would give the range the region's */
+    else
+        mpol_region_str(&thread_pol, pol, sizeof pol);
     req[0] = 0;
     cdm_strlcat(req, cdm_utoa(num, off), sizeof req);
     cdm_strlcat(req, " ", sizeof req);
@@ -1107,4 +1117,37 @@ long syscall(long nr, ...)
 void mpol_current_env(char *buf, size_t size)
 {
     mpol_env_format(task_policy(), buf, size);
+}
+
+/* A new thread starts with its creator's policy, as clone() copies it; a
+ * later set_mempolicy of the creator does not reach it. */
+struct start { void *(*fn)(void *); void *arg; struct mpol pol; int set; };
+
+static void *thread_start(void *p)
+{
+    struct start st = *(struct start *)p;
+    free(p);
+    if (st.set) {
+        thread_pol = st.pol;
+        thread_pol_set = 1;
+    }
+    return st.fn(st.arg);
+}
+
+int pthread_create(pthread_t *t, const pthread_attr_t *attr, void *(*fn)(void *), void *arg)
+{
+    static int (*real)(pthread_t *, const pthread_attr_t *, void *(*)(void *), void *);
+    if (!real)
+        real = (int (*)(pthread_t *, const pthread_attr_t *, void *(*)(void *), void *))dlsym(RTLD_NEXT, "pthread_create");
+    struct start *st = malloc(sizeof *st);
+    if (!st)
+        return real(t, attr, fn, arg);
+    st->fn = fn;
+    st->arg = arg;
+    st->pol = *task_policy();
+    st->set = 1;
+    int r = real(t, attr, thread_start, st);
+    if (r)
+        free(st);
+    return r;
 }
