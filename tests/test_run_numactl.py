@@ -39,6 +39,7 @@ def test_numactl_hardware_is_cdmfs_hardware(mnt):
     ("--interleave=all", "interleave:0-1", {"N0", "N1"}),
     ("--preferred=1", "prefer:1", {"N1"}),
     ("--localalloc", "local", {"N0"}),
+    ("--preferred-many=1", "prefer (many):1", {"N1"}),
 ])
 def test_numactl_launches_with_its_policy(mnt, cc, opt, policy, nodes):
     """numactl sets the policy and execs the program: the kernel keeps the
