@@ -190,6 +190,13 @@ def test_kill9_leaves_no_region(mnt, cc):
     assert not [n for n in os.listdir(os.path.join(mnt.path, "regions")) if n.startswith(str(pid))]
 
 
+def test_command_words_pass_as_given(mnt):
+    """Everything after the first -- is the command's, its own -- included."""
+    r = subprocess.run(run_cmd(mnt, "-m", "0", "--", "sh", "-c", 'echo "$@"', "x", "a", "--", "-m", "1"),
+                       stdout=subprocess.PIPE, text=True, check=True)
+    assert r.stdout == "a -- -m 1\n"
+
+
 def test_exit_status_and_missing_command(mnt, tmp_path):
     r = subprocess.run(run_cmd(mnt, "--", "sh", "-c", "exit 7"))
     assert r.returncode == 7

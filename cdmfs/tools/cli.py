@@ -278,7 +278,18 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = None
+    if argv and argv[0] == "run" and "--" in argv:
+        # Everything after the first "--" is the command, word for word
+        # (argparse would drop a "--" of the command's own).
+        i = argv.index("--")
+        argv, command = argv[:i], argv[i + 1:]
     args = p.parse_args(argv)
+    if command is not None:
+        if args.command:
+            p.error("cdmfs run: give the command after --")
+        args.command = command
     if args.command is None:        # `cdmfs` alone: the help, as git and ip give theirs
         p.print_help()
         return 0
