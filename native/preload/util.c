@@ -105,7 +105,10 @@ int cdm_write_fd(int fd, const char *text)
     size_t n = 0;
     while (text[n])
         n++;
-    long r = RAW4(SYS_pwrite64, fd, text, n, 0);
+    long r;
+    do                                          /* a signal must not fail a control write */
+        r = RAW4(SYS_pwrite64, fd, text, n, 0);
+    while (r == -EINTR);
     return r < 0 ? (int)r : 0;
 }
 
