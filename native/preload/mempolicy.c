@@ -954,11 +954,11 @@ long cdm_migrate_pages(int pid, unsigned long maxnode, const unsigned long *old_
                 used = e;
         }
     }
-    static uint64_t entries[512];
+    static uint64_t entries[8192];
     static struct skip skips[64];
     uint64_t run_start = 0, run_len = 0;
     int run_to = -1;
-    for (uint64_t page = 0; page < used / PAGE; page += 512) {
+    for (uint64_t page = 0; page < used / PAGE; page += 8192) {
         long got = RAW4(SYS_pread64, t.fd_pagemap, entries, sizeof entries, page * 8);
         if (got <= 0)
             break;

@@ -601,9 +601,9 @@ static void fork_prepare(void)
     }
     /* The pages present (pagemap entry not zero), copied through the files. */
     long pm = open_in(cdm.dir, "pagemap", O_RDONLY);
-    static uint64_t entries[512];
-    static char buf[1 << 16];
-    for (uint64_t page = 0; pm >= 0 && page < bump / PAGE; page += 512) {
+    static uint64_t entries[8192];
+    static char buf[1 << 20];
+    for (uint64_t page = 0; pm >= 0 && page < bump / PAGE; page += 8192) {
         long got = RAW4(SYS_pread64, pm, entries, sizeof entries, page * 8);
         if (got <= 0)
             break;
@@ -616,8 +616,22 @@ static void fork_prepare(void)
             while (j < got / 8 && entries[j] && (size_t)(j - i) * PAGE < sizeof buf)
                 j++;
             uint64_t off = (page + i) * PAGE, len = (uint64_t)(j - i) * PAGE;
-            if (RAW4(SYS_pread64, cdm.fd_data, buf, len, off) == (long)len)
-                RAW4(SYS_pwrite64, fd, buf, len, off);
+            for (uint64_t done = 0; done < len;) {      /* short reads and writes go on */
+                long n = RAW4(SYS_pread64, cdm.fd_data, buf, len - done, off + done);
+                if (n <= 0 && n != -EINTR)
+                    break;
+                for (long w = 0; n > 0 && w < n;) {
+                    long k = RAW4(SYS_pwrite64, fd, buf + w, n - w, off + done + w);
+                    if (k <= 0 && k != -EINTR) {
+                        n = w;
+                        break;
+                    }
+                    w += k > 0 ? k : 0;
+                }
+                if (n <= 0)
+                    break;
+                done += (uint64_t)n;
+            }
             i = j;
         }
     }
