@@ -89,6 +89,8 @@ int main(void) {
     printf("addr_policy %ld %d %lu\n", r, mode, got);
     printf("configured %d max %d size1 %lld\n", numa_num_configured_nodes(), numa_max_node(),
            numa_node_size64(1, NULL));
+    printf("distance %d %d %d possible %d\n", numa_distance(0, 0), numa_distance(0, 1), numa_distance(1, 0),
+           numa_num_possible_nodes() >= 2);
     wait_step();
     return 0;
 }
@@ -256,6 +258,7 @@ def test_libnuma_calls_against_numa_maps_and_pagemap(mnt, cc):
         assert st.line() == ["mems_allowed", "0", "0", "3"]        # nodes 0-1
         assert st.line() == ["addr_policy", "0", "2", "2"]         # a's range: bind:1
         assert st.line() == ["configured", "2", "max", "1", "size1", str(1 << 30)]
+        assert st.line() == ["distance", "10", "40", "40", "possible", "1"]
         assert read(os.path.join(region_dir(mnt, pid), "policy")).strip() == "preferred:1"
         st.next()
     finally:
