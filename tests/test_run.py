@@ -286,3 +286,33 @@ def test_freed_memory_reads_zero_and_is_freed(mnt, cc):
     # 50 rounds of 1 MiB came and went: what stays is the last mapping (4 MiB
     # after mremap, whose copy placed its pages) and the heap, not 50 MiB.
     assert 0 < int(r.stdout.split()[1]) * PAGE < 12 << 20, r.stdout
+
+
+def test_owner_pid_ties_a_region_to_a_process(mnt):
+    """The daemon's side of cdmfs run, by hand: a region whose owner_pid
+    names a process goes when that process ends (not before, even with its
+    data open until then); a bad pid is refused."""
+    regions = os.path.join(mnt.path, "regions")
+    os.mkdir(os.path.join(regions, "owned"))
+    d = os.path.join(regions, "owned")
+    sleeper = subprocess.Popen(["sleep", "1"])
+    with open(os.path.join(d, "owner_pid"), "w") as f:
+        f.write(f"{sleeper.pid}\n")
+    assert read(os.path.join(d, "owner_pid")).strip() == str(sleeper.pid)
+    fd = os.open(os.path.join(d, "data"), os.O_RDWR)
+    try:
+        os.truncate(os.path.join(d, "data"), 1 << 20)
+        sleeper.wait()
+        time.sleep(0.3)
+        assert os.path.isdir(d), "removed while its data was open"
+    finally:
+        os.close(fd)
+    assert wait_gone(d)
+    os.mkdir(os.path.join(regions, "owned2"))
+    try:
+        for bad, err in (("abc", "Invalid argument"), ("0", "Invalid argument"), ("999999999", "No such process")):
+            with pytest.raises(OSError, match=err):
+                with open(os.path.join(regions, "owned2", "owner_pid"), "w") as f:
+                    f.write(bad)
+    finally:
+        os.rmdir(os.path.join(regions, "owned2"))
