@@ -692,7 +692,13 @@ static void fork_child(void)
         char old_path[1300];
         cdm_strlcpy(old_path, cdm.data_path, sizeof old_path);
         set_paths(pid);
-        if (RAW4(SYS_renameat, AT_FDCWD, snap_dir, AT_FDCWD, cdm.dir) == 0) {
+        long r = RAW4(SYS_renameat, AT_FDCWD, snap_dir, AT_FDCWD, cdm.dir);
+        if (r == -ENOTEMPTY || r == -EEXIST) {
+            /* a region left by a process that had this pid before: it is gone */
+            RAW3(SYS_unlinkat, AT_FDCWD, cdm.dir, AT_REMOVEDIR);
+            r = RAW4(SYS_renameat, AT_FDCWD, snap_dir, AT_FDCWD, cdm.dir);
+        }
+        if (r == 0) {
             write_owner(pid);
             remap_onto(snap_fd, old_path);
             close_fds();
