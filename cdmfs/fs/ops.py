@@ -308,7 +308,8 @@ class Filesystem(pyfuse3.Operations):
         except OSError as e:
             raise fuse_error(e) from None
         log.info("region %s created by uid %d", region.name, ctx.uid)
-        d = add_region(self.tree, self.regions_dir, self.machine, region, ctx.uid, ctx.gid)
+        d = add_region(self.tree, self.regions_dir, self.machine, region, ctx.uid, ctx.gid,
+                       watch=self.watch_owner)
         self.data_inodes[region.id] = d.children["data"].inode
         if self.router is not None:
             self.router.map_data(d.children["data"].inode, self.machine.core, region.core)
@@ -321,6 +322,11 @@ class Filesystem(pyfuse3.Operations):
         entry = self.regions_dir.children.get(os.fsdecode(name))
         if not isinstance(entry, RegionDir):
             raise pyfuse3.FUSEError(errno.ENOENT)
+        self._remove_region(entry)
+
+    def _remove_region(self, entry: RegionDir) -> None:
+        """rmdir of a region's directory (EBUSY, as FUSEError, while its
+        data is open or mapped)."""
         ino = self.data_inodes.get(entry.region.id)
         if self.router is not None and ino is not None:
             # Before the native region can be freed: the router stops using it.
@@ -335,6 +341,57 @@ class Filesystem(pyfuse3.Operations):
         self.data_inodes.pop(entry.region.id, None)
         self._touch(self.regions_dir, mtime=True, ctime=True)
         log.info("region %s removed", entry.region.name)
+
+    # ------------------------------------------------------------ owned regions (cdmfs run)
+
+    def watch_owner(self, region: Region, pid: int) -> None:
+        """Ties region to process pid (its ``owner_pid``): once the process
+        has ended -- exit, exec's failure, kill -9 -- and the kernel has
+        released its mappings of the data file, the region is removed, as
+        the kernel frees a process's anonymous memory.  The watch is a
+        pidfd; writing another pid moves it (a fork child taking over the
+        snapshot its parent made)."""
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError as e:
+            raise OSError(e.errno, f"no process {pid}") from None
+        region.owner_pid = pid
+        region.owner_gone = False
+        token = object()
+        region.owner_watch = token
+
+        async def watch() -> None:
+            try:
+                await trio.lowlevel.wait_readable(pidfd)
+            finally:
+                os.close(pidfd)
+            if region.owner_watch is token and not region.removed:
+                log.info("region %s: process %d ended", region.name, pid)
+                region.owner_gone = True
+                self._reap(region)
+        trio.lowlevel.spawn_system_task(watch, name=f"owner {pid} of region {region.name}")
+
+    def _reap(self, region: Region) -> None:
+        """Removes a region whose owner has ended, now or at the last release
+        of its data (the kernel releases a dead process's mappings after it
+        is gone)."""
+        if region.removed or not region.owner_gone or region.opens:
+            return
+        entry = self.regions_dir.children.get(region.name)
+        if not isinstance(entry, RegionDir) or entry.region is not region:
+            return
+        try:
+            self._remove_region(entry)
+        except pyfuse3.FUSEError as e:
+            log.warning("region %s of ended process %d: cannot remove it (errno %d)",
+                        region.name, region.owner_pid, e.errno)
+            return
+        # Nobody's rmdir: the kernel's cached dentry must go too.
+        try:
+            pyfuse3.invalidate_entry_async(self.regions_dir.inode, os.fsencode(region.name),
+                                           deleted=entry.inode)
+        except Exception:   # the mount is going away
+            log.debug("region %s: cannot invalidate its entry", region.name, exc_info=True)
 
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
         """A region's directory may take a new name within regions/ (its
@@ -410,6 +467,8 @@ class Filesystem(pyfuse3.Operations):
         if isinstance(of.entry, DataFile):
             of.region.opens -= 1
         of.region.put()
+        if of.region.owner_gone:
+            self._reap(of.region)
 
     async def flush(self, fh):
         # Nothing to do on close(): ENOSYS tells the kernel never to ask again,

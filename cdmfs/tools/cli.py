@@ -85,6 +85,15 @@ def cmd_hardware(args: argparse.Namespace) -> None:
     sys.stdout.write(text)
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from . import run
+    try:
+        status = run.run(args)
+    except run.RunError as e:
+        raise CliError(str(e)) from None
+    return status
+
+
 def cmd_numastat(args: argparse.Namespace) -> None:
     from . import report
     try:
@@ -259,6 +268,25 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--libs", action="store_true", help="the linker flags (-L, run path, -lcdmfs)")
     c.add_argument("--paths", action="store_true", help="the header's and the library's paths, one a line")
     c.set_defaults(func=cmd_capi)
+    r = sub.add_parser("run", help="run a program with its memory and NUMA calls on the emulated machine",
+                       description="Runs COMMAND with its anonymous memory (the malloc heap included) in a "
+                       "region of the mount named after its pid, and its NUMA system calls on the emulated "
+                       "machine. The placement options are numactl's: the task policy COMMAND starts with.")
+    r.add_argument("mountpoint")
+    pl = r.add_mutually_exclusive_group()
+    pl.add_argument("--membind", "-m", metavar="NODES", help="allocate only on NODES (MPOL_BIND)")
+    pl.add_argument("--preferred", "-p", metavar="NODE", help="allocate on NODE first (MPOL_PREFERRED)")
+    pl.add_argument("--interleave", "-i", metavar="NODES", help="interleave over NODES (MPOL_INTERLEAVE)")
+    pl.add_argument("--localalloc", "-l", action="store_true", help="allocate on the CPU's node (MPOL_LOCAL)")
+    pl.add_argument("--preferred-many", metavar="NODES", help="allocate on NODES first (MPOL_PREFERRED_MANY)")
+    r.add_argument("--min-size", metavar="SIZE",
+                   help="anonymous mappings smaller than SIZE stay in host memory (default 0: all go)")
+    r.add_argument("--fault-around", action="store_true",
+                   help="let a fault read around (faster; pages near a fault are placed early, by the "
+                   "policy of that moment); default: one page a fault, as anonymous memory")
+    r.add_argument("command", nargs="*", metavar="-- COMMAND [ARGS]")
+    r.set_defaults(func=cmd_run)
+    r.__class__ = _IntermixedParser
 
     d = sub.add_parser("demo", help="mount in a temporary folder and run a short workload")
     d.set_defaults(func=cmd_demo)
@@ -274,18 +302,29 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = None
+    if argv and argv[0] == "run" and "--" in argv:
+        # Everything after the first "--" is the command, word for word
+        # (argparse would drop a "--" of the command's own).
+        i = argv.index("--")
+        argv, command = argv[:i], argv[i + 1:]
     args = p.parse_args(argv)
+    if command is not None:
+        if args.command:
+            p.error("cdmfs run: give the command after --")
+        args.command = command
     if args.command is None:        # `cdmfs` alone: the help, as git and ip give theirs
         p.print_help()
         return 0
     try:
-        args.func(args)
+        status = args.func(args)
     except (CliError, config.ConfigError, daemon.MountError, OSError) as e:
         print(f"cdmfs: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
-    return 0
+    return status if isinstance(status, int) else 0
 
 
 if __name__ == "__main__":
