@@ -87,6 +87,13 @@ def cmd_hardware(args: argparse.Namespace) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from . import run
+    if args.cflags or args.libs:
+        # How to build a program against the C API it can use meanwhile.
+        args.paths = False
+        cmd_capi(args)
+        return 0
+    if args.mountpoint is None:
+        raise CliError("cdmfs run: give MOUNTPOINT (or --cflags/--libs)")
     try:
         status = run.run(args)
     except run.RunError as e:
@@ -272,7 +279,10 @@ def parser() -> argparse.ArgumentParser:
                        description="Runs COMMAND with its anonymous memory (the malloc heap included) in a "
                        "region of the mount named after its pid, and its NUMA system calls on the emulated "
                        "machine. The placement options are numactl's: the task policy COMMAND starts with.")
-    r.add_argument("mountpoint")
+    r.add_argument("mountpoint", nargs="?")
+    r.add_argument("--cflags", action="store_true",
+                   help="print the compiler flags of the C API (cdmfs.h) and exit")
+    r.add_argument("--libs", action="store_true", help="print the linker flags of the C API (libcdmfs.so) and exit")
     pl = r.add_mutually_exclusive_group()
     pl.add_argument("--membind", "-m", metavar="NODES", help="allocate only on NODES (MPOL_BIND)")
     pl.add_argument("--preferred", "-p", metavar="NODE", help="allocate on NODE first (MPOL_PREFERRED)")
