@@ -58,7 +58,7 @@
  * can end it whatever the mount does.  Writes to it are unaffected.
  */
 #define _GNU_SOURCE
-#include "cdmcore.h"
+#include "internal.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -96,6 +96,7 @@ struct entry {
     uint64_t unique;        /* 0: empty slot */
     int32_t fd;             /* the descriptor the request was read from */
     uint32_t opcode;
+    int side;               /* sent to the side channel */
 };
 
 struct data_map {
@@ -141,6 +142,7 @@ struct cdm_router {
     pthread_cond_t notes_cond;
     struct data_map *data[DATA_BUCKETS];
     pthread_cond_t data_cond;   /* a mapping's uses fell to zero */
+    struct cdm_attr_cache *attrs;   /* attribute files served in C (attr_cache.c) */
 };
 
 /* ------------------------------------------------------------ the table */
@@ -173,7 +175,7 @@ static int table_grow(struct cdm_router *r)
 }
 
 /* Caller holds r->lock. */
-static int table_insert(struct cdm_router *r, uint64_t unique, int fd, uint32_t opcode)
+static int table_insert(struct cdm_router *r, uint64_t unique, int fd, uint32_t opcode, int side)
 {
     if ((r->table_used + 1) * 2 > r->table_cap && table_grow(r) < 0)
         return -ENOMEM;
@@ -182,7 +184,7 @@ static int table_insert(struct cdm_router *r, uint64_t unique, int fd, uint32_t 
         s = (s + 1) & (r->table_cap - 1);
     if (!r->table[s].unique)
         r->table_used++;
-    r->table[s] = (struct entry){unique, fd, opcode};
+    r->table[s] = (struct entry){unique, fd, opcode, side};
     return 0;
 }
 
@@ -295,7 +297,10 @@ static int no_reply(uint32_t opcode)
            opcode == FUSE_NOTIFY_REPLY || opcode == FUSE_INTERRUPT;
 }
 
-static void forward_request(struct cdm_router *r, int fd, unsigned char *buf, size_t len)
+/* to_side: to the side channel whatever the opcode (an attribute file's
+ * OPEN or READ whose bytes are stale, attr_cache.c). */
+static void forward_request(struct cdm_router *r, int fd, unsigned char *buf, size_t len,
+                            int to_side)
 {
     const struct fuse_in_header *ih = (const void *)buf;
     uint64_t unique = ih->unique;
@@ -304,7 +309,7 @@ static void forward_request(struct cdm_router *r, int fd, unsigned char *buf, si
 
     pthread_mutex_lock(&r->lock);
     r->stats.requests++;
-    int side = opcode < 64 && (r->side_mask >> opcode & 1);
+    int side = to_side || (opcode < 64 && (r->side_mask >> opcode & 1));
     if (opcode == FUSE_INTERRUPT && len >= sizeof(*ih) + sizeof(struct fuse_interrupt_in)) {
         struct fuse_interrupt_in in;
         memcpy(&in, buf + sizeof(*ih), sizeof(in));
@@ -315,7 +320,7 @@ static void forward_request(struct cdm_router *r, int fd, unsigned char *buf, si
             pthread_mutex_unlock(&r->lock);
             return;
         }
-        if (e && e->opcode < 64 && (r->side_mask >> e->opcode & 1)) {
+        if (e && e->side) {
             /* Python answers side-channel requests soon; the reply comes. */
             r->stats.interrupts_dropped++;
             pthread_mutex_unlock(&r->lock);
@@ -342,7 +347,7 @@ static void forward_request(struct cdm_router *r, int fd, unsigned char *buf, si
     }
     if (quiet) {
         r->stats.no_reply++;
-    } else if (table_insert(r, unique, fd, opcode) < 0) {
+    } else if (table_insert(r, unique, fd, opcode, side) < 0) {
         r->stats.failed++;
         pthread_mutex_unlock(&r->lock);
         reply_error(r, fd, unique, ENOMEM);
@@ -564,10 +569,20 @@ static void *request_loop(void *arg)
         if ((size_t)n < sizeof(struct fuse_in_header))
             continue;
         uint32_t opcode = ((const struct fuse_in_header *)buf)->opcode;
-        if ((opcode == FUSE_READ || opcode == FUSE_WRITE) &&
-            serve_data(r, r->fuse_fd, buf, (size_t)n, out, DEFAULT_BUFSIZE))
+        int k = attr_cache_handle(r->attrs, buf, (size_t)n, 0, out, DEFAULT_BUFSIZE);
+        if (k > 0) {
+            pthread_mutex_lock(&r->lock);
+            r->stats.requests++;
+            pthread_mutex_unlock(&r->lock);
+            write_fuse(r, r->fuse_fd, out, (size_t)k);
             continue;
-        forward_request(r, r->fuse_fd, buf, (size_t)n);
+        }
+        if (k == ATTR_FORWARD && (opcode == FUSE_READ || opcode == FUSE_WRITE) &&
+            serve_data(r, r->fuse_fd, buf, (size_t)n, out, DEFAULT_BUFSIZE)) {
+            attr_cache_data_changed(r->attrs);   /* dirty, mapped, pgfault moved */
+            continue;
+        }
+        forward_request(r, r->fuse_fd, buf, (size_t)n, k == ATTR_SIDE);
     }
     free(buf);
     free(out);
@@ -709,6 +724,11 @@ struct cdm_router *cdm_router_new(void)
     pthread_mutex_init(&r->lock, NULL);
     pthread_cond_init(&r->notes_cond, NULL);
     pthread_cond_init(&r->data_cond, NULL);
+    r->attrs = attr_cache_new();
+    if (!r->attrs) {
+        cdm_router_free(r);
+        return NULL;
+    }
     return r;
 }
 
@@ -804,7 +824,8 @@ int cdm_router_start(struct cdm_router *r)
     sigset_t all, old;
     sigfillset(&all);
     pthread_sigmask(SIG_BLOCK, &all, &old);
-    int err = pthread_create(&r->notify_thread, NULL, notify_loop, r);
+    int err = attr_cache_start(r->attrs, r->fuse_fd);
+    err = err < 0 ? -err : pthread_create(&r->notify_thread, NULL, notify_loop, r);
     if (!err) {
         err = pthread_create(&r->reply_thread, NULL, reply_loop, r);
         if (!err) {
@@ -822,6 +843,8 @@ int cdm_router_start(struct cdm_router *r)
             pthread_join(r->notify_thread, NULL);
         }
     }
+    if (err)
+        attr_cache_stop(r->attrs);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (err)
         return -err;
@@ -883,6 +906,29 @@ int cdm_router_reply(struct cdm_router *r, uint64_t unique, int32_t error,
     return 0;
 }
 
+struct cdm_attr_cache *cdm_router_attrs(struct cdm_router *r) { return r->attrs; }
+
+int cdm_router_attr_answer(struct cdm_router *r, const void *req, size_t len)
+{
+    if (len < sizeof(struct fuse_in_header))
+        return -EINVAL;
+    /* Attribute bytes are at most a page (attr_cache.c). */
+    unsigned char out[sizeof(struct fuse_out_header) + sizeof(struct fuse_open_out) + CDM_PAGE_SIZE];
+    int k = attr_cache_handle(r->attrs, req, len, 1, out, sizeof(out));
+    if (k <= 0)
+        return -EAGAIN;
+    struct entry e;
+    pthread_mutex_lock(&r->lock);
+    int known = table_remove(r, ((const struct fuse_in_header *)req)->unique, &e);
+    if (known)
+        r->stats.replies++;
+    pthread_mutex_unlock(&r->lock);
+    if (!known)
+        return -ENOENT;
+    write_fuse(r, e.fd, out, (size_t)k);
+    return 0;
+}
+
 int cdm_router_state(struct cdm_router *r)
 {
     pthread_mutex_lock(&r->lock);
@@ -927,6 +973,7 @@ void cdm_router_stop(struct cdm_router *r)
     pthread_cond_signal(&r->notes_cond);
     pthread_mutex_unlock(&r->lock);
     pthread_join(r->notify_thread, NULL);
+    attr_cache_stop(r->attrs);
     r->started = 0;
     pthread_mutex_lock(&r->lock);
     r->state &= ~CDM_ROUTER_RUNNING;
@@ -953,6 +1000,7 @@ void cdm_router_free(struct cdm_router *r)
             free(d);
         }
     }
+    attr_cache_free(r->attrs);
     pthread_mutex_destroy(&r->lock);
     pthread_cond_destroy(&r->notes_cond);
     pthread_cond_destroy(&r->data_cond);
