@@ -411,7 +411,10 @@ int attr_cache_handle(struct cdm_attr_cache *c, const unsigned char *req, size_t
     case FUSE_FLUSH:
     case FUSE_FSYNC:
     case FUSE_RELEASE:
-        /* fuse_flush_in, fuse_fsync_in and fuse_release_in all begin with fh. */
+    case FUSE_IOCTL:
+    case FUSE_POLL: {
+        /* fuse_flush_in, fuse_fsync_in, fuse_release_in, fuse_ioctl_in and
+         * fuse_poll_in all begin with fh. */
         if (blen < sizeof(fh))
             return ATTR_FORWARD;
         memcpy(&fh, body, sizeof(fh));
@@ -422,7 +425,15 @@ int attr_cache_handle(struct cdm_attr_cache *c, const unsigned char *req, size_t
             c->stats.releases++;
             pthread_mutex_unlock(&c->lock);
         }
-        return (int)reply_header(out, ih->unique, 0);
+        size_t n = reply_header(out, ih->unique, 0);
+        /* As sysfs: no ioctl (isatty() asks TCGETS).  POLL: as pyfuse3
+         * answers it (the kernel then polls as for any file). */
+        if (ih->opcode == FUSE_IOCTL)
+            ((struct fuse_out_header *)out)->error = -ENOTTY;
+        else if (ih->opcode == FUSE_POLL)
+            ((struct fuse_out_header *)out)->error = -ENOSYS;
+        return (int)n;
+    }
     default:
         return ATTR_FORWARD;
     }
