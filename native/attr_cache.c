@@ -179,9 +179,10 @@ static void *inval_loop(void *arg)
         struct attr_entry *e = c->klist;
         while (e) {
             struct attr_entry *next = e->knext;
-            if (exact(c, e)) {
+            int same = e->kversion == e->version;   /* the kernel holds the bytes published */
+            if (same && exact(c, e)) {
                 /* still good */
-            } else if (tolerated(c, e, now)) {
+            } else if (same && tolerated(c, e, now)) {
                 schedule_sweep(c, e->rendered + c->bound_ns + 1);
             } else {
                 if (n == cap) {
@@ -522,6 +523,11 @@ int cdm_attr_publish(struct cdm_attr_cache *c, uint64_t nodeid, const uint64_t *
     if (!e->has_data || e->len != len || memcmp(e->data, copy, len)) {
         e->version++;
         c->stats.changed++;
+        if (e->kcached) {
+            /* A file held open would read the old bytes from the kernel's copy. */
+            c->sweep_now = 1;
+            pthread_cond_signal(&c->cond);
+        }
     }
     free(e->data);
     e->data = copy;

@@ -53,6 +53,15 @@
  * region is never used once unmapped.  An INTERRUPT of a request not in the
  * table (served here, or answered already) is dropped: nobody waits for it.
  *
+ * Attribute files (build step 3, attr_cache.c): each request is offered to
+ * attr_cache_handle() first, which answers a read-only OPEN, READ, FLUSH,
+ * FSYNC, IOCTL, POLL and RELEASE of a registered attribute inode (its
+ * handles have CDM_ATTR_FH set: pyfuse3 never sees them) and its GETATTR
+ * from the bytes Python published, or sends the OPEN/READ to the side
+ * channel when they are stale (Python renders and calls
+ * cdm_router_attr_answer); a READ or WRITE served by cdm_region_serve moves
+ * the cache's data generation.
+ *
  * /dev/fuse is read non-blocking: when it has nothing, the request thread
  * sleeps in poll() on it and on a stop eventfd, so that cdm_router_stop()
  * can end it whatever the mount does.  Writes to it are unaffected.
