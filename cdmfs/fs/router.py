@@ -175,10 +175,6 @@ class Router:
             return -errno.ENODEV
         return lib.cdm_attr_publish(self._attrs, nodeid, stamp, data, len(data))
 
-    def attr_drop(self, nodeid: int) -> None:
-        if self._r is not None:
-            lib.cdm_attr_drop(self._attrs, nodeid)
-
     def attr_begin(self) -> None:
         if self._r is not None:
             lib.cdm_attr_begin(self._attrs)
@@ -318,6 +314,10 @@ class Router:
                  init["max_write"], init["max_pages"], init["max_readahead"], stats["requests"],
                  stats["replies"], stats["notifications"], stats["no_reply"], stats["failed"],
                  stats["write_errors"])
+        log.info("router: attribute files: %d opens answered (%d keeping the kernel's copy), %d READs, "
+                 "%d GETATTRs; %d OPENs and %d READs rendered by Python, %d invalidations",
+                 stats["attr_opens"], stats["attr_kept"], stats["attr_reads"], stats["attr_getattrs"],
+                 stats["attr_open_misses"], stats["attr_read_misses"], stats["attr_invalidations"])
         p = select.poll()
         p.register(self.fuse_fd, 0)
         gone = any(ev & select.POLLERR for _, ev in p.poll(0))
