@@ -646,7 +646,9 @@ int cdm_router_data_times(struct cdm_router *r, uint64_t nodeid, uint64_t *read_
  *
  * attrs        — the router's cache (owned by the router).
  * register     — (re)registers nodeid with the attributes GETATTR answers
- *                (size: 4096, as sysfs; times in ns).  0 or -ENOMEM.
+ *                (times in ns; size: 4096 as sysfs, said while the bytes are
+ *                not valid -- valid ones say their length, which the kernel
+ *                sets after a short READ anyway).  0 or -ENOMEM.
  * stamp        — stamp[0..2] = hard generation (0 while a changing request
  *                is in flight: never valid), soft generation, CLOCK_MONOTONIC
  *                ns; take it before rendering.
