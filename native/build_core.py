@@ -26,6 +26,7 @@ SOURCES = [
     "gup.c",
     "fuse.c",
     "router.c",
+    "attr_cache.c",
     "check.c",
 ]
 
