@@ -6,13 +6,16 @@
  * router's request thread answers OPEN, READ, FLUSH, FSYNC and RELEASE of
  * a registered attribute from them, and its GETATTR from the attributes
  * Python registered, without a trip to Python.  An OPEN it answers gets
- * fh ATTR_FH | nodeid (pyfuse3's fh are small counters: never that high),
- * FOPEN_NOFLUSH, and FOPEN_KEEP_CACHE when the kernel's page cache holds
- * the very bytes still valid, so that a read of an unchanged attribute
- * makes no request at all.  Requests carrying such an fh never reach
- * pyfuse3: what the router cannot answer (the bytes are stale) goes to the
- * side channel, where Python renders, publishes and has the router answer
- * (cdm_router_attr_answer).
+ * fh ATTR_FH | ATTR_FH_DIRECT | nodeid (pyfuse3's fh are small counters:
+ * never that high), FOPEN_NOFLUSH and FOPEN_DIRECT_IO: every READ comes
+ * here and is answered, whole, from the bytes valid at that moment, as
+ * sysfs renders a read.  (The page cache would save that READ, but it cuts
+ * or zero-fills what it holds at the kernel's i_size, which content that
+ * changes length under it -- a counter gaining a digit -- makes stale
+ * between a GETATTR and a READ: wrong bytes.)  GETATTR says 4096, as sysfs.
+ * Requests carrying such an fh never reach pyfuse3: what the router cannot
+ * answer (the bytes are stale) goes to the side channel, where Python
+ * renders, publishes and has the router answer (cdm_router_attr_answer).
  *
  * Validity: two generations.  `hard` moves at the beginning and at the end
  * of every Python request that may change anything (cdm_attr_begin/end,
@@ -24,25 +27,12 @@
  * staleness the data path may see, traded for not re-rendering in Python
  * on every served data request.  A change through Python is seen at once.
  *
- * The kernel's copy: the router notes which entries the kernel's page cache
- * holds (a READ it answered through the page cache: kcached, kversion) and
- * the size the kernel's i_size may have shrunk to (FUSE's short-read
- * handling sets i_size to the end of a short READ; ksize).  When a holder's
- * bytes stop being valid, the invalidation thread (cdmfs-attrinval)
- * sends FUSE_NOTIFY_INVAL_INODE for it -- at once for a hard change, at the
- * end of the tolerance for a soft one -- so that a file held open and read
- * again (pread at 0) sees new bytes within the same bound.  It is a thread
- * of its own because that write waits for a READ in flight on the inode,
- * whose answer may need Python.  An OPEN of bytes longer than ksize first
- * invalidates the inode's attributes (offset -1: no page is touched, so the
- * request thread may write it itself): the read then fetches them (a
- * GETATTR answered here) before it looks at i_size.  GETATTR says the
- * length of valid bytes (what the short-read handling sets anyway: another
- * size makes the kernel drop its copy, and every read after a READ asks
- * for the attributes again, atime having moved), else 4096 as sysfs.
+ * The kernel-cached list, the invalidation thread (cdmfs-attrinval) and
+ * ksize serve reads through the page cache, which OPEN no longer offers:
+ * they stay idle (a READ without ATTR_FH_DIRECT would feed them).
  *
- * Content longer than a page (ATTR_PAGE) is not kept: such an entry is
- * "direct", opened with FOPEN_DIRECT_IO, and every READ goes to Python.
+ * Content longer than a page (ATTR_PAGE) is "direct": every READ of it
+ * goes to Python.
  */
 #define _GNU_SOURCE
 #include "internal.h"
@@ -317,12 +307,7 @@ int attr_cache_handle(struct cdm_attr_cache *c, const unsigned char *req, size_t
         }
         ao.attr = e->attr;
         ao.attr_valid = CDM_ATTR_TIMEOUT;
-        /* Valid bytes: their length, the size the kernel's short-read
-         * handling sets anyway (another would make it drop its copy);
-         * else a page, as sysfs says, so that new bytes are read whole. */
-        if (!e->direct && (exact(c, e) || tolerated(c, e, mono_ns())))
-            ao.attr.size = e->len;
-        e->ksize = ao.attr.size;
+        /* A page, as sysfs says: reads are direct, whatever the length. */
         c->stats.getattrs++;
         pthread_mutex_unlock(&c->lock);
         memcpy(out + oh, &ao, sizeof(ao));
@@ -343,7 +328,6 @@ int attr_cache_handle(struct cdm_attr_cache *c, const unsigned char *req, size_t
             pthread_mutex_unlock(&c->lock);
             return ATTR_FORWARD;
         }
-        int grow = 0;
         if (e->direct) {
             oo.fh = CDM_ATTR_FH | CDM_ATTR_FH_DIRECT | ih->nodeid;
             oo.open_flags = FOPEN_DIRECT_IO | FOPEN_NOFLUSH;
@@ -354,23 +338,15 @@ int attr_cache_handle(struct cdm_attr_cache *c, const unsigned char *req, size_t
                 pthread_mutex_unlock(&c->lock);
                 return force ? ATTR_FORWARD : ATTR_SIDE;
             }
-            int keep = e->kcached && e->kversion == e->version;
-            oo.fh = CDM_ATTR_FH | ih->nodeid;
-            oo.open_flags = FOPEN_NOFLUSH | (keep ? FOPEN_KEEP_CACHE : 0);
-            if (keep) {
-                c->stats.kept++;
-            } else {
-                /* The kernel drops its pages at this open. */
-                kcache_remove(c, e);
-                grow = e->len > e->ksize;
-            }
+            /* Direct I/O: each READ is answered here from the bytes valid
+             * then, whole; the kernel's page cache would cut or zero-fill
+             * them at an i_size that content changing under it (a counter
+             * growing a digit) makes stale between a GETATTR and a READ. */
+            oo.fh = CDM_ATTR_FH | CDM_ATTR_FH_DIRECT | ih->nodeid;
+            oo.open_flags = FOPEN_DIRECT_IO | FOPEN_NOFLUSH;
         }
         c->stats.opens++;
-        c->stats.attr_invals += grow;
-        int fd = c->fuse_fd;
         pthread_mutex_unlock(&c->lock);
-        if (grow)
-            cdm_fuse_inval(fd, ih->nodeid, -1, 0);   /* attributes only: never waits */
         memcpy(out + oh, &oo, sizeof(oo));
         return (int)reply_header(out, ih->unique, sizeof(oo));
     }
