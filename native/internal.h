@@ -12,9 +12,9 @@
 #include <sys/mman.h>
 
 #define PAGE CDM_PAGE_SIZE
-/* Internal: allocated by the cdm_region_rw or cdm_region_populate call under
- * way; never left in an entry when the call returns (cdmcore.h reserves bit
- * 48 for it). */
+/* Internal: a first touch of the cdm_region_rw, cdm_region_serve or
+ * cdm_region_populate call under way (its frame is zero: frame_alloc); never
+ * left in an entry when the call returns (cdmcore.h reserves bit 48 for it). */
 #define PTE_NEW (1ULL << 48)
 
 static inline void *sparse_map(uint64_t bytes)
