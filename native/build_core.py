@@ -27,6 +27,7 @@ SOURCES = [
     "numa_balancing.c",
     "fuse.c",
     "router.c",
+    "attr_cache.c",
     "check.c",
 ]
 

@@ -371,12 +371,16 @@ static void copy_pages(struct cdm_machine *m, struct cdm_region *r, uint64_t off
         uint64_t from = off > pstart ? off - pstart : 0;
         uint64_t to = off + len < pstart + PAGE ? off + len - pstart : PAGE;
         uint8_t *b = buf + (pstart + from - off);
-        uint8_t *f = frame_addr(m, pte);
         if (write) {
-            memcpy(f + from, b, to - from);
+            memcpy(frame_addr(m, pte) + from, b, to - from);
             pte |= CDM_PTE_DIRTY;
         } else {
-            memcpy(b, f + from, to - from);
+            /* A page this call placed is zero (frame_alloc): reading the
+             * frame would only cost the host a page fault on it. */
+            if (pte & PTE_NEW)
+                memset(b, 0, to - from);
+            else
+                memcpy(b, frame_addr(m, pte) + from, to - from);
             /* One fault per READ, however many pages its readahead brings. */
             if (i == first)
                 m->pools[pte_pool(pte)].counters[CDM_PGFAULT]++;
@@ -468,11 +472,11 @@ static int faultback_alloc(struct cdm_machine *m, struct cdm_region *r, uint64_t
 
 /* Moves the private pages to the frames faultback_alloc gave them: bytes,
  * the page's own flags (pinned, dirty), the source frame freed and counted
- * as a migration, the NUMA events left to copy_pages (PTE_NEW), and one
+ * as a migration, the NUMA events of the new frame, and one
  * entry per source pool in the log Python applies (devices' mirrors and
  * counters).  Caller holds m->lock. */
 static void faultback_commit(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
-                             uint64_t last, const uint64_t *new)
+                             uint64_t last, const uint64_t *new, const struct cdm_plan *plan)
 {
     uint64_t moved[CDM_MAX_POOLS] = {0};
     for (uint64_t i = first; i <= last; i++) {
@@ -481,7 +485,8 @@ static void faultback_commit(struct cdm_machine *m, struct cdm_region *r, uint64
             continue;
         memcpy(frame_addr(m, pte), frame_addr(m, old), PAGE);
         struct cdm_pool *sp = &m->pools[pte_pool(old)];
-        pte_set(m, r, i, pte | (old & (CDM_PTE_PINNED | CDM_PTE_DIRTY)) | PTE_NEW);
+        pte_set(m, r, i, pte | (old & (CDM_PTE_PINNED | CDM_PTE_DIRTY)));
+        numa_account(m, i, pte_pool(pte), plan);
         frame_free(m, sp, pte_pfn(old) - sp->base_pfn);
         sp->counters[CDM_PGMIGRATE_SUCCESS]++;
         moved[pte_pool(old)]++;
@@ -550,7 +555,7 @@ int64_t cdm_region_serve(struct cdm_machine *m, struct cdm_region *r, uint64_t o
             goto out;
         }
         if (private)
-            faultback_commit(m, r, first, last, new);
+            faultback_commit(m, r, first, last, new, plan);
     }
     copy_pages(m, r, off, len, buf, write, 1, plan);
     if (write)

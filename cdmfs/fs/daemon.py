@@ -168,7 +168,8 @@ def serve(mountpoint: str, topo: Topology, allow_other: bool = False,
         # debugfs: the router's counters (served_reads, served_writes...), root only.
         from .tree import Attr
         tree.add(tree.path("sys/kernel/debug/cdmfs"), "router",
-                 Attr(lambda: "".join(f"{k} {v}\n" for k, v in rt.stats().items()), mode=0o400))
+                 Attr(lambda: "".join(f"{k} {v}\n" for k, v in rt.stats().items()), mode=0o400,
+                      cache=False))
     else:
         ops.fuse_fd = fuse_device_fd()
 
