@@ -442,6 +442,24 @@ class Device:
         it back, empty."""
         _write(os.path.join(self.path, "online"), f"{int(value)}\n")
 
+    @property
+    def eviction(self) -> str:
+        """``lru`` or ``off``: what a full device memory does (oversubscription)."""
+        return _read(os.path.join(self.path, "eviction")).strip()
+
+    @eviction.setter
+    def eviction(self, value: str) -> None:
+        _write(os.path.join(self.path, "eviction"), value + "\n")
+
+    @property
+    def access_counters(self) -> str:
+        """``0`` (off) or ``THRESHOLD GRANULARITY`` (``256 64K``)."""
+        return _read(os.path.join(self.path, "access_counters")).strip()
+
+    @access_counters.setter
+    def access_counters(self, value: str) -> None:
+        _write(os.path.join(self.path, "access_counters"), value + "\n")
+
     def inject(self, text: str) -> None:
         """Fault injection: ``link_down``, ``ecc ADDRESS``, ``fail_alloc N``."""
         _write(os.path.join(self.path, "inject"), text + "\n")

@@ -21,6 +21,7 @@ from .._core import ffi, lib
 from ..config import PAGE_SIZE, DeviceSpec
 from ..lib.sched import cond_resched
 from ..mm import memory_failure
+from ..mm.evict import MODES as EVICTION_MODES
 from ..mm import migrate_device as migrate
 from ..mm.machine import Machine, PageMap
 from ..mm.migrate_device import Target
@@ -40,7 +41,9 @@ MIRROR_CHUNK = 1 << 12      # pages per chunk of a device page table
 OP_CHUNK = 1 << 12          # pages per native device op: 16 MiB, a few ms at most
 READ_RETRIES = 3            # reads again after CPU stores raced them, at most this often
 STAT_KEYS = ("faults", "fault_batches", "migrated_to", "migrated_from", "local_bytes",
-             "remote_bytes", "invalidations", "modeled_ns", "truncated_accesses")
+             "remote_bytes", "invalidations", "modeled_ns", "truncated_accesses",
+             "counter_notifications", "counter_migrations", "evictions", "evicted_bytes",
+             "duplicated")
 
 
 @dataclass
@@ -145,6 +148,20 @@ class Device:
         return self.pgmap.pool
 
     @property
+    def lru(self):
+        """Its memory's LRU and eviction switch (mm/evict.py)."""
+        return self.machine.evictors[self.pool]
+
+    @property
+    def eviction(self) -> str:
+        return self.lru.mode
+
+    def set_eviction(self, mode: str) -> None:
+        if mode not in EVICTION_MODES:
+            raise ValueError(f"expected one of {', '.join(EVICTION_MODES)}")
+        self.lru.mode = mode
+
+    @property
     def online(self) -> bool:
         return self.pgmap.online
 
@@ -222,6 +239,8 @@ class Device:
         pt = self.mirror(region)
         res = AccessResult(bytes=n * PAGE_SIZE)
         res.faults = pt.unmapped(first, first + n)
+        writing = op in ("write", "add")
+        window = self._fault_window(n) if res.faults else 0
         if res.faults:
             self.stats["faults"] += res.faults
             self.stats["fault_batches"] += 1
@@ -229,17 +248,29 @@ class Device:
                           faults=res.faults)
             region.device_faults += res.faults
             res.modeled_ns += self.remote_figures().read_latency
-            await self._fault(region, first, n, res)
+            if not window:
+                await self._fault(region, first, n, res)
         # Coherence: take the CPU's dirty copies back before the device looks.
         if m.cpu_mapped(region, first, n):
             await m.cpu_unmap(region, first, n)
-        writing = op in ("write", "add")
+        step = window or OP_CHUNK
+        table = MAP_WRITE if writing else MAP_READ
         for attempt in range(READ_RETRIES):
             crc = cpu_pages = res.local_bytes = res.remote_bytes = 0
             # The kernel runs in chunks that yield in between: a device reading
-            # a gigabyte must not hold up everyone else's requests.
-            for start in range(first, first + n, OP_CHUNK):
-                out = await self._op_chunk(region, start, min(OP_CHUNK, first + n - start), op, arg, crc, res)
+            # a gigabyte must not hold up everyone else's requests.  A kernel
+            # over more than its memory (oversubscription) faults a window at
+            # a time, so that eviction makes room for each window in turn.
+            for start in range(first, first + n, step):
+                k = min(step, first + n - start)
+                if window and pt.unmapped(start, start + k):
+                    await self._fault(region, start, k, res)
+                    if m.cpu_mapped(region, start, k):
+                        await m.cpu_unmap(region, start, k)
+                out = await self._op_chunk(region, start, k, op, arg, crc, res)
+                if window:
+                    pt.map(start, min(start + k, region.npages), table)
+                    self.lru.touch(region, start, k)
                 crc = out.crc
                 cpu_pages += out.cpu_pages
                 res.local_bytes += out.local_bytes
@@ -255,7 +286,9 @@ class Device:
                 break
         # A truncation after the last device op took pages of the range away:
         # the device keeps no entry past the end.
-        pt.map(first, min(first + n, region.npages), MAP_WRITE if writing else MAP_READ)
+        if not window:
+            pt.map(first, min(first + n, region.npages), table)
+            self.lru.touch(region, first, n)
         own_fig, remote_fig = self.own_figures(), self.remote_figures()
         res.modeled_ns += transfer_ns(res.local_bytes, own_fig.write_bandwidth if writing else own_fig.read_bandwidth)
         res.modeled_ns += transfer_ns(res.remote_bytes, remote_fig.write_bandwidth if writing else remote_fig.read_bandwidth)
@@ -291,13 +324,26 @@ class Device:
                 raise OSError(-rc, f"page {out.page}: {errno.errorcode.get(-rc, rc)}")
         raise OSError(errno.EAGAIN, "pages kept moving under the device")
 
+    def _fault_window(self, n: int) -> int:
+        """Pages a kernel over n pages faults at a time: all of them (0),
+        unless they would not fit its memory and eviction may make room."""
+        if self.fault_policy != "migrate" or not self.lru.enabled:
+            return 0
+        total = self.machine.pool_stats(self.pool).npages
+        window = max(migrate.BATCH, min(OP_CHUNK, total // 4 // migrate.BATCH * migrate.BATCH))
+        return window if n > window else 0
+
     async def _fault(self, region: "Region", first: int, n: int, res: AccessResult) -> None:
         """Device fault on pages [first, first + n): batched, as HMM does."""
         m = self.machine
         if self.fault_policy == "migrate":
+            evicted = self.stats["evicted_bytes"]
             moved = await migrate.migrate_range(m, region, first, n, self.target())
             res.migrated += moved.migrated
             res.modeled_ns += transfer_ns(moved.migrated * PAGE_SIZE, self.remote_figures().read_bandwidth)
+            # Evictions it caused: the chunks went back over the link.
+            res.modeled_ns += transfer_ns(self.stats["evicted_bytes"] - evicted,
+                                          self.remote_figures().write_bandwidth)
             # Pages that could not move (device memory full, pinned) are reached remotely.
         # Whatever is still absent is a first touch by the device, by the region's policy.
         await m.populate(region, first, n)
@@ -381,6 +427,11 @@ class Device:
         if target.pool == self.pool:
             self.map_own(region, first, n)
 
+    def on_evict(self, device: str, region: "Region", first: int, n: int, moved: int) -> None:
+        if device == self.name:
+            self.stats["evictions"] += 1
+            self.stats["evicted_bytes"] += moved * PAGE_SIZE
+
 
 def probe(m: Machine) -> dict[str, Device]:
     """The devices of the machine's topology, each mirroring the regions it
@@ -392,4 +443,5 @@ def probe(m: Machine) -> dict[str, Device]:
         m.mmu_notifiers.append(dev.invalidate)
         m.events.subscribe("migrate", dev.on_migrate)
         m.events.subscribe("region_removed", dev.forget)
+        m.events.subscribe("evict", dev.on_evict)
     return devices

@@ -20,6 +20,7 @@ from ..config import PAGE_SIZE, Topology
 from ..lib.events import Events
 from ..lib.sched import cond_resched
 from . import mempolicy as mpol
+from .evict import DeviceLru
 from .memory_hotplug import MemoryHotplug
 from .migrate_device import Target
 
@@ -129,6 +130,11 @@ class Machine:
             pool = self.nodes[dev.node].pool if dev.coherent else self.private[dev.name].pool
             self.pgmaps[dev.name] = PageMap(dev.name, dev, pool)
             self.pool_owner[pool] = dev.name
+        # Oversubscription: each device memory's LRU and eviction switch.
+        self.evictors: dict[int, DeviceLru] = {
+            pm.pool: DeviceLru(self, pm.pool, name, pm.spec.coherent,
+                               pm.spec.node if pm.spec.coherent else None)
+            for name, pm in self.pgmaps.items()}
         self.events = Events()
         # mmu_interval_notifier: fn(region, first, npages) drops a mirror's entries.
         self.mmu_notifiers: list[Callable[["Region", int, int], None]] = []
@@ -136,6 +142,18 @@ class Machine:
         self.hotplug = MemoryHotplug(self)
         self._faultbacks = ffi.new("struct cdm_faultback[]", FAULTBACK_BATCH)
         self._applying = False
+        self.events.subscribe("migrate", self._lru_on_migrate)
+        self.events.subscribe("region_removed", self._lru_forget)
+
+    def _lru_on_migrate(self, region: "Region", first: int, n: int, target: Target, moved: int,
+                        device_moves: dict[str, int]) -> None:
+        lru = self.evictors.get(target.pool)
+        if lru is not None and device_moves.get(lru.device, 0) > 0:
+            lru.touch(region, first, n)
+
+    def _lru_forget(self, region: "Region") -> None:
+        for lru in self.evictors.values():
+            lru.forget(region)
 
     async def cpu_unmap(self, region: "Region", first: int, npages: int) -> None:
         """Invalidates the CPU's copies of pages (the host page cache's, which
