@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Iterator
 from .._core import ffi, lib
 from ..config import PAGE_SIZE, DeviceSpec
 from ..lib.sched import cond_resched
+from ..mm import advice as adv
 from ..mm import memory_failure
 from ..mm.evict import MODES as EVICTION_MODES
 from ..mm import migrate_device as migrate
@@ -125,6 +126,9 @@ class Mirror:
                 del self.chunks[c]
         return dropped
 
+    def set(self, page: int, value: int) -> None:
+        self._chunk(page // MIRROR_CHUNK)[page % MIRROR_CHUNK] = value
+
     def entry(self, page: int) -> int:
         chunk = self.chunks.get(page // MIRROR_CHUNK)
         return PT_NONE if chunk is None else chunk[page % MIRROR_CHUNK]
@@ -189,10 +193,51 @@ class Device:
         return pt
 
     def invalidate(self, region: "Region", first: int, n: int) -> None:
-        """mmu_notifier: drop the device's entries of pages [first, first + n)."""
+        """mmu_notifier: drop the device's entries of pages [first, first + n).
+        Pages it is ``accessed_by`` are mapped again where they are now."""
         pt = self.mirrors.get(region.id)
         if pt is not None and n > 0 and pt.clear(first, first + n):
             self.stats["invalidations"] += 1
+        if self.accessed_key in region.advice.kinds:
+            for s, e, _ in region.advice.spans(self.accessed_key, first, first + n):
+                self.map_reachable(region, s, e - s)
+
+    @property
+    def accessed_key(self) -> str:
+        return f"{adv.ACCESSED_BY}:{self.name}"
+
+    def map_reachable(self, region: "Region", first: int, n: int) -> int:
+        """Maps the present pages of [first, first + n) the device can reach
+        where they lie (any node; private memory only its own): what
+        ``accessed_by`` keeps mapped.  Costs the pages present."""
+        if region.removed:
+            return 0
+        pt = self.mirror(region)
+        mapped = 0
+        for s, k in region.present_spans(first, first + n):
+            ptes = ffi.new("uint64_t[]", k)
+            lib.cdm_region_ptes(self.machine.core, region.core, s, k, ptes)
+            for j in range(k):
+                pte = ptes[j]
+                if not pte & lib.CDM_PTE_PRESENT or pte & lib.CDM_PTE_POISONED:
+                    continue
+                if pte & lib.CDM_PTE_PRIVATE and \
+                        (pte & lib.CDM_PTE_POOL_MASK) >> lib.CDM_PTE_POOL_SHIFT != self.pool:
+                    continue
+                pt.set(s + j, PT_WRITE)
+                mapped += 1
+        return mapped
+
+    def on_advise(self, region: "Region", first: int, n: int, what: str, arg: object) -> None:
+        """accessed_by:DEV maps the range's pages now; unsetting it drops the
+        remote entries (the device's next access faults as usual)."""
+        if what == adv.ACCESSED_BY and arg == self.name:
+            self.map_reachable(region, first, n)
+        elif what == "unset" and arg in (adv.ACCESSED_BY, self.accessed_key):
+            pt = self.mirrors.get(region.id)
+            if pt is not None:
+                pt.clear(first, first + n)
+                self.map_own(region, first, n)
 
     def map_own(self, region: "Region", first: int, n: int) -> None:
         """Maps the pages of [first, first + n) that live in this device's
@@ -336,14 +381,20 @@ class Device:
     async def _fault(self, region: "Region", first: int, n: int, res: AccessResult) -> None:
         """Device fault on pages [first, first + n): batched, as HMM does."""
         m = self.machine
-        if self.fault_policy == "migrate":
-            evicted = self.stats["evicted_bytes"]
-            moved = await migrate.migrate_range(m, region, first, n, self.target())
+        evicted = self.stats["evicted_bytes"]
+        for s, e, pref in region.advice.segments(adv.PREFERRED, first, first + n):
+            # preferred_location: pages that prefer this device's memory come
+            # in whatever the fault policy; pages that prefer somewhere else
+            # are reached where they lie.
+            move = pref == self.own_target if pref is not None else self.fault_policy == "migrate"
+            if not move:
+                continue
+            moved = await migrate.migrate_range(m, region, s, e - s, self.target())
             res.migrated += moved.migrated
             res.modeled_ns += transfer_ns(moved.migrated * PAGE_SIZE, self.remote_figures().read_bandwidth)
-            # Evictions it caused: the chunks went back over the link.
-            res.modeled_ns += transfer_ns(self.stats["evicted_bytes"] - evicted,
-                                          self.remote_figures().write_bandwidth)
+        # Evictions it caused: the chunks went back over the link.
+        res.modeled_ns += transfer_ns(self.stats["evicted_bytes"] - evicted,
+                                      self.remote_figures().write_bandwidth)
             # Pages that could not move (device memory full, pinned) are reached remotely.
         # Whatever is still absent is a first touch by the device, by the region's policy.
         await m.populate(region, first, n)
@@ -444,4 +495,5 @@ def probe(m: Machine) -> dict[str, Device]:
         m.events.subscribe("migrate", dev.on_migrate)
         m.events.subscribe("region_removed", dev.forget)
         m.events.subscribe("evict", dev.on_evict)
+        m.events.subscribe("advise", dev.on_advise)
     return devices

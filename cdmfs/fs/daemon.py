@@ -181,6 +181,7 @@ def serve(mountpoint: str, topo: Topology, allow_other: bool = False,
                         pyfuse3.terminate()
                         return
             nursery.start_soon(on_signal)
+            ops.machine.background = nursery       # prefetches run here
             if rt:
                 async def on_router_end() -> None:
                     # Unmounted (the router read ENODEV): pyfuse3's loop

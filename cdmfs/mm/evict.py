@@ -15,10 +15,11 @@ pages prefer to live here (``preferred_location`` advice) go last.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Optional
 
 from .._core import ffi, lib
 from ..config import PAGE_SIZE
+from .advice import PREFERRED
 from .migrate_device import Target, migrate_range
 
 if TYPE_CHECKING:
@@ -40,8 +41,7 @@ class DeviceLru:
         self.node = node                    # a coherent device's node id
         self.mode = "off" if coherent else "lru"
         self.chunks: "OrderedDict[tuple[int, int], None]" = OrderedDict()
-        # advice: whether pages [first, end) of a region prefer this memory.
-        self.preferred_here: Callable[["Region", int, int], bool] = lambda r, a, b: False
+        self.target_name = f"node:{node}" if coherent else f"private:{device}"
 
     @property
     def enabled(self) -> bool:
@@ -96,7 +96,7 @@ class DeviceLru:
                     continue
                 if r is region and a < end and b > first:
                     continue        # the pages being brought in
-                if avoid_preferred and self.preferred_here(r, a, b):
+                if avoid_preferred and r.advice.any(PREFERRED, a, b, self.target_name):
                     continue
                 if not self.resident(r, a, b - a):
                     del self.chunks[key]

@@ -142,6 +142,9 @@ class Machine:
         self.hotplug = MemoryHotplug(self)
         self._faultbacks = ffi.new("struct cdm_faultback[]", FAULTBACK_BATCH)
         self._applying = False
+        # Where background work runs (prefetch): a trio nursery the daemon
+        # gives; without one it runs to completion at once.
+        self.background = None
         self.events.subscribe("migrate", self._lru_on_migrate)
         self.events.subscribe("region_removed", self._lru_forget)
 
@@ -160,6 +163,13 @@ class Machine:
         only the filesystem can reach: it installs ``cpu_unmapper``)."""
         if self.cpu_unmapper is not None:
             await self.cpu_unmapper(region, first, npages)
+
+    async def spawn(self, fn: Callable[..., Awaitable[object]], *args) -> None:
+        """Runs fn(*args) in the background (the daemon's nursery), or now."""
+        if self.background is not None:
+            self.background.start_soon(fn, *args)
+        else:
+            await fn(*args)
 
     def check(self) -> str:
         """The core's invariant checker over every live region: "" when the

@@ -30,6 +30,7 @@ from .._core import ffi, lib
 from ..config import PAGE_SIZE
 from . import mempolicy as mpol
 from . import migrate_device as migrate
+from .advice import Advice, PrefetchStats
 from .machine import Machine
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,8 @@ class Region:
         self.migrated_pages = 0
         self.invalidations = 0
         self.migrations = 0             # migrations under way
+        self.advice = Advice()          # usermode hints (advise), by page range
+        self.prefetch = PrefetchStats()
         self._res = ffi.new("struct cdm_rw_result *")
         self._unlocked = trio.Event()
         self.publish_policies()
@@ -331,6 +334,7 @@ class Region:
         npages = self.npages
         if npages < old:
             self.machine.invalidate_devices(self, npages, old - npages)
+            self.advice.truncate(npages)
             if self.ranges:
                 # mbind ranges stay inside the file.
                 self.set_range_policy(npages, max(old, self.ranges[-1][1]), None)
@@ -587,6 +591,13 @@ class Region:
             ("writebacks", self.writebacks + s.served_writes),
             ("pinned", s.nr_pinned),
             ("poisoned", s.nr_poisoned),
+            ("duplicated", lib.cdm_region_count(m.core, self.core, 0, self.npages, lib.CDM_PTE_DUPLICATED)
+             if hasattr(lib, "CDM_PTE_DUPLICATED") else 0),
+            ("prefetch_requested", self.prefetch.requested),
+            ("prefetch_migrated", self.prefetch.migrated),
+            ("prefetch_skipped", self.prefetch.skipped),
+            ("prefetch_active", self.prefetch.active),
+            ("prefetch_done", self.prefetch.done),
         ]
         return items
 
