@@ -13,6 +13,7 @@ reads, and again after a device write, so the CPU's next access faults.
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator
@@ -38,6 +39,10 @@ MAP_WRITE = bytes([PT_WRITE] * 3) + bytes(253)
 OPS = {"read": lib.CDM_OP_READ, "write": lib.CDM_OP_WRITE, "add": lib.CDM_OP_ADD,
        "touch": lib.CDM_OP_TOUCH}
 FAULT_POLICIES = ("migrate", "remote")
+COUNTER_GRANULES = {"64K": (64 << 10) // PAGE_SIZE, "2M": (2 << 20) // PAGE_SIZE,
+                    "16M": (16 << 20) // PAGE_SIZE}
+COUNTER_GRANULES_BY_PAGES = {v: k for k, v in COUNTER_GRANULES.items()}
+MAX_COUNTER_THRESHOLD = 1 << 32
 MIRROR_CHUNK = 1 << 12      # pages per chunk of a device page table
 OP_CHUNK = 1 << 12          # pages per native device op: 16 MiB, a few ms at most
 READ_RETRIES = 3            # reads again after CPU stores raced them, at most this often
@@ -142,6 +147,11 @@ class Device:
     fault_policy: str = ""
     stats: dict = field(default_factory=lambda: dict.fromkeys(STAT_KEYS, 0))
     mirrors: dict = field(default_factory=dict)   # region id -> Mirror
+    # Access counters: a threshold (0: off), the granule in pages, and the
+    # count of each granule touched since its last notification.
+    counter_threshold: int = 0
+    counter_granule: int = 0
+    counters: dict = field(default_factory=dict)  # (region id, granule) -> accesses
 
     def __post_init__(self) -> None:
         if not self.fault_policy:
@@ -253,6 +263,87 @@ class Device:
 
     def forget(self, region: "Region") -> None:
         self.mirrors.pop(region.id, None)
+        for key in [k for k in self.counters if k[0] == region.id]:
+            del self.counters[key]
+
+    # ------------------------------------------------------------ access counters
+
+    def counters_text(self) -> str:
+        if not self.counter_threshold:
+            return "0\n"
+        return f"{self.counter_threshold} {COUNTER_GRANULES_BY_PAGES[self.counter_granule]}\n"
+
+    def set_counters(self, text: str) -> None:
+        """``0`` (off) or ``THRESHOLD GRANULARITY``: parsed whole, a bad one
+        changes nothing; any change starts every counter from zero."""
+        words = text.split()
+        if words == ["0"]:
+            threshold, granule = 0, 0
+        elif len(words) == 2 and words[0].isdigit() and words[1] in COUNTER_GRANULES:
+            threshold, granule = int(words[0]), COUNTER_GRANULES[words[1]]
+            if not 1 <= threshold <= MAX_COUNTER_THRESHOLD:
+                raise ValueError(f"THRESHOLD must be 1..{MAX_COUNTER_THRESHOLD}")
+        else:
+            raise ValueError(f"expected 0 or THRESHOLD GRANULARITY ({', '.join(COUNTER_GRANULES)})")
+        self.counter_threshold, self.counter_granule = threshold, granule
+        self.counters.clear()
+
+    async def _count_accesses(self, region: "Region", first: int, n: int, res: AccessResult) -> None:
+        """Volta-style access counters: every page the access touched outside
+        the device's memory counts one access to its granule; a granule that
+        reaches the threshold notifies the driver, which migrates it in and
+        starts its counter again.  Costs a census per granule touched."""
+        m = self.machine
+        gp = self.counter_granule
+        present = ffi.new("uint64_t[]", lib.CDM_MAX_POOLS)
+        dirty = ffi.new("uint64_t[]", lib.CDM_MAX_POOLS)
+        end = min(first + n, region.npages)
+        if end <= first:
+            return
+        for g in range(first // gp, (end - 1) // gp + 1):
+            a, b = max(first, g * gp), min(end, (g + 1) * gp)
+            ffi.memmove(present, bytes(8 * lib.CDM_MAX_POOLS), 8 * lib.CDM_MAX_POOLS)
+            lib.cdm_region_census(m.core, region.core, a, b - a, present, dirty)
+            remote = sum(present) - present[self.pool]
+            if remote <= 0:
+                continue
+            key = (region.id, g)
+            count = self.counters.get(key, 0) + remote
+            if count < self.counter_threshold:
+                self.counters[key] = count
+                continue
+            self.counters.pop(key, None)
+            self.stats["counter_notifications"] += 1
+            m.events.emit("counter_notification", device=self.name, region=region, first=g * gp, n=gp)
+            moved = await self._counter_migrate(region, g * gp, min((g + 1) * gp, region.npages))
+            if moved:
+                self.stats["counter_migrations"] += 1
+                res.migrated += moved
+                res.modeled_ns += transfer_ns(moved * PAGE_SIZE, self.remote_figures().read_bandwidth)
+
+    async def _counter_migrate(self, region: "Region", a: int, b: int) -> int:
+        """Moves the granule's pages into the device's memory, subject to the
+        switches (a coherent node's ``numa_balancing``, and the source nodes'),
+        the ranges' policies (a ``bind`` without the device's node keeps its
+        pages), advice (pages preferring elsewhere stay) and pins (skipped).
+        Untouched pages are not allocated."""
+        m = self.machine
+        if not self.online or a >= b:
+            return 0
+        if self.spec.coherent and not m.nodes[self.spec.node].numa_balancing:
+            return 0
+        from_pools = sum(1 << node.pool for node in m.nodes.values() if node.numa_balancing)
+        target = dataclasses.replace(self.target(), device_memory=False)
+        moved = 0
+        for ps, pe, policy in region.policy_segments(a, b):
+            if self.spec.coherent and policy.mode == "bind" and self.spec.node not in policy.nodes:
+                continue
+            for s, e, pref in region.advice.segments(adv.PREFERRED, ps, pe):
+                if pref is not None and pref != self.own_target:
+                    continue
+                moved += (await migrate.migrate_range(m, region, s, e - s, target,
+                                                      from_pools=from_pools)).migrated
+        return moved
 
     # ------------------------------------------------------------ access
 
@@ -339,6 +430,8 @@ class Device:
         res.modeled_ns += transfer_ns(res.remote_bytes, remote_fig.write_bandwidth if writing else remote_fig.read_bandwidth)
         if op == "read":
             res.crc32 = crc
+        if self.counter_threshold:
+            await self._count_accesses(region, first, n, res)
         for key in ("local_bytes", "remote_bytes", "modeled_ns"):
             self.stats[key] += getattr(res, key)
         return res
