@@ -24,6 +24,7 @@ SOURCES = [
     "hotplug.c",
     "memory_failure.c",
     "gup.c",
+    "hints.c",
     "fuse.c",
     "router.c",
     "check.c",

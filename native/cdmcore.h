@@ -65,8 +65,12 @@
 #define CDM_PTE_DIRTY (1ULL << 58)     /* has been written since allocation */
 #define CDM_PTE_PRIVATE (1ULL << 57)   /* frame is device-private memory */
 #define CDM_PTE_MIGRATING (1ULL << 56) /* collected; CPU copies being invalidated */
+#define CDM_PTE_DUPLICATED (1ULL << 55) /* a device holds a read-only duplicate
+                                         * (read_mostly): a WRITE must collapse
+                                         * it first, cdm_region_serve leaves
+                                         * such a WRITE to Python */
 /* bit 48 is the core's own (PTE_NEW in internal.h: allocated by the call under
- * way, never left in an entry when a call returns); bits 49-55 are free for
+ * way, never left in an entry when a call returns); bits 49-54 are free for
  * later users (device mirror, access hints). */
 
 /* Pool flags */
@@ -574,6 +578,25 @@ uint32_t cdm_crc32_pages(uint32_t crc, uint8_t *const *pages, uint64_t n);
 /* Copies n frames src[i] -> dst[i] (global PFNs), under the mutex; 0 in either
  * is a hole. */
 void cdm_copy_frames(struct cdm_machine *m, const uint64_t *src, const uint64_t *dst, uint64_t n);
+
+/*
+ * Read duplication (hints.c, the read_mostly advice).
+ *
+ * duplicate — for each page first + k of [first, first + n) with dst[k] != 0:
+ *             a page present on a node (not private, poisoned, locked or
+ *             collected by a migration) is copied to frame dst[k] (a frame
+ *             the caller holds: cdm_pool_alloc's, no owner) and marked
+ *             CDM_PTE_DUPLICATED, in one hold of the mutex, so that no WRITE
+ *             slips between copy and mark; done[k] says which were.
+ *             Returns how many.
+ * collapse  — clears CDM_PTE_DUPLICATED on [first, first + n) (the caller
+ *             frees the duplicates' frames).  Returns how many were marked.
+ * A migration's new entry and a fault-back's never carry the mark.
+ */
+uint64_t cdm_region_duplicate(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
+                              uint64_t n, const uint64_t *dst, uint8_t *done);
+uint64_t cdm_region_collapse(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
+                             uint64_t n);
 
 /* FUSE_NOTIFY_INVAL_INODE for [off, off + len) of inode ino on the /dev/fuse fd.
  * Blocks while the kernel writes dirty pages back.  0, or -errno (-ENOENT:

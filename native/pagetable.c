@@ -516,6 +516,9 @@ int64_t cdm_region_serve(struct cdm_machine *m, struct cdm_region *r, uint64_t o
         }
         if ((pte & (CDM_PTE_PRESENT | CDM_PTE_POISONED | CDM_PTE_LOCKED)) != CDM_PTE_PRESENT)
             goto out;
+        /* A device's read-only duplicate: Python collapses it first. */
+        if (write && (pte & CDM_PTE_DUPLICATED))
+            goto out;
         if (pte & CDM_PTE_PRIVATE) {
             /* Pinned, or collected by a migration (which the fault-back
              * takes over): Python's. */

@@ -43,6 +43,7 @@ COUNTER_GRANULES = {"64K": (64 << 10) // PAGE_SIZE, "2M": (2 << 20) // PAGE_SIZE
                     "16M": (16 << 20) // PAGE_SIZE}
 COUNTER_GRANULES_BY_PAGES = {v: k for k, v in COUNTER_GRANULES.items()}
 MAX_COUNTER_THRESHOLD = 1 << 32
+READ_MOSTLY_KEY = adv.READ_MOSTLY
 MIRROR_CHUNK = 1 << 12      # pages per chunk of a device page table
 OP_CHUNK = 1 << 12          # pages per native device op: 16 MiB, a few ms at most
 READ_RETRIES = 3            # reads again after CPU stores raced them, at most this often
@@ -152,6 +153,8 @@ class Device:
     counter_threshold: int = 0
     counter_granule: int = 0
     counters: dict = field(default_factory=dict)  # (region id, granule) -> accesses
+    # Read duplication: region id -> {page: PFN of the device's read-only copy}.
+    dups: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.fault_policy:
@@ -208,6 +211,8 @@ class Device:
         pt = self.mirrors.get(region.id)
         if pt is not None and n > 0 and pt.clear(first, first + n):
             self.stats["invalidations"] += 1
+        if region.id in self.dups and self.drop_duplicates(region, first, n) and not region.removed:
+            lib.cdm_region_collapse(self.machine.core, region.core, first, n)
         if self.accessed_key in region.advice.kinds:
             for s, e, _ in region.advice.spans(self.accessed_key, first, first + n):
                 self.map_reachable(region, s, e - s)
@@ -243,6 +248,10 @@ class Device:
         remote entries (the device's next access faults as usual)."""
         if what == adv.ACCESSED_BY and arg == self.name:
             self.map_reachable(region, first, n)
+        elif what == "unset" and arg == adv.READ_MOSTLY and region.id in self.dups:
+            # Duplication ends: the duplicates go, and their read-only
+            # entries, so that the next access faults as the policy says.
+            self.collapse_mine(region, first, n)
         elif what == "unset" and arg in (adv.ACCESSED_BY, self.accessed_key):
             pt = self.mirrors.get(region.id)
             if pt is not None:
@@ -263,8 +272,117 @@ class Device:
 
     def forget(self, region: "Region") -> None:
         self.mirrors.pop(region.id, None)
+        self._free_region_dups(region.id)
         for key in [k for k in self.counters if k[0] == region.id]:
             del self.counters[key]
+
+    # ------------------------------------------------------------ read duplication
+
+    async def _duplicate(self, region: "Region", first: int, n: int) -> int:
+        """read_mostly: the pages of [first, first + n) under the advice that
+        lie on a node (not in this device's memory) get a read-only duplicate
+        in its memory, the CPU keeping its copy.  A full memory evicts first
+        (if its eviction is on), else fewer pages are duplicated.  Returns
+        pages duplicated."""
+        m = self.machine
+        spans = region.advice.spans(READ_MOSTLY_KEY, first, first + n)
+        want = sum(e - s for s, e, _ in spans)
+        if not want:
+            return 0
+        if self.lru.enabled and self.lru.free_pages() < want:
+            await self.lru.make_room(want, region, first, first + n)
+        if region.removed:
+            return 0
+        # From here on no await: the candidates are still what they were.
+        dups = self.dups.setdefault(region.id, {})
+        pages = []
+        for s, e, _ in spans:
+            for ps, k in region.present_spans(s, e):
+                ptes = ffi.new("uint64_t[]", k)
+                lib.cdm_region_ptes(m.core, region.core, ps, k, ptes)
+                for j in range(k):
+                    pte = ptes[j]
+                    if pte & lib.CDM_PTE_PRESENT and not pte & (lib.CDM_PTE_PRIVATE | lib.CDM_PTE_POISONED) \
+                            and (pte & lib.CDM_PTE_POOL_MASK) >> lib.CDM_PTE_POOL_SHIFT != self.pool \
+                            and ps + j not in dups:
+                        pages.append(ps + j)
+        count = min(len(pages), self.lru.free_pages())
+        if not count:
+            if not dups:
+                del self.dups[region.id]
+            return 0
+        pages = pages[:count]
+        frames = ffi.new("uint64_t[]", count)
+        if lib.cdm_pool_alloc(m.core, self.pool, count, frames):
+            return 0
+        done = ffi.new("uint8_t[]", count)
+        # cdm_region_duplicate takes a dst per page of a range: runs of pages.
+        made = 0
+        k = 0
+        while k < count:
+            j = k
+            while j + 1 < count and pages[j + 1] == pages[j] + 1:
+                j += 1
+            made += lib.cdm_region_duplicate(m.core, region.core, pages[k], j - k + 1, frames + k, done + k)
+            k = j + 1
+        unused = [frames[k] for k in range(count) if not done[k]]
+        if unused:
+            lib.cdm_pool_free(m.core, ffi.new("uint64_t[]", unused), len(unused))
+        for k in range(count):
+            if done[k]:
+                dups[pages[k]] = frames[k]
+        self.stats["duplicated"] += made
+        m.duplicates += made
+        if made:
+            m.events.emit("duplicate", device=self.name, region=region, first=first, n=n, pages=made)
+        return made
+
+    def collapse_mine(self, region: "Region", first: int, n: int) -> None:
+        """Collapses the duplicates of [first, first + n) (every device's)
+        and drops this device's entries of the pages it had duplicated."""
+        mine = self.dups.get(region.id, {})
+        pages = [p for p in range(first, first + n) if p in mine] if n <= len(mine) \
+            else [p for p in mine if first <= p < first + n]
+        self.machine.collapse_duplicates(region, first, n)
+        pt = self.mirrors.get(region.id)
+        if pt is not None:
+            for p in pages:
+                pt.set(p, PT_NONE)
+
+    def drop_duplicates(self, region: "Region", first: int, n: int) -> int:
+        """Frees this device's duplicates of [first, first + n).  The caller
+        clears the pages' mark (Machine.collapse_duplicates)."""
+        d = self.dups.get(region.id)
+        if not d:
+            return 0
+        end = first + n
+        pages = [p for p in d if first <= p < end] if len(d) <= n else [p for p in range(first, end) if p in d]
+        if not pages:
+            return 0
+        frames = [d.pop(p) for p in pages]
+        if not d:
+            del self.dups[region.id]
+        lib.cdm_pool_free(self.machine.core, ffi.new("uint64_t[]", frames), len(frames))
+        self.stats["duplicated"] -= len(pages)
+        self.machine.duplicates -= len(pages)
+        return len(pages)
+
+    def drop_all_duplicates(self) -> None:
+        """Every duplicate goes (the device leaves service, or its memory is lost)."""
+        m = self.machine
+        for rid in list(self.dups):
+            region = m.regions.by_id.get(rid) if m.regions is not None else None
+            if region is None or region.removed:
+                self._free_region_dups(rid)
+            else:
+                m.collapse_duplicates(region, 0, region.npages)
+
+    def _free_region_dups(self, rid: int) -> None:
+        d = self.dups.pop(rid, None)
+        if d:
+            lib.cdm_pool_free(self.machine.core, ffi.new("uint64_t[]", list(d.values())), len(d))
+            self.stats["duplicated"] -= len(d)
+            self.machine.duplicates -= len(d)
 
     # ------------------------------------------------------------ access counters
 
@@ -374,8 +492,13 @@ class Device:
         m = self.machine
         pt = self.mirror(region)
         res = AccessResult(bytes=n * PAGE_SIZE)
-        res.faults = pt.unmapped(first, first + n)
         writing = op in ("write", "add")
+        if writing and region.id in self.dups:
+            # The writer's copy wins: its duplicates are collapsed (everyone's
+            # are) and its read-only entries dropped, so that the write
+            # faults them in as any write would.
+            self.collapse_mine(region, first, n)
+        res.faults = pt.unmapped(first, first + n)
         window = self._fault_window(n) if res.faults else 0
         if res.faults:
             self.stats["faults"] += res.faults
@@ -385,7 +508,7 @@ class Device:
             region.device_faults += res.faults
             res.modeled_ns += self.remote_figures().read_latency
             if not window:
-                await self._fault(region, first, n, res)
+                await self._fault(region, first, n, res, reading=not writing)
         # Coherence: take the CPU's dirty copies back before the device looks.
         if m.cpu_mapped(region, first, n):
             await m.cpu_unmap(region, first, n)
@@ -400,10 +523,10 @@ class Device:
             for start in range(first, first + n, step):
                 k = min(step, first + n - start)
                 if window and pt.unmapped(start, start + k):
-                    await self._fault(region, start, k, res)
+                    await self._fault(region, start, k, res, reading=not writing)
                     if m.cpu_mapped(region, start, k):
                         await m.cpu_unmap(region, start, k)
-                out = await self._op_chunk(region, start, k, op, arg, crc, res)
+                out = await self._run_chunk(region, start, k, op, arg, crc, res)
                 if window:
                     pt.map(start, min(start + k, region.npages), table)
                     self.lru.touch(region, start, k)
@@ -430,11 +553,49 @@ class Device:
         res.modeled_ns += transfer_ns(res.remote_bytes, remote_fig.write_bandwidth if writing else remote_fig.read_bandwidth)
         if op == "read":
             res.crc32 = crc
+        if not writing and READ_MOSTLY_KEY in region.advice.kinds:
+            dup = await self._duplicate(region, first, n)
+            res.modeled_ns += transfer_ns(dup * PAGE_SIZE, remote_fig.read_bandwidth)
         if self.counter_threshold:
             await self._count_accesses(region, first, n, res)
         for key in ("local_bytes", "remote_bytes", "modeled_ns"):
             self.stats[key] += getattr(res, key)
         return res
+
+    async def _run_chunk(self, region: "Region", first: int, n: int, op: str, arg: int, crc: int,
+                         res: AccessResult):
+        """One chunk of a kernel: a read takes the pages this device holds a
+        duplicate of from the duplicate (local), the others by a native op."""
+        dups = self.dups.get(region.id)
+        if op in ("write", "add") or not dups:
+            return await self._op_chunk(region, first, n, op, arg, crc, res)
+        m = self.machine
+        total = ffi.new("struct cdm_op_result *")
+        total.crc = crc
+        pos, end = first, first + n
+        while pos < end:
+            dups = self.dups.get(region.id) or {}
+            e = pos
+            if pos in dups:
+                # Read at once, with no await between the lookup and the
+                # bytes: a write collapses the duplicates before it writes.
+                while e < end and e in dups:
+                    e += 1
+                frames = ffi.new("uint8_t *[]", [lib.cdm_pfn_addr(m.core, dups[p]) for p in range(pos, e)])
+                if op == "read":
+                    total.crc = lib.cdm_crc32_pages(total.crc, frames, e - pos)
+                total.local_bytes += (e - pos) * PAGE_SIZE
+                total.cpu_pages += lib.cdm_region_count(m.core, region.core, pos, e - pos, lib.CDM_PTE_CPU)
+            else:
+                while e < end and e not in dups:
+                    e += 1
+                out = await self._op_chunk(region, pos, e - pos, op, arg, total.crc, res)
+                total.crc = out.crc
+                total.local_bytes += out.local_bytes
+                total.remote_bytes += out.remote_bytes
+                total.cpu_pages += out.cpu_pages
+            pos = e
+        return total
 
     async def _op_chunk(self, region: "Region", first: int, n: int, op: str, arg: int, crc: int,
                         res: AccessResult):
@@ -446,6 +607,10 @@ class Device:
         private_ok = own if not self.spec.coherent else 0
         for _ in range(64):
             out.crc = crc
+            if op in ("write", "add") and m.duplicates:
+                # A write collapses every duplicate first, with no await
+                # before it writes: no reader ever sees a stale copy.
+                m.collapse_duplicates(region, first, n)
             rc = lib.cdm_device_op(m.core, region.core, first, n, OPS[op], arg & 0xFFFFFFFFFFFFFFFF,
                                    own, private_ok, out)
             if rc == 0:
@@ -457,7 +622,7 @@ class Device:
                 await migrate.fault_back(m, region, first, first + n, 0,
                                          from_pools=m.private_pools_mask() & ~own)
             elif rc == -errno.ENOENT:
-                await self._fault(region, first, n, res)     # truncated and regrown meanwhile
+                await self._fault(region, first, n, res, reading=op not in ("write", "add"))     # truncated and regrown meanwhile
             else:
                 raise OSError(-rc, f"page {out.page}: {errno.errorcode.get(-rc, rc)}")
         raise OSError(errno.EAGAIN, "pages kept moving under the device")
@@ -471,7 +636,8 @@ class Device:
         window = max(migrate.BATCH, min(OP_CHUNK, total // 4 // migrate.BATCH * migrate.BATCH))
         return window if n > window else 0
 
-    async def _fault(self, region: "Region", first: int, n: int, res: AccessResult) -> None:
+    async def _fault(self, region: "Region", first: int, n: int, res: AccessResult,
+                     reading: bool = False) -> None:
         """Device fault on pages [first, first + n): batched, as HMM does."""
         m = self.machine
         evicted = self.stats["evicted_bytes"]
@@ -482,9 +648,12 @@ class Device:
             move = pref == self.own_target if pref is not None else self.fault_policy == "migrate"
             if not move:
                 continue
-            moved = await migrate.migrate_range(m, region, s, e - s, self.target())
-            res.migrated += moved.migrated
-            res.modeled_ns += transfer_ns(moved.migrated * PAGE_SIZE, self.remote_figures().read_bandwidth)
+            for a, b, rm in region.advice.segments(adv.READ_MOSTLY, s, e):
+                if rm and reading:
+                    continue        # read_mostly: a read duplicates, it does not migrate
+                moved = await migrate.migrate_range(m, region, a, b - a, self.target())
+                res.migrated += moved.migrated
+                res.modeled_ns += transfer_ns(moved.migrated * PAGE_SIZE, self.remote_figures().read_bandwidth)
         # Evictions it caused: the chunks went back over the link.
         res.modeled_ns += transfer_ns(self.stats["evicted_bytes"] - evicted,
                                       self.remote_figures().write_bandwidth)
@@ -537,6 +706,8 @@ class Device:
         """Out of service (its memory evacuated to system RAM; EBUSY, and no
         change, if a pinned page is there) or back in, its memory empty."""
         hp = self.machine.hotplug
+        if not online:
+            self.drop_all_duplicates()
         changed = await (hp.online_device_memory(self.pgmap) if online
                          else hp.offline_device_memory(self.pgmap))
         if changed:
@@ -544,6 +715,7 @@ class Device:
 
     async def link_down(self) -> None:
         """The link is lost: every page in its memory is poisoned at once."""
+        self.drop_all_duplicates()
         await memory_failure.link_down(self.machine.hotplug, self.pgmap)
         self.mirrors.clear()
 
@@ -589,4 +761,5 @@ def probe(m: Machine) -> dict[str, Device]:
         m.events.subscribe("region_removed", dev.forget)
         m.events.subscribe("evict", dev.on_evict)
         m.events.subscribe("advise", dev.on_advise)
+        m.duplicate_droppers.append(dev.drop_duplicates)
     return devices

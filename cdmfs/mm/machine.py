@@ -145,6 +145,10 @@ class Machine:
         # Where background work runs (prefetch): a trio nursery the daemon
         # gives; without one it runs to completion at once.
         self.background = None
+        # Read duplication: pages duplicated in devices' memory (all of them),
+        # and each device's way to free its duplicates of a range.
+        self.duplicates = 0
+        self.duplicate_droppers: list[Callable[["Region", int, int], int]] = []
         self.events.subscribe("migrate", self._lru_on_migrate)
         self.events.subscribe("region_removed", self._lru_forget)
 
@@ -170,6 +174,19 @@ class Machine:
             self.background.start_soon(fn, *args)
         else:
             await fn(*args)
+
+    def collapse_duplicates(self, region: "Region", first: int, npages: int) -> int:
+        """Before a write of pages [first, first + npages): every device's
+        read-only duplicate of them goes, and their mark (which makes the
+        router leave a WRITE to Python).  Synchronous: the caller writes
+        with no await in between.  Returns duplicates dropped."""
+        if not self.duplicates or region.removed:
+            return 0
+        dropped = sum(drop(region, first, npages) for drop in self.duplicate_droppers)
+        if dropped:
+            lib.cdm_region_collapse(self.core, region.core, first, npages)
+            self.events.emit("collapse", region=region, first=first, n=npages, pages=dropped)
+        return dropped
 
     def check(self) -> str:
         """The core's invariant checker over every live region: "" when the

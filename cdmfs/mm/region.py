@@ -283,6 +283,9 @@ class Region:
         res = self._res
         while True:
             plan = m.plan(policy, m.local_node(pid))
+            if write and m.duplicates:
+                # Read duplicates go before the write, with no await between.
+                m.collapse_duplicates(self, off // PAGE_SIZE, (off + size - 1) // PAGE_SIZE + 1 - off // PAGE_SIZE)
             rc = lib.cdm_region_rw(m.core, self.core, off, size, buf, write, 1, plan, res)
             if rc == 0:
                 return
@@ -326,6 +329,10 @@ class Region:
         # (-ENOENT) and give their target frames back.  The zeroing of the
         # page the end cuts happens in the core, under its lock, in the call.
         old = self.npages
+        cut = min(size, self.size)
+        if cut % PAGE_SIZE and self.machine.duplicates:
+            # The page the (old or new) end cuts gets zeroed past it: a write.
+            self.machine.collapse_duplicates(self, cut // PAGE_SIZE, 1)
         rc = lib.cdm_region_truncate(self.machine.core, self.core, size)
         if rc:
             raise OSError(-rc, "cannot resize the page table" if rc == -errno.ENOMEM
@@ -591,8 +598,7 @@ class Region:
             ("writebacks", self.writebacks + s.served_writes),
             ("pinned", s.nr_pinned),
             ("poisoned", s.nr_poisoned),
-            ("duplicated", lib.cdm_region_count(m.core, self.core, 0, self.npages, lib.CDM_PTE_DUPLICATED)
-             if hasattr(lib, "CDM_PTE_DUPLICATED") else 0),
+            ("duplicated", lib.cdm_region_count(m.core, self.core, 0, self.npages, lib.CDM_PTE_DUPLICATED)),
             ("prefetch_requested", self.prefetch.requested),
             ("prefetch_migrated", self.prefetch.migrated),
             ("prefetch_skipped", self.prefetch.skipped),
