@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 from typing import Iterator, Optional
 
@@ -285,8 +286,10 @@ class Region:
 
     def prefetch(self, start: int, length: int, target: str) -> None:
         """Asks for [start, start+length) to move to target ahead of use
-        (``prefetch:TARGET`` advice, as cudaMemPrefetchAsync); where the mount
-        does not take that advice yet, migrates now.  As cdmfs_prefetch()."""
+        (``prefetch:TARGET`` advice, as cudaMemPrefetchAsync): returns at
+        once, the migration runs in the background (``wait_prefetch``); where
+        the mount does not take that advice, migrates now.  As
+        cdmfs_prefetch()."""
         target = self.mount.target(target)
         try:
             self.advise(start, length, f"prefetch:{target}")
@@ -294,6 +297,18 @@ class Region:
             if e.errno != errno.EINVAL:
                 raise
             self.migrate(start, length, target)
+
+    def wait_prefetch(self, timeout: float = 60.0) -> dict[str, int]:
+        """Waits until no prefetch of the region is under way (its ``stat``
+        says ``prefetch_active 0``); returns that stat.  TimeoutError."""
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.stat
+            if not st.get("prefetch_active", 0):
+                return st
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"region {self.name}: prefetch still under way")
+            time.sleep(0.002)
 
     def where(self, offset: int) -> str:
         """Where the page holding byte ``offset`` lives, as cdmfs_where() says

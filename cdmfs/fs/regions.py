@@ -128,6 +128,9 @@ def parse_advice(m: Machine, word: str) -> tuple[str, object]:
     if kind in ("pin", "unpin", adv.READ_MOSTLY) and not sep:
         return kind, None
     if kind in (adv.PREFERRED, "prefetch") and sep:
+        pgmap = m.pgmaps.get(arg)
+        if pgmap is not None and pgmap.spec.coherent:
+            arg = f"node:{pgmap.spec.node}"        # a coherent device: its node
         return kind, m.target(arg)
     if kind == adv.ACCESSED_BY and sep:
         if arg not in m.pgmaps:
