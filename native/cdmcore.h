@@ -192,6 +192,7 @@ struct cdm_region {
     uint64_t served_reads;  /* READs served by cdm_region_serve (the router, in C) */
     uint64_t served_writes; /* WRITEs served by cdm_region_serve */
     struct cdm_region_policies *policies;   /* policy ranges (cdm_region_set_policies) */
+    uint64_t nr_duplicated; /* present pages marked CDM_PTE_DUPLICATED */
 };
 
 /*
@@ -249,6 +250,7 @@ struct cdm_region_stats {
     uint64_t nr_pinned, nr_poisoned;
     uint64_t resident[CDM_MAX_POOLS];   /* pages per pool */
     uint64_t served_reads, served_writes;   /* by cdm_region_serve (see there) */
+    uint64_t nr_duplicated;                 /* pages some device holds a read duplicate of */
 };
 
 struct cdm_machine *cdm_machine_new(void);

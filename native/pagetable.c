@@ -277,6 +277,7 @@ void cdm_region_snapshot(struct cdm_machine *m, struct cdm_region *r, struct cdm
     memcpy(out->resident, r->resident, sizeof(out->resident));
     out->served_reads = r->served_reads;
     out->served_writes = r->served_writes;
+    out->nr_duplicated = r->nr_duplicated;
     machine_unlock(m);
 }
 

@@ -1711,6 +1711,9 @@ def test_duplicated_pages_leave_writes_to_python(mach):
     ptes = mach.ptes(r)
     assert [bool(p & lib.CDM_PTE_DUPLICATED) for p in ptes] == [True] * 3 + [False] * 5
     assert lib.cdm_region_count(mach.m, r, 0, 8, lib.CDM_PTE_DUPLICATED) == 3
+    stats = ffi.new("struct cdm_region_stats *")
+    lib.cdm_region_snapshot(mach.m, r, stats)
+    assert stats.nr_duplicated == 3 and mach.check() == ""
     # READ served; a WRITE touching a duplicated page is Python's, nothing changed.
     assert serve(mach, r, 0, PAGE, a) == (PAGE, data[:PAGE])
     before = mach.ptes(r), r.served_writes
@@ -1726,6 +1729,8 @@ def test_duplicated_pages_leave_writes_to_python(mach):
     assert not mach.ptes(r)[2] & lib.CDM_PTE_DUPLICATED
     assert lib.cdm_region_collapse(mach.m, r, 0, 8) == 1     # page 0's
     assert lib.cdm_region_count(mach.m, r, 0, 8, lib.CDM_PTE_DUPLICATED) == 0
+    lib.cdm_region_snapshot(mach.m, r, stats)
+    assert stats.nr_duplicated == 0
     # A dst that is not a held frame is refused.
     bad = ffi.new("uint64_t[]", [mach.ptes(r)[0] & lib.CDM_PTE_PFN_MASK])
     one = ffi.new("uint8_t[]", 1)

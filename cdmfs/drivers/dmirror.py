@@ -152,7 +152,7 @@ class Device:
     # count of each granule touched since its last notification.
     counter_threshold: int = 0
     counter_granule: int = 0
-    counters: dict = field(default_factory=dict)  # (region id, granule) -> accesses
+    access_counts: dict = field(default_factory=dict)  # (region id, granule) -> accesses
     # Read duplication: region id -> {page: PFN of the device's read-only copy}.
     dups: dict = field(default_factory=dict)
 
@@ -273,8 +273,8 @@ class Device:
     def forget(self, region: "Region") -> None:
         self.mirrors.pop(region.id, None)
         self._free_region_dups(region.id)
-        for key in [k for k in self.counters if k[0] == region.id]:
-            del self.counters[key]
+        for key in [k for k in self.access_counts if k[0] == region.id]:
+            del self.access_counts[key]
 
     # ------------------------------------------------------------ read duplication
 
@@ -404,7 +404,7 @@ class Device:
         else:
             raise ValueError(f"expected 0 or THRESHOLD GRANULARITY ({', '.join(COUNTER_GRANULES)})")
         self.counter_threshold, self.counter_granule = threshold, granule
-        self.counters.clear()
+        self.access_counts.clear()
 
     async def _count_accesses(self, region: "Region", first: int, n: int, res: AccessResult) -> None:
         """Volta-style access counters: every page the access touched outside
@@ -423,14 +423,17 @@ class Device:
             ffi.memmove(present, bytes(8 * lib.CDM_MAX_POOLS), 8 * lib.CDM_MAX_POOLS)
             lib.cdm_region_census(m.core, region.core, a, b - a, present, dirty)
             remote = sum(present) - present[self.pool]
+            mine = self.dups.get(region.id)
+            if mine and remote > 0:
+                remote -= sum(1 for p in range(a, b) if p in mine)     # read from its duplicates
             if remote <= 0:
                 continue
             key = (region.id, g)
-            count = self.counters.get(key, 0) + remote
+            count = self.access_counts.get(key, 0) + remote
             if count < self.counter_threshold:
-                self.counters[key] = count
+                self.access_counts[key] = count
                 continue
-            self.counters.pop(key, None)
+            self.access_counts.pop(key, None)
             self.stats["counter_notifications"] += 1
             m.events.emit("counter_notification", device=self.name, region=region, first=g * gp, n=gp)
             moved = await self._counter_migrate(region, g * gp, min((g + 1) * gp, region.npages))

@@ -598,7 +598,7 @@ class Region:
             ("writebacks", self.writebacks + s.served_writes),
             ("pinned", s.nr_pinned),
             ("poisoned", s.nr_poisoned),
-            ("duplicated", lib.cdm_region_count(m.core, self.core, 0, self.npages, lib.CDM_PTE_DUPLICATED)),
+            ("duplicated", s.nr_duplicated),
             ("prefetch_requested", self.prefetch.requested),
             ("prefetch_migrated", self.prefetch.migrated),
             ("prefetch_skipped", self.prefetch.skipped),
