@@ -27,6 +27,7 @@ SOURCES = [
     "hints.c",
     "fuse.c",
     "router.c",
+    "attr_cache.c",
     "check.c",
 ]
 

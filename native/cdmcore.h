@@ -740,6 +740,77 @@ int cdm_router_data_times(struct cdm_router *r, uint64_t nodeid, uint64_t *read_
                           uint64_t *write_ns);
 
 /*
+ * Attribute files served in C (issue 13, step 3; attr_cache.c).  Python
+ * registers an attribute file's inode (its GETATTR answer) when it first
+ * hands out its attributes, and publishes its rendered bytes when it
+ * renders them; the router answers a read-only OPEN, its READs, FLUSH,
+ * FSYNC and RELEASE, and GETATTR, of a registered inode from them.  Bytes
+ * are valid while no Python request that may change anything began or
+ * ended since the stamp taken before rendering (begin/end bracket those
+ * requests), and either no region data READ/WRITE was served by the router
+ * since, or they are at most `bound` ns old (default 1 ms).  What is not
+ * valid goes to Python on the side channel, as the request itself (OPEN or
+ * READ): Python renders, publishes and calls attr_answer.
+ *
+ * attrs        — the router's cache (owned by the router).
+ * register     — (re)registers nodeid with the attributes GETATTR answers
+ *                (times in ns; size: 4096 as sysfs, said while the bytes are
+ *                not valid -- valid ones say their length, which the kernel
+ *                sets after a short READ anyway).  0 or -ENOMEM.
+ * stamp        — stamp[0..2] = hard generation (0 while a changing request
+ *                is in flight: never valid), soft generation, CLOCK_MONOTONIC
+ *                ns; take it before rendering.
+ * publish      — the bytes rendered under stamp.  0; 1 if longer than a page
+ *                (not kept: the inode is opened FOPEN_DIRECT_IO and its READs
+ *                go to Python); -ENOENT if not registered; -ENOMEM.
+ * drop         — forgets nodeid.  0 or -ENOENT.
+ * begin, end   — around a Python request that may change what attributes show.
+ * set_bound    — the tolerance for data-path changes, in ns (0: none).
+ * attr_answer  — answers the side-channel request req (OPEN or READ of a
+ *                registered inode, as the router sent it) from the bytes just
+ *                published.  0; -EAGAIN if they cannot answer it (direct, or
+ *                not published: Python answers with reply); -ENOENT if the
+ *                request awaits no reply any longer.
+ */
+#define CDM_ATTR_FH (1ULL << 63)          /* fh of an OPEN the router answered */
+#define CDM_ATTR_FH_DIRECT (1ULL << 62)   /* ... with FOPEN_DIRECT_IO */
+#define CDM_ATTR_TIMEOUT 300              /* attr_valid of a GETATTR answered, s */
+
+struct cdm_attr_stats {
+    uint64_t entries;       /* registered inodes */
+    uint64_t opens;         /* OPENs answered by the router */
+    uint64_t kept;          /* ... with FOPEN_KEEP_CACHE */
+    uint64_t reads;         /* READs answered from published bytes */
+    uint64_t getattrs;      /* GETATTRs answered */
+    uint64_t releases;      /* RELEASEs of router-opened files */
+    uint64_t open_misses;   /* OPENs sent to Python: bytes not valid */
+    uint64_t read_misses;   /* READs sent to Python */
+    uint64_t publishes;
+    uint64_t changed;       /* publishes whose bytes differed */
+    uint64_t invalidations; /* FUSE_NOTIFY_INVAL_INODE of kernel-cached bytes */
+    uint64_t attr_invals;   /* attribute-only invalidations (content grew) */
+    uint64_t hard, soft;    /* the generations */
+    uint64_t busy;          /* changing requests in flight */
+    uint64_t kernel_cached; /* entries the kernel's page cache may hold */
+};
+
+struct cdm_attr_cache;
+
+struct cdm_attr_cache *cdm_router_attrs(struct cdm_router *r);
+int cdm_attr_register(struct cdm_attr_cache *c, uint64_t nodeid, uint32_t mode, uint32_t uid,
+                      uint32_t gid, uint64_t size, int64_t atime_ns, int64_t mtime_ns,
+                      int64_t ctime_ns);
+void cdm_attr_stamp(struct cdm_attr_cache *c, uint64_t *stamp);
+int cdm_attr_publish(struct cdm_attr_cache *c, uint64_t nodeid, const uint64_t *stamp,
+                     const void *data, size_t len);
+int cdm_attr_drop(struct cdm_attr_cache *c, uint64_t nodeid);
+void cdm_attr_begin(struct cdm_attr_cache *c);
+void cdm_attr_end(struct cdm_attr_cache *c);
+void cdm_attr_set_bound(struct cdm_attr_cache *c, uint64_t ns);
+void cdm_attr_stats(struct cdm_attr_cache *c, struct cdm_attr_stats *out);
+int cdm_router_attr_answer(struct cdm_router *r, const void *req, size_t len);
+
+/*
  * Introspection of a region's pages (numa_maps, pagemap, mbind).
  *
  * census   — adds the pages of [first, first + n) to present[pool] and, for

@@ -101,6 +101,21 @@ void machine_faultbacks_free(struct cdm_machine *m);
 int next_populated_span(const struct cdm_region *r, uint64_t from, uint64_t end,
                         uint64_t *lo, uint64_t *hi);
 
+/* attr_cache.c: the router's side (see there).  attr_cache_handle answers
+ * req into out (returns the reply's length), or says where it goes:
+ * ATTR_SIDE (Python's side channel: the bytes are stale) or ATTR_FORWARD
+ * (not an attribute the router serves).  force: the bytes were just
+ * published for this request (cdm_router_attr_answer). */
+#define ATTR_SIDE 0
+#define ATTR_FORWARD (-1)
+struct cdm_attr_cache *attr_cache_new(void);
+int attr_cache_start(struct cdm_attr_cache *c, int fuse_fd);
+void attr_cache_stop(struct cdm_attr_cache *c);
+void attr_cache_free(struct cdm_attr_cache *c);
+void attr_cache_data_changed(struct cdm_attr_cache *c);
+int attr_cache_handle(struct cdm_attr_cache *c, const unsigned char *req, size_t len, int force,
+                      unsigned char *out, size_t outsize);
+
 #pragma GCC visibility pop
 
 /* ------------------------------------------------------------- locking */

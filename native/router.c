@@ -54,12 +54,21 @@
  * region is never used once unmapped.  An INTERRUPT of a request not in the
  * table (served here, or answered already) is dropped: nobody waits for it.
  *
+ * Attribute files (build step 3, attr_cache.c): each request is offered to
+ * attr_cache_handle() first, which answers a read-only OPEN, READ, FLUSH,
+ * FSYNC, IOCTL, POLL and RELEASE of a registered attribute inode (its
+ * handles have CDM_ATTR_FH set: pyfuse3 never sees them) and its GETATTR
+ * from the bytes Python published, or sends the OPEN/READ to the side
+ * channel when they are stale (Python renders and calls
+ * cdm_router_attr_answer); a READ or WRITE served by cdm_region_serve moves
+ * the cache's data generation.
+ *
  * /dev/fuse is read non-blocking: when it has nothing, the request thread
  * sleeps in poll() on it and on a stop eventfd, so that cdm_router_stop()
  * can end it whatever the mount does.  Writes to it are unaffected.
  */
 #define _GNU_SOURCE
-#include "cdmcore.h"
+#include "internal.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -98,6 +107,7 @@ struct entry {
     uint64_t unique;        /* 0: empty slot */
     int32_t fd;             /* the descriptor the request was read from */
     uint32_t opcode;
+    int side;               /* sent to the side channel */
 };
 
 struct data_map {
@@ -151,6 +161,7 @@ struct cdm_router {
     pthread_cond_t notes_cond;
     struct data_map *data[DATA_BUCKETS];
     pthread_cond_t data_cond;   /* a mapping's uses fell to zero */
+    struct cdm_attr_cache *attrs;   /* attribute files served in C (attr_cache.c) */
 };
 
 /* ------------------------------------------------------------ the table */
@@ -183,7 +194,7 @@ static int table_grow(struct cdm_router *r)
 }
 
 /* Caller holds r->lock. */
-static int table_insert(struct cdm_router *r, uint64_t unique, int fd, uint32_t opcode)
+static int table_insert(struct cdm_router *r, uint64_t unique, int fd, uint32_t opcode, int side)
 {
     if ((r->table_used + 1) * 2 > r->table_cap && table_grow(r) < 0)
         return -ENOMEM;
@@ -192,7 +203,7 @@ static int table_insert(struct cdm_router *r, uint64_t unique, int fd, uint32_t 
         s = (s + 1) & (r->table_cap - 1);
     if (!r->table[s].unique)
         r->table_used++;
-    r->table[s] = (struct entry){unique, fd, opcode};
+    r->table[s] = (struct entry){unique, fd, opcode, side};
     return 0;
 }
 
@@ -305,7 +316,10 @@ static int no_reply(uint32_t opcode)
            opcode == FUSE_NOTIFY_REPLY || opcode == FUSE_INTERRUPT;
 }
 
-static void forward_request(struct cdm_router *r, int fd, unsigned char *buf, size_t len)
+/* to_side: to the side channel whatever the opcode (an attribute file's
+ * OPEN or READ whose bytes are stale, attr_cache.c). */
+static void forward_request(struct cdm_router *r, int fd, unsigned char *buf, size_t len,
+                            int to_side)
 {
     const struct fuse_in_header *ih = (const void *)buf;
     uint64_t unique = ih->unique;
@@ -314,7 +328,7 @@ static void forward_request(struct cdm_router *r, int fd, unsigned char *buf, si
 
     pthread_mutex_lock(&r->lock);
     r->stats.requests++;
-    int side = opcode < 64 && (r->side_mask >> opcode & 1);
+    int side = to_side || (opcode < 64 && (r->side_mask >> opcode & 1));
     if (opcode == FUSE_INTERRUPT && len >= sizeof(*ih) + sizeof(struct fuse_interrupt_in)) {
         struct fuse_interrupt_in in;
         memcpy(&in, buf + sizeof(*ih), sizeof(in));
@@ -325,7 +339,7 @@ static void forward_request(struct cdm_router *r, int fd, unsigned char *buf, si
             pthread_mutex_unlock(&r->lock);
             return;
         }
-        if (e && e->opcode < 64 && (r->side_mask >> e->opcode & 1)) {
+        if (e && e->side) {
             /* Python answers side-channel requests soon; the reply comes. */
             r->stats.interrupts_dropped++;
             pthread_mutex_unlock(&r->lock);
@@ -352,7 +366,7 @@ static void forward_request(struct cdm_router *r, int fd, unsigned char *buf, si
     }
     if (quiet) {
         r->stats.no_reply++;
-    } else if (table_insert(r, unique, fd, opcode) < 0) {
+    } else if (table_insert(r, unique, fd, opcode, side) < 0) {
         r->stats.failed++;
         pthread_mutex_unlock(&r->lock);
         reply_error(r, fd, unique, ENOMEM);
@@ -633,9 +647,18 @@ static void *request_loop(void *arg)
         if ((size_t)n < sizeof(struct fuse_in_header))
             continue;
         uint32_t opcode = ((const struct fuse_in_header *)buf)->opcode;
-        if (!((opcode == FUSE_READ || opcode == FUSE_WRITE) &&
-              serve_data(r, fd, buf, (size_t)n, out, DEFAULT_BUFSIZE)))
-            forward_request(r, fd, buf, (size_t)n);
+        int k = attr_cache_handle(r->attrs, buf, (size_t)n, 0, out, DEFAULT_BUFSIZE);
+        if (k > 0) {
+            pthread_mutex_lock(&r->lock);
+            r->stats.requests++;
+            pthread_mutex_unlock(&r->lock);
+            write_fuse(r, fd, out, (size_t)k);
+        } else if (k == ATTR_FORWARD && (opcode == FUSE_READ || opcode == FUSE_WRITE) &&
+                   serve_data(r, fd, buf, (size_t)n, out, DEFAULT_BUFSIZE)) {
+            attr_cache_data_changed(r->attrs);   /* dirty, mapped, pgfault moved */
+        } else {
+            forward_request(r, fd, buf, (size_t)n, k == ATTR_SIDE);
+        }
         if (spin_max)
             last = mono_ns();
     }
@@ -717,7 +740,7 @@ static void deliver(struct cdm_router *r, unsigned char *buf, size_t n, int trun
         write_fuse(r, r->fuse_fd, buf, n);
         return;
     }
-    struct entry e = {0, r->fuse_fd, 0};
+    struct entry e = {.fd = r->fuse_fd};
     pthread_mutex_lock(&r->lock);
     int known = table_remove(r, unique, &e);
     r->stats.replies++;
@@ -793,6 +816,11 @@ struct cdm_router *cdm_router_new(void)
     pthread_mutex_init(&r->lock, NULL);
     pthread_cond_init(&r->notes_cond, NULL);
     pthread_cond_init(&r->data_cond, NULL);
+    r->attrs = attr_cache_new();
+    if (!r->attrs) {
+        cdm_router_free(r);
+        return NULL;
+    }
     return r;
 }
 
@@ -926,9 +954,10 @@ int cdm_router_start(struct cdm_router *r)
     sigfillset(&all);
     pthread_sigmask(SIG_BLOCK, &all, &old);
     uint32_t started = 0;
-    int err = pthread_create(&r->notify_thread, NULL, notify_loop, r);
+    int err = attr_cache_start(r->attrs, r->fuse_fd);
+    err = err < 0 ? -err : pthread_create(&r->notify_thread, NULL, notify_loop, r);
     if (!err) {
-        err = pthread_create(&r->reply_thread, NULL, reply_loop, r);
+        int replying = !(err = pthread_create(&r->reply_thread, NULL, reply_loop, r));
         for (; !err && started < r->nreaders; started++)
             err = pthread_create(&r->readers[started].thread, NULL, request_loop, &r->readers[started]);
         if (err) {
@@ -941,10 +970,13 @@ int cdm_router_start(struct cdm_router *r)
             (void)n;
             shutdown(r->sock, SHUT_RDWR);
             join_readers(r, started);
-            pthread_join(r->reply_thread, NULL);
+            if (replying)
+                pthread_join(r->reply_thread, NULL);
             pthread_join(r->notify_thread, NULL);
         }
     }
+    if (err)
+        attr_cache_stop(r->attrs);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (err)
         return -err;
@@ -1007,6 +1039,29 @@ int cdm_router_reply(struct cdm_router *r, uint64_t unique, int32_t error,
     return 0;
 }
 
+struct cdm_attr_cache *cdm_router_attrs(struct cdm_router *r) { return r->attrs; }
+
+int cdm_router_attr_answer(struct cdm_router *r, const void *req, size_t len)
+{
+    if (len < sizeof(struct fuse_in_header))
+        return -EINVAL;
+    /* Attribute bytes are at most a page (attr_cache.c). */
+    unsigned char out[sizeof(struct fuse_out_header) + sizeof(struct fuse_open_out) + CDM_PAGE_SIZE];
+    int k = attr_cache_handle(r->attrs, req, len, 1, out, sizeof(out));
+    if (k <= 0)
+        return -EAGAIN;
+    struct entry e;
+    pthread_mutex_lock(&r->lock);
+    int known = table_remove(r, ((const struct fuse_in_header *)req)->unique, &e);
+    if (known)
+        r->stats.replies++;
+    pthread_mutex_unlock(&r->lock);
+    if (!known)
+        return -ENOENT;
+    write_fuse(r, e.fd, out, (size_t)k);
+    return 0;
+}
+
 int cdm_router_state(struct cdm_router *r)
 {
     pthread_mutex_lock(&r->lock);
@@ -1051,6 +1106,7 @@ void cdm_router_stop(struct cdm_router *r)
     pthread_cond_signal(&r->notes_cond);
     pthread_mutex_unlock(&r->lock);
     pthread_join(r->notify_thread, NULL);
+    attr_cache_stop(r->attrs);
     r->started = 0;
     pthread_mutex_lock(&r->lock);
     r->state &= ~CDM_ROUTER_RUNNING;
@@ -1080,6 +1136,7 @@ void cdm_router_free(struct cdm_router *r)
             free(d);
         }
     }
+    attr_cache_free(r->attrs);
     pthread_mutex_destroy(&r->lock);
     pthread_cond_destroy(&r->notes_cond);
     pthread_cond_destroy(&r->data_cond);

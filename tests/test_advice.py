@@ -164,8 +164,12 @@ def test_prefetch_runs_in_the_background(m):
     size = 64 * MB
     r = m.region("adv_pf", size)
     fill(r, 9)
+    gpu = m.device("gpu0")
+    used0 = gpu.meminfo["MemUsed"]          # read (and cached by the router) before
     r.advise(0, size, "prefetch:gpu0")
     st = wait_prefetch(r, 1)
+    # What the background work changed shows at once, never a stale render.
+    assert gpu.meminfo["MemUsed"] - used0 == size // KB
     assert st["prefetch_requested"] == size // PAGE
     assert st["prefetch_migrated"] == size // PAGE and st["prefetch_skipped"] == 0
     assert st["private:gpu0"] == size // PAGE

@@ -86,6 +86,8 @@ def test_flags_name_the_installed_header_and_library():
     libdir = libs.split()[0][2:]
     assert os.path.isfile(os.path.join(libdir, "libcdmfs.so")) and libs.endswith(" -lcdmfs")
     assert cdmfs_cli("capi") == f"{cflags} {libs}"
+    # cdmfs run says the same, for programs built to run under it.
+    assert (cdmfs_cli("run", "--cflags"), cdmfs_cli("run", "--libs")) == (cflags, libs)
     assert cdmfs_cli("capi", "--paths").splitlines() == [capi.header(), capi.library()]
     lib = ctypes.CDLL(capi.library())
     for name in ("cdmfs_device_access", "cdmfs_migrate", "cdmfs_prefetch", "cdmfs_advise", "cdmfs_where",

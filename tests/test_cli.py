@@ -156,6 +156,7 @@ DEMO_STEPS = [
     "8. the CPU read every page: gpu0's 8192 pages faulted back to node 0, node 1's were read",
     "   pages: node0  8192  node1  8192  gpu0     0   MiB used: node0 32.0  node1 32.0  gpu0  0.0",
     "verification: 16384 of 16384 pages correct (each holds its page number + 1000)",
+    "9. memhog, numactl's own tool, unmodified, ran under cdmfs run --membind 1 and wrote 16",
     "unmounted; the demo passed",
 ]
 

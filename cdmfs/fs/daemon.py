@@ -168,7 +168,8 @@ def serve(mountpoint: str, topo: Topology, allow_other: bool = False,
         # debugfs: the router's counters (served_reads, served_writes...), root only.
         from .tree import Attr
         tree.add(tree.path("sys/kernel/debug/cdmfs"), "router",
-                 Attr(lambda: "".join(f"{k} {v}\n" for k, v in rt.stats().items()), mode=0o400))
+                 Attr(lambda: "".join(f"{k} {v}\n" for k, v in rt.stats().items()), mode=0o400,
+                      cache=False))
     else:
         ops.fuse_fd = fuse_device_fd()
 
@@ -182,6 +183,11 @@ def serve(mountpoint: str, topo: Topology, allow_other: bool = False,
                         return
             nursery.start_soon(on_signal)
             ops.machine.background = nursery       # prefetches run here
+            if rt:
+                # While background work runs, attributes it changes (meminfo,
+                # a device's stat) are not served from the router's cache.
+                ops.machine.background_hooks.append(
+                    lambda begin: rt.attr_begin() if begin else rt.attr_end())
             if rt:
                 async def on_router_end() -> None:
                     # Unmounted (the router read ENODEV): pyfuse3's loop

@@ -46,6 +46,13 @@ FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 # Handlers pyfuse3 has no slot for: the router's side channel calls them
 # (fs/router.py), with the same guard.
 SIDE_HANDLERS = ("lseek", "fallocate")
+# Handlers that change nothing an attribute shows.  Around every other one
+# (and around open/read/release of anything but a plain attribute file) the
+# router's attribute cache is told a change began and ended: bytes rendered
+# before or meanwhile are not served from C (fs/router.py).
+UNCHANGING = frozenset({"lookup", "getattr", "readdir", "opendir", "releasedir", "statfs",
+                        "readlink", "flush", "fsync", "fsyncdir", "access", "getxattr",
+                        "listxattr", "forget", "lseek"})
 
 
 class Answer:
@@ -95,6 +102,18 @@ def region_of(e: Entry) -> Optional[Region]:
     return None
 
 
+def plain_attr(e: Optional[Entry]) -> bool:
+    """An attribute file whose show() only looks (not a region's: opening
+    one holds the region)."""
+    return isinstance(e, Attr) and region_of(e) is None
+
+
+def cacheable(e: Entry) -> bool:
+    """Whether the router may serve e from its rendered bytes: a plain
+    attribute with a show(), rendered whole, that asked to be."""
+    return plain_attr(e) and e.cache and e.show is not None and e.read is None and e.size is None
+
+
 def never_fatal(cls: type) -> type:
     """Wraps every request handler of cls so that no request can end the
     daemon: pyfuse3 ends its loop on any exception but FUSEError, so anything
@@ -105,6 +124,10 @@ def never_fatal(cls: type) -> type:
     def guard(name: str, handler):
         @functools.wraps(handler)
         async def guarded(self, *args):
+            rt = self.router
+            changes = rt is not None and self._changes(name, args)
+            if changes:
+                rt.attr_begin()
             try:
                 self.machine.apply_faultbacks()
                 return await handler(self, *args)
@@ -116,6 +139,9 @@ def never_fatal(cls: type) -> type:
                 except Exception:       # no memory even to log: still answer
                     pass
                 raise pyfuse3.FUSEError(errno.EIO) from None
+            finally:
+                if changes:
+                    rt.attr_end()
         return guarded
 
     for name, handler in list(vars(cls).items()):
@@ -149,6 +175,7 @@ class Filesystem(pyfuse3.Operations):
         # FUSE_AUTO_INVAL_DATA there, so a data file's mtime may move.
         self.routed = False
         self.router = None      # fs/router.Router when routed: serves placed data in C
+        self.attr_registered: set[int] = set()   # inodes the router's attribute cache knows
         self.waiting = trio.CapacityLimiter(WAITING_RUNS)
         # An invalidation blocks its thread until the kernel's write-back is
         # served; trio's shared pool (40) must not be what bounds them.
@@ -179,6 +206,39 @@ class Filesystem(pyfuse3.Operations):
                                    read_ns - times[0] > RELATIME_NS):
             times[0] = read_ns
 
+    def _changes(self, name: str, args: tuple) -> bool:
+        """Whether handler name with args may change what an attribute shows."""
+        if name in UNCHANGING:
+            return False
+        if name == "open":
+            return not plain_attr(self.tree.inodes.get(args[0]))
+        if name in ("read", "release"):
+            of = self.files.get(args[0])
+            return of is None or not plain_attr(of.entry)
+        return True
+
+    def _attr_stamp(self, e: Entry):
+        """The router's stamp before rendering e, if its cache knows e."""
+        if self.router is None or e.inode not in self.attr_registered:
+            return None
+        return self.router.attr_stamp()
+
+    def attr_render(self, inode: int) -> bytes:
+        """Renders an attribute file the router serves and publishes it (the
+        router's side channel: its bytes were stale)."""
+        e = self.tree.inodes.get(inode)
+        if not isinstance(e, Attr) or e.show is None:
+            raise OSError(errno.ENOENT, "no such attribute")
+        stamp = self._attr_stamp(e)
+        try:
+            text = e.show()
+        except (OSError, ValueError) as err:
+            raise OSError(fuse_error(err).errno, str(err)) from None
+        data = text.encode() if isinstance(text, str) else bytes(text)
+        if stamp is not None:
+            self.router.attr_publish(inode, stamp, data)
+        return data
+
     def _attrs(self, e: Entry) -> pyfuse3.EntryAttributes:
         self._fold_served_times(e)
         a = pyfuse3.EntryAttributes()
@@ -202,6 +262,12 @@ class Filesystem(pyfuse3.Operations):
             a.st_size = 0
         a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns = e.times or (self.mount_ns,) * 3
         a.attr_timeout = a.entry_timeout = TIMEOUT
+        if self.router is not None and isinstance(e, Attr) and \
+                (e.times is not None or e.inode not in self.attr_registered) and cacheable(e):
+            # The router answers its OPEN, READ, RELEASE and GETATTR from now on.
+            self.attr_registered.add(e.inode)
+            self.router.attr_register(e.inode, a.st_mode, a.st_uid, a.st_gid, a.st_size,
+                                      (a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns))
         return a
 
     async def lookup(self, parent_inode, name, ctx=None):
@@ -308,7 +374,8 @@ class Filesystem(pyfuse3.Operations):
         except OSError as e:
             raise fuse_error(e) from None
         log.info("region %s created by uid %d", region.name, ctx.uid)
-        d = add_region(self.tree, self.regions_dir, self.machine, region, ctx.uid, ctx.gid)
+        d = add_region(self.tree, self.regions_dir, self.machine, region, ctx.uid, ctx.gid,
+                       watch=self.watch_owner)
         self.data_inodes[region.id] = d.children["data"].inode
         if self.router is not None:
             self.router.map_data(d.children["data"].inode, self.machine.core, region.core)
@@ -321,6 +388,11 @@ class Filesystem(pyfuse3.Operations):
         entry = self.regions_dir.children.get(os.fsdecode(name))
         if not isinstance(entry, RegionDir):
             raise pyfuse3.FUSEError(errno.ENOENT)
+        self._remove_region(entry)
+
+    def _remove_region(self, entry: RegionDir) -> None:
+        """rmdir of a region's directory (EBUSY, as FUSEError, while its
+        data is open or mapped)."""
         ino = self.data_inodes.get(entry.region.id)
         if self.router is not None and ino is not None:
             # Before the native region can be freed: the router stops using it.
@@ -335,6 +407,57 @@ class Filesystem(pyfuse3.Operations):
         self.data_inodes.pop(entry.region.id, None)
         self._touch(self.regions_dir, mtime=True, ctime=True)
         log.info("region %s removed", entry.region.name)
+
+    # ------------------------------------------------------------ owned regions (cdmfs run)
+
+    def watch_owner(self, region: Region, pid: int) -> None:
+        """Ties region to process pid (its ``owner_pid``): once the process
+        has ended -- exit, exec's failure, kill -9 -- and the kernel has
+        released its mappings of the data file, the region is removed, as
+        the kernel frees a process's anonymous memory.  The watch is a
+        pidfd; writing another pid moves it (a fork child taking over the
+        snapshot its parent made)."""
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError as e:
+            raise OSError(e.errno, f"no process {pid}") from None
+        region.owner_pid = pid
+        region.owner_gone = False
+        token = object()
+        region.owner_watch = token
+
+        async def watch() -> None:
+            try:
+                await trio.lowlevel.wait_readable(pidfd)
+            finally:
+                os.close(pidfd)
+            if region.owner_watch is token and not region.removed:
+                log.info("region %s: process %d ended", region.name, pid)
+                region.owner_gone = True
+                self._reap(region)
+        trio.lowlevel.spawn_system_task(watch, name=f"owner {pid} of region {region.name}")
+
+    def _reap(self, region: Region) -> None:
+        """Removes a region whose owner has ended, now or at the last release
+        of its data (the kernel releases a dead process's mappings after it
+        is gone)."""
+        if region.removed or not region.owner_gone or region.opens:
+            return
+        entry = self.regions_dir.children.get(region.name)
+        if not isinstance(entry, RegionDir) or entry.region is not region:
+            return
+        try:
+            self._remove_region(entry)
+        except pyfuse3.FUSEError as e:
+            log.warning("region %s of ended process %d: cannot remove it (errno %d)",
+                        region.name, region.owner_pid, e.errno)
+            return
+        # Nobody's rmdir: the kernel's cached dentry must go too.
+        try:
+            pyfuse3.invalidate_entry_async(self.regions_dir.inode, os.fsencode(region.name),
+                                           deleted=entry.inode)
+        except Exception:   # the mount is going away
+            log.debug("region %s: cannot invalidate its entry", region.name, exc_info=True)
 
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
         """A region's directory may take a new name within regions/ (its
@@ -410,6 +533,8 @@ class Filesystem(pyfuse3.Operations):
         if isinstance(of.entry, DataFile):
             of.region.opens -= 1
         of.region.put()
+        if of.region.owner_gone:
+            self._reap(of.region)
 
     async def flush(self, fh):
         # Nothing to do on close(): ENOSYS tells the kernel never to ask again,
@@ -443,8 +568,11 @@ class Filesystem(pyfuse3.Operations):
             if e.read is not None:
                 return e.read(off, size, of.uid == 0)
             if off == 0 or not of.content:
+                stamp = self._attr_stamp(e)
                 text = e.show()
                 of.content = text.encode() if isinstance(text, str) else bytes(text)
+                if stamp is not None:
+                    self.router.attr_publish(e.inode, stamp, of.content)
             return of.content[off:off + size]
         except (OSError, ValueError) as err:
             raise fuse_error(err) from None

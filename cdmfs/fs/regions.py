@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import stat
+from typing import Callable, Optional
 
 from ..config import PAGE_SIZE
 from ..mm import advice as adv
@@ -14,7 +15,7 @@ from ..mm.region import Region
 from . import formats
 from .tree import Attr, Dir, Entry, Transaction, Tree, walk
 
-ADVICE = ("pin", "unpin", "preferred_location:TARGET", "accessed_by:DEVICE", "read_mostly",
+ADVICE = ("pin", "unpin", "remove", "preferred_location:TARGET", "accessed_by:DEVICE", "read_mostly",
           "prefetch:TARGET", "unset:ADVICE")
 
 
@@ -125,7 +126,7 @@ def parse_advice(m: Machine, word: str) -> tuple[str, object]:
     """An ADVICE word: (what, argument), checked whole.  ValueError for an
     unknown advice, target or device; ENODEV for an offline target."""
     kind, sep, arg = word.partition(":")
-    if kind in ("pin", "unpin", adv.READ_MOSTLY) and not sep:
+    if kind in ("pin", "unpin", "remove", adv.READ_MOSTLY) and not sep:
         return kind, None
     if kind in (adv.PREFERRED, "prefetch") and sep:
         pgmap = m.pgmaps.get(arg)
@@ -159,6 +160,9 @@ async def advise_store(m: Machine, region: Region, text: str) -> None:
         await gup.pin(m, region, first, n)
     elif what == "unpin":
         gup.unpin(m, region, first, n)
+    elif what == "remove":
+        # madvise(MADV_REMOVE): the range's pages are freed and read zero.
+        await region.punch(first * PAGE_SIZE, n * PAGE_SIZE)
     elif what == "prefetch":
         # Returns at once; the region's stat shows progress and completion.
         await m.spawn(adv.prefetch, m, region, first, n, arg)
@@ -180,9 +184,23 @@ def advise_show(m: Machine, region: Region) -> str:
                    for a, b, words in region.advice.listing(pins))
 
 
-def add_region(tree: Tree, parent: Dir, m: Machine, region: Region, uid: int = 0, gid: int = 0) -> RegionDir:
+def owner_pid_store(region: Region, watch: Callable[[Region, int], None], text: str) -> None:
+    """``owner_pid``: a process the region belongs to (``cdmfs run``); the
+    region goes once that process has ended and its data is closed."""
+    try:
+        pid = int(text.strip(), 10)
+    except ValueError:
+        raise ValueError("expected a process id") from None
+    if pid <= 0:
+        raise ValueError("expected a process id")
+    watch(region, pid)
+
+
+def add_region(tree: Tree, parent: Dir, m: Machine, region: Region, uid: int = 0, gid: int = 0,
+               watch: Optional[Callable[[Region, int], None]] = None) -> RegionDir:
     """The files of a region, owned by its creator: the directory 0700 and
-    data 0600, as a process's memory is its own."""
+    data 0600, as a process's memory is its own.  watch(region, pid) ties
+    the region's life to a process (``owner_pid``)."""
     d = tree.add(parent, region.name, RegionDir(region))
     tree.add(d, "data", DataFile(region))
     tree.add(d, "policy", Attr(lambda: f"{region.policy}\n", lambda text: policy_store(m, region, text)))
@@ -195,6 +213,9 @@ def add_region(tree: Tree, parent: Dir, m: Machine, region: Region, uid: int = 0
     tree.add(d, "migrate", Transaction(lambda state, text: migrate_request(m, region, state, text),
                                        lambda state: state["result"].lines() if "result" in state else ""))
     tree.add(d, "advise", Attr(lambda: advise_show(m, region), lambda text: advise_store(m, region, text)))
+    if watch is not None:
+        tree.add(d, "owner_pid", Attr(lambda: f"{region.owner_pid}\n",
+                                      lambda text: owner_pid_store(region, watch, text)))
     for entry in walk(d):
         entry.uid, entry.gid = uid, gid
     d.mode = stat.S_IFDIR | 0o700

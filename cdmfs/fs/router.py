@@ -1,25 +1,39 @@
-"""The C request router (native/router.c) under pyfuse3, behind a switch.
+"""The C request router (native/router.c) under pyfuse3.
 
 With the router, the daemon does not let libfuse mount: the router opens
-/dev/fuse, mounts it with mount(2) and forwards every request to pyfuse3,
-which runs unmodified on its end of a socketpair given as the mountpoint
-``/dev/fd/N`` (DESIGN §5).
+/dev/fuse, mounts it with mount(2) and forwards every request it does not
+serve itself to pyfuse3, which runs unmodified on its end of a socketpair
+given as the mountpoint ``/dev/fd/N`` (DESIGN §5).
 
-Issue 13, step 2 (first part): READ and WRITE of a region's data whose
-pages are all placed (present, not poisoned, locked or in device memory)
-are served by the router in C (cdm_region_serve); the Filesystem maps each
-region's data inode (``map_data``) at mkdir and unmaps it at rmdir before
-the native region may be freed.  What the C path does not do, Python makes
-up for: the region's cpu_faults/writebacks in ``stat`` add the core's
-served_reads/served_writes, the data file's atime/mtime fold in the times
-of the last served READ/WRITE (``data_times``), and no ``cpu_fault`` event
-is emitted for a served READ (nothing subscribes to it yet).
+READ and WRITE of a region's data are served by the router in C
+(cdm_region_serve) when the core can: placed pages, a first touch (by the
+plans Python publishes: Machine.policy_id, Region.publish_policies) and a
+fault-back of device-private pages (logged for Machine.apply_faultbacks);
+the Filesystem maps each region's data inode (``map_data``) at mkdir and
+unmaps it at rmdir before the native region may be freed.  What the C path
+does not do, Python makes up for: the region's cpu_faults/writebacks in
+``stat`` add the core's served_reads/served_writes, the data file's
+atime/mtime fold in the times of the last served READ/WRITE
+(``data_times``), and no ``cpu_fault`` event is emitted for a served READ
+(nothing subscribes to it yet).
 
 The side channel: requests pyfuse3 has no handler for (FUSE_LSEEK,
 FUSE_FALLOCATE; SIDE_OPCODES) are taken out of pyfuse3's stream by the
 router and read here from a second socket (``serve_side``, a trio task of
 the daemon); each is decoded, given to the Filesystem's method of the same
 name (ops.lseek, ops.fallocate) and answered with cdm_router_reply().
+
+Attribute files (native/attr_cache.c): the Filesystem registers
+each attribute file it may cache (``attr_register``, from its GETATTR
+answer) and publishes what it renders (``attr_stamp`` before rendering,
+``attr_publish`` after); the router answers read-only OPENs, READs, RELEASEs
+and GETATTRs of those inodes from the bytes while they are valid: no Python
+request that may change anything began or ended since the stamp
+(``attr_begin``/``attr_end`` around such requests), and no region data was
+served in C since -- or, for that only, the bytes are at most ATTR_BOUND_NS
+old.  Stale bytes come back here on the side channel as the OPEN or READ
+itself: ``_serve_one`` renders (ops.attr_render), publishes and lets the
+router answer (cdm_router_attr_answer).
 
 On by default for root (it needs mount(2), and socket buffers beyond
 net.core.wmem_max); other users mount through libfuse as before.
@@ -52,6 +66,8 @@ MNT_DETACH = 2
 _libc = ctypes.CDLL(None, use_errno=True)
 
 # linux/fuse.h
+FUSE_OPEN = 14
+FUSE_READ = 15
 FUSE_FALLOCATE = 43
 FUSE_LSEEK = 46
 SIDE_OPCODES = (FUSE_LSEEK, FUSE_FALLOCATE)
@@ -59,7 +75,9 @@ IN_HEADER = struct.Struct("<IIQQIIIHH")      # fuse_in_header: len, opcode, uniq
 LSEEK_IN = struct.Struct("<QqII")            # fuse_lseek_in: fh, offset, whence, padding
 LSEEK_OUT = struct.Struct("<q")              # fuse_lseek_out: offset
 FALLOCATE_IN = struct.Struct("<QqqII")       # fuse_fallocate_in: fh, offset, length, mode, padding
+READ_IN = struct.Struct("<QQII")             # fuse_read_in: fh, offset, size, read_flags
 SIDE_BUFSIZE = 1 << 17                       # a side-channel request is small (an IOCTL's data at most)
+ATTR_BOUND_NS = 1_000_000                    # staleness tolerated after region data served in C
 
 
 def enabled(flag: Optional[bool] = None) -> bool:
@@ -119,6 +137,9 @@ class Router:
         self.event_fd = lib.cdm_router_event_fd(self._r)
         self._python_fd: Optional[int] = lib.cdm_router_python_fd(self._r)
         self.side_fd = lib.cdm_router_side_fd(self._r)
+        self._attrs = lib.cdm_router_attrs(self._r)
+        self._stamp = ffi.new("uint64_t[3]")
+        lib.cdm_attr_set_bound(self._attrs, ATTR_BOUND_NS)
         for opcode in SIDE_OPCODES:
             lib.cdm_router_route(self._r, opcode, 1)
         readers, spin_us = tuning()
@@ -153,9 +174,64 @@ class Router:
         return {name: getattr(out, name) for name, _ in ffi.typeof("struct cdm_router_init").fields}
 
     def stats(self) -> dict[str, int]:
+        """The router's counters, then the attribute cache's (prefixed attr_)."""
         out = ffi.new("struct cdm_router_stats *")
         lib.cdm_router_stats(self._r, out)
-        return {name: getattr(out, name) for name, _ in ffi.typeof("struct cdm_router_stats").fields}
+        stats = {name: getattr(out, name) for name, _ in ffi.typeof("struct cdm_router_stats").fields}
+        aout = ffi.new("struct cdm_attr_stats *")
+        lib.cdm_attr_stats(self._attrs, aout)
+        stats.update((f"attr_{name}", getattr(aout, name))
+                     for name, _ in ffi.typeof("struct cdm_attr_stats").fields)
+        return stats
+
+    # ------------------------------------------------------------ attribute files
+
+    def attr_register(self, nodeid: int, mode: int, uid: int, gid: int, size: int,
+                      times: tuple[int, int, int]) -> None:
+        if self._r is not None:
+            lib.cdm_attr_register(self._attrs, nodeid, mode, uid, gid, size, *times)
+
+    def attr_stamp(self):
+        """Taken before rendering; give it to attr_publish."""
+        if self._r is None:
+            return 0, 0, 0
+        lib.cdm_attr_stamp(self._attrs, self._stamp)
+        return self._stamp[0], self._stamp[1], self._stamp[2]
+
+    def attr_publish(self, nodeid: int, stamp, data: bytes) -> int:
+        if self._r is None:
+            return -errno.ENODEV
+        return lib.cdm_attr_publish(self._attrs, nodeid, stamp, data, len(data))
+
+    def attr_begin(self) -> None:
+        if self._r is not None:
+            lib.cdm_attr_begin(self._attrs)
+
+    def attr_end(self) -> None:
+        if self._r is not None:
+            lib.cdm_attr_end(self._attrs)
+
+    def _answer_attr(self, ops, msg: bytes, opcode: int, unique: int, nodeid: int) -> None:
+        """An attribute file's OPEN or READ whose bytes were stale: render,
+        publish, and let the router answer from them; content too long for
+        the page cache is answered here."""
+        try:
+            data = ops.attr_render(nodeid)
+        except OSError as e:
+            self.reply(unique, e.errno or errno.EIO)
+            return
+        except Exception:       # a bug in a show function: this request fails, not the daemon
+            log.exception("router: rendering inode %d failed", nodeid)
+            self.reply(unique, errno.EIO)
+            return
+        rc = lib.cdm_router_attr_answer(self._r, msg, len(msg))
+        if rc != -errno.EAGAIN:
+            return
+        if opcode == FUSE_READ and len(msg) >= IN_HEADER.size + READ_IN.size:
+            _, offset, size, _ = READ_IN.unpack_from(msg, IN_HEADER.size)
+            self.reply(unique, 0, data[offset:offset + size])
+        else:
+            self.reply(unique, errno.EIO)
 
     async def watch(self) -> None:
         """Returns when the router has ended (unmounted, the connection
@@ -198,6 +274,9 @@ class Router:
             return
         _, opcode, unique, nodeid = IN_HEADER.unpack_from(msg)[:4]
         body = msg[IN_HEADER.size:]
+        if opcode in (FUSE_OPEN, FUSE_READ):
+            self._answer_attr(ops, msg, opcode, unique, nodeid)
+            return
         data, err = b"", 0
         try:
             if opcode == FUSE_LSEEK and len(body) >= LSEEK_IN.size:
@@ -263,6 +342,10 @@ class Router:
                  init["max_write"], init["max_pages"], init["max_readahead"], stats["requests"],
                  stats["replies"], stats["notifications"], stats["no_reply"], stats["failed"],
                  stats["write_errors"])
+        log.info("router: attribute files: %d opens answered (%d keeping the kernel's copy), %d READs, "
+                 "%d GETATTRs; %d OPENs and %d READs rendered by Python, %d invalidations",
+                 stats["attr_opens"], stats["attr_kept"], stats["attr_reads"], stats["attr_getattrs"],
+                 stats["attr_open_misses"], stats["attr_read_misses"], stats["attr_invalidations"])
         p = select.poll()
         p.register(self.fuse_fd, 0)
         gone = any(ev & select.POLLERR for _, ev in p.poll(0))

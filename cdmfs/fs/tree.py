@@ -39,10 +39,12 @@ class Dir(Entry):
 class Attr(Entry):
     """A sysfs attribute; mode 0444 without a store, 0644 with one.  A binary
     attribute too large to render whole (pagemap) gives ``read`` instead of
-    ``show``: only the slice asked for is built."""
+    ``show``: only the slice asked for is built.  ``cache=False``: its content
+    changes without any request (the router never serves it from bytes)."""
 
     def __init__(self, show: Optional[Show], store: Optional[Store] = None, mode: Optional[int] = None,
-                 size: Optional[Callable[[], int]] = None, read: Optional[Read] = None):
+                 size: Optional[Callable[[], int]] = None, read: Optional[Read] = None,
+                 cache: bool = True):
         if mode is None:
             mode = (0o444 if show or read else 0) | (0o200 if store else 0)
         self.mode = stat.S_IFREG | mode
@@ -50,6 +52,9 @@ class Attr(Entry):
         self.store = store
         self.size = size
         self.read = read
+        # Whether the router may serve it from its rendered bytes (fs/router.py):
+        # not for content that moves without a request (the router's own counters).
+        self.cache = cache
 
     @property
     def readable(self) -> bool:

@@ -145,6 +145,11 @@ class Machine:
         # Where background work runs (prefetch): a trio nursery the daemon
         # gives; without one it runs to completion at once.
         self.background = None
+        # Told True when background work starts (synchronously, within the
+        # request that starts it) and False when it ends: what a view cached
+        # from outside (the router's attribute cache) must know, since that
+        # work changes what attributes show without any request.
+        self.background_hooks: list[Callable[[bool], None]] = []
         # Read duplication: pages duplicated in devices' memory (all of them),
         # and each device's way to free its duplicates of a range.
         self.duplicates = 0
@@ -169,11 +174,21 @@ class Machine:
             await self.cpu_unmapper(region, first, npages)
 
     async def spawn(self, fn: Callable[..., Awaitable[object]], *args) -> None:
-        """Runs fn(*args) in the background (the daemon's nursery), or now."""
+        """Runs fn(*args) in the background (the daemon's nursery), or now;
+        background_hooks hear of it before this returns and after it ends."""
+        for hook in self.background_hooks:
+            hook(True)
+
+        async def run() -> None:
+            try:
+                await fn(*args)
+            finally:
+                for hook in self.background_hooks:
+                    hook(False)
         if self.background is not None:
-            self.background.start_soon(fn, *args)
+            self.background.start_soon(run)
         else:
-            await fn(*args)
+            await run()
 
     def collapse_duplicates(self, region: "Region", first: int, npages: int) -> int:
         """Before a write of pages [first, first + npages): every device's

@@ -92,6 +92,11 @@ class Region:
         # Pages in device-private memory must come back before the CPU sees
         # them; the migration engine installs the handler (fault-back).
         self.faultback: Optional[Callable] = None
+        # The process whose memory this is (cdmfs run), 0 for none; the region
+        # goes when it has ended and the data file is closed (fs/ops.py).
+        self.owner_pid = 0
+        self.owner_gone = False
+        self.owner_watch: object = None     # the live watch's token
 
     @property
     def npages(self) -> int:

@@ -32,6 +32,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DRIVERS = os.path.join(os.path.dirname(os.path.dirname(HERE)), "native", "drivers")
 PAGE = 4096
 FLOOR = "pyfuse3 floor"      # the reference filesystem of cdmfs.tools.benchfloor
+ROUTER_DEFAULTS = "router defaults"   # the random first touch row, for the router's other settings
 MB = 1 << 20
 
 
@@ -364,7 +365,6 @@ def run(quick: bool = False, json_path: Optional[str] = None) -> list[Row]:
             routed = router.enabled()
             if routed:
                 # The router's settings (fs/router.py): each variant on a mount of its own.
-                default = f"{router.READERS} reader, {router.SPIN_US} us spin"
                 for readers, spin in ((1, 0), (2, router.SPIN_US)):
                     with environment(**{router.READERS_ENV: str(readers), router.SPIN_ENV: str(spin)}):
                         with mounted() as tuned:
@@ -377,7 +377,7 @@ def run(quick: bool = False, json_path: Optional[str] = None) -> list[Row]:
                             variant = reps_of(f"first touch, {readers} readers, {spin} us spin", on_tuned)
                     rows.append(Row(f"CPU first touch, random 4 KiB, router with {readers} reader"
                                     f"{'s' if readers > 1 else ''}, {spin} us spin", "faults/s", variant,
-                                    f"default ({default})", random))
+                                    ROUTER_DEFAULTS, random))
             ctl = [control_latency(m) * 1e6 for _ in reps_of("control request", lambda: 0.0)]
             if routed:
                 with environment(**{router.ENV: "0"}):

@@ -8,7 +8,7 @@ import sys
 from typing import Optional, Sequence
 
 from .. import config
-from ..fs import daemon
+from ..fs import daemon, router
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -83,6 +83,22 @@ def cmd_hardware(args: argparse.Namespace) -> None:
     except report.ReportError as e:
         raise CliError(str(e)) from None
     sys.stdout.write(text)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from . import run
+    if args.cflags or args.libs:
+        # How to build a program against the C API it can use meanwhile.
+        args.paths = False
+        cmd_capi(args)
+        return 0
+    if args.mountpoint is None:
+        raise CliError("cdmfs run: give MOUNTPOINT (or --cflags/--libs)")
+    try:
+        status = run.run(args)
+    except run.RunError as e:
+        raise CliError(str(e)) from None
+    return status
 
 
 def cmd_numastat(args: argparse.Namespace) -> None:
@@ -165,7 +181,7 @@ def cmd_device(args: argparse.Namespace) -> None:
         print(f"{args.name}: online")
 
 
-BENCH_EPILOG = """\
+BENCH_EPILOG = f"""\
 Each row is a median beside a reference measured in the same run on this machine:
   tmpfs                     CPU first touch on the kernel's own shared memory
   bindfs                    the same on bindfs over that tmpfs: a FUSE filesystem in C
@@ -177,8 +193,9 @@ Each row is a median beside a reference measured in the same run on this machine
                             for attribute reads; also bindfs over a copy of it and the
                             floor's small attribute file
   cdmfs random first touch  cdmfs's own first-touch rate, for fault-back from gpu0
-  default (...)             the same with the router's default settings, for the rows
-                            of other settings (CDMFS_ROUTER_READERS, _SPIN_US; as root)
+  router defaults           cdmfs random first touch with the router's default settings
+                            ({router.READERS} reader, {router.SPIN_US} us spin), for the rows of other settings
+                            (CDMFS_ROUTER_READERS, CDMFS_ROUTER_SPIN_US; as root)
   without the router        a mount with CDMFS_ROUTER=0 (every request in Python), for
                             a control request that Python serves either way (as root)
   bytes touched             for the daemon's memory growth with a 1 TiB CDM node
@@ -258,6 +275,28 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--libs", action="store_true", help="the linker flags (-L, run path, -lcdmfs)")
     c.add_argument("--paths", action="store_true", help="the header's and the library's paths, one a line")
     c.set_defaults(func=cmd_capi)
+    r = sub.add_parser("run", help="run a program with its memory and NUMA calls on the emulated machine",
+                       description="Runs COMMAND with its anonymous memory (the malloc heap included) in a "
+                       "region of the mount named after its pid, and its NUMA system calls on the emulated "
+                       "machine. The placement options are numactl's: the task policy COMMAND starts with.")
+    r.add_argument("mountpoint", nargs="?")
+    r.add_argument("--cflags", action="store_true",
+                   help="print the compiler flags of the C API (cdmfs.h) and exit")
+    r.add_argument("--libs", action="store_true", help="print the linker flags of the C API (libcdmfs.so) and exit")
+    pl = r.add_mutually_exclusive_group()
+    pl.add_argument("--membind", "-m", metavar="NODES", help="allocate only on NODES (MPOL_BIND)")
+    pl.add_argument("--preferred", "-p", metavar="NODE", help="allocate on NODE first (MPOL_PREFERRED)")
+    pl.add_argument("--interleave", "-i", metavar="NODES", help="interleave over NODES (MPOL_INTERLEAVE)")
+    pl.add_argument("--localalloc", "-l", action="store_true", help="allocate on the CPU's node (MPOL_LOCAL)")
+    pl.add_argument("--preferred-many", metavar="NODES", help="allocate on NODES first (MPOL_PREFERRED_MANY)")
+    r.add_argument("--min-size", metavar="SIZE",
+                   help="anonymous mappings smaller than SIZE stay in host memory (default 0: all go)")
+    r.add_argument("--fault-around", action="store_true",
+                   help="let a fault read around (faster; pages near a fault are placed early, by the "
+                   "policy of that moment); default: one page a fault, as anonymous memory")
+    r.add_argument("command", nargs="*", metavar="-- COMMAND [ARGS]")
+    r.set_defaults(func=cmd_run)
+    r.__class__ = _IntermixedParser
 
     d = sub.add_parser("demo", help="mount in a temporary folder and run a short workload")
     d.set_defaults(func=cmd_demo)
@@ -273,18 +312,29 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = None
+    if argv and argv[0] == "run" and "--" in argv:
+        # Everything after the first "--" is the command, word for word
+        # (argparse would drop a "--" of the command's own).
+        i = argv.index("--")
+        argv, command = argv[:i], argv[i + 1:]
     args = p.parse_args(argv)
+    if command is not None:
+        if args.command:
+            p.error("cdmfs run: give the command after --")
+        args.command = command
     if args.command is None:        # `cdmfs` alone: the help, as git and ip give theirs
         p.print_help()
         return 0
     try:
-        args.func(args)
+        status = args.func(args)
     except (CliError, config.ConfigError, daemon.MountError, OSError) as e:
         print(f"cdmfs: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
-    return 0
+    return status if isinstance(status, int) else 0
 
 
 if __name__ == "__main__":

@@ -3,13 +3,15 @@
 Mounts in a temporary folder and walks through both designs with a child
 program as the CPU side: first touch, migration to gpu0's private memory, CPU
 fault-back (with the kernel's read-ahead), migration to the CDM node, the two
-devices adding to the data, and a last check of every page.  Each step prints
+devices adding to the data, a last check of every page, and an unmodified
+program (numactl's memhog) run on the machine with ``cdmfs run``.  Each step prints
 one line saying what happened and why, then where the region's pages are (in
 pages) and how much memory each node and device uses (in MiB).  The check at
 the end fails the command if a single page is wrong.
 """
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -20,6 +22,7 @@ REGION_MIB = 64
 PAGE = 4096
 ADD = 1000          # what the devices add to every page's first word
 READ_BACK = 1024    # pages the CPU reads back from gpu0
+MEMHOG_MIB = 16     # what memhog allocates under cdmfs run
 WIDTH = 88          # the explanations wrap at this width
 
 
@@ -66,6 +69,11 @@ def say(text: str) -> None:
     print(textwrap.fill(text, width=WIDTH, subsequent_indent="  "))
 
 
+def step(text: str) -> None:
+    print(textwrap.fill(text, width=WIDTH, subsequent_indent="   "))
+    sys.stdout.flush()
+
+
 class Demo:
     def __init__(self, m: Mount, r: Region):
         self.m, self.r = m, r
@@ -78,7 +86,7 @@ class Demo:
     def step(self, what: str) -> None:
         """One step: what happened and why, then placement and usage."""
         self.n += 1
-        print(textwrap.fill(f"{self.n}. {what}", width=WIDTH, subsequent_indent="   "))
+        step(f"{self.n}. {what}")
         p = self.pages()
         used = {"node0": self.m.node(0).meminfo["MemUsed"], "node1": self.m.node(1).meminfo["MemUsed"],
                 "gpu0": self.m.device("gpu0").meminfo["MemUsed"]}
@@ -151,4 +159,27 @@ def run() -> None:
         if bad:
             raise DemoError(f"{bad} of {pages} pages do not hold what the devices wrote")
         r.remove()
+        unmodified_program(m, d.n + 1)
     print("unmounted; the demo passed")
+
+
+def unmodified_program(m: Mount, n: int) -> None:
+    """memhog, as Debian ships it, under ``cdmfs run --membind 1``: its
+    malloc()ed memory lands in a region of its own on node 1, counted in
+    node 1's numastat, and goes with the process."""
+    if shutil.which("memhog") is None:
+        step(f"{n}. (skipped: numactl's memhog is not installed; apt-get install numactl)")
+        return
+    before = [m.node(nid).numastat["numa_hit"] for nid in (0, 1)]
+    res = subprocess.run([sys.executable, "-m", "cdmfs", "run", m.path, "--membind", "1", "--",
+                          "memhog", f"{MEMHOG_MIB}M"], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise DemoError(f"memhog under cdmfs run failed: {res.stderr.strip()}")
+    hits = [m.node(nid).numastat["numa_hit"] - b for nid, b in zip((0, 1), before)]
+    step(f"{n}. memhog, numactl's own tool, unmodified, ran under cdmfs run --membind 1 and "
+        f"wrote {MEMHOG_MIB} MiB it got from malloc(): its memory was a region of the mount "
+        f"named after its pid, and {hits[1]} pages were allocated on node 1, {hits[0]} on node 0 "
+        f"(numastat numa_hit); the region went with the process")
+    left = [name for name in m.regions if name != "demo"]
+    if left:
+        raise DemoError(f"regions left behind by memhog: {left}")
