@@ -341,8 +341,9 @@ int attr_cache_handle(struct cdm_attr_cache *c, const unsigned char *req, size_t
             /* Direct I/O: each READ is answered here from the bytes valid
              * then, whole; the kernel's page cache would cut or zero-fill
              * them at an i_size that content changing under it (a counter
-             * growing a digit) makes stale between a GETATTR and a READ. */
-            oo.fh = CDM_ATTR_FH | CDM_ATTR_FH_DIRECT | ih->nodeid;
+             * growing a digit) makes stale between a GETATTR and a READ.
+             * fh carries the version of the bytes (see FUSE_READ). */
+            oo.fh = CDM_ATTR_FH | CDM_ATTR_FH_DIRECT | (e->version & CDM_ATTR_FH_VERSION);
             oo.open_flags = FOPEN_DIRECT_IO | FOPEN_NOFLUSH;
         }
         c->stats.opens++;
@@ -361,7 +362,15 @@ int attr_cache_handle(struct cdm_attr_cache *c, const unsigned char *req, size_t
         struct attr_entry *e = *slot(c, ih->nodeid);
         uint64_t now = mono_ns();
         int ok = e && !e->direct && (force ? e->has_data : (exact(c, e) || tolerated(c, e, now)));
-        uint64_t n = ok && in.offset < e->len ? e->len - in.offset : 0;
+        /* A read that goes on from an offset past 0 continues the
+         * rendering the open saw (its version is in fh), as sysfs serves an
+         * open file from the one rendering: if the bytes have changed since,
+         * it is at the end (a reader that took the whole rendering at once,
+         * as cat does, sees exactly it; one reading in small pieces across
+         * a change gets a short file, never a mix of two renderings). */
+        int moved = in.offset > 0 && ok &&
+                    (in.fh & CDM_ATTR_FH_VERSION) != (e->version & CDM_ATTR_FH_VERSION);
+        uint64_t n = ok && !moved && in.offset < e->len ? e->len - in.offset : 0;
         if (n > in.size)
             n = in.size;
         if (!ok || outsize < oh + n) {

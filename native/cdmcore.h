@@ -774,6 +774,7 @@ int cdm_router_data_times(struct cdm_router *r, uint64_t nodeid, uint64_t *read_
  */
 #define CDM_ATTR_FH (1ULL << 63)          /* fh of an OPEN the router answered */
 #define CDM_ATTR_FH_DIRECT (1ULL << 62)   /* ... with FOPEN_DIRECT_IO */
+#define CDM_ATTR_FH_VERSION ((1ULL << 62) - 1)   /* ... the version of the bytes it opened */
 #define CDM_ATTR_TIMEOUT 300              /* attr_valid of a GETATTR answered, s */
 
 struct cdm_attr_stats {
