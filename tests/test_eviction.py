@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import struct
+import zlib
 
 import pytest
 
@@ -134,3 +135,31 @@ def test_off_fails_with_enomem_and_pins_are_never_evicted(m):
     a.unpin(0, 2 * MB)
     for r in (a, b, c):
         r.remove()
+
+
+def test_read_duplicates_give_way_before_chunks_are_evicted(m):
+    """A device memory full of read duplicates takes a migration: the
+    duplicates go first (no copy back), no chunk is evicted."""
+    gpu = m.device("gpu0")
+    a = m.region("dup_a", 8 * MB)
+    b = m.region("dup_b", 2 * MB)
+    with open(a.path + "/data", "r+b") as f:
+        f.write(bytes([6]) * a.size)
+    a.advise(0, 8 * MB, "read_mostly")
+    gpu.access("read", "dup_a", 0, 8 * MB)
+    assert a.stat["duplicated"] == GPU_PAGES and gpu.meminfo["MemFree"] == 0
+    st0 = gpu.stat
+    res = b.migrate(0, 2 * MB, "gpu0")
+    assert res["migrated"] == 512
+    assert gpu.stat["evictions"] == st0["evictions"]
+    assert a.stat["duplicated"] == GPU_PAGES - 512
+    assert gpu_used_pages(m) == GPU_PAGES
+    # The pages whose duplicates went are read where they are; duplicates
+    # take free memory only, so none is made now and b stays.
+    res = gpu.access("read", "dup_a", 0, 8 * MB)
+    assert res["crc32"] == zlib.crc32(bytes([6]) * 8 * MB)
+    assert res["remote_bytes"] == 2 * MB and res["migrated"] == 0
+    assert b.stat["private:gpu0"] == 512 and a.stat["duplicated"] == GPU_PAGES - 512
+    for r in (a, b):
+        r.remove()
+    assert gpu_used_pages(m) == 0

@@ -278,22 +278,18 @@ class Device:
 
     # ------------------------------------------------------------ read duplication
 
-    async def _duplicate(self, region: "Region", first: int, n: int) -> int:
+    def _duplicate(self, region: "Region", first: int, n: int) -> int:
         """read_mostly: the pages of [first, first + n) under the advice that
         lie on a node (not in this device's memory) get a read-only duplicate
-        in its memory, the CPU keeping its copy.  A full memory evicts first
-        (if its eviction is on), else fewer pages are duplicated.  Returns
+        in its memory, the CPU keeping its copy.  Duplicates take free memory
+        only: they never evict pages (and are the first thing eviction takes
+        back), so fewer pages are duplicated when memory is short.  Returns
         pages duplicated."""
         m = self.machine
         spans = region.advice.spans(READ_MOSTLY_KEY, first, first + n)
-        want = sum(e - s for s, e, _ in spans)
-        if not want:
+        if not spans or region.removed:
             return 0
-        if self.lru.enabled and self.lru.free_pages() < want:
-            await self.lru.make_room(want, region, first, first + n)
-        if region.removed:
-            return 0
-        # From here on no await: the candidates are still what they were.
+        # No await from here on: the candidates stay what they are.
         dups = self.dups.setdefault(region.id, {})
         pages = []
         for s, e, _ in spans:
@@ -366,6 +362,32 @@ class Device:
         self.stats["duplicated"] -= len(pages)
         self.machine.duplicates -= len(pages)
         return len(pages)
+
+    def reclaim_duplicates(self, need: int) -> int:
+        """Full memory: gives back up to need pages of read duplicates (at
+        least one run), collapsed like any write would; the pages are read
+        where they are again.  Returns pages freed."""
+        m = self.machine
+        freed = 0
+        for rid in list(self.dups):
+            region = m.regions.by_id.get(rid) if m.regions is not None else None
+            if region is None or region.removed:
+                freed += len(self.dups.get(rid, ()))
+                self._free_region_dups(rid)
+                continue
+            pages = sorted(self.dups.get(rid, ()))
+            k = 0
+            while k < len(pages) and freed < need:
+                j = k
+                while j + 1 < len(pages) and pages[j + 1] == pages[j] + 1 and j + 1 - k < need - freed:
+                    j += 1
+                before = self.stats["duplicated"]
+                self.collapse_mine(region, pages[k], j - k + 1)
+                freed += before - self.stats["duplicated"]
+                k = j + 1
+            if freed >= need:
+                break
+        return freed
 
     def drop_all_duplicates(self) -> None:
         """Every duplicate goes (the device leaves service, or its memory is lost)."""
@@ -557,7 +579,7 @@ class Device:
         if op == "read":
             res.crc32 = crc
         if not writing and READ_MOSTLY_KEY in region.advice.kinds:
-            dup = await self._duplicate(region, first, n)
+            dup = self._duplicate(region, first, n)
             res.modeled_ns += transfer_ns(dup * PAGE_SIZE, remote_fig.read_bandwidth)
         if self.counter_threshold:
             await self._count_accesses(region, first, n, res)
@@ -765,4 +787,5 @@ def probe(m: Machine) -> dict[str, Device]:
         m.events.subscribe("evict", dev.on_evict)
         m.events.subscribe("advise", dev.on_advise)
         m.duplicate_droppers.append(dev.drop_duplicates)
+        dev.lru.reclaimers.append(dev.reclaim_duplicates)
     return devices

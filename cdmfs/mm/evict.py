@@ -15,7 +15,7 @@ pages prefer to live here (``preferred_location`` advice) go last.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from .._core import ffi, lib
 from ..config import PAGE_SIZE
@@ -42,6 +42,9 @@ class DeviceLru:
         self.mode = "off" if coherent else "lru"
         self.chunks: "OrderedDict[tuple[int, int], None]" = OrderedDict()
         self.target_name = f"node:{node}" if coherent else f"private:{device}"
+        # What the device can give back without a copy (its read duplicates):
+        # fn(pages wanted) -> pages freed, tried before any chunk is evicted.
+        self.reclaimers: list[Callable[[int], int]] = []
 
     @property
     def enabled(self) -> bool:
@@ -80,6 +83,10 @@ class DeviceLru:
         go), never pages [first, end) of region.  Returns pages evicted."""
         if not self.enabled or self.free_pages() >= need:
             return 0
+        for reclaim in self.reclaimers:
+            reclaim(need - self.free_pages())
+            if self.free_pages() >= need:
+                return 0
         evicted = 0
         for avoid_preferred in (True, False):
             for key in list(self.chunks):
