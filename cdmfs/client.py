@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 from typing import Iterator, Optional
 
@@ -285,8 +286,10 @@ class Region:
 
     def prefetch(self, start: int, length: int, target: str) -> None:
         """Asks for [start, start+length) to move to target ahead of use
-        (``prefetch:TARGET`` advice, as cudaMemPrefetchAsync); where the mount
-        does not take that advice yet, migrates now.  As cdmfs_prefetch()."""
+        (``prefetch:TARGET`` advice, as cudaMemPrefetchAsync): returns at
+        once, the migration runs in the background (``wait_prefetch``); where
+        the mount does not take that advice, migrates now.  As
+        cdmfs_prefetch()."""
         target = self.mount.target(target)
         try:
             self.advise(start, length, f"prefetch:{target}")
@@ -294,6 +297,18 @@ class Region:
             if e.errno != errno.EINVAL:
                 raise
             self.migrate(start, length, target)
+
+    def wait_prefetch(self, timeout: float = 60.0) -> dict[str, int]:
+        """Waits until no prefetch of the region is under way (its ``stat``
+        says ``prefetch_active 0``); returns that stat.  TimeoutError."""
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.stat
+            if not st.get("prefetch_active", 0):
+                return st
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"region {self.name}: prefetch still under way")
+            time.sleep(0.002)
 
     def where(self, offset: int) -> str:
         """Where the page holding byte ``offset`` lives, as cdmfs_where() says
@@ -441,6 +456,24 @@ class Device:
         out of service (OSError EBUSY if a pinned page is there); True brings
         it back, empty."""
         _write(os.path.join(self.path, "online"), f"{int(value)}\n")
+
+    @property
+    def eviction(self) -> str:
+        """``lru`` or ``off``: what a full device memory does (oversubscription)."""
+        return _read(os.path.join(self.path, "eviction")).strip()
+
+    @eviction.setter
+    def eviction(self, value: str) -> None:
+        _write(os.path.join(self.path, "eviction"), value + "\n")
+
+    @property
+    def access_counters(self) -> str:
+        """``0`` (off) or ``THRESHOLD GRANULARITY`` (``256 64K``)."""
+        return _read(os.path.join(self.path, "access_counters")).strip()
+
+    @access_counters.setter
+    def access_counters(self, value: str) -> None:
+        _write(os.path.join(self.path, "access_counters"), value + "\n")
 
     def inject(self, text: str) -> None:
         """Fault injection: ``link_down``, ``ecc ADDRESS``, ``fail_alloc N``."""

@@ -25,6 +25,7 @@ SOURCES = [
     "memory_failure.c",
     "gup.c",
     "numa_balancing.c",
+    "hints.c",
     "fuse.c",
     "router.c",
     "attr_cache.c",

@@ -68,6 +68,10 @@
 #define CDM_PTE_NUMA (1ULL << 55)      /* NUMA hinting (change_prot_numa): the CPU's copy was
                                         * unmapped to sample accesses; the next CPU fault
                                         * is a hinting fault, Python's (numa_balancing.c) */
+#define CDM_PTE_DUPLICATED (1ULL << 54) /* a device holds a read-only duplicate
+                                         * (read_mostly): a WRITE must collapse
+                                         * it first, cdm_region_serve leaves
+                                         * such a WRITE to Python */
 /* bit 48 is the core's own (PTE_NEW in internal.h: allocated by the call under
  * way, never left in an entry when a call returns); bits 49-54 are free for
  * later users (device mirror, access hints). */
@@ -191,6 +195,7 @@ struct cdm_region {
     uint64_t served_reads;  /* READs served by cdm_region_serve (the router, in C) */
     uint64_t served_writes; /* WRITEs served by cdm_region_serve */
     struct cdm_region_policies *policies;   /* policy ranges (cdm_region_set_policies) */
+    uint64_t nr_duplicated; /* present pages marked CDM_PTE_DUPLICATED */
 };
 
 /*
@@ -248,6 +253,7 @@ struct cdm_region_stats {
     uint64_t nr_pinned, nr_poisoned;
     uint64_t resident[CDM_MAX_POOLS];   /* pages per pool */
     uint64_t served_reads, served_writes;   /* by cdm_region_serve (see there) */
+    uint64_t nr_duplicated;                 /* pages some device holds a read duplicate of */
 };
 
 struct cdm_machine *cdm_machine_new(void);
@@ -604,6 +610,25 @@ uint32_t cdm_crc32_pages(uint32_t crc, uint8_t *const *pages, uint64_t n);
 /* Copies n frames src[i] -> dst[i] (global PFNs), under the mutex; 0 in either
  * is a hole. */
 void cdm_copy_frames(struct cdm_machine *m, const uint64_t *src, const uint64_t *dst, uint64_t n);
+
+/*
+ * Read duplication (hints.c, the read_mostly advice).
+ *
+ * duplicate — for each page first + k of [first, first + n) with dst[k] != 0:
+ *             a page present on a node (not private, poisoned, locked or
+ *             collected by a migration) is copied to frame dst[k] (a frame
+ *             the caller holds: cdm_pool_alloc's, no owner) and marked
+ *             CDM_PTE_DUPLICATED, in one hold of the mutex, so that no WRITE
+ *             slips between copy and mark; done[k] says which were.
+ *             Returns how many.
+ * collapse  — clears CDM_PTE_DUPLICATED on [first, first + n) (the caller
+ *             frees the duplicates' frames).  Returns how many were marked.
+ * A migration's new entry and a fault-back's never carry the mark.
+ */
+uint64_t cdm_region_duplicate(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
+                              uint64_t n, const uint64_t *dst, uint8_t *done);
+uint64_t cdm_region_collapse(struct cdm_machine *m, struct cdm_region *r, uint64_t first,
+                             uint64_t n);
 
 /* FUSE_NOTIFY_INVAL_INODE for [off, off + len) of inode ino on the /dev/fuse fd.
  * Blocks while the kernel writes dirty pages back.  0, or -errno (-ENOENT:

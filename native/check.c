@@ -187,7 +187,7 @@ struct region_scan {
     struct cdm_region *r;
     struct pool_seen *seen;
     uint64_t resident[CDM_MAX_POOLS];
-    uint64_t pinned, poisoned;
+    uint64_t pinned, poisoned, duplicated;
 };
 
 static int check_entry(struct region_scan *s, uint64_t i, uint64_t pte)
@@ -205,6 +205,8 @@ static int check_entry(struct region_scan *s, uint64_t i, uint64_t pte)
         return fail(c, "region %u page %" PRIu64 " is both locked and migrating", r->id, i);
     if (pte & CDM_PTE_PINNED)
         s->pinned++;
+    if ((pte & CDM_PTE_DUPLICATED) && (pte & CDM_PTE_PRESENT))
+        s->duplicated++;
     if (pte & CDM_PTE_POISONED) {
         s->poisoned++;
         if (pte & ~(CDM_PTE_POISONED | CDM_PTE_POOL_MASK | CDM_PTE_PFN_MASK))
@@ -320,6 +322,9 @@ static int check_region(struct check *c, struct cdm_machine *m, struct cdm_regio
     if (r->nr_poisoned != s.poisoned)
         return fail(c, "region %u nr_poisoned %" PRIu64 ", %" PRIu64 " pages poisoned", r->id,
                     r->nr_poisoned, s.poisoned);
+    if (r->nr_duplicated != s.duplicated)
+        return fail(c, "region %u nr_duplicated %" PRIu64 ", %" PRIu64 " pages duplicated", r->id,
+                    r->nr_duplicated, s.duplicated);
     return 0;
 }
 

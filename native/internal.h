@@ -146,6 +146,8 @@ static inline void page_account(struct cdm_machine *m, struct cdm_region *r, uin
         return;
     struct cdm_pool *p = &m->pools[pte_pool(pte)];
     r->resident[pte_pool(pte)] += sign;
+    if (pte & CDM_PTE_DUPLICATED)
+        r->nr_duplicated += sign;
     if (pte & CDM_PTE_CPU)
         p->nr_mapped += sign;
     if (pte & CDM_PTE_DIRTY)

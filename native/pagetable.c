@@ -277,6 +277,7 @@ void cdm_region_snapshot(struct cdm_machine *m, struct cdm_region *r, struct cdm
     memcpy(out->resident, r->resident, sizeof(out->resident));
     out->served_reads = r->served_reads;
     out->served_writes = r->served_writes;
+    out->nr_duplicated = r->nr_duplicated;
     machine_unlock(m);
 }
 
@@ -523,6 +524,9 @@ int64_t cdm_region_serve(struct cdm_machine *m, struct cdm_region *r, uint64_t o
             goto out;
         if (!write && (pte & CDM_PTE_NUMA))
             goto out;           /* a NUMA hinting fault: Python's */
+        /* A device's read-only duplicate: Python collapses it first. */
+        if (write && (pte & CDM_PTE_DUPLICATED))
+            goto out;
         if (pte & CDM_PTE_PRIVATE) {
             /* Pinned, or collected by a migration (which the fault-back
              * takes over): Python's. */

@@ -250,6 +250,7 @@ def test_python_client_offers_the_same(mnt):
         assert mm[8] == 9                          # the CPU faults it back
         assert r.where(0) == "node:0"
         r.prefetch(0, 16 * PAGE, "cdm0")
+        r.wait_prefetch()
         assert r.where(5 * PAGE) == "node:1"
         assert r.migrate(0, 16 * PAGE, "cpu")["migrated"] == 16
         assert r.where(15 * PAGE) == "node:0"

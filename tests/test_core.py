@@ -1727,3 +1727,57 @@ def test_device_read_crc_across_sort_chunks(mach):
     out = ffi.new("struct cdm_op_result *")
     assert lib.cdm_device_op(mach.m, r, 0, n, lib.CDM_OP_READ, 0, 1 << p, 0, out) == 0
     assert out.crc == want
+
+
+def test_duplicated_pages_leave_writes_to_python(mach):
+    """Read duplication (issue 15): cdm_region_duplicate copies pages to
+    frames the caller holds and marks them CDM_PTE_DUPLICATED in one hold of
+    the mutex; cdm_region_serve still serves a READ of such a page but leaves
+    a WRITE to Python (which collapses the duplicates first), changing
+    nothing; cdm_region_collapse clears the mark; a migration's new entry
+    never carries it; private, absent and poisoned pages are not duplicated."""
+    a, d, g = mach.add_pool(8), mach.add_pool(8), mach.add_pool(8, flags=lib.CDM_POOL_PRIVATE)
+    r = mach.region(8)
+    plan = simple_plan(a)
+    assert lib.cdm_machine_set_plan(mach.m, 0, plan.c) == 0
+    assert lib.cdm_region_set_policies(mach.m, r, 0, 0, ffi.NULL, ffi.NULL, ffi.NULL) == 0
+    data = pattern(11, 4 * PAGE)
+    mach.write(r, 0, data, plan)
+    assert mach.migrate(r, 3, 1, g)["moved"] == 1          # page 3 private, 4-7 absent
+    rc, frames = mach.alloc(d, 5)
+    assert rc == 0
+    dst = ffi.new("uint64_t[]", frames)
+    done = ffi.new("uint8_t[]", 5)
+    assert lib.cdm_region_duplicate(mach.m, r, 0, 5, dst, done) == 3
+    assert list(done) == [1, 1, 1, 0, 0]
+    for k in range(3):
+        assert mach.frame(frames[k]) == data[k * PAGE:(k + 1) * PAGE]
+    ptes = mach.ptes(r)
+    assert [bool(p & lib.CDM_PTE_DUPLICATED) for p in ptes] == [True] * 3 + [False] * 5
+    assert lib.cdm_region_count(mach.m, r, 0, 8, lib.CDM_PTE_DUPLICATED) == 3
+    stats = ffi.new("struct cdm_region_stats *")
+    lib.cdm_region_snapshot(mach.m, r, stats)
+    assert stats.nr_duplicated == 3 and mach.check() == ""
+    # READ served; a WRITE touching a duplicated page is Python's, nothing changed.
+    assert serve(mach, r, 0, PAGE, a) == (PAGE, data[:PAGE])
+    before = mach.ptes(r), r.served_writes
+    assert serve(mach, r, PAGE, 2 * PAGE, a, b"w" * 2 * PAGE)[0] == -errno.EAGAIN
+    assert (mach.ptes(r), r.served_writes) == before
+    assert mach.read(r, PAGE, PAGE) == data[PAGE:2 * PAGE]
+    # Collapse: the mark goes, the WRITE is the router's again.
+    assert lib.cdm_region_collapse(mach.m, r, 1, 1) == 1
+    assert serve(mach, r, PAGE, PAGE, a, b"w" * PAGE)[0] == PAGE
+    assert serve(mach, r, 2 * PAGE, PAGE, a, b"w" * PAGE)[0] == -errno.EAGAIN
+    # A migration's new entry has no mark.
+    assert mach.migrate(r, 2, 1, d)["moved"] == 1
+    assert not mach.ptes(r)[2] & lib.CDM_PTE_DUPLICATED
+    assert lib.cdm_region_collapse(mach.m, r, 0, 8) == 1     # page 0's
+    assert lib.cdm_region_count(mach.m, r, 0, 8, lib.CDM_PTE_DUPLICATED) == 0
+    lib.cdm_region_snapshot(mach.m, r, stats)
+    assert stats.nr_duplicated == 0
+    # A dst that is not a held frame is refused.
+    bad = ffi.new("uint64_t[]", [mach.ptes(r)[0] & lib.CDM_PTE_PFN_MASK])
+    one = ffi.new("uint8_t[]", 1)
+    assert lib.cdm_region_duplicate(mach.m, r, 0, 1, bad, one) == 0 and one[0] == 0
+    mach.pool_free(frames)
+    assert mach.check() == ""

@@ -24,7 +24,7 @@ MODULES = os.path.join(ROOT, "tests", "doc_modules")
 MOUNT = "/mnt/cdm"
 BYEXAMPLE = "import sys; from byexample.byexample import main; sys.argv[0] = 'byexample'; sys.exit(main())"
 LEFTOVERS = ["/tmp/touch", "/tmp/touch.c", "/tmp/buf.md5", "/tmp/fill", "/tmp/fill.c", "/tmp/two.toml",
-             "/tmp/tiers.toml", "/tmp/cold.md5"]
+             "/tmp/tiers.toml", "/tmp/cold.md5", "/tmp/oversub.toml"]
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/fuse"),
                                 reason="the README's sessions run as root with /dev/fuse")

@@ -4,7 +4,11 @@ CPU threads (tests/c/hmm_stress.c) write and verify sequence-numbered records
 in their own pages of a mapped region, never syncing, while other workers
 migrate random ranges of it among every node and device, change its policies,
 run device kernels (add/write/read) on a second region checked against a
-model, and grow and shrink a third region.  At the end: zero corrupt records
+model, and grow and shrink a third region; meanwhile usermode hints change
+(preferred_location, accessed_by, read_mostly with its duplicates, unset,
+background prefetches), both devices count accesses (access counters at a
+low threshold) and gpu0's memory is smaller than the regions migrated into
+it, so that full memory evicts (oversubscription).  At the end: zero corrupt records
 (in the live mapping and in a fresh process), the device region equals the
 model, and every counter agrees (pages in the regions' stat files = pages
 used on the nodes and devices).
@@ -29,8 +33,31 @@ CPU_PAGES = 2048
 DEV_PAGES = 256
 ELASTIC_KEEP = 64
 COLD_PAGES = 1024
+HOG_PAGES = 1536            # 6 MiB: more than gpu0's memory
 TARGETS = ("node:0", "node:1", "gpu0")
 POLICIES = ("default", "bind:0", "bind:1", "interleave:0-1", "preferred:1", "preferred_many:0-1")
+ADVICE = ("preferred_location:node:0", "preferred_location:node:1", "preferred_location:gpu0",
+          "accessed_by:gpu0", "accessed_by:cdm0", "read_mostly", "unset:preferred_location",
+          "unset:accessed_by", "unset:read_mostly", "prefetch:node:0", "prefetch:node:1", "prefetch:gpu0")
+# The embedded default, but gpu0 with 4 MiB: less than the regions that
+# migrate into it, so that it evicts.
+CONFIG = """
+[[node]]
+id = 0
+kind = "sysram"
+size = "1G"
+cpus = "all"
+[[node]]
+id = 1
+kind = "cdm"
+size = "1G"
+[[device]]
+name = "cdm0"
+memory = "node:1"
+[[device]]
+name = "gpu0"
+memory = "private:4M"
+"""
 
 
 def page_of(value: int) -> bytes:
@@ -92,7 +119,7 @@ name = "cdm0"
 memory = "node:1"
 [[device]]
 name = "gpu0"
-memory = "private:16M"
+memory = "private:4M"
 """
 AUTOMATIC = {
     "proc/sys/kernel/numa_balancing": "3",
@@ -104,7 +131,7 @@ AUTOMATIC = {
 
 
 def test_soak(cprog, tmp_path):
-    with cdmfs.mounted() as m:
+    with cdmfs.mounted(CONFIG) as m:
         soak(m, cprog("hmm_stress"), tmp_path)
 
 
@@ -136,6 +163,8 @@ def soak(m, stress, tmp_path) -> None:
         cpu = m.region("cpu", CPU_PAGES * PAGE)
         dev = m.region("dev", DEV_PAGES * PAGE)
         elastic = m.region("elastic", ELASTIC_KEEP * PAGE)
+        hog = m.region("hog", HOG_PAGES * PAGE)
+        hog_total = [0]
         shadow = tmp_path / "shadow"
         proc = subprocess.Popen([stress, "run", cpu.data, str(CPU_PAGES), "0", str(CPU_PAGES), "4",
                                  str(int(SECONDS) + 120), str(shadow)],
@@ -147,15 +176,25 @@ def soak(m, stress, tmp_path) -> None:
         model_lock = threading.Lock()
         gpu, cdm = m.device("gpu0"), m.device("cdm0")
         gpu.access("write", "dev", 0, DEV_PAGES * PAGE, 0)
+        gpu.access_counters = "8 64K"
+        cdm.access_counters = "8 64K"
+        m.node(1).numa_balancing = True         # counter migrations into the CDM node
         keep = bytes(random.Random(1).randbytes(ELASTIC_KEEP * PAGE))
         with open(elastic.data, "r+b") as f:
             f.write(keep)
+
+        # The CPU region into gpu0, half at a time, twice its memory: the
+        # second half evicts the first.
+        for half in range(2):
+            cpu.migrate(half * CPU_PAGES // 2 * PAGE, CPU_PAGES // 2 * PAGE, "gpu0")
+        evictions0 = gpu.stat["evictions"]     # the stress threads may have faulted them back first
 
         w = Workers(time.monotonic() + SECONDS)
 
         def migrate_cpu(rng: random.Random) -> None:
             first = rng.randrange(CPU_PAGES)
-            n = rng.randint(1, min(64, CPU_PAGES - first))
+            # Now and then a large range: into gpu0, more than it holds.
+            n = rng.randint(1, min(1024 if rng.random() < 0.1 else 64, CPU_PAGES - first))
             res = cpu.migrate(first * PAGE, n * PAGE, rng.choice(TARGETS))
             assert res["requested"] == n
 
@@ -208,7 +247,26 @@ def soak(m, stress, tmp_path) -> None:
             assert tail == bytes(len(tail)), "grown pages are not zero"
             elastic.truncate(ELASTIC_KEEP * PAGE)
 
+        def hints(rng: random.Random) -> None:
+            region, pages = rng.choice(((cpu, CPU_PAGES), (dev, DEV_PAGES)))
+            first = rng.randrange(pages)
+            n = rng.randint(1, min(128, pages - first))
+            region.advise(first * PAGE, n * PAGE, rng.choice(ADVICE))
+            time.sleep(0.005)
+
+        def oversubscribe(rng: random.Random) -> None:
+            # A kernel over more than gpu0's memory: it evicts as it goes.
+            k = rng.randrange(1, 1 << 20)
+            res = gpu.access("add", "hog", 0, HOG_PAGES * PAGE, k)
+            assert res["status"] == "ok"
+            hog_total[0] += k
+            if rng.random() < 0.3:
+                got = gpu.access("read", "hog", 0, HOG_PAGES * PAGE)["crc32"]
+                assert got == zlib.crc32(page_of(hog_total[0]) * HOG_PAGES), "hog differs from its model"
+
         w.start("migrate-cpu-1", migrate_cpu)
+        w.start("hints", hints)
+        w.start("oversubscribe", oversubscribe)
         w.start("migrate-cpu-2", migrate_cpu)
         w.start("policies", policies)
         w.start("device-kernels", device_kernels)
@@ -233,14 +291,26 @@ def soak(m, stress, tmp_path) -> None:
         for p in range(DEV_PAGES):
             assert data[p * PAGE:(p + 1) * PAGE] == page_of(model[p]), f"dev page {p}"
 
-        # Counters agree: every page a region holds is used on a node or device, and nothing else is.
+        with open(hog.data, "rb") as f:
+            assert f.read() == page_of(hog_total[0]) * HOG_PAGES, "hog differs from its model"
+        assert w.counts["oversubscribe"] > 0
+
+        # Counters agree: every page a region holds is used on a node or
+        # device, and so is every read duplicate (gpu0's in its memory,
+        # cdm0's on node 1), and nothing else.
+        for r in (cpu, dev):
+            r.wait_prefetch()
         regions = [m.region(name).stat for name in m.regions]
         on_nodes = {n: sum(st[f"N{n}"] for st in regions) for n in m.nodes}
+        on_nodes[1] += cdm.stat["duplicated"]
         for n in m.nodes:
             assert m.node(n).meminfo["MemUsed"] == on_nodes[n] * PAGE // 1024, n
         private = sum(st["private:gpu0"] for st in regions)
-        assert gpu.meminfo["MemUsed"] == private * PAGE // 1024
+        assert gpu.meminfo["MemUsed"] == (private + gpu.stat["duplicated"]) * PAGE // 1024
+        assert sum(st["duplicated"] for st in regions) <= gpu.stat["duplicated"] + cdm.stat["duplicated"]
         # And the core's own invariants: allocator, page tables, reverse map, counters.
         with open(os.path.join(m.path, "sys/kernel/debug/cdmfs/check")) as f:
             assert f.read() == "ok\n"
-        print(f"soak {SECONDS:.0f}s: {w.counts}, stress: {out.strip()}")
+        hinted = {k: gpu.stat[k] + cdm.stat[k] for k in ("evictions", "counter_migrations", "duplicated")}
+        hinted["evictions_while_running"] = gpu.stat["evictions"] - evictions0
+        print(f"soak {SECONDS:.0f}s: {w.counts}, stress: {out.strip()}, devices: {hinted}")

@@ -13,6 +13,7 @@ reads, and again after a device write, so the CPU's next access faults.
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator
@@ -20,7 +21,9 @@ from typing import TYPE_CHECKING, Iterator
 from .._core import ffi, lib
 from ..config import PAGE_SIZE, DeviceSpec
 from ..lib.sched import cond_resched
+from ..mm import advice as adv
 from ..mm import memory_failure
+from ..mm.evict import MODES as EVICTION_MODES
 from ..mm import migrate_device as migrate
 from ..mm.machine import Machine, PageMap
 from ..mm.migrate_device import Target
@@ -36,11 +39,18 @@ MAP_WRITE = bytes([PT_WRITE] * 3) + bytes(253)
 OPS = {"read": lib.CDM_OP_READ, "write": lib.CDM_OP_WRITE, "add": lib.CDM_OP_ADD,
        "touch": lib.CDM_OP_TOUCH}
 FAULT_POLICIES = ("migrate", "remote")
+COUNTER_GRANULES = {"64K": (64 << 10) // PAGE_SIZE, "2M": (2 << 20) // PAGE_SIZE,
+                    "16M": (16 << 20) // PAGE_SIZE}
+COUNTER_GRANULES_BY_PAGES = {v: k for k, v in COUNTER_GRANULES.items()}
+MAX_COUNTER_THRESHOLD = 1 << 32
+READ_MOSTLY_KEY = adv.READ_MOSTLY
 MIRROR_CHUNK = 1 << 12      # pages per chunk of a device page table
 OP_CHUNK = 1 << 12          # pages per native device op: 16 MiB, a few ms at most
 READ_RETRIES = 3            # reads again after CPU stores raced them, at most this often
 STAT_KEYS = ("faults", "fault_batches", "migrated_to", "migrated_from", "local_bytes",
-             "remote_bytes", "invalidations", "modeled_ns", "truncated_accesses")
+             "remote_bytes", "invalidations", "modeled_ns", "truncated_accesses",
+             "counter_notifications", "counter_migrations", "evictions", "evicted_bytes",
+             "duplicated")
 
 
 @dataclass
@@ -122,6 +132,9 @@ class Mirror:
                 del self.chunks[c]
         return dropped
 
+    def set(self, page: int, value: int) -> None:
+        self._chunk(page // MIRROR_CHUNK)[page % MIRROR_CHUNK] = value
+
     def entry(self, page: int) -> int:
         chunk = self.chunks.get(page // MIRROR_CHUNK)
         return PT_NONE if chunk is None else chunk[page % MIRROR_CHUNK]
@@ -135,6 +148,13 @@ class Device:
     fault_policy: str = ""
     stats: dict = field(default_factory=lambda: dict.fromkeys(STAT_KEYS, 0))
     mirrors: dict = field(default_factory=dict)   # region id -> Mirror
+    # Access counters: a threshold (0: off), the granule in pages, and the
+    # count of each granule touched since its last notification.
+    counter_threshold: int = 0
+    counter_granule: int = 0
+    access_counts: dict = field(default_factory=dict)  # (region id, granule) -> accesses
+    # Read duplication: region id -> {page: PFN of the device's read-only copy}.
+    dups: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.fault_policy:
@@ -143,6 +163,20 @@ class Device:
     @property
     def pool(self) -> int:
         return self.pgmap.pool
+
+    @property
+    def lru(self):
+        """Its memory's LRU and eviction switch (mm/evict.py)."""
+        return self.machine.evictors[self.pool]
+
+    @property
+    def eviction(self) -> str:
+        return self.lru.mode
+
+    def set_eviction(self, mode: str) -> None:
+        if mode not in EVICTION_MODES:
+            raise ValueError(f"expected one of {', '.join(EVICTION_MODES)}")
+        self.lru.mode = mode
 
     @property
     def online(self) -> bool:
@@ -172,10 +206,57 @@ class Device:
         return pt
 
     def invalidate(self, region: "Region", first: int, n: int) -> None:
-        """mmu_notifier: drop the device's entries of pages [first, first + n)."""
+        """mmu_notifier: drop the device's entries of pages [first, first + n).
+        Pages it is ``accessed_by`` are mapped again where they are now."""
         pt = self.mirrors.get(region.id)
         if pt is not None and n > 0 and pt.clear(first, first + n):
             self.stats["invalidations"] += 1
+        if region.id in self.dups and self.drop_duplicates(region, first, n) and not region.removed:
+            lib.cdm_region_collapse(self.machine.core, region.core, first, n)
+        if self.accessed_key in region.advice.kinds:
+            for s, e, _ in region.advice.spans(self.accessed_key, first, first + n):
+                self.map_reachable(region, s, e - s)
+
+    @property
+    def accessed_key(self) -> str:
+        return f"{adv.ACCESSED_BY}:{self.name}"
+
+    def map_reachable(self, region: "Region", first: int, n: int) -> int:
+        """Maps the present pages of [first, first + n) the device can reach
+        where they lie (any node; private memory only its own): what
+        ``accessed_by`` keeps mapped.  Costs the pages present."""
+        if region.removed:
+            return 0
+        pt = self.mirror(region)
+        mapped = 0
+        for s, k in region.present_spans(first, first + n):
+            ptes = ffi.new("uint64_t[]", k)
+            lib.cdm_region_ptes(self.machine.core, region.core, s, k, ptes)
+            for j in range(k):
+                pte = ptes[j]
+                if not pte & lib.CDM_PTE_PRESENT or pte & lib.CDM_PTE_POISONED:
+                    continue
+                if pte & lib.CDM_PTE_PRIVATE and \
+                        (pte & lib.CDM_PTE_POOL_MASK) >> lib.CDM_PTE_POOL_SHIFT != self.pool:
+                    continue
+                pt.set(s + j, PT_WRITE)
+                mapped += 1
+        return mapped
+
+    def on_advise(self, region: "Region", first: int, n: int, what: str, arg: object) -> None:
+        """accessed_by:DEV maps the range's pages now; unsetting it drops the
+        remote entries (the device's next access faults as usual)."""
+        if what == adv.ACCESSED_BY and arg == self.name:
+            self.map_reachable(region, first, n)
+        elif what == "unset" and arg == adv.READ_MOSTLY and region.id in self.dups:
+            # Duplication ends: the duplicates go, and their read-only
+            # entries, so that the next access faults as the policy says.
+            self.collapse_mine(region, first, n)
+        elif what == "unset" and arg in (adv.ACCESSED_BY, self.accessed_key):
+            pt = self.mirrors.get(region.id)
+            if pt is not None:
+                pt.clear(first, first + n)
+                self.map_own(region, first, n)
 
     def map_own(self, region: "Region", first: int, n: int) -> None:
         """Maps the pages of [first, first + n) that live in this device's
@@ -191,6 +272,221 @@ class Device:
 
     def forget(self, region: "Region") -> None:
         self.mirrors.pop(region.id, None)
+        self._free_region_dups(region.id)
+        for key in [k for k in self.access_counts if k[0] == region.id]:
+            del self.access_counts[key]
+
+    # ------------------------------------------------------------ read duplication
+
+    def _duplicate(self, region: "Region", first: int, n: int) -> int:
+        """read_mostly: the pages of [first, first + n) under the advice that
+        lie on a node (not in this device's memory) get a read-only duplicate
+        in its memory, the CPU keeping its copy.  Duplicates take free memory
+        only: they never evict pages (and are the first thing eviction takes
+        back), so fewer pages are duplicated when memory is short.  Returns
+        pages duplicated."""
+        m = self.machine
+        spans = region.advice.spans(READ_MOSTLY_KEY, first, first + n)
+        if not spans or region.removed:
+            return 0
+        # No await from here on: the candidates stay what they are.
+        dups = self.dups.setdefault(region.id, {})
+        pages = []
+        for s, e, _ in spans:
+            for ps, k in region.present_spans(s, e):
+                ptes = ffi.new("uint64_t[]", k)
+                lib.cdm_region_ptes(m.core, region.core, ps, k, ptes)
+                for j in range(k):
+                    pte = ptes[j]
+                    if pte & lib.CDM_PTE_PRESENT and not pte & (lib.CDM_PTE_PRIVATE | lib.CDM_PTE_POISONED) \
+                            and (pte & lib.CDM_PTE_POOL_MASK) >> lib.CDM_PTE_POOL_SHIFT != self.pool \
+                            and ps + j not in dups:
+                        pages.append(ps + j)
+        count = min(len(pages), self.lru.free_pages())
+        if not count:
+            if not dups:
+                del self.dups[region.id]
+            return 0
+        pages = pages[:count]
+        frames = ffi.new("uint64_t[]", count)
+        if lib.cdm_pool_alloc(m.core, self.pool, count, frames):
+            return 0
+        done = ffi.new("uint8_t[]", count)
+        # cdm_region_duplicate takes a dst per page of a range: runs of pages.
+        made = 0
+        k = 0
+        while k < count:
+            j = k
+            while j + 1 < count and pages[j + 1] == pages[j] + 1:
+                j += 1
+            made += lib.cdm_region_duplicate(m.core, region.core, pages[k], j - k + 1, frames + k, done + k)
+            k = j + 1
+        unused = [frames[k] for k in range(count) if not done[k]]
+        if unused:
+            lib.cdm_pool_free(m.core, ffi.new("uint64_t[]", unused), len(unused))
+        for k in range(count):
+            if done[k]:
+                dups[pages[k]] = frames[k]
+        self.stats["duplicated"] += made
+        m.duplicates += made
+        if made:
+            m.events.emit("duplicate", device=self.name, region=region, first=first, n=n, pages=made)
+        return made
+
+    def collapse_mine(self, region: "Region", first: int, n: int) -> None:
+        """Collapses the duplicates of [first, first + n) (every device's)
+        and drops this device's entries of the pages it had duplicated."""
+        mine = self.dups.get(region.id, {})
+        pages = [p for p in range(first, first + n) if p in mine] if n <= len(mine) \
+            else [p for p in mine if first <= p < first + n]
+        self.machine.collapse_duplicates(region, first, n)
+        pt = self.mirrors.get(region.id)
+        if pt is not None:
+            for p in pages:
+                pt.set(p, PT_NONE)
+
+    def drop_duplicates(self, region: "Region", first: int, n: int) -> int:
+        """Frees this device's duplicates of [first, first + n).  The caller
+        clears the pages' mark (Machine.collapse_duplicates)."""
+        d = self.dups.get(region.id)
+        if not d:
+            return 0
+        end = first + n
+        pages = [p for p in d if first <= p < end] if len(d) <= n else [p for p in range(first, end) if p in d]
+        if not pages:
+            return 0
+        frames = [d.pop(p) for p in pages]
+        if not d:
+            del self.dups[region.id]
+        lib.cdm_pool_free(self.machine.core, ffi.new("uint64_t[]", frames), len(frames))
+        self.stats["duplicated"] -= len(pages)
+        self.machine.duplicates -= len(pages)
+        return len(pages)
+
+    def reclaim_duplicates(self, need: int) -> int:
+        """Full memory: gives back up to need pages of read duplicates (at
+        least one run), collapsed like any write would; the pages are read
+        where they are again.  Returns pages freed."""
+        m = self.machine
+        freed = 0
+        for rid in list(self.dups):
+            region = m.regions.by_id.get(rid) if m.regions is not None else None
+            if region is None or region.removed:
+                freed += len(self.dups.get(rid, ()))
+                self._free_region_dups(rid)
+                continue
+            pages = sorted(self.dups.get(rid, ()))
+            k = 0
+            while k < len(pages) and freed < need:
+                j = k
+                while j + 1 < len(pages) and pages[j + 1] == pages[j] + 1 and j + 1 - k < need - freed:
+                    j += 1
+                before = self.stats["duplicated"]
+                self.collapse_mine(region, pages[k], j - k + 1)
+                freed += before - self.stats["duplicated"]
+                k = j + 1
+            if freed >= need:
+                break
+        return freed
+
+    def drop_all_duplicates(self) -> None:
+        """Every duplicate goes (the device leaves service, or its memory is lost)."""
+        m = self.machine
+        for rid in list(self.dups):
+            region = m.regions.by_id.get(rid) if m.regions is not None else None
+            if region is None or region.removed:
+                self._free_region_dups(rid)
+            else:
+                m.collapse_duplicates(region, 0, region.npages)
+
+    def _free_region_dups(self, rid: int) -> None:
+        d = self.dups.pop(rid, None)
+        if d:
+            lib.cdm_pool_free(self.machine.core, ffi.new("uint64_t[]", list(d.values())), len(d))
+            self.stats["duplicated"] -= len(d)
+            self.machine.duplicates -= len(d)
+
+    # ------------------------------------------------------------ access counters
+
+    def counters_text(self) -> str:
+        if not self.counter_threshold:
+            return "0\n"
+        return f"{self.counter_threshold} {COUNTER_GRANULES_BY_PAGES[self.counter_granule]}\n"
+
+    def set_counters(self, text: str) -> None:
+        """``0`` (off) or ``THRESHOLD GRANULARITY``: parsed whole, a bad one
+        changes nothing; any change starts every counter from zero."""
+        words = text.split()
+        if words == ["0"]:
+            threshold, granule = 0, 0
+        elif len(words) == 2 and words[0].isdigit() and words[1] in COUNTER_GRANULES:
+            threshold, granule = int(words[0]), COUNTER_GRANULES[words[1]]
+            if not 1 <= threshold <= MAX_COUNTER_THRESHOLD:
+                raise ValueError(f"THRESHOLD must be 1..{MAX_COUNTER_THRESHOLD}")
+        else:
+            raise ValueError(f"expected 0 or THRESHOLD GRANULARITY ({', '.join(COUNTER_GRANULES)})")
+        self.counter_threshold, self.counter_granule = threshold, granule
+        self.access_counts.clear()
+
+    async def _count_accesses(self, region: "Region", first: int, n: int, res: AccessResult) -> None:
+        """Volta-style access counters: every page the access touched outside
+        the device's memory counts one access to its granule; a granule that
+        reaches the threshold notifies the driver, which migrates it in and
+        starts its counter again.  Costs a census per granule touched."""
+        m = self.machine
+        gp = self.counter_granule
+        present = ffi.new("uint64_t[]", lib.CDM_MAX_POOLS)
+        dirty = ffi.new("uint64_t[]", lib.CDM_MAX_POOLS)
+        end = min(first + n, region.npages)
+        if end <= first:
+            return
+        for g in range(first // gp, (end - 1) // gp + 1):
+            a, b = max(first, g * gp), min(end, (g + 1) * gp)
+            ffi.memmove(present, bytes(8 * lib.CDM_MAX_POOLS), 8 * lib.CDM_MAX_POOLS)
+            lib.cdm_region_census(m.core, region.core, a, b - a, present, dirty)
+            remote = sum(present) - present[self.pool]
+            mine = self.dups.get(region.id)
+            if mine and remote > 0:
+                remote -= sum(1 for p in range(a, b) if p in mine)     # read from its duplicates
+            if remote <= 0:
+                continue
+            key = (region.id, g)
+            count = self.access_counts.get(key, 0) + remote
+            if count < self.counter_threshold:
+                self.access_counts[key] = count
+                continue
+            self.access_counts.pop(key, None)
+            self.stats["counter_notifications"] += 1
+            m.events.emit("counter_notification", device=self.name, region=region, first=g * gp, n=gp)
+            moved = await self._counter_migrate(region, g * gp, min((g + 1) * gp, region.npages))
+            if moved:
+                self.stats["counter_migrations"] += 1
+                res.migrated += moved
+                res.modeled_ns += transfer_ns(moved * PAGE_SIZE, self.remote_figures().read_bandwidth)
+
+    async def _counter_migrate(self, region: "Region", a: int, b: int) -> int:
+        """Moves the granule's pages into the device's memory, subject to the
+        switches (a coherent node's ``numa_balancing``, and the source nodes'),
+        the ranges' policies (a ``bind`` without the device's node keeps its
+        pages), advice (pages preferring elsewhere stay) and pins (skipped).
+        Untouched pages are not allocated."""
+        m = self.machine
+        if not self.online or a >= b:
+            return 0
+        if self.spec.coherent and not m.nodes[self.spec.node].numa_balancing:
+            return 0
+        from_pools = sum(1 << node.pool for node in m.nodes.values() if node.numa_balancing)
+        target = dataclasses.replace(self.target(), device_memory=False)
+        moved = 0
+        for ps, pe, policy in region.policy_segments(a, b):
+            if self.spec.coherent and policy.mode == "bind" and self.spec.node not in policy.nodes:
+                continue
+            for s, e, pref in region.advice.segments(adv.PREFERRED, ps, pe):
+                if pref is not None and pref != self.own_target:
+                    continue
+                moved += (await migrate.migrate_range(m, region, s, e - s, target,
+                                                      from_pools=from_pools)).migrated
+        return moved
 
     # ------------------------------------------------------------ access
 
@@ -221,7 +517,14 @@ class Device:
         m = self.machine
         pt = self.mirror(region)
         res = AccessResult(bytes=n * PAGE_SIZE)
+        writing = op in ("write", "add")
+        if writing and region.id in self.dups:
+            # The writer's copy wins: its duplicates are collapsed (everyone's
+            # are) and its read-only entries dropped, so that the write
+            # faults them in as any write would.
+            self.collapse_mine(region, first, n)
         res.faults = pt.unmapped(first, first + n)
+        window = self._fault_window(n) if res.faults else 0
         if res.faults:
             self.stats["faults"] += res.faults
             self.stats["fault_batches"] += 1
@@ -229,17 +532,29 @@ class Device:
                           faults=res.faults)
             region.device_faults += res.faults
             res.modeled_ns += self.remote_figures().read_latency
-            await self._fault(region, first, n, res)
+            if not window:
+                await self._fault(region, first, n, res, reading=not writing)
         # Coherence: take the CPU's dirty copies back before the device looks.
         if m.cpu_mapped(region, first, n):
             await m.cpu_unmap(region, first, n)
-        writing = op in ("write", "add")
+        step = window or OP_CHUNK
+        table = MAP_WRITE if writing else MAP_READ
         for attempt in range(READ_RETRIES):
             crc = cpu_pages = res.local_bytes = res.remote_bytes = 0
             # The kernel runs in chunks that yield in between: a device reading
-            # a gigabyte must not hold up everyone else's requests.
-            for start in range(first, first + n, OP_CHUNK):
-                out = await self._op_chunk(region, start, min(OP_CHUNK, first + n - start), op, arg, crc, res)
+            # a gigabyte must not hold up everyone else's requests.  A kernel
+            # over more than its memory (oversubscription) faults a window at
+            # a time, so that eviction makes room for each window in turn.
+            for start in range(first, first + n, step):
+                k = min(step, first + n - start)
+                if window and pt.unmapped(start, start + k):
+                    await self._fault(region, start, k, res, reading=not writing)
+                    if m.cpu_mapped(region, start, k):
+                        await m.cpu_unmap(region, start, k)
+                out = await self._run_chunk(region, start, k, op, arg, crc, res)
+                if window:
+                    pt.map(start, min(start + k, region.npages), table)
+                    self.lru.touch(region, start, k)
                 crc = out.crc
                 cpu_pages += out.cpu_pages
                 res.local_bytes += out.local_bytes
@@ -255,15 +570,57 @@ class Device:
                 break
         # A truncation after the last device op took pages of the range away:
         # the device keeps no entry past the end.
-        pt.map(first, min(first + n, region.npages), MAP_WRITE if writing else MAP_READ)
+        if not window:
+            pt.map(first, min(first + n, region.npages), table)
+            self.lru.touch(region, first, n)
         own_fig, remote_fig = self.own_figures(), self.remote_figures()
         res.modeled_ns += transfer_ns(res.local_bytes, own_fig.write_bandwidth if writing else own_fig.read_bandwidth)
         res.modeled_ns += transfer_ns(res.remote_bytes, remote_fig.write_bandwidth if writing else remote_fig.read_bandwidth)
         if op == "read":
             res.crc32 = crc
+        if not writing and READ_MOSTLY_KEY in region.advice.kinds:
+            dup = self._duplicate(region, first, n)
+            res.modeled_ns += transfer_ns(dup * PAGE_SIZE, remote_fig.read_bandwidth)
+        if self.counter_threshold:
+            await self._count_accesses(region, first, n, res)
         for key in ("local_bytes", "remote_bytes", "modeled_ns"):
             self.stats[key] += getattr(res, key)
         return res
+
+    async def _run_chunk(self, region: "Region", first: int, n: int, op: str, arg: int, crc: int,
+                         res: AccessResult):
+        """One chunk of a kernel: a read takes the pages this device holds a
+        duplicate of from the duplicate (local), the others by a native op."""
+        dups = self.dups.get(region.id)
+        if op in ("write", "add") or not dups:
+            return await self._op_chunk(region, first, n, op, arg, crc, res)
+        m = self.machine
+        total = ffi.new("struct cdm_op_result *")
+        total.crc = crc
+        pos, end = first, first + n
+        while pos < end:
+            dups = self.dups.get(region.id) or {}
+            e = pos
+            if pos in dups:
+                # Read at once, with no await between the lookup and the
+                # bytes: a write collapses the duplicates before it writes.
+                while e < end and e in dups:
+                    e += 1
+                frames = ffi.new("uint8_t *[]", [lib.cdm_pfn_addr(m.core, dups[p]) for p in range(pos, e)])
+                if op == "read":
+                    total.crc = lib.cdm_crc32_pages(total.crc, frames, e - pos)
+                total.local_bytes += (e - pos) * PAGE_SIZE
+                total.cpu_pages += lib.cdm_region_count(m.core, region.core, pos, e - pos, lib.CDM_PTE_CPU)
+            else:
+                while e < end and e not in dups:
+                    e += 1
+                out = await self._op_chunk(region, pos, e - pos, op, arg, total.crc, res)
+                total.crc = out.crc
+                total.local_bytes += out.local_bytes
+                total.remote_bytes += out.remote_bytes
+                total.cpu_pages += out.cpu_pages
+            pos = e
+        return total
 
     async def _op_chunk(self, region: "Region", first: int, n: int, op: str, arg: int, crc: int,
                         res: AccessResult):
@@ -275,6 +632,10 @@ class Device:
         private_ok = own if not self.spec.coherent else 0
         for _ in range(64):
             out.crc = crc
+            if op in ("write", "add") and m.duplicates:
+                # A write collapses every duplicate first, with no await
+                # before it writes: no reader ever sees a stale copy.
+                m.collapse_duplicates(region, first, n)
             rc = lib.cdm_device_op(m.core, region.core, first, n, OPS[op], arg & 0xFFFFFFFFFFFFFFFF,
                                    own, private_ok, out)
             if rc == 0:
@@ -286,18 +647,41 @@ class Device:
                 await migrate.fault_back(m, region, first, first + n, 0,
                                          from_pools=m.private_pools_mask() & ~own)
             elif rc == -errno.ENOENT:
-                await self._fault(region, first, n, res)     # truncated and regrown meanwhile
+                await self._fault(region, first, n, res, reading=op not in ("write", "add"))     # truncated and regrown meanwhile
             else:
                 raise OSError(-rc, f"page {out.page}: {errno.errorcode.get(-rc, rc)}")
         raise OSError(errno.EAGAIN, "pages kept moving under the device")
 
-    async def _fault(self, region: "Region", first: int, n: int, res: AccessResult) -> None:
+    def _fault_window(self, n: int) -> int:
+        """Pages a kernel over n pages faults at a time: all of them (0),
+        unless they would not fit its memory and eviction may make room."""
+        if self.fault_policy != "migrate" or not self.lru.enabled:
+            return 0
+        total = self.machine.pool_stats(self.pool).npages
+        window = max(migrate.BATCH, min(OP_CHUNK, total // 4 // migrate.BATCH * migrate.BATCH))
+        return window if n > window else 0
+
+    async def _fault(self, region: "Region", first: int, n: int, res: AccessResult,
+                     reading: bool = False) -> None:
         """Device fault on pages [first, first + n): batched, as HMM does."""
         m = self.machine
-        if self.fault_policy == "migrate":
-            moved = await migrate.migrate_range(m, region, first, n, self.target())
-            res.migrated += moved.migrated
-            res.modeled_ns += transfer_ns(moved.migrated * PAGE_SIZE, self.remote_figures().read_bandwidth)
+        evicted = self.stats["evicted_bytes"]
+        for s, e, pref in region.advice.segments(adv.PREFERRED, first, first + n):
+            # preferred_location: pages that prefer this device's memory come
+            # in whatever the fault policy; pages that prefer somewhere else
+            # are reached where they lie.
+            move = pref == self.own_target if pref is not None else self.fault_policy == "migrate"
+            if not move:
+                continue
+            for a, b, rm in region.advice.segments(adv.READ_MOSTLY, s, e):
+                if rm and reading:
+                    continue        # read_mostly: a read duplicates, it does not migrate
+                moved = await migrate.migrate_range(m, region, a, b - a, self.target())
+                res.migrated += moved.migrated
+                res.modeled_ns += transfer_ns(moved.migrated * PAGE_SIZE, self.remote_figures().read_bandwidth)
+        # Evictions it caused: the chunks went back over the link.
+        res.modeled_ns += transfer_ns(self.stats["evicted_bytes"] - evicted,
+                                      self.remote_figures().write_bandwidth)
             # Pages that could not move (device memory full, pinned) are reached remotely.
         # Whatever is still absent is a first touch by the device, by the region's policy.
         await m.populate(region, first, n)
@@ -347,6 +731,8 @@ class Device:
         """Out of service (its memory evacuated to system RAM; EBUSY, and no
         change, if a pinned page is there) or back in, its memory empty."""
         hp = self.machine.hotplug
+        if not online:
+            self.drop_all_duplicates()
         changed = await (hp.online_device_memory(self.pgmap) if online
                          else hp.offline_device_memory(self.pgmap))
         if changed:
@@ -354,6 +740,7 @@ class Device:
 
     async def link_down(self) -> None:
         """The link is lost: every page in its memory is poisoned at once."""
+        self.drop_all_duplicates()
         await memory_failure.link_down(self.machine.hotplug, self.pgmap)
         self.mirrors.clear()
 
@@ -381,6 +768,11 @@ class Device:
         if target.pool == self.pool:
             self.map_own(region, first, n)
 
+    def on_evict(self, device: str, region: "Region", first: int, n: int, moved: int) -> None:
+        if device == self.name:
+            self.stats["evictions"] += 1
+            self.stats["evicted_bytes"] += moved * PAGE_SIZE
+
 
 def probe(m: Machine) -> dict[str, Device]:
     """The devices of the machine's topology, each mirroring the regions it
@@ -392,4 +784,8 @@ def probe(m: Machine) -> dict[str, Device]:
         m.mmu_notifiers.append(dev.invalidate)
         m.events.subscribe("migrate", dev.on_migrate)
         m.events.subscribe("region_removed", dev.forget)
+        m.events.subscribe("evict", dev.on_evict)
+        m.events.subscribe("advise", dev.on_advise)
+        m.duplicate_droppers.append(dev.drop_duplicates)
+        dev.lru.reclaimers.append(dev.reclaim_duplicates)
     return devices

@@ -182,6 +182,12 @@ def serve(mountpoint: str, topo: Topology, allow_other: bool = False,
                         pyfuse3.terminate()
                         return
             nursery.start_soon(on_signal)
+            ops.machine.background = nursery       # prefetches run here
+            if rt:
+                # While background work runs, attributes it changes (meminfo,
+                # a device's stat) are not served from the router's cache.
+                ops.machine.background_hooks.append(
+                    lambda begin: rt.attr_begin() if begin else rt.attr_end())
             if rt:
                 async def on_router_end() -> None:
                     # Unmounted (the router read ENODEV): pyfuse3's loop

@@ -136,6 +136,8 @@ def add_device(tree: Tree, m: Machine, dev: Device) -> None:
     tree.add(d, "stat", Attr(lambda: formats.kv_lines(dev.stats.items())))
     tree.add(d, "online", Attr(lambda: f"{int(dev.online)}\n", lambda t: online_store(dev, t)))
     tree.add(d, "inject", Attr(None, lambda t: inject_store(dev, t)))
+    tree.add(d, "access_counters", Attr(dev.counters_text, dev.set_counters))
+    tree.add(d, "eviction", Attr(lambda: f"{dev.eviction}\n", lambda t: dev.set_eviction(t.strip())))
 
 
 def build(tree: Tree, m: Machine, devices: dict[str, Device]) -> None:

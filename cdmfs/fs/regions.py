@@ -6,6 +6,7 @@ import stat
 from typing import Callable, Optional
 
 from ..config import PAGE_SIZE
+from ..mm import advice as adv
 from ..mm import gup
 from ..mm import mempolicy as mpol
 from ..mm import migrate_device as migrate
@@ -14,7 +15,8 @@ from ..mm.region import Region
 from . import formats
 from .tree import Attr, Dir, Entry, Transaction, Tree, walk
 
-ADVICE = ("pin", "unpin", "remove")
+ADVICE = ("pin", "unpin", "remove", "preferred_location:TARGET", "accessed_by:DEVICE", "read_mostly",
+          "prefetch:TARGET", "unset:ADVICE")
 
 
 class DataFile(Entry):
@@ -120,25 +122,66 @@ def pagemap_read(region: Region, off: int, size: int, privileged: bool) -> bytes
         return region.pagemap(first, n, show_pfn=privileged)
 
 
+def parse_advice(m: Machine, word: str) -> tuple[str, object]:
+    """An ADVICE word: (what, argument), checked whole.  ValueError for an
+    unknown advice, target or device; ENODEV for an offline target."""
+    kind, sep, arg = word.partition(":")
+    if kind in ("pin", "unpin", "remove", adv.READ_MOSTLY) and not sep:
+        return kind, None
+    if kind in (adv.PREFERRED, "prefetch") and sep:
+        pgmap = m.pgmaps.get(arg)
+        if pgmap is not None and pgmap.spec.coherent:
+            arg = f"node:{pgmap.spec.node}"        # a coherent device: its node
+        return kind, m.target(arg)
+    if kind == adv.ACCESSED_BY and sep:
+        if arg not in m.pgmaps:
+            raise ValueError(f"no device {arg!r}")
+        return kind, arg
+    if kind == "unset" and sep:
+        what, sep2, dev = arg.partition(":")
+        if what in (adv.PREFERRED, adv.READ_MOSTLY) and not sep2:
+            return kind, what
+        if what == adv.ACCESSED_BY and (not sep2 or dev in m.pgmaps):
+            return kind, arg
+        raise ValueError(f"cannot unset {arg!r} (preferred_location, accessed_by[:DEVICE], read_mostly)")
+    raise ValueError(f"unknown advice {word!r} (expected one of {', '.join(ADVICE)})")
+
+
 async def advise_store(m: Machine, region: Region, text: str) -> None:
-    """``START LENGTH ADVICE`` (SPEC §6.3): ``pin`` or ``unpin`` for now."""
+    """``START LENGTH ADVICE`` (SPEC §6.3), parsed whole first: a bad request
+    (EINVAL) changes nothing."""
     words = text.split()
     if len(words) != 3:
         raise ValueError("expected START LENGTH ADVICE")
     first, n = parse_range(region, words[0], words[1])
-    if words[2] not in ADVICE:
-        raise ValueError(f"unknown advice {words[2]!r} (expected {' or '.join(ADVICE)})")
-    if words[2] == "pin":
+    what, arg = parse_advice(m, words[2])
+    end = first + n
+    if what == "pin":
         await gup.pin(m, region, first, n)
-    elif words[2] == "remove":
+    elif what == "unpin":
+        gup.unpin(m, region, first, n)
+    elif what == "remove":
         # madvise(MADV_REMOVE): the range's pages are freed and read zero.
         await region.punch(first * PAGE_SIZE, n * PAGE_SIZE)
+    elif what == "prefetch":
+        # Returns at once; the region's stat shows progress and completion.
+        await m.spawn(adv.prefetch, m, region, first, n, arg)
+    elif what == adv.PREFERRED:
+        region.advice.set(adv.PREFERRED, first, end, arg.name)
+    elif what == adv.ACCESSED_BY:
+        region.advice.set(f"{adv.ACCESSED_BY}:{arg}", first, end, True)
+    elif what == adv.READ_MOSTLY:
+        region.advice.set(adv.READ_MOSTLY, first, end, True)
     else:
-        gup.unpin(m, region, first, n)
+        region.advice.unset(arg, first, end)
+    m.events.emit("advise", region=region, first=first, n=n, what=what, arg=arg)
 
 
 def advise_show(m: Machine, region: Region) -> str:
-    return "".join(f"{a * PAGE_SIZE} {k * PAGE_SIZE} pin\n" for a, k in gup.pinned_ranges(m, region))
+    """Every advice of the region, a line per range: ``START LENGTH ADVICE...``."""
+    pins = [(a, a + k, "pin") for a, k in gup.pinned_ranges(m, region)]
+    return "".join(f"{a * PAGE_SIZE} {(b - a) * PAGE_SIZE} {' '.join(words)}\n"
+                   for a, b, words in region.advice.listing(pins))
 
 
 def owner_pid_store(region: Region, watch: Callable[[Region, int], None], text: str) -> None:

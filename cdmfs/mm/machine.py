@@ -22,6 +22,7 @@ from ..lib.events import Events
 from ..lib.sched import cond_resched
 from . import mempolicy as mpol
 from . import vmscan
+from .evict import DeviceLru
 from .memory_hotplug import MemoryHotplug
 from .memory_tiers import MemoryTiers
 from .migrate_device import Target
@@ -135,6 +136,11 @@ class Machine:
             pool = self.nodes[dev.node].pool if dev.coherent else self.private[dev.name].pool
             self.pgmaps[dev.name] = PageMap(dev.name, dev, pool)
             self.pool_owner[pool] = dev.name
+        # Oversubscription: each device memory's LRU and eviction switch.
+        self.evictors: dict[int, DeviceLru] = {
+            pm.pool: DeviceLru(self, pm.pool, name, pm.spec.coherent,
+                               pm.spec.node if pm.spec.coherent else None)
+            for name, pm in self.pgmaps.items()}
         self.events = Events()
         # mmu_interval_notifier: fn(region, first, npages) drops a mirror's entries.
         self.mmu_notifiers: list[Callable[["Region", int, int], None]] = []
@@ -150,12 +156,66 @@ class Machine:
         self.kswapd = vmscan.Kswapd(self)
         self._faultbacks = ffi.new("struct cdm_faultback[]", FAULTBACK_BATCH)
         self._applying = False
+        # Where background work runs (prefetch): a trio nursery the daemon
+        # gives; without one it runs to completion at once.
+        self.background = None
+        # Told True when background work starts (synchronously, within the
+        # request that starts it) and False when it ends: what a view cached
+        # from outside (the router's attribute cache) must know, since that
+        # work changes what attributes show without any request.
+        self.background_hooks: list[Callable[[bool], None]] = []
+        # Read duplication: pages duplicated in devices' memory (all of them),
+        # and each device's way to free its duplicates of a range.
+        self.duplicates = 0
+        self.duplicate_droppers: list[Callable[["Region", int, int], int]] = []
+        self.events.subscribe("migrate", self._lru_on_migrate)
+        self.events.subscribe("region_removed", self._lru_forget)
+
+    def _lru_on_migrate(self, region: "Region", first: int, n: int, target: Target, moved: int,
+                        device_moves: dict[str, int]) -> None:
+        lru = self.evictors.get(target.pool)
+        if lru is not None and device_moves.get(lru.device, 0) > 0:
+            lru.touch(region, first, n)
+
+    def _lru_forget(self, region: "Region") -> None:
+        for lru in self.evictors.values():
+            lru.forget(region)
 
     async def cpu_unmap(self, region: "Region", first: int, npages: int) -> None:
         """Invalidates the CPU's copies of pages (the host page cache's, which
         only the filesystem can reach: it installs ``cpu_unmapper``)."""
         if self.cpu_unmapper is not None:
             await self.cpu_unmapper(region, first, npages)
+
+    async def spawn(self, fn: Callable[..., Awaitable[object]], *args) -> None:
+        """Runs fn(*args) in the background (the daemon's nursery), or now;
+        background_hooks hear of it before this returns and after it ends."""
+        for hook in self.background_hooks:
+            hook(True)
+
+        async def run() -> None:
+            try:
+                await fn(*args)
+            finally:
+                for hook in self.background_hooks:
+                    hook(False)
+        if self.background is not None:
+            self.background.start_soon(run)
+        else:
+            await run()
+
+    def collapse_duplicates(self, region: "Region", first: int, npages: int) -> int:
+        """Before a write of pages [first, first + npages): every device's
+        read-only duplicate of them goes, and their mark (which makes the
+        router leave a WRITE to Python).  Synchronous: the caller writes
+        with no await in between.  Returns duplicates dropped."""
+        if not self.duplicates or region.removed:
+            return 0
+        dropped = sum(drop(region, first, npages) for drop in self.duplicate_droppers)
+        if dropped:
+            lib.cdm_region_collapse(self.core, region.core, first, npages)
+            self.events.emit("collapse", region=region, first=first, n=npages, pages=dropped)
+        return dropped
 
     def check(self) -> str:
         """The core's invariant checker over every live region: "" when the

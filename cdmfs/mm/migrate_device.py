@@ -96,8 +96,14 @@ async def migrate_range(m: "Machine", region: "Region", first: int, npages: int,
             except OSError:
                 pass        # no RAM to bring them to: they stay where they are
             from_pools = (from_pools or ALL_POOLS) & ~others
+        lru = m.evictors.get(target.pool) if target.pool >= 0 else None
         start = first
         while start < end:
+            if lru is not None and lru.enabled:
+                # Oversubscription: room for this batch first, by eviction.
+                k = min(BATCH, end - start)
+                if lru.free_pages() < k:
+                    await lru.make_room(k - lru.resident(region, start, k), region, first, end)
             absent_err = _absent_error(m, target)
             if absent_err:
                 present = lib.cdm_region_next_present(m.core, region.core, start, end)

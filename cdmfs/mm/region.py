@@ -30,6 +30,7 @@ from .._core import ffi, lib
 from ..config import PAGE_SIZE
 from . import mempolicy as mpol
 from . import migrate_device as migrate
+from .advice import Advice, PrefetchStats
 from .machine import Machine
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,8 @@ class Region:
         self.migrated_pages = 0
         self.invalidations = 0
         self.migrations = 0             # migrations under way
+        self.advice = Advice()          # usermode hints (advise), by page range
+        self.prefetch = PrefetchStats()
         self._res = ffi.new("struct cdm_rw_result *")
         self._unlocked = trio.Event()
         self.publish_policies()
@@ -292,6 +295,9 @@ class Region:
         reclaims = 0
         while True:
             plan = m.plan(policy, m.local_node(pid))
+            if write and m.duplicates:
+                # Read duplicates go before the write, with no await between.
+                m.collapse_duplicates(self, off // PAGE_SIZE, (off + size - 1) // PAGE_SIZE + 1 - off // PAGE_SIZE)
             rc = lib.cdm_region_rw(m.core, self.core, off, size, buf, write, 1, plan, res)
             if rc == 0:
                 return
@@ -342,6 +348,10 @@ class Region:
         # (-ENOENT) and give their target frames back.  The zeroing of the
         # page the end cuts happens in the core, under its lock, in the call.
         old = self.npages
+        cut = min(size, self.size)
+        if cut % PAGE_SIZE and self.machine.duplicates:
+            # The page the (old or new) end cuts gets zeroed past it: a write.
+            self.machine.collapse_duplicates(self, cut // PAGE_SIZE, 1)
         rc = lib.cdm_region_truncate(self.machine.core, self.core, size)
         if rc:
             raise OSError(-rc, "cannot resize the page table" if rc == -errno.ENOMEM
@@ -350,6 +360,7 @@ class Region:
         npages = self.npages
         if npages < old:
             self.machine.invalidate_devices(self, npages, old - npages)
+            self.advice.truncate(npages)
             if self.ranges:
                 # mbind ranges stay inside the file.
                 self.set_range_policy(npages, max(old, self.ranges[-1][1]), None)
@@ -606,6 +617,12 @@ class Region:
             ("writebacks", self.writebacks + s.served_writes),
             ("pinned", s.nr_pinned),
             ("poisoned", s.nr_poisoned),
+            ("duplicated", s.nr_duplicated),
+            ("prefetch_requested", self.prefetch.requested),
+            ("prefetch_migrated", self.prefetch.migrated),
+            ("prefetch_skipped", self.prefetch.skipped),
+            ("prefetch_active", self.prefetch.active),
+            ("prefetch_done", self.prefetch.done),
         ]
         return items
 

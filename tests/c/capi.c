@@ -147,6 +147,30 @@ static int seed(const char *mount, const char *name, const char *device, size_t 
     return bad ? 2 : 0;
 }
 
+/* prefetch:TARGET returns at once: waits until the region's stat says no
+ * prefetch is under way any more. */
+static void wait_prefetch(const char *mount, const char *region)
+{
+    char path[4096], buf[4096];
+    snprintf(path, sizeof path, "%s/regions/%s/stat", mount, region);
+    for (int tries = 0; tries < 60000; tries++) {
+        int fd = open(path, O_RDONLY);
+        if (fd < 0)
+            die("open stat");
+        ssize_t k = read(fd, buf, sizeof buf - 1);
+        close(fd);
+        if (k < 0)
+            die("read stat");
+        buf[k] = 0;
+        char *line = strstr(buf, "\nprefetch_active ");
+        if (line && strtoul(line + strlen("\nprefetch_active "), NULL, 10) == 0)
+            return;
+        usleep(1000);
+    }
+    errno = ETIMEDOUT;
+    die("prefetch");
+}
+
 static int split(const char *mount, const char *r1, const char *r2)
 {
     size_t n = 8, len = 2 * n * PAGE;
@@ -203,6 +227,8 @@ static int split(const char *mount, const char *r1, const char *r2)
         die("unpin");
     if (cdmfs_prefetch(base, len, "cdm0") != 0)
         die("prefetch");
+    wait_prefetch(mount, r1);
+    wait_prefetch(mount, r2);
     where("prefetched", base);
     where("prefetched", base + len - 1);
     munmap(base, len);
