@@ -59,7 +59,7 @@ ENV = "CDMFS_ROUTER"
 # request_loop in native/router.c); measured defaults, overridden by
 # CDMFS_ROUTER_READERS / CDMFS_ROUTER_SPIN_US (cdmfs bench compares them).
 READERS, READERS_ENV = 1, "CDMFS_ROUTER_READERS"
-SPIN_US, SPIN_ENV = 50, "CDMFS_ROUTER_SPIN_US"
+SPIN_US, SPIN_ENV = 200, "CDMFS_ROUTER_SPIN_US"
 KERNEL_OPTIONS = ("default_permissions", "allow_other")   # passed to mount(2) as they are
 MNT_DETACH = 2
 
