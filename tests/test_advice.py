@@ -201,3 +201,31 @@ def test_prefetch_of_a_removed_region_loses_nothing(m):
     fill(r2, 2)
     assert m.device("gpu0").access("read", "adv_pf_rm2", 0, 1 * MB)["status"] == "ok"
     r2.remove()
+
+
+@pytest.mark.parametrize("router", ["1", "0"])
+def test_cpu_fault_back_goes_to_the_preferred_node(router, monkeypatch):
+    """A CPU fault is "a fault from elsewhere": pages in gpu0's memory whose
+    preferred location is cdm0's node come back to node 1 (the CPU maps
+    it), not to node 0 where the policy would place a new page; the rest
+    of the region by its policy.  With the router the core leaves those
+    fault-backs to Python; without it Python does them all."""
+    monkeypatch.setenv("CDMFS_ROUTER", router)
+    with cdmfs.mounted() as mnt:
+        r = mnt.region("adv_cpu", 64 * PAGE)
+        data = bytes(range(256)) * (64 * PAGE // 256)
+        with open(r.data, "r+b") as f:
+            f.write(data)
+        assert r.migrate(0, 64 * PAGE, "gpu0")["migrated"] == 64
+        r.advise(0, 32 * PAGE, "preferred_location:cdm0")
+        with open(r.data, "rb") as f:
+            assert f.read() == data                 # every page faulted back, intact
+        st = r.stat
+        assert (st["N1"], st["N0"], st["private:gpu0"]) == (32, 32, 0)
+        # Unset: the next fault-backs go by the policy again.
+        assert r.migrate(0, 64 * PAGE, "gpu0")["migrated"] == 64
+        r.advise(0, 64 * PAGE, "unset:preferred_location")
+        with open(r.data, "rb") as f:
+            assert f.read() == data
+        assert r.stat["N0"] == 64
+        r.remove()

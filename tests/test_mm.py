@@ -231,7 +231,7 @@ async def test_device_read_sees_cpu_stores_made_during_it(name):
     dirty: dict[int, bytearray] = {}    # the CPU's copies it stored to, not written back
     calls = []
 
-    async def cpu_unmapper(region, first, n):
+    async def cpu_unmapper(region, first, n, write_back=True):
         calls.append((first, n))
         for p in sorted(p for p in dirty if first <= p < first + n):
             await region.writeback(p * PAGE, bytes(dirty.pop(p)), pid)
@@ -268,7 +268,7 @@ async def test_truncation_after_a_device_write_leaves_no_entry_past_the_end():
     await r.writeback(0, bytes(npages * PAGE), pid)
     calls = []
 
-    async def cpu_unmapper(region, first, n):
+    async def cpu_unmapper(region, first, n, write_back=True):
         calls.append((first, n))
         lib.cdm_region_uncache(m.core, region.core, first, n)
         if len(calls) == 1:

@@ -181,6 +181,7 @@ class Filesystem(pyfuse3.Operations):
         # served; trio's shared pool (40) must not be what bounds them.
         self.unmap_threads = trio.CapacityLimiter(WAITING_QUEUE)
         machine.cpu_unmapper = self.cpu_unmap
+        machine.cpu_writer = self.cpu_write_back
 
     # ------------------------------------------------------------ inodes
 
@@ -667,11 +668,13 @@ class Filesystem(pyfuse3.Operations):
 
     # ------------------------------------------------------------ CPU page table
 
-    async def cpu_unmap(self, region: Region, first: int, npages: int) -> None:
+    async def cpu_unmap(self, region: Region, first: int, npages: int, write_back: bool = True) -> None:
         """mmu_notifier invalidate of pages [first, first+npages): the host
         kernel writes back dirty pages (WRITEs we serve meanwhile), unmaps and
         drops them; the next CPU access faults.  Runs in a thread that serves
-        no requests, since the write blocks on those WRITEs (DESIGN §2)."""
+        no requests, since the write blocks on those WRITEs (DESIGN §2).
+        write_back=False: the caller wrote the range back already
+        (cpu_write_back), so no descriptor is opened for it here."""
         ino = self.data_inodes.get(region.id)
         if ino is None or self.fuse_fd is None or region.removed:
             return
@@ -679,30 +682,46 @@ class Filesystem(pyfuse3.Operations):
             # Forget the belief first: a fault racing the invalidation sets it again.
             lib.cdm_region_uncache(self.machine.core, region.core, first, npages)
             rc = await trio.to_thread.run_sync(self._write_back_and_invalidate, region, ino, first,
-                                               npages, limiter=self.unmap_threads)
+                                               npages, write_back, limiter=self.unmap_threads)
             if rc not in (0, -errno.ENOENT):
                 raise OSError(-rc, "invalidating the CPU's copies failed")
             region.invalidations += 1
 
-    def _write_back_and_invalidate(self, region: Region, ino: int, first: int, npages: int) -> int:
+    async def cpu_write_back(self, region: Region, first: int, npages: int) -> None:
+        """Writes the dirty CPU pages of [first, first+npages) back (what a
+        migration of many batches does once, before the invalidation of each)."""
+        ino = self.data_inodes.get(region.id)
+        if ino is None or region.removed:
+            return
+        with region.hold():
+            await trio.to_thread.run_sync(self._write_back, region, ino, first, npages,
+                                          limiter=self.unmap_threads)
+
+    def _write_back_and_invalidate(self, region: Region, ino: int, first: int, npages: int,
+                                   write_back: bool) -> int:
+        """In a worker thread: the range written back (unless the caller did),
+        then invalidated."""
+        if write_back:
+            self._write_back(region, ino, first, npages)
+        return lib.cdm_fuse_inval(self.fuse_fd, ino, first * PAGE_SIZE, npages * PAGE_SIZE)
+
+    def _write_back(self, region: Region, ino: int, first: int, npages: int) -> None:
         """In a worker thread.  The kernel's invalidation writes each dirty
         page back in a WRITE of its own (fuse_launder_folio); a range
         write-back first sends them in WRITEs of up to max_pages (a few times
         faster for a batch of dirty pages).  It needs a descriptor of the
         data file: opened through the mount, checked to be this inode, and
         skipped (the invalidation launders instead) if anything is amiss."""
-        off, length = first * PAGE_SIZE, npages * PAGE_SIZE
-        if self.mountpoint and npages >= WRITEBACK_MIN_PAGES:
-            path = os.path.join(self.mountpoint, "regions", region.name, "data")
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-            except OSError:
-                fd = -1
-            if fd >= 0:
-                try:
-                    st = os.fstat(fd)
-                    if st.st_ino == ino and st.st_dev == os.stat(self.mountpoint).st_dev:
-                        lib.cdm_fuse_writeback(fd, off, length)
-                finally:
-                    os.close(fd)
-        return lib.cdm_fuse_inval(self.fuse_fd, ino, off, length)
+        if not self.mountpoint or npages < WRITEBACK_MIN_PAGES:
+            return
+        path = os.path.join(self.mountpoint, "regions", region.name, "data")
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            return
+        try:
+            st = os.fstat(fd)
+            if st.st_ino == ino and st.st_dev == os.stat(self.mountpoint).st_dev:
+                lib.cdm_fuse_writeback(fd, first * PAGE_SIZE, npages * PAGE_SIZE)
+        finally:
+            os.close(fd)

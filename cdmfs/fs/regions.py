@@ -174,6 +174,8 @@ async def advise_store(m: Machine, region: Region, text: str) -> None:
         region.advice.set(adv.READ_MOSTLY, first, end, True)
     else:
         region.advice.unset(arg, first, end)
+    if what not in ("pin", "unpin", "remove", "prefetch"):
+        region.publish_policies()       # preferred_location: the core leaves those fault-backs to Python
     m.events.emit("advise", region=region, first=first, n=n, what=what, arg=arg)
 
 

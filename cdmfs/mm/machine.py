@@ -144,7 +144,8 @@ class Machine:
         self.events = Events()
         # mmu_interval_notifier: fn(region, first, npages) drops a mirror's entries.
         self.mmu_notifiers: list[Callable[["Region", int, int], None]] = []
-        self.cpu_unmapper: Optional[Callable[["Region", int, int], Awaitable[None]]] = None
+        self.cpu_unmapper: Optional[Callable[["Region", int, int, bool], Awaitable[None]]] = None
+        self.cpu_writer: Optional[Callable[["Region", int, int], Awaitable[None]]] = None
         self.hotplug = MemoryHotplug(self)
         self.tiers = MemoryTiers(self)
         for kind in ("node_registered", "memory_online", "memory_offline", "device_offline",
@@ -181,11 +182,18 @@ class Machine:
         for lru in self.evictors.values():
             lru.forget(region)
 
-    async def cpu_unmap(self, region: "Region", first: int, npages: int) -> None:
+    async def cpu_unmap(self, region: "Region", first: int, npages: int, write_back: bool = True) -> None:
         """Invalidates the CPU's copies of pages (the host page cache's, which
-        only the filesystem can reach: it installs ``cpu_unmapper``)."""
+        only the filesystem can reach: it installs ``cpu_unmapper``);
+        write_back=False when the caller wrote them back already."""
         if self.cpu_unmapper is not None:
-            await self.cpu_unmapper(region, first, npages)
+            await self.cpu_unmapper(region, first, npages, write_back)
+
+    async def cpu_write_back(self, region: "Region", first: int, npages: int) -> None:
+        """Writes the CPU's dirty copies of pages back without dropping them
+        (the filesystem's ``cpu_writer``)."""
+        if self.cpu_writer is not None:
+            await self.cpu_writer(region, first, npages)
 
     async def spawn(self, fn: Callable[..., Awaitable[object]], *args) -> None:
         """Runs fn(*args) in the background (the daemon's nursery), or now;

@@ -97,6 +97,11 @@ async def migrate_range(m: "Machine", region: "Region", first: int, npages: int,
                 pass        # no RAM to bring them to: they stay where they are
             from_pools = (from_pools or ALL_POOLS) & ~others
         lru = m.evictors.get(target.pool) if target.pool >= 0 else None
+        # Dirty CPU pages are written back once for the whole range, in large
+        # WRITEs, rather than by each batch's invalidation.
+        written = npages > BATCH and lib.cdm_region_count(m.core, region.core, first, npages, lib.CDM_PTE_CPU) > 0
+        if written:
+            await m.cpu_write_back(region, first, npages)
         start = first
         while start < end:
             if lru is not None and lru.enabled:
@@ -112,7 +117,7 @@ async def migrate_range(m: "Machine", region: "Region", first: int, npages: int,
                     start = present
                     continue
             n = min(BATCH, end - start)
-            await _migrate_batch(m, region, start, n, target, from_pools, takeover, result)
+            await _migrate_batch(m, region, start, n, target, from_pools, takeover, result, not written)
             start += n
             await cond_resched()
     return result
@@ -137,7 +142,8 @@ def _absent_error(m: "Machine", target: "Target") -> int:
 
 
 async def _migrate_batch(m: "Machine", region: "Region", first: int, n: int, target: "Target",
-                         from_pools: int, takeover: bool, result: MigrateResult) -> None:
+                         from_pools: int, takeover: bool, result: MigrateResult,
+                         write_back: bool = True) -> None:
     src = ffi.new("uint64_t[]", n)
     dst = ffi.new("uint64_t[]", n)
     status = ffi.new("int32_t[]", n)
@@ -150,7 +156,7 @@ async def _migrate_batch(m: "Machine", region: "Region", first: int, n: int, tar
             mapped = lib.cdm_migrate_count(src, status, n, lib.CDM_PTE_CPU)
             if mapped:
                 for start, count in [(0, n)] if mapped == n else cpu_runs(src, status, n):
-                    await m.cpu_unmap(region, first + start, count)
+                    await m.cpu_unmap(region, first + start, count, write_back)
             lib.cdm_migrate_lock_src(m.core, region.core, first, n, src, status)
             if target.plan is not None:
                 got = lib.cdm_migrate_alloc_plan(m.core, first, n, target.plan.cdata, status, dst)
@@ -205,30 +211,42 @@ def skip_holes(result: MigrateResult, status, n: int, first: int) -> None:
 async def fault_back(m: "Machine", region: "Region", first: int, end: int, pid: int,
                      from_pools: int = 0) -> None:
     """A CPU access to device-private pages of [first, end): bring them to
-    system RAM under the region's policy (the migrate_to_ram callback).
+    system RAM under the region's policy (the migrate_to_ram callback), or
+    to the node their preferred_location advice names (the CPU maps it: the
+    pages go where they should live rather than where the policy would put
+    a new page; by the policy if that node is full or offline).
     ``from_pools``: only those devices' pages (0: every device's)."""
     private = from_pools or m.private_pools_mask()
     for start, stop, policy in region.policy_segments(first, end):
         # Each page by the policy, as a first touch would place it: its own
         # interleave slot, then that slot's fallback.
-        target = Target("policy", -1, False, plan=m.plan_of(policy, m.local_node(pid)))
-        # takeover: pages another migration has collected but not locked
-        # come back too; that migration may be invalidating the very
-        # pages whose READ is waiting here (it would never finish).
-        res = await migrate_range(m, region, start, stop - start, target,
-                                  from_pools=private, takeover=True)
-        errs = res.errors()
-        if errno.EBUSY in errs:
-            # Held by another migration: let it finish, the caller retries.
-            # It may have finished while this one awaited its own steps:
-            # wait only if a page of the span is still held, or the wake-up
-            # is already gone and this waits for an unrelated migration.
-            if lib.cdm_region_count(m.core, region.core, start, stop - start,
-                                    lib.CDM_PTE_LOCKED | lib.CDM_PTE_MIGRATING):
-                await region.wait_unlocked()
-            return
-        if errno.ENOMEM in errs:
-            # Direct reclaim: demoting cold pages makes room (the caller retries).
-            if await m.direct_reclaim(policy, m.local_node(pid), stop - start):
+        by_policy = Target("policy", -1, False, plan=m.plan_of(policy, m.local_node(pid)))
+        for s, e, node in region.cpu_preferred_segments(start, stop):
+            target = by_policy
+            if node is not None:
+                try:
+                    target = m.target(node)
+                except (OSError, ValueError):
+                    pass
+            # takeover: pages another migration has collected but not locked
+            # come back too; that migration may be invalidating the very
+            # pages whose READ is waiting here (it would never finish).
+            res = await migrate_range(m, region, s, e - s, target, from_pools=private, takeover=True)
+            errs = res.errors()
+            if errno.ENOMEM in errs and target is not by_policy:
+                res = await migrate_range(m, region, s, e - s, by_policy, from_pools=private, takeover=True)
+                errs = res.errors()
+            if errno.EBUSY in errs:
+                # Held by another migration: let it finish, the caller retries.
+                # It may have finished while this one awaited its own steps:
+                # wait only if a page of the span is still held, or the wake-up
+                # is already gone and this waits for an unrelated migration.
+                if lib.cdm_region_count(m.core, region.core, s, e - s,
+                                        lib.CDM_PTE_LOCKED | lib.CDM_PTE_MIGRATING):
+                    await region.wait_unlocked()
                 return
-            raise OSError(errno.EIO, "no system memory left to fault device-private pages back to")
+            if errno.ENOMEM in errs:
+                # Direct reclaim: demoting cold pages makes room (the caller retries).
+                if await m.direct_reclaim(policy, m.local_node(pid), e - s):
+                    return
+                raise OSError(errno.EIO, "no system memory left to fault device-private pages back to")

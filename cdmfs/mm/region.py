@@ -30,7 +30,7 @@ from .._core import ffi, lib
 from ..config import PAGE_SIZE
 from . import mempolicy as mpol
 from . import migrate_device as migrate
-from .advice import Advice, PrefetchStats
+from .advice import PREFERRED, Advice, PrefetchStats
 from .machine import Machine
 
 log = logging.getLogger(__name__)
@@ -226,18 +226,32 @@ class Region:
         self._policy = policy
         self.publish_policies()
 
+    def cpu_preferred_segments(self, first: int, end: int) -> list[tuple[int, int, Optional[str]]]:
+        """[first, end) cut by preferred_location advice: (s, e, node) where
+        the advice names a node the CPU maps ("node:N"), else (s, e, None)."""
+        return [(s, e, v if isinstance(v, str) and v.startswith("node:") else None)
+                for s, e, v in self.advice.segments(PREFERRED, first, end)]
+
     def publish_policies(self) -> None:
         """Tells the core which policy places each page, so that the
-        router's first touches are placed in C (cdm_region_set_policies)."""
+        router's first touches and fault-backs are placed in C
+        (cdm_region_set_policies).  Pages whose preferred_location advice
+        names a node get no policy there: their fault-back is Python's
+        (fault_back takes them to that node)."""
         if self._core is None:
             return
         m = self.machine
-        n = len(self.ranges)
+        ranges = [(s, e, m.policy_id(p)) for s, e, p in self.ranges]
+        preferred = [(s, e) for s, e, v in self.advice.kinds.get(PREFERRED, ())
+                     if isinstance(v, str) and v.startswith("node:")]
+        if preferred:
+            ranges = _overlay(ranges, preferred, -1)
+        n = len(ranges)
         rc = lib.cdm_region_set_policies(
             m.core, self._core, m.policy_id(self._policy), n,
-            ffi.new("uint64_t[]", [r[0] for r in self.ranges]) if n else ffi.NULL,
-            ffi.new("uint64_t[]", [r[1] for r in self.ranges]) if n else ffi.NULL,
-            ffi.new("int32_t[]", [m.policy_id(r[2]) for r in self.ranges]) if n else ffi.NULL)
+            ffi.new("uint64_t[]", [r[0] for r in ranges]) if n else ffi.NULL,
+            ffi.new("uint64_t[]", [r[1] for r in ranges]) if n else ffi.NULL,
+            ffi.new("int32_t[]", [r[2] for r in ranges]) if n else ffi.NULL)
         if rc:
             # The core then has no ranges: Python places every first touch.
             log.warning("region %s: the core cannot take its policy ranges: %s",
@@ -625,6 +639,31 @@ class Region:
             ("prefetch_done", self.prefetch.done),
         ]
         return items
+
+
+def _overlay(ranges: list[tuple[int, int, int]], over: list[tuple[int, int]],
+             value: int) -> list[tuple[int, int, int]]:
+    """Sorted disjoint (s, e, id) ranges with the sorted disjoint spans of
+    over set to value (gaps included), still sorted and disjoint."""
+    cuts = sorted({x for s, e, _ in ranges for x in (s, e)} | {x for s, e in over for x in (s, e)})
+    out: list[tuple[int, int, int]] = []
+    i = j = 0
+    for a, b in zip(cuts, cuts[1:]):
+        while i < len(ranges) and ranges[i][1] <= a:
+            i += 1
+        while j < len(over) and over[j][1] <= a:
+            j += 1
+        if j < len(over) and over[j][0] <= a:
+            v = value
+        elif i < len(ranges) and ranges[i][0] <= a:
+            v = ranges[i][2]
+        else:
+            continue
+        if out and out[-1][1] == a and out[-1][2] == v:
+            out[-1] = (out[-1][0], b, v)
+        else:
+            out.append((a, b, v))
+    return out
 
 
 class Regions:
