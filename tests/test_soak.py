@@ -97,14 +97,15 @@ class Workers:
 
 
 # The soak's machine with a slower tier (issue balancing): a small node 0
-# that the workload overfills, a CXL-like memory node 2 below it, NUMA
+# that the workload overfills (the CPU region alone, 8 MiB, may be bound to
+# it, and gpu0's 4 MiB evicts into it), a CXL-like memory node 2 below it, NUMA
 # balancing in both modes with a fast scanner, and demotion on.
 TIERED = """
 block_size = "4M"
 [[node]]
 id = 0
 kind = "sysram"
-size = "8M"
+size = "12M"
 cpus = "all"
 [[node]]
 id = 1
