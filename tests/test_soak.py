@@ -301,11 +301,23 @@ def soak(m, stress, tmp_path) -> None:
         # cdm0's on node 1), and nothing else.
         for r in (cpu, dev):
             r.wait_prefetch()
-        regions = [m.region(name).stat for name in m.regions]
-        on_nodes = {n: sum(st[f"N{n}"] for st in regions) for n in m.nodes}
-        on_nodes[1] += cdm.stat["duplicated"]
+        # Automatic placement off (a tiered machine's kswapd and scanner would
+        # go on moving pages between the reads below); a move under way ends
+        # within the deadline.
+        for rel in ("proc/sys/kernel/numa_balancing", "sys/kernel/mm/numa/demotion_enabled"):
+            with open(os.path.join(m.path, rel), "w") as f:
+                f.write("0")
+        deadline = time.monotonic() + 10
+        while True:
+            regions = [m.region(name).stat for name in m.regions]
+            on_nodes = {n: sum(st[f"N{n}"] for st in regions) for n in m.nodes}
+            on_nodes[1] += cdm.stat["duplicated"]
+            used = {n: m.node(n).meminfo["MemUsed"] for n in m.nodes}
+            if all(used[n] == on_nodes[n] * PAGE // 1024 for n in m.nodes) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
         for n in m.nodes:
-            assert m.node(n).meminfo["MemUsed"] == on_nodes[n] * PAGE // 1024, n
+            assert used[n] == on_nodes[n] * PAGE // 1024, n
         private = sum(st["private:gpu0"] for st in regions)
         assert gpu.meminfo["MemUsed"] == (private + gpu.stat["duplicated"]) * PAGE // 1024
         assert sum(st["duplicated"] for st in regions) <= gpu.stat["duplicated"] + cdm.stat["duplicated"]
