@@ -85,6 +85,7 @@ class OpenFile:
     state: dict = field(default_factory=dict)
     answer: Optional[Answer] = None      # a transaction's answer, being read
     write_end: Optional[int] = None      # where the last control write ended
+    internal: bool = False               # opened by the daemon itself (see open)
 
 
 def fuse_error(e: BaseException) -> pyfuse3.FUSEError:
@@ -519,7 +520,11 @@ class Filesystem(pyfuse3.Operations):
                 except OSError as err:
                     region.put()
                     raise fuse_error(err) from None
-            e.region.opens += 1
+            # The daemon's own descriptor (the range write-back before an
+            # invalidation) does not hold the region open: rmdir may go on.
+            of.internal = os.path.exists(f"/proc/self/task/{ctx.pid}")
+            if not of.internal:
+                e.region.opens += 1
         fh = self._next_fh
         self._next_fh += 1
         self.files[fh] = of
@@ -531,7 +536,7 @@ class Filesystem(pyfuse3.Operations):
         of = self.files.pop(fh, None)
         if of is None or of.region is None:
             return
-        if isinstance(of.entry, DataFile):
+        if isinstance(of.entry, DataFile) and not of.internal:
             of.region.opens -= 1
         of.region.put()
         if of.region.owner_gone:
