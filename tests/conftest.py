@@ -97,3 +97,9 @@ def xorshift_page(seed: int, page: int) -> bytes:
 
 def used_kb(m: cdmfs.Mount, nid: int) -> int:
     return m.node(nid).meminfo["MemUsed"]
+
+
+def router_stats(m: cdmfs.Mount) -> dict[str, int]:
+    """The router's counters (debugfs ``cdmfs/router``, root only)."""
+    with open(os.path.join(m.path, "sys/kernel/debug/cdmfs/router")) as f:
+        return {k: int(v) for k, v in (line.split() for line in f)}

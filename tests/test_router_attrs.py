@@ -17,7 +17,7 @@ import pytest
 
 import cdmfs
 from cdmfs._core import ffi, lib
-from conftest import PAGE, SMALL_CONFIG
+from conftest import PAGE, SMALL_CONFIG, router_stats
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the router mounts with mount(2): root only")
 
@@ -44,11 +44,6 @@ def rm():
         mp.setenv("CDMFS_ROUTER", "1")
         with cdmfs.mounted(SMALL_CONFIG) as m:
             yield m
-
-
-def rstats(m: cdmfs.Mount) -> dict[str, int]:
-    with open(os.path.join(m.path, "sys/kernel/debug/cdmfs/router")) as f:
-        return {k: int(v) for k, v in (line.split() for line in f)}
 
 
 def delta(after: dict, before: dict) -> dict:
@@ -100,7 +95,7 @@ def test_bytes_as_python_renders_them(rm, monkeypatch):
                 want[rel] = cat(plain, rel)
             except subprocess.CalledProcessError:
                 want[rel] = None            # write-only to root too (or an error): same below
-    s0 = rstats(rm)
+    s0 = router_stats(rm)
     for _ in range(2):
         for rel in names:
             try:
@@ -108,7 +103,7 @@ def test_bytes_as_python_renders_them(rm, monkeypatch):
             except subprocess.CalledProcessError:
                 got = None
             assert got == want[rel], rel
-    d = delta(rstats(rm), s0)
+    d = delta(router_stats(rm), s0)
     assert d["attr_reads"] > len(names)
 
 
@@ -136,11 +131,11 @@ def test_reads_served_from_the_cache(rm):
     """Unchanged bytes: open, read and close make no trip to Python."""
     cat(rm, MEMINFO)
     cat(rm, MEMINFO)
-    s0 = rstats(rm)
+    s0 = router_stats(rm)
     for _ in range(50):
         with open(os.path.join(rm.path, MEMINFO), "rb") as f:
             f.read()
-    d = delta(rstats(rm), s0)
+    d = delta(router_stats(rm), s0)
     assert d["attr_opens"] == 50 and d["attr_releases"] >= 50
     assert d["attr_reads"] >= 50
     assert d["attr_open_misses"] == 0 and d["attr_read_misses"] == 0
@@ -190,10 +185,10 @@ def test_data_served_in_c_seen_within_the_bound(rm):
         time.sleep(SETTLE)
         before = kv(cat(rm, "proc/vmstat"))["pgfault"]
         assert kv(held.read())["pgfault"] == before
-        s0 = rstats(rm)
+        s0 = router_stats(rm)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         assert os.pread(fd, 16 * PAGE, 0) == b"y" * (16 * PAGE)
-        assert delta(rstats(rm), s0)["served_reads"] > 0
+        assert delta(router_stats(rm), s0)["served_reads"] > 0
         time.sleep(SETTLE)
         assert kv(cat(rm, "proc/vmstat"))["pgfault"] > before
         assert kv(reread(held.fileno(), lambda d: kv(d)["pgfault"] > before))["pgfault"] > before
@@ -276,10 +271,10 @@ def test_transaction_files_keep_their_state(rm):
         mm[:] = b"t" * (32 * PAGE)
     finally:
         mm.close()
-    s0 = rstats(rm)
+    s0 = router_stats(rm)
     res = r.migrate(0, 32 * PAGE, "node:1")
     assert res["migrated"] == 32
-    assert delta(rstats(rm), s0)["attr_opens"] <= 1      # the region's files are not cached
+    assert delta(router_stats(rm), s0)["attr_opens"] <= 1      # the region's files are not cached
     assert r.stat["N1"] == 32
     assert kv(cat(rm, MEMINFO))["MemUsed"] >= 32 * PAGE // 1024
     r.remove()
@@ -288,10 +283,10 @@ def test_transaction_files_keep_their_state(rm):
 def test_router_handles_are_its_own(rm):
     """OPENs the router answers get fh with the top bit set; their RELEASEs
     never reach Python, whose handles are small numbers."""
-    s0 = rstats(rm)
+    s0 = router_stats(rm)
     for _ in range(20):
         cat(rm, MEMINFO)
-    d = delta(rstats(rm), s0)
+    d = delta(router_stats(rm), s0)
     assert d["attr_releases"] >= 20
     assert d["forwarded"] < 10
     assert lib.CDM_ATTR_FH == 1 << 63

@@ -19,7 +19,7 @@ import time
 import pytest
 
 import cdmfs
-from conftest import PAGE, SMALL_CONFIG
+from conftest import PAGE, SMALL_CONFIG, router_stats
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the router mounts with mount(2): root only")
 
@@ -32,11 +32,6 @@ def rm():
         mp.setenv("CDMFS_ROUTER", "1")
         with cdmfs.mounted(SMALL_CONFIG) as m:
             yield m
-
-
-def rstats(m: cdmfs.Mount) -> dict[str, int]:
-    with open(os.path.join(m.path, "sys/kernel/debug/cdmfs/router")) as f:
-        return {k: int(v) for k, v in (line.split() for line in f)}
 
 
 def check_ok(m: cdmfs.Mount) -> None:
@@ -63,22 +58,22 @@ def test_placed_pages_served_in_c(rm):
     data = pattern(NPAGES, 1)
     fd = os.open(r.data, os.O_RDWR)
     try:
-        s0, st0 = rstats(rm), r.stat
+        s0, st0 = router_stats(rm), r.stat
         os.pwrite(fd, data, 0)                  # first touch: placed in C too
-        s1 = rstats(rm)
+        s1 = router_stats(rm)
         assert delta(s1, s0)["served_writes"] == 1
         assert r.stat["N0"] == NPAGES
         drop(fd)
-        s1, st1 = rstats(rm), r.stat
+        s1, st1 = router_stats(rm), r.stat
         assert os.pread(fd, len(data), 0) == data     # re-faults of placed pages: C
-        s2, st2 = rstats(rm), r.stat
+        s2, st2 = router_stats(rm), r.stat
         d = delta(s2, s1)
         assert d["served_reads"] > 0
         # The region's cpu_faults count the READs served in C as Python's would.
         assert delta(st2, st1)["cpu_faults"] == d["served_reads"]
         new = pattern(NPAGES, 2)
         os.pwrite(fd, new, 0)                   # placed: C
-        s3, st3 = rstats(rm), r.stat
+        s3, st3 = router_stats(rm), r.stat
         d = delta(s3, s2)
         assert d["served_writes"] > 0
         assert delta(st3, st2)["writebacks"] == d["served_writes"]
@@ -98,9 +93,9 @@ def test_mmap_write_back_and_refault(rm):
     data = pattern(NPAGES, 3)
     mm = r.mmap()
     mm[:] = data                                # first touch (READ of absent pages): Python
-    s0 = rstats(rm)
+    s0 = router_stats(rm)
     mm.flush()                                  # write-back of placed pages: C
-    s1 = rstats(rm)
+    s1 = router_stats(rm)
     assert delta(s1, s0)["served_writes"] > 0
     mm.close()
     fd = os.open(r.data, os.O_RDONLY)
@@ -113,7 +108,7 @@ def test_mmap_write_back_and_refault(rm):
         assert mm[:] == data                    # re-faults: C
     finally:
         mm.close()
-    assert delta(rstats(rm), s1)["served_reads"] > 0
+    assert delta(router_stats(rm), s1)["served_reads"] > 0
     where = r.stat
     assert where["N0"] == NPAGES and where["pages"] == NPAGES
     check_ok(rm)
@@ -131,7 +126,7 @@ def test_first_touch_served_in_c(rm):
     bind:1, each counted as the kernel counts an allocation."""
     r = rm.region("fresh", NPAGES * PAGE)
     r.mbind(NPAGES // 2 * PAGE, NPAGES // 2 * PAGE, "bind:1")
-    s0, n0, n1 = rstats(rm), node_numastat(rm, 0), node_numastat(rm, 1)
+    s0, n0, n1 = router_stats(rm), node_numastat(rm, 0), node_numastat(rm, 1)
     fd = os.open(r.data, os.O_RDONLY)
     try:
         # Page by page (read-ahead off): each READ lies in one policy range.
@@ -140,7 +135,7 @@ def test_first_touch_served_in_c(rm):
             assert os.pread(fd, PAGE, k * PAGE) == bytes(PAGE)
     finally:
         os.close(fd)
-    d = delta(rstats(rm), s0)
+    d = delta(router_stats(rm), s0)
     assert d["served_reads"] == NPAGES
     assert r.stat["N0"] == NPAGES // 2 and r.stat["N1"] == NPAGES // 2
     d0, d1 = delta(node_numastat(rm, 0), n0), delta(node_numastat(rm, 1), n1)
@@ -202,7 +197,7 @@ def test_first_touch_local_to_the_faulting_cpu():
         mp.setenv("CDMFS_ROUTER", "1")
         with cdmfs.mounted(TWO_CPU_NODES) as m:
             r = m.region("local", NPAGES * PAGE)
-            s0, ns0 = rstats(m), [node_numastat(m, nid) for nid in (0, 1)]
+            s0, ns0 = router_stats(m), [node_numastat(m, nid) for nid in (0, 1)]
             for cpu, lo in ((1, 0), (0, NPAGES // 2)):
                 pid = os.fork()
                 if pid == 0:
@@ -216,7 +211,7 @@ def test_first_touch_local_to_the_faulting_cpu():
                     except BaseException:
                         os._exit(1)
                 assert os.waitpid(pid, 0)[1] == 0
-            assert delta(rstats(m), s0)["served_reads"] == NPAGES
+            assert delta(router_stats(m), s0)["served_reads"] == NPAGES
             assert r.stat["N1"] == NPAGES // 2 and r.stat["N0"] == NPAGES // 2
             for nid in (0, 1):
                 d = delta(node_numastat(m, nid), ns0[nid])
@@ -242,12 +237,12 @@ def test_fault_back_from_gpu0(rm):
         assert r.stat["private:gpu0"] == NPAGES
         assert set(gpu.snapshot("dev", 0, NPAGES * PAGE).values()) == {"private-local"}
         drop(fd)
-        s0, g0, st0, n0 = rstats(rm), gpu.stat, r.stat, node_numastat(rm, 0)
+        s0, g0, st0, n0 = router_stats(rm), gpu.stat, r.stat, node_numastat(rm, 0)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
         half = NPAGES // 2
         for k in range(half):                        # device-private: C faults back
             assert os.pread(fd, PAGE, k * PAGE) == data[k * PAGE:(k + 1) * PAGE]
-        s1 = rstats(rm)
+        s1 = router_stats(rm)
         assert delta(s1, s0)["served_reads"] == half
         st1 = r.stat
         assert st1["N0"] == half and st1["private:gpu0"] == NPAGES - half
@@ -264,7 +259,7 @@ def test_fault_back_from_gpu0(rm):
         assert set(gpu.snapshot("dev", 0, NPAGES * PAGE).values()) == {"none"}
         drop(fd)
         assert os.pread(fd, len(data), 0) == data   # back on N0: C
-        assert delta(rstats(rm), s1)["served_reads"] > 0
+        assert delta(router_stats(rm), s1)["served_reads"] > 0
     finally:
         os.close(fd)
     check_ok(rm)
@@ -329,7 +324,7 @@ def test_truncate_and_rmdir_race_reads(rm):
         assert not errors, errors[0]
         assert name not in rm.regions
     check_ok(rm)
-    assert rstats(rm)["served_reads"] > 0
+    assert router_stats(rm)["served_reads"] > 0
 
 
 def test_stat_counters_match_the_python_path(rm, monkeypatch):
