@@ -83,6 +83,12 @@ def _count(name: str, value: object, limit: int = _ULONG_MAX) -> int:
     return value
 
 
+def _counter_lines(what: str, counts: Mapping[str, int], keys: Tuple[str, ...]) -> str:
+    """``"%s %lu\\n"`` per key, in order, missing keys 0 (numastat, vmstat)."""
+    _check_keys(what, counts, keys)
+    return "".join(f"{k} {_count(k, counts.get(k, 0))}\n" for k in keys)
+
+
 def _check_keys(what: str, given: Mapping[str, object], known: Iterable[str]) -> None:
     unknown = set(given) - set(known)
     if unknown:
@@ -216,8 +222,7 @@ def node_numastat(c: Mapping[str, int]) -> str:
 
     Keys are :data:`NODE_NUMASTAT_KEYS`; missing ones print 0.
     """
-    _check_keys("node_numastat", c, NODE_NUMASTAT_KEYS)
-    return "".join(f"{k} {_count(k, c.get(k, 0))}\n" for k in NODE_NUMASTAT_KEYS)
+    return _counter_lines("node_numastat", c, NODE_NUMASTAT_KEYS)
 
 
 #: ``nodeN/vmstat`` lines in ``node_read_vmstat()`` order on the reference kernel:
@@ -306,8 +311,7 @@ def node_vmstat(v: Mapping[str, int]) -> str:
     node has no vm events: pgfault, pgmigrate_success, ... are machine-wide,
     in :func:`proc_vmstat` only, as in the kernel.
     """
-    _check_keys("node_vmstat", v, NODE_VMSTAT_KEYS)
-    return "".join(f"{k} {_count(k, v.get(k, 0))}\n" for k in NODE_VMSTAT_KEYS)
+    return _counter_lines("node_vmstat", v, NODE_VMSTAT_KEYS)
 
 
 def node_distance(row: Sequence[int], ids: Optional[Sequence[int]] = None) -> str:
@@ -484,8 +488,7 @@ PROC_VMSTAT_KEYS: Tuple[str, ...] = NODE_VMSTAT_KEYS + (
 def proc_vmstat(v: Mapping[str, int]) -> str:
     """``/proc/vmstat`` -- ``vmstat_show()``: ``"%s %lu\\n"`` per item of
     :data:`PROC_VMSTAT_KEYS`, in order; missing keys print 0."""
-    _check_keys("proc_vmstat", v, PROC_VMSTAT_KEYS)
-    return "".join(f"{k} {_count(k, v.get(k, 0))}\n" for k in PROC_VMSTAT_KEYS)
+    return _counter_lines("proc_vmstat", v, PROC_VMSTAT_KEYS)
 
 
 #: ``/proc/meminfo`` lines in ``meminfo_proc_show()`` order on the reference
