@@ -51,6 +51,11 @@ class Events:
     def subscribe(self, kind: str, fn: Subscriber) -> None:
         self._subscribers[kind].append(fn)
 
+    def unsubscribe(self, kind: str, fn: Subscriber) -> None:
+        self._subscribers[kind].remove(fn)
+        if not self._subscribers[kind]:
+            del self._subscribers[kind]
+
     def emit(self, kind: str, **fields: Any) -> None:
         for fn in self._subscribers.get(kind, ()):
             fn(**fields)
