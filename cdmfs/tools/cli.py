@@ -45,9 +45,52 @@ def cmd_bench(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import DemoError, run
     try:
-        run()
+        run(trace=args.trace)
     except DemoError as e:
         raise CliError(f"the demo failed: {e}") from None
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from . import trace
+    fmt = args.format or trace.default_format(args.output)
+    try:
+        if args.convert:
+            if args.mountpoint or args.seconds is not None or args.command:
+                raise CliError("cdmfs trace --convert FILE -o OUT takes no MOUNTPOINT, --seconds or COMMAND")
+            trace.convert_file(args.convert, args.output)
+            return 0
+        if args.mountpoint is None:
+            raise CliError("cdmfs trace: give MOUNTPOINT (or --convert FILE)")
+        if args.seconds is not None and args.command:
+            raise CliError("cdmfs trace: give --seconds or a COMMAND, not both")
+        if args.seconds is not None and not args.seconds > 0:
+            raise CliError(f"cdmfs trace: --seconds must be positive, not {args.seconds:g}")
+        return trace.record(args.mountpoint, args.output, fmt, seconds=args.seconds,
+                            command=args.command or None, events=args.events)
+    except trace.TraceError as e:
+        raise CliError(str(e)) from None
+
+
+def cmd_plot(args: argparse.Namespace) -> None:
+    from . import plot
+    if args.width < 200 or args.height < 200:
+        raise CliError("cdmfs plot: --width and --height are at least 200 pixels")
+    try:
+        region = plot.plot(args.file, args.output, args.region, args.width, args.height)
+    except plot.PlotError as e:
+        raise CliError(str(e)) from None
+    if sys.stdout.isatty():
+        print(f"region {region} drawn to {args.output}")
+
+
+def cmd_top(args: argparse.Namespace) -> None:
+    from . import top
+    if not args.interval > 0:
+        raise CliError(f"cdmfs top: --interval must be positive, not {args.interval:g}")
+    try:
+        top.run(args.mountpoint, once=args.once, interval=args.interval)
+    except top.TopError as e:
+        raise CliError(str(e)) from None
 
 
 def cmd_capi(args: argparse.Namespace) -> None:
@@ -301,7 +344,44 @@ def parser() -> argparse.ArgumentParser:
     r.__class__ = _IntermixedParser
 
     d = sub.add_parser("demo", help="mount in a temporary folder and run a short workload")
+    d.add_argument("--trace", metavar="FILE",
+                   help="record the run's events to FILE (Chrome trace JSON; the lines if FILE ends in .txt)")
     d.set_defaults(func=cmd_demo)
+
+    t = sub.add_parser("trace", help="record the mount's events (trace_pipe) for Perfetto, or as lines",
+                       description="Records MOUNT/sys/kernel/tracing/trace_pipe to FILE: Chrome trace-event "
+                       "JSON, which https://ui.perfetto.dev opens as it is, or the lines (--format text). "
+                       "Stops after --seconds, when COMMAND ends (exiting with its status), or on Ctrl-C.")
+    t.add_argument("mountpoint", nargs="?")
+    t.add_argument("-o", "--output", metavar="FILE", required=True, help="the file to write")
+    t.add_argument("--format", choices=("json", "text"),
+                   help="json (the default) or text, the lines as trace_pipe gives them (default for .txt)")
+    t.add_argument("--seconds", type=float, metavar="N", help="record for N seconds")
+    t.add_argument("--events", metavar="KIND,...", help="only these kinds (default: every one)")
+    t.add_argument("--convert", metavar="FILE", help="convert a text trace FILE to JSON (no mount)")
+    t.add_argument("command", nargs="*", metavar="-- COMMAND [ARGS]")
+    t.set_defaults(func=cmd_trace)
+    t.__class__ = _IntermixedParser
+
+    pt = sub.add_parser("plot", help="draw a trace: a region's placement over time and memory used",
+                        description="Draws a trace (cdmfs trace, JSON or text) as a PNG: a region's "
+                        "placement over time (time across, page offset down, a colour per node and device) "
+                        "above the memory each node and device uses.")
+    pt.add_argument("file", metavar="FILE")
+    pt.add_argument("-o", "--output", metavar="OUT.png", required=True)
+    pt.add_argument("--region", metavar="NAME", help="the region to draw (default: the one with most events)")
+    pt.add_argument("--width", type=int, default=1200, help="pixels (default 1200)")
+    pt.add_argument("--height", type=int, default=800, help="pixels (default 800)")
+    pt.set_defaults(func=cmd_plot)
+
+    tp = sub.add_parser("top", help="a live view of memory: usage, rates, where each region's pages are",
+                        description="Redraws every second: used/total per node and device, fault, migration, "
+                        "demotion and eviction rates, a placement strip per region. q quits. Not on a "
+                        "terminal (or with --once) it prints one snapshot.")
+    tp.add_argument("mountpoint")
+    tp.add_argument("--once", action="store_true", help="print one plain snapshot and exit")
+    tp.add_argument("--interval", type=float, default=1.0, metavar="S", help="seconds between redraws (default 1)")
+    tp.set_defaults(func=cmd_top)
 
     b = sub.add_parser("bench", help="measure against in-run references (tmpfs, bindfs, pyfuse3, memcpy, sysfs)",
                        description="The benchmark table: cdmfs's figures beside references taken in the same run.",
@@ -316,7 +396,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     command = None
-    if argv and argv[0] == "run" and "--" in argv:
+    if argv and argv[0] in ("run", "trace") and "--" in argv:
         # Everything after the first "--" is the command, word for word
         # (argparse would drop a "--" of the command's own).
         i = argv.index("--")
@@ -324,7 +404,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
     if command is not None:
         if args.command:
-            p.error("cdmfs run: give the command after --")
+            p.error(f"cdmfs {argv[0]}: give the command after --")
         args.command = command
     if args.command is None:        # `cdmfs` alone: the help, as git and ip give theirs
         p.print_help()

@@ -11,10 +11,13 @@ the end fails the command if a single page is wrong.
 """
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import sys
 import textwrap
+import threading
+from typing import Iterator, Optional
 
 from ..client import Mount, Region, mounted
 
@@ -95,11 +98,44 @@ class Demo:
         sys.stdout.flush()
 
 
-def run() -> None:
+@contextlib.contextmanager
+def recording(m: Mount, path: Optional[str]) -> Iterator[None]:
+    """``--trace FILE``: cdmfs trace records the mount meanwhile, in a
+    thread, from before the first step to after the last."""
+    if path is None:
+        yield
+        return
+    from . import trace
+    started, stop = threading.Event(), threading.Event()
+    failed: list[BaseException] = []
+
+    def record() -> None:
+        try:
+            trace.record(m.path, path, trace.default_format(path), on_start=started.set,
+                         done=stop.is_set, progress=False)
+        except BaseException as e:      # reported by the demo's thread
+            failed.append(e)
+            started.set()
+    worker = threading.Thread(target=record, name="cdmfs trace", daemon=True)
+    worker.start()
+    started.wait()
+    if failed:
+        raise DemoError(f"cannot record the trace: {failed[0]}")
+    try:
+        yield
+    finally:
+        stop.set()
+        worker.join()
+    if failed:
+        raise DemoError(f"recording the trace failed: {failed[0]}")
+    print(f"trace written to {path}; open it in https://ui.perfetto.dev or draw it: cdmfs plot {path} -o OUT.png")
+
+
+def run(trace: Optional[str] = None) -> None:
     size_b = REGION_MIB << 20
     pages = size_b // PAGE
     half = size_b // 2
-    with mounted() as m:
+    with mounted() as m, recording(m, trace):
         node0, node1 = m.node(0).meminfo["MemTotal"], m.node(1).meminfo["MemTotal"]
         gpu_kb = m.device("gpu0").meminfo["MemTotal"]
         print("cdmfs demo on the embedded default machine:")

@@ -1,0 +1,317 @@
+"""``cdmfs trace``: records a mount's event stream (``trace_pipe``) to a file.
+
+Enables the events asked for (``sys/kernel/tracing/events/KIND/enable``, all
+by default), reads ``sys/kernel/tracing/trace_pipe`` and writes Chrome
+trace-event JSON (``trace_json``) or the lines themselves (``--format
+text``), for ``--seconds N``, while ``-- COMMAND`` runs, or until Ctrl-C.
+The file is whole whichever way it stops, and the switches it turned on are
+turned off again.
+
+The pipe is read by a thread: a read blocks until there is a line, and
+nothing but a line ends it.  When recording stops, the lines stamped before
+that moment are still being read; lines carry CLOCK_MONOTONIC, the clock of
+``time.monotonic()``, so the recorder knows it has them all once it reads a
+later stamp (or the pipe stays quiet for ``DRAIN_S``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from typing import IO, Callable, Optional, Sequence
+
+from ..lib.trace import EVENTS, format_line, parse_line
+from .places import meminfo
+from .places import places as mount_places
+from .trace_json import JsonWriter, convert
+
+log = logging.getLogger(__name__)
+
+TRACING = "sys/kernel/tracing"
+DRAIN_S = 0.5           # how long the pipe may stay quiet after the stop
+PROGRESS_S = 0.25       # how often the terminal's count is redrawn
+
+
+class TraceError(Exception):
+    """A failure to report as one line."""
+
+
+# -- the mount --------------------------------------------------------------
+
+def tracing_dir(mountpoint: str) -> str:
+    if not os.path.isdir(os.path.join(mountpoint, "regions")):
+        raise TraceError(f"{mountpoint} is not a cdmfs mount")
+    d = os.path.join(mountpoint, TRACING)
+    if not os.path.exists(os.path.join(d, "trace_pipe")):
+        raise TraceError(f"{mountpoint} has no {TRACING}/trace_pipe (a cdmfs without tracing?)")
+    return d
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def _write(path: str, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+def choose_events(words: Optional[str]) -> list[str]:
+    """``--events a,b``: kinds of EVENTS (every one without it)."""
+    if not words:
+        return list(EVENTS)
+    kinds = [w.strip() for w in words.split(",") if w.strip()]
+    bad = [k for k in kinds if k not in EVENTS]
+    if bad or not kinds:
+        raise TraceError(f"no event {', '.join(bad) or repr(words)} (the kinds: {', '.join(EVENTS)})")
+    return kinds
+
+
+class Switches:
+    """The ``events/KIND/enable`` files: turns kinds on, and back off at the
+    end, only those that were off (another reader may want the rest)."""
+
+    def __init__(self, tracing: str, kinds: Sequence[str]):
+        self.tracing = tracing
+        self.kinds = kinds
+        self.turned_on: list[str] = []
+
+    def path(self, kind: str) -> str:
+        return os.path.join(self.tracing, "events", kind, "enable")
+
+    def __enter__(self) -> "Switches":
+        for kind in self.kinds:
+            try:
+                if _read(self.path(kind)).strip() != "1":
+                    _write(self.path(kind), "1\n")
+                    self.turned_on.append(kind)
+            except FileNotFoundError:
+                log.info("the mount has no event %s", kind)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for kind in self.turned_on:
+            try:
+                _write(self.path(kind), "0\n")
+            except OSError as e:        # the mount went away meanwhile
+                log.warning("could not turn %s off again: %s", kind, e)
+
+
+def places_now(mountpoint: str) -> dict[str, tuple[str, int, int]]:
+    """Every place memory lives: ``{"0": (title, used kB, total kB), ...}``."""
+    out = {}
+    for p in mount_places(mountpoint):
+        info = meminfo(p.meminfo)
+        out[p.name] = (p.title, info.get("MemUsed", 0), info.get("MemTotal", 0))
+    return out
+
+
+def usage_lines(where: dict[str, tuple[str, int, int]]) -> list[str]:
+    """``mem_usage`` lines of every place now: the counter tracks start at
+    the recording's start and last to its end, changes or not."""
+    now = time.monotonic_ns()
+    return [format_line(now, "mem_usage", (p, used, total)) for p, (_, used, total) in where.items()]
+
+
+# -- recording ----------------------------------------------------------------
+
+class Pipe:
+    """trace_pipe, read by a thread into a queue (None: the pipe ended)."""
+
+    def __init__(self, path: str):
+        self.fd = os.open(path, os.O_RDONLY)
+        self.lines: "queue.Queue[Optional[str]]" = queue.Queue()
+        self.error: Optional[OSError] = None
+        threading.Thread(target=self._run, name="trace_pipe", daemon=True).start()
+
+    def _run(self) -> None:
+        rest = b""
+        try:
+            while True:
+                chunk = os.read(self.fd, 1 << 16)
+                if not chunk:
+                    break
+                rest += chunk
+                *whole, rest = rest.split(b"\n")
+                for line in whole:
+                    self.lines.put(line.decode("utf-8", "replace") + "\n")
+        except OSError as e:
+            self.error = e
+        self.lines.put(None)
+
+
+class Sink:
+    """The output file: JSON events or the lines."""
+
+    def __init__(self, path: str, fmt: str, names: dict[str, str]):
+        self.file: IO[str] = open(path, "w", encoding="utf-8")
+        self.json = JsonWriter(self.file, names) if fmt == "json" else None
+        self.count = 0
+
+    def line(self, line: str) -> None:
+        self.count += 1
+        if self.json is not None:
+            self.json.line(line)
+        else:
+            self.file.write(line)
+
+    def close(self) -> None:
+        if self.json is not None:
+            self.json.close()
+        self.file.close()
+
+
+class Progress:
+    """``N events recorded`` on a terminal's stderr, redrawn in place."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.last = 0.0
+        self.width = 0
+
+    def show(self, count: int, force: bool = False) -> None:
+        now = time.monotonic()
+        if not self.enabled or (not force and now - self.last < PROGRESS_S):
+            return
+        self.last = now
+        text = f"cdmfs trace: {count} events recorded"
+        sys.stderr.write("\r" + text.ljust(self.width))
+        sys.stderr.flush()
+        self.width = len(text)
+
+    def clear(self) -> None:
+        if self.enabled and self.width:
+            sys.stderr.write("\r" + " " * self.width + "\r")
+            sys.stderr.flush()
+
+
+def pump(pipe: Pipe, sink: Sink, progress: Progress, done: Callable[[], bool]) -> None:
+    """Moves lines from the pipe to the file until done() says stop; then
+    takes the lines stamped before the stop."""
+    while not done():
+        try:
+            line = pipe.lines.get(timeout=0.05)
+        except queue.Empty:
+            progress.show(sink.count)
+            continue
+        if line is None:
+            raise TraceError(f"trace_pipe ended: {pipe.error or 'end of file'}")
+        sink.line(line)
+        progress.show(sink.count)
+    stop = time.monotonic()
+    deadline = stop + DRAIN_S
+    while True:
+        try:
+            line = pipe.lines.get(timeout=max(deadline - time.monotonic(), 0))
+        except queue.Empty:
+            break
+        if line is None:
+            break
+        try:
+            ts = parse_line(line)[0]
+        except ValueError:
+            ts = 0.0
+        if ts > stop:
+            break
+        sink.line(line)
+        deadline = time.monotonic() + DRAIN_S
+
+
+def record(mountpoint: str, out: str, fmt: str = "json", seconds: Optional[float] = None,
+           command: Optional[Sequence[str]] = None, events: Optional[str] = None,
+           on_start: Optional[Callable[[], None]] = None, done: Optional[Callable[[], bool]] = None,
+           progress: bool = True) -> int:
+    """Records to ``out``; returns the command's exit status (0 without one).
+    Stops when ``seconds`` have passed, the command ended, ``done()`` says
+    so, or on Ctrl-C (KeyboardInterrupt, after the file is complete)."""
+    tracing = tracing_dir(mountpoint)
+    kinds = choose_events(events)
+    where = places_now(mountpoint)
+    names = {p: title for p, (title, _, _) in where.items()}
+    shown = Progress(progress and sys.stderr.isatty())
+    try:
+        sink = Sink(out, fmt, names)
+    except OSError as e:
+        raise TraceError(f"cannot write {out}: {e.strerror}") from None
+    child: Optional[subprocess.Popen] = None
+    status = 0
+    try:
+        # The pipe opens before the switches turn on, so nothing is missed.
+        # The usage now, stamped before any event can be: the file stays in
+        # time order.
+        pipe = Pipe(os.path.join(tracing, "trace_pipe"))
+        for line in usage_lines(where):
+            sink.line(line)
+        with Switches(tracing, kinds):
+            if command:
+                try:
+                    child = subprocess.Popen(list(command))
+                except OSError as e:
+                    raise TraceError(f"cannot run {command[0]}: {e.strerror}") from None
+            if on_start is not None:
+                on_start()
+            end = time.monotonic() + seconds if seconds is not None else None
+
+            def finished() -> bool:
+                if child is not None and child.poll() is not None:
+                    return True
+                if end is not None and time.monotonic() >= end:
+                    return True
+                return done is not None and done()
+            try:
+                pump(pipe, sink, shown, finished)
+            except KeyboardInterrupt:
+                if child is not None:
+                    # The terminal's Ctrl-C reached the command too: let it end.
+                    try:
+                        child.wait(timeout=5)
+                    except subprocess.TimeoutExpired:
+                        child.kill()
+                raise
+            for line in usage_lines(places_now(mountpoint)):
+                sink.line(line)
+            if child is not None:
+                status = child.wait()
+                if status < 0:      # killed by a signal: as a shell reports it
+                    status = 128 - status
+    finally:
+        shown.clear()
+        sink.close()
+        if child is not None and child.poll() is None:
+            child.kill()
+    log.info("%d events written to %s", sink.count, out)
+    return status
+
+
+def convert_file(src: str, out: str) -> int:
+    """``--convert``: a text trace (``--format text``) to JSON; the count of lines."""
+    import json
+    try:
+        with open(src, encoding="utf-8") as f:
+            lines = f.readlines()
+    except OSError as e:
+        raise TraceError(f"cannot read {src}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise TraceError(f"{src} is not a text trace") from None
+    try:
+        doc = convert(lines)
+    except (ValueError, IndexError):
+        raise TraceError(f"{src} is not a text trace (cdmfs trace --format text)") from None
+    try:
+        with open(out, "w", encoding="utf-8") as f:
+            json.dump(doc, f, separators=(",", ":"))
+    except OSError as e:
+        raise TraceError(f"cannot write {out}: {e.strerror}") from None
+    return len(lines)
+
+
+def default_format(path: str) -> str:
+    return "text" if path.endswith(".txt") else "json"

@@ -1,0 +1,302 @@
+"""The tools over the event stream (issue 17): cdmfs trace (Chrome trace-event
+JSON for Perfetto), cdmfs plot (a PNG of placement and usage) and cdmfs top
+(a live view), checked as a user would: the JSON against the trace-event
+format's rules, the picture by its pixels, top by what a terminal shows."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from cdmfs.lib.trace import EVENTS, format_line, parse_line
+from cdmfs.tools import plot, trace_json
+
+CDMFS = [sys.executable, "-m", "cdmfs"]
+HERE = os.path.dirname(os.path.abspath(__file__))
+ENV = dict(os.environ, PYTHONPATH=os.path.dirname(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+def cdmfs(*args, **kw):
+    return subprocess.run(CDMFS + [str(a) for a in args], capture_output=True, text=True,
+                          timeout=kw.pop("timeout", 60), env=ENV, **kw)
+
+
+# -- the trace-event format's rules ----------------------------------------------
+
+REQUIRED = ("name", "ph", "ts", "pid", "tid")
+
+
+def check_trace_events(doc: dict) -> dict:
+    """Checks a Chrome trace-event JSON document by the format's rules
+    (the Trace Event Format document): the object form, required fields per
+    phase, counters' timestamps monotonic per counter, B/E matched per
+    thread, X slices nested per thread; returns what the checks saw."""
+    assert isinstance(doc, dict) and isinstance(doc["traceEvents"], list)
+    assert doc.get("displayTimeUnit") in ("ms", "ns")
+    counters: dict[tuple, float] = {}
+    stacks: dict[tuple, list[str]] = {}
+    slices: dict[tuple, list[tuple[float, float]]] = {}
+    seen = {"process_name": {}, "thread_name": {}, "phases": set(), "cats": set()}
+    for ev in doc["traceEvents"]:
+        for key in REQUIRED:
+            assert key in ev, f"{key} missing in {ev}"
+        ph = ev["ph"]
+        seen["phases"].add(ph)
+        assert isinstance(ev["name"], str) and ev["name"]
+        assert isinstance(ev["pid"], int) and isinstance(ev["tid"], int)
+        assert isinstance(ev["ts"], (int, float)) and ev["ts"] >= 0
+        if "cat" in ev:
+            seen["cats"].add(ev["cat"])
+        if ph == "M":
+            assert ev["name"] in ("process_name", "thread_name", "process_sort_index",
+                                  "thread_sort_index", "process_labels"), ev
+            assert isinstance(ev["args"], dict)
+            if ev["name"] in ("process_name", "thread_name"):
+                assert isinstance(ev["args"]["name"], str)
+                seen[ev["name"]][(ev["pid"], ev["tid"]) if ev["name"] == "thread_name" else ev["pid"]] = \
+                    ev["args"]["name"]
+        elif ph == "X":
+            assert isinstance(ev["dur"], (int, float)) and ev["dur"] >= 0, ev
+            slices.setdefault((ev["pid"], ev["tid"]), []).append((ev["ts"], ev["ts"] + ev["dur"]))
+        elif ph == "C":
+            assert isinstance(ev["args"], dict) and ev["args"], ev
+            assert all(isinstance(v, (int, float)) for v in ev["args"].values()), ev
+            key = (ev["pid"], ev["name"], ev.get("id"))
+            assert ev["ts"] >= counters.get(key, 0), f"counter {key} went back in time at {ev}"
+            counters[key] = ev["ts"]
+        elif ph == "i" or ph == "I":
+            assert ev.get("s", "t") in ("g", "p", "t"), ev
+        elif ph == "B":
+            stacks.setdefault((ev["pid"], ev["tid"]), []).append(ev["name"])
+        elif ph == "E":
+            stack = stacks.get((ev["pid"], ev["tid"]))
+            assert stack, f"E without B: {ev}"
+            stack.pop()
+        else:
+            pytest.fail(f"a phase the converter should not write: {ev}")
+    assert all(not s for s in stacks.values()), f"B without E: {stacks}"
+    for key, spans in slices.items():
+        # on one thread, slices nest or follow each other (Perfetto drops the rest)
+        spans.sort(key=lambda s: (s[0], -s[1]))
+        open_ends: list[float] = []
+        for a, b in spans:
+            while open_ends and open_ends[-1] <= a:
+                open_ends.pop()
+            assert not open_ends or b <= open_ends[-1] + 1e-6, f"slices overlap on {key}: {spans}"
+            open_ends.append(b)
+    for ev in doc["traceEvents"]:
+        if ev["ph"] != "M":
+            assert ev["pid"] in seen["process_name"], f"a track without a name: {ev}"
+    seen["counters"] = counters
+    return seen
+
+
+# -- a scenario in lines -------------------------------------------------------------
+
+def scenario_lines() -> list[str]:
+    """Lines as the pipe writes them (format_line), for a machine of node 0,
+    node 1 (cdm0) and gpu0: every kind of EVENTS at least once, two
+    migrations overlapping in time, a region named with a blank."""
+    t = [5_000_000_000_000]
+    out: list[str] = []
+
+    def e(dt_ms: float, kind: str, *values) -> None:
+        t[0] += int(dt_ms * 1e6)
+        assert len(values) == len(EVENTS[kind][0] if kind in EVENTS else ("events",)), kind
+        out.append(format_line(t[0], kind, values))
+    for loc in ("0", "1", "gpu0"):
+        e(0, "mem_usage", loc, 0, 1048576)
+    for i in range(32):
+        e(1, "cpu_fault", "buf", 321, i * 512, 512, 0, "first_touch")
+        e(0, "mem_usage", "0", (i + 1) * 2048, 1048576)
+    e(1, "writeback", "buf", 321, 0, 16384)
+    e(5, "migrate", "buf", 0, 8192, "0", "gpu0", 8192, 0, 20_000_000, 15_000_000)
+    # a second migration, written later but started during the first
+    e(1, "migrate", "my data", 0, 256, "0", "gpu0", 256, 0, 15_000_000, 1_000_000)
+    e(0, "mem_usage", "gpu0", 33792, 1048576)
+    e(0, "mem_usage", "0", 31744, 1048576)
+    e(2, "device_fault", "gpu0", "buf", 0, 8192, 0)
+    e(3, "device_op", "gpu0", "buf", 0, 8192, "add", 33554432, 0, 2_000_000, 3_000_000)
+    e(1, "counter_notification", "cdm0", "buf", 8192, 16)
+    e(1, "duplicate", "gpu0", "buf", 8192, 512, 512)
+    e(1, "collapse", "buf", 8192, 1, 1)
+    e(2, "cpu_fault", "buf", 322, 0, 1024, 0, "fault_back")
+    e(0, "numa_hint_fault", "buf", 0, 1024, 0, 1024, 1024, 0)
+    e(3, "migrate", "buf", 8192, 8192, "0", "1", 8000, 192, 10_000_000, 8_000_000)
+    e(0, "mem_usage", "1", 32000, 1048576)
+    e(1, "demote", "buf", 8192, 64, "0", "1", 64, "kswapd")
+    e(1, "promote", "buf", 8192, 64, "1", "0", 64)
+    e(1, "evict", "gpu0", "buf", 1024, 1024, 1024)
+    e(1, "poison", "buf", 12000, 0x8001)
+    e(1, "memory_offline", 3, 0)
+    e(1, "memory_online", 3, 0)
+    e(1, "device_offline", "gpu0", 7168)
+    e(1, "device_online", "gpu0")
+    e(1, "link_down", "gpu0", 0)
+    e(1, "lost", 3)
+    return out
+
+
+def test_every_kind_has_a_scenario_line():
+    assert {parse_line(line)[1] for line in scenario_lines()} == set(EVENTS) | {"lost"}
+
+
+def test_converted_lines_follow_the_trace_event_rules():
+    doc = trace_json.convert(scenario_lines(), names={"1": "node 1 (CDM, cdm0's memory)"})
+    seen = check_trace_events(doc)
+    assert {"M", "X", "C", "i"} <= seen["phases"]
+    tracks = set(seen["process_name"].values())
+    assert {"node 0", "node 1 (CDM, cdm0's memory)", "gpu0", "cdm0", "regions"} <= tracks
+    # a counter track of used memory per node and device
+    used = {seen["process_name"][pid] for pid, name, _ in seen["counters"] if name == trace_json.USED}
+    assert used == {"node 0", "node 1 (CDM, cdm0's memory)", "gpu0"}
+    # the two overlapping migrations into gpu0 went to two lanes
+    gpu = next(pid for pid, n in seen["process_name"].items() if n == "gpu0")
+    lanes = {name for (pid, _), name in seen["thread_name"].items() if pid == gpu}
+    assert {"migrations in", "migrations in #2", "kernels"} <= lanes
+    # every line is one event of its kind, its fields in args
+    kinds = [ev["cat"] for ev in doc["traceEvents"] if ev["ph"] != "M"]
+    assert sorted(kinds) == sorted(parse_line(line)[1] for line in scenario_lines())
+
+
+def test_json_reads_back_as_the_lines(tmp_path):
+    lines = scenario_lines()
+    path = tmp_path / "t.json"
+    with open(path, "w") as f:
+        w = trace_json.JsonWriter(f)
+        for line in lines:
+            w.line(line)
+        w.close()
+    json.load(open(path))      # the streamed file is one JSON document
+    back = list(trace_json.read_events(str(path)))
+    assert back == [parse_line(line) for line in lines]
+
+
+def test_convert_a_text_trace(tmp_path):
+    txt, out = tmp_path / "t.txt", tmp_path / "t.json"
+    txt.write_text("".join(scenario_lines()))
+    res = cdmfs("trace", "--convert", txt, "-o", out)
+    assert res.returncode == 0, res.stderr
+    check_trace_events(json.load(open(out)))
+    res = cdmfs("trace", "--convert", tmp_path / "missing.txt", "-o", out)
+    assert res.returncode == 1 and res.stderr.startswith("cdmfs: cannot read") and res.stderr.count("\n") == 1
+
+
+# -- the picture -----------------------------------------------------------------------
+
+def pixel_colours(path: str, size: tuple[int, int]) -> set[str]:
+    from matplotlib import image
+    img = image.imread(path)
+    assert img.shape[:2] == (size[1], size[0])
+    rgb = (img[:, :, :3] * 255 + 0.5).astype(int)
+    flat = rgb.reshape(-1, 3)
+    return {f"#{r:02x}{g:02x}{b:02x}" for r, g, b in {tuple(p) for p in flat.tolist()}}
+
+
+def test_plot_draws_placement_and_usage(tmp_path):
+    src = tmp_path / "t.txt"
+    src.write_text("".join(scenario_lines()))
+    out = tmp_path / "p.png"
+    res = cdmfs("plot", src, "-o", out, "--width", 900, "--height", 600)
+    assert res.returncode == 0, res.stderr
+    found = pixel_colours(str(out), (900, 600))
+    want = plot.colours(["0", "1", "gpu0"])
+    assert {want["0"], want["1"], want["gpu0"], plot.UNPLACED, plot.POISONED} <= found
+    # the same picture from the JSON
+    doc = tmp_path / "t.json"
+    doc.write_text(json.dumps(trace_json.convert(scenario_lines())))
+    out2 = tmp_path / "p2.png"
+    assert cdmfs("plot", doc, "-o", out2, "--width", 900, "--height", 600).returncode == 0
+    assert pixel_colours(str(out2), (900, 600)) == found
+
+
+def test_placement_follows_the_events():
+    lines = scenario_lines()
+    events = sorted((parse_line(line) for line in lines), key=lambda e: e[0])
+    places = plot.place_order(["0", "1", "gpu0"])
+    img, pages = plot.placement_image(events, "buf", places, events[0][0], events[-1][0], columns=50)
+    assert pages == 16384
+    idx = {p: i + 1 for i, p in enumerate(places)}
+    rows = img.shape[0]
+    first_half, second_half = img[: rows // 2 - 2, -1], img[rows // 2 + 2:, -1]
+    # after the first touch, the first half went to gpu0 (then gpu0's link went
+    # down: lost), the second to node 1
+    assert set(img[:, 0].tolist()) <= {0, idx["0"]}
+    assert (second_half == idx["1"]).mean() > 0.9
+    assert set(first_half.tolist()) <= {idx["0"], plot.Placement(1, places).poisoned}
+
+
+def test_plot_errors(tmp_path):
+    src = tmp_path / "t.txt"
+    src.write_text("".join(scenario_lines()))
+    for args, words in [((tmp_path / "none.json", "-o", tmp_path / "x.png"), "cannot read"),
+                        ((src, "-o", tmp_path / "x.png", "--region", "nope"), "no region 'nope'"),
+                        ((HERE + "/conftest.py", "-o", tmp_path / "x.png"), "is not a trace")]:
+        res = cdmfs("plot", *args)
+        assert res.returncode == 1, res.stderr
+        assert res.stderr.startswith("cdmfs: ") and words in res.stderr and res.stderr.count("\n") == 1
+
+
+# -- on a real mount -------------------------------------------------------------------
+
+def test_trace_needs_a_mount(tmp_path):
+    res = cdmfs("trace", tmp_path, "-o", tmp_path / "t.json", "--seconds", 1)
+    assert res.returncode == 1 and "is not a cdmfs mount" in res.stderr and res.stderr.count("\n") == 1
+    res = cdmfs("trace", tmp_path, "-o", tmp_path / "t.json", "--seconds", "-1")
+    assert res.returncode == 1 and "--seconds must be positive" in res.stderr
+    res = cdmfs("trace", tmp_path, "-o", tmp_path / "t.json", "--seconds", "soon")
+    assert res.returncode == 2
+
+
+def test_top_snapshot_when_not_a_terminal(mnt):
+    r = mnt.region("topsnap", 4 << 20)
+    try:
+        with open(r.data, "r+b") as f:
+            f.write(b"x" * (1 << 20))
+        mnt.region("topsnap").migrate(0, 1 << 19, "gpu0")
+        res = cdmfs("top", mnt.path, "--interval", "0.2")
+        assert res.returncode == 0, res.stderr
+        out = res.stdout
+        for nid in mnt.nodes:
+            total = mnt.node(nid).meminfo["MemTotal"]
+            assert f"node {nid} (" in out and f"/ {total / 1024:.1f}" in out
+        assert "gpu0 (device-private memory)" in out and "\x1b[" not in out
+        line = next(line for line in out.splitlines() if line.startswith("topsnap"))
+        assert "g" * 4 in line and "0" * 4 in line and "node 0 128" in line and "gpu0 128" in line
+    finally:
+        r.remove()
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+def test_top_in_tmux(mnt, tmp_path):
+    session = f"cdmfs-top-{os.getpid()}"
+    cmd = " ".join(CDMFS + ["top", mnt.path]) + f"; echo $? > {tmp_path}/status"
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "160", "-y", "50",
+                    "env", f"PYTHONPATH={ENV['PYTHONPATH']}", "sh", "-c", cmd], check=True)
+    try:
+        screen = ""
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and "q quits" not in screen:
+            time.sleep(0.3)
+            screen = subprocess.run(["tmux", "capture-pane", "-p", "-t", session],
+                                    capture_output=True, text=True).stdout
+        time.sleep(1.5)     # a second frame, with rates
+        screen = subprocess.run(["tmux", "capture-pane", "-p", "-t", session],
+                                capture_output=True, text=True).stdout
+        for nid in mnt.nodes:
+            info = mnt.node(nid).meminfo
+            assert f"node {nid} (" in screen
+            assert f"{info['MemUsed'] / 1024:.1f} / {info['MemTotal'] / 1024:.1f}" in screen, screen
+        assert "CPU faults" in screen and "pages migrated" in screen
+        subprocess.run(["tmux", "send-keys", "-t", session, "q"], check=True)
+        deadline = time.monotonic() + 10
+        while not (tmp_path / "status").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert (tmp_path / "status").read_text().strip() == "0"
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
