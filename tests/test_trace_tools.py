@@ -300,3 +300,129 @@ def test_top_in_tmux(mnt, tmp_path):
         assert (tmp_path / "status").read_text().strip() == "0"
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+
+
+# -- recorded from a real mount ----------------------------------------------------------
+
+# The workload cdmfs trace runs (-- COMMAND): a region's first touch through
+# mmap, half of it to gpu0, gpu0 adding to it, the CPU reading it back, the
+# other half to node 1.  Exits 3, which cdmfs trace must pass on.
+WORKLOAD = """
+import sys, cdmfs
+m = cdmfs.Mount(sys.argv[1])
+r = m.region("scen", 4 << 20)
+with r.mmap() as mm:
+    for p in range(1024):
+        mm[p * 4096] = 1
+r.migrate(0, 2 << 20, "gpu0")
+m.device("gpu0").access("add", "scen", 0, 2 << 20, 1)
+with open(r.data, "rb") as f:
+    f.read(1 << 20)
+r.migrate(2 << 20, 2 << 20, "node:1")
+sys.exit(3)
+"""
+
+
+def enables(m) -> dict[str, str]:
+    base = os.path.join(m.path, "sys/kernel/tracing/events")
+    return {k: open(os.path.join(base, k, "enable")).read().strip() for k in EVENTS}
+
+
+@pytest.fixture(scope="module")
+def recorded(mnt, tmp_path_factory):
+    """The scenario's trace, JSON, and how cdmfs trace ended."""
+    out = tmp_path_factory.mktemp("trace") / "scen.json"
+    before = enables(mnt)
+    res = cdmfs("trace", mnt.path, "-o", out, "--", sys.executable, "-c", WORKLOAD, mnt.path)
+    after = enables(mnt)
+    try:
+        mnt.region("scen").remove()
+    except OSError:
+        pass
+    return res, out, before, after
+
+
+def test_trace_records_a_command(recorded):
+    res, out, before, after = recorded
+    assert res.returncode == 3, res.stderr          # the command's status
+    assert res.stdout.endswith(f"events recorded to {out}\n")
+    assert before == after                          # the switches it turned on are off again
+    doc = json.load(open(out))
+    seen = check_trace_events(doc)
+    tracks = set(seen["process_name"].values())
+    assert {"node 0 (system RAM)", "node 1 (CDM, cdm0's memory)", "gpu0 (device-private memory)"} <= tracks
+    assert {"cpu_fault", "migrate", "device_op", "mem_usage"} <= seen["cats"]
+    used = {seen["process_name"][pid] for pid, name, _ in seen["counters"] if name == trace_json.USED}
+    assert {"node 0 (system RAM)", "node 1 (CDM, cdm0's memory)", "gpu0 (device-private memory)"} <= used
+    events = [e for e in trace_json.read_events(str(out)) if e[2].get("region") == "scen"]
+    migrations = [f for _, kind, f in events if kind == "migrate"]
+    assert sum(int(f["moved"]) for f in migrations if f["to"] == "gpu0") >= 512
+    assert sum(int(f["moved"]) for f in migrations if f["to"] == "1") == 512
+    assert any(kind == "cpu_fault" and f["type"] == "first_touch" for _, kind, f in events)
+    assert any(kind == "device_op" and f["device"] == "gpu0" for _, kind, f in events)
+
+
+def test_plot_of_a_recorded_trace(recorded, tmp_path):
+    _, out, _, _ = recorded
+    png = tmp_path / "scen.png"
+    res = cdmfs("plot", out, "-o", png, "--region", "scen")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == f"region scen drawn to {png}\n"
+    want = plot.colours(["0", "1", "gpu0"])
+    assert {want["0"], want["1"], want["gpu0"]} <= pixel_colours(str(png), (1200, 800))
+
+
+def test_trace_for_seconds_as_text(mnt, tmp_path):
+    out = tmp_path / "t.txt"
+    r = mnt.region("secs", 1 << 20)
+    try:
+        t = time.monotonic()
+        proc = subprocess.Popen(CDMFS + ["trace", mnt.path, "-o", str(out), "--seconds", "1.5",
+                                         "--events", "cpu_fault,mem_usage"], env=ENV,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(0.8)
+        with open(r.data, "rb") as f:
+            f.read(1 << 20)
+        stdout, stderr = proc.communicate(timeout=30)
+        assert proc.returncode == 0, stderr
+        assert 1.5 <= time.monotonic() - t < 10 and stderr == ""
+    finally:
+        r.remove()
+    lines = [parse_line(line) for line in open(out)]
+    assert {kind for _, kind, _ in lines} <= {"cpu_fault", "mem_usage"}
+    assert any(kind == "cpu_fault" and f["region"] == "secs" for _, kind, f in lines)
+    assert all(a[0] <= b[0] for a, b in zip(lines, lines[1:]))
+
+
+def test_trace_stops_on_ctrl_c_with_a_whole_file(mnt, tmp_path):
+    import signal
+    out = tmp_path / "c.json"
+    proc = subprocess.Popen(CDMFS + ["trace", mnt.path, "-o", str(out)], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr
+    assert stdout.endswith(f"events recorded to {out}\n")
+    check_trace_events(json.load(open(out)))
+    assert set(enables(mnt).values()) == {"0"}
+
+
+def test_trace_bad_input(mnt, tmp_path):
+    res = cdmfs("trace", mnt.path, "-o", tmp_path / "t.json", "--events", "migrate,nonsense", "--seconds", 1)
+    assert res.returncode == 1 and "no event nonsense" in res.stderr and res.stderr.count("\n") == 1
+    res = cdmfs("trace", mnt.path, "-o", tmp_path / "no/such/dir/t.json", "--seconds", 1)
+    assert res.returncode == 1 and "cannot write" in res.stderr and res.stderr.count("\n") == 1
+    res = cdmfs("trace", mnt.path, "-o", tmp_path / "t.json", "--", "/no/such/program")
+    assert res.returncode == 1 and "cannot run /no/such/program" in res.stderr
+
+
+def test_demo_records_its_run(tmp_path):
+    out = tmp_path / "demo.json"
+    res = cdmfs("demo", "--trace", out, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert f"trace written to {out}" in res.stdout
+    seen = check_trace_events(json.load(open(out)))
+    assert {"cpu_fault", "migrate", "device_op"} <= seen["cats"]
+    png = tmp_path / "demo.png"
+    assert cdmfs("plot", out, "-o", png).stdout == f"region demo drawn to {png}\n"

@@ -57,7 +57,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
         if args.convert:
             if args.mountpoint or args.seconds is not None or args.command:
                 raise CliError("cdmfs trace --convert FILE -o OUT takes no MOUNTPOINT, --seconds or COMMAND")
-            trace.convert_file(args.convert, args.output)
+            n = trace.convert_file(args.convert, args.output)
+            print(f"{n} events converted to {args.output}")
             return 0
         if args.mountpoint is None:
             raise CliError("cdmfs trace: give MOUNTPOINT (or --convert FILE)")
@@ -65,10 +66,12 @@ def cmd_trace(args: argparse.Namespace) -> int:
             raise CliError("cdmfs trace: give --seconds or a COMMAND, not both")
         if args.seconds is not None and not args.seconds > 0:
             raise CliError(f"cdmfs trace: --seconds must be positive, not {args.seconds:g}")
-        return trace.record(args.mountpoint, args.output, fmt, seconds=args.seconds,
-                            command=args.command or None, events=args.events)
+        status, n = trace.record(args.mountpoint, args.output, fmt, seconds=args.seconds,
+                                 command=args.command or None, events=args.events)
     except trace.TraceError as e:
         raise CliError(str(e)) from None
+    print(f"{n} events recorded to {args.output}")
+    return status
 
 
 def cmd_plot(args: argparse.Namespace) -> None:
@@ -79,8 +82,7 @@ def cmd_plot(args: argparse.Namespace) -> None:
         region = plot.plot(args.file, args.output, args.region, args.width, args.height)
     except plot.PlotError as e:
         raise CliError(str(e)) from None
-    if sys.stdout.isatty():
-        print(f"region {region} drawn to {args.output}")
+    print(f"region {region} drawn to {args.output}")
 
 
 def cmd_top(args: argparse.Namespace) -> None:

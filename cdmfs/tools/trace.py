@@ -193,9 +193,8 @@ class Progress:
             sys.stderr.flush()
 
 
-def pump(pipe: Pipe, sink: Sink, progress: Progress, done: Callable[[], bool]) -> None:
-    """Moves lines from the pipe to the file until done() says stop; then
-    takes the lines stamped before the stop."""
+def copy(pipe: Pipe, sink: Sink, progress: Progress, done: Callable[[], bool]) -> None:
+    """Moves lines from the pipe to the file until done() says stop."""
     while not done():
         try:
             line = pipe.lines.get(timeout=0.05)
@@ -206,21 +205,25 @@ def pump(pipe: Pipe, sink: Sink, progress: Progress, done: Callable[[], bool]) -
             raise TraceError(f"trace_pipe ended: {pipe.error or 'end of file'}")
         sink.line(line)
         progress.show(sink.count)
-    stop = time.monotonic()
-    deadline = stop + DRAIN_S
+
+
+def drain(pipe: Pipe, sink: Sink, stop: float) -> None:
+    """Takes the lines stamped up to ``stop`` still on their way: until one
+    stamped later comes, or none for DRAIN_S."""
+    deadline = time.monotonic() + DRAIN_S
     while True:
         try:
             line = pipe.lines.get(timeout=max(deadline - time.monotonic(), 0))
         except queue.Empty:
-            break
+            return
         if line is None:
-            break
+            return
         try:
             ts = parse_line(line)[0]
         except ValueError:
             ts = 0.0
         if ts > stop:
-            break
+            return
         sink.line(line)
         deadline = time.monotonic() + DRAIN_S
 
@@ -228,10 +231,11 @@ def pump(pipe: Pipe, sink: Sink, progress: Progress, done: Callable[[], bool]) -
 def record(mountpoint: str, out: str, fmt: str = "json", seconds: Optional[float] = None,
            command: Optional[Sequence[str]] = None, events: Optional[str] = None,
            on_start: Optional[Callable[[], None]] = None, done: Optional[Callable[[], bool]] = None,
-           progress: bool = True) -> int:
-    """Records to ``out``; returns the command's exit status (0 without one).
-    Stops when ``seconds`` have passed, the command ended, ``done()`` says
-    so, or on Ctrl-C (KeyboardInterrupt, after the file is complete)."""
+           progress: bool = True) -> tuple[int, int]:
+    """Records to ``out`` until ``seconds`` have passed, the command ended,
+    ``done()`` says so, or Ctrl-C; returns the command's exit status (0
+    without one) and the count of lines recorded.  Ctrl-C is a way to stop
+    like the others: the file is whole and the status the command's."""
     tracing = tracing_dir(mountpoint)
     kinds = choose_events(events)
     where = places_now(mountpoint)
@@ -244,9 +248,9 @@ def record(mountpoint: str, out: str, fmt: str = "json", seconds: Optional[float
     child: Optional[subprocess.Popen] = None
     status = 0
     try:
-        # The pipe opens before the switches turn on, so nothing is missed.
-        # The usage now, stamped before any event can be: the file stays in
-        # time order.
+        # The pipe opens before the switches turn on, so nothing is missed;
+        # the usage now is stamped before any event can be, so the file
+        # stays in time order.
         pipe = Pipe(os.path.join(tracing, "trace_pipe"))
         for line in usage_lines(where):
             sink.line(line)
@@ -267,28 +271,27 @@ def record(mountpoint: str, out: str, fmt: str = "json", seconds: Optional[float
                     return True
                 return done is not None and done()
             try:
-                pump(pipe, sink, shown, finished)
+                copy(pipe, sink, shown, finished)
             except KeyboardInterrupt:
-                if child is not None:
-                    # The terminal's Ctrl-C reached the command too: let it end.
-                    try:
-                        child.wait(timeout=5)
-                    except subprocess.TimeoutExpired:
-                        child.kill()
-                raise
-            for line in usage_lines(places_now(mountpoint)):
-                sink.line(line)
+                pass        # the terminal's Ctrl-C reached the command too
+            stop = time.monotonic()
             if child is not None:
-                status = child.wait()
+                try:
+                    status = child.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+                    status = child.wait()
                 if status < 0:      # killed by a signal: as a shell reports it
                     status = 128 - status
+            drain(pipe, sink, stop)
+            for line in usage_lines(places_now(mountpoint)):
+                sink.line(line)
     finally:
         shown.clear()
         sink.close()
         if child is not None and child.poll() is None:
             child.kill()
-    log.info("%d events written to %s", sink.count, out)
-    return status
+    return status, sink.count
 
 
 def convert_file(src: str, out: str) -> int:

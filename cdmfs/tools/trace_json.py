@@ -99,6 +99,7 @@ class Converter:
         self.lanes: dict[tuple[int, str], list[float]] = {}     # end time of each lane's last slice
         self.devices = 0
         self.totals: dict[str, int] = {}        # place -> total kB, the last mem_usage said
+        self.last_sample: dict[str, int] = {}   # place -> ts of its last counter sample
         self.regions_named = False
         self.events = 0
 
@@ -168,6 +169,10 @@ class Converter:
             if isinstance(total, int) and self.totals.get(place) != total:
                 self.totals[place] = total
                 out.append(self._meta("process_labels", pid, 0, {"labels": f"{total // 1024} MiB"}))
+            # A sample cdmfs trace took itself may follow a line stamped a
+            # moment earlier: a counter's samples stay in order.
+            ts = max(ts, self.last_sample.get(place, ts))
+            self.last_sample[place] = ts
             out.append({"name": USED, "cat": kind, "ph": "C", "ts": ts, "pid": pid, "tid": 0,
                         "args": {"kB": number(fields.get("used_kb", "0"))}})
             return out
