@@ -371,7 +371,7 @@ def parser() -> argparse.ArgumentParser:
                         "above the memory each node and device uses.")
     pt.add_argument("file", metavar="FILE")
     pt.add_argument("-o", "--output", metavar="OUT.png", required=True)
-    pt.add_argument("--region", metavar="NAME", help="the region to draw (default: the one with most events)")
+    pt.add_argument("--region", metavar="NAME", help="the region to draw (default: the busiest, by the pages its events touch)")
     pt.add_argument("--width", type=int, default=1200, help="pixels (default 1200)")
     pt.add_argument("--height", type=int, default=800, help="pixels (default 800)")
     pt.set_defaults(func=cmd_plot)

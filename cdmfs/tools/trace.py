@@ -7,32 +7,28 @@ text``), for ``--seconds N``, while ``-- COMMAND`` runs, or until Ctrl-C.
 The file is whole whichever way it stops, and the switches it turned on are
 turned off again.
 
-The pipe is read by a thread: a read blocks until there is a line, and
-nothing but a line ends it.  When recording stops, the lines stamped before
-that moment are still being read; lines carry CLOCK_MONOTONIC, the clock of
-``time.monotonic()``, so the recorder knows it has them all once it reads a
-later stamp (or the pipe stays quiet for ``DRAIN_S``).
+The pipe is read without blocking, every ``POLL_S`` when it was empty.  When
+recording stops, the lines waiting are taken up to those stamped after the
+stop: lines carry CLOCK_MONOTONIC, the clock of ``time.monotonic()``.
 """
 from __future__ import annotations
 
 import logging
 import os
-import queue
 import subprocess
 import sys
-import threading
 import time
 from typing import IO, Callable, Optional, Sequence
 
 from ..lib.trace import EVENTS, format_line, parse_line
 from .places import meminfo
 from .places import places as mount_places
-from .trace_json import JsonWriter, convert
+from .trace_json import JsonWriter, convert, open_text
 
 log = logging.getLogger(__name__)
 
 TRACING = "sys/kernel/tracing"
-DRAIN_S = 0.5           # how long the pipe may stay quiet after the stop
+POLL_S = 0.02           # how long to wait when no line is waiting
 PROGRESS_S = 0.25       # how often the terminal's count is redrawn
 
 
@@ -124,35 +120,45 @@ def usage_lines(where: dict[str, tuple[str, int, int]]) -> list[str]:
 # -- recording ----------------------------------------------------------------
 
 class Pipe:
-    """trace_pipe, read by a thread into a queue (None: the pipe ended)."""
+    """trace_pipe, opened O_NONBLOCK: a read takes the lines waiting and
+    never waits itself, so nothing stops the recorder from stopping (a
+    blocking read would wait for the next line, maybe forever)."""
 
     def __init__(self, path: str):
-        self.fd = os.open(path, os.O_RDONLY)
-        self.lines: "queue.Queue[Optional[str]]" = queue.Queue()
-        self.error: Optional[OSError] = None
-        threading.Thread(target=self._run, name="trace_pipe", daemon=True).start()
+        self.fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        self.rest = b""
 
-    def _run(self) -> None:
-        rest = b""
-        try:
-            while True:
+    def lines(self) -> list[str]:
+        """The whole lines waiting now; [] for none."""
+        chunks = []
+        while True:
+            try:
                 chunk = os.read(self.fd, 1 << 16)
-                if not chunk:
-                    break
-                rest += chunk
-                *whole, rest = rest.split(b"\n")
-                for line in whole:
-                    self.lines.put(line.decode("utf-8", "replace") + "\n")
-        except OSError as e:
-            self.error = e
-        self.lines.put(None)
+            except BlockingIOError:
+                break
+            except InterruptedError:
+                continue
+            except OSError as e:
+                raise TraceError(f"trace_pipe failed: {e.strerror}") from None
+            if not chunk:
+                raise TraceError("trace_pipe ended: the mount went away?")
+            chunks.append(chunk)
+            if len(chunk) < 1 << 15:        # most likely all there was
+                break
+        if not chunks:
+            return []
+        *whole, self.rest = (self.rest + b"".join(chunks)).split(b"\n")
+        return [line.decode("utf-8", "replace") + "\n" for line in whole]
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 class Sink:
     """The output file: JSON events or the lines."""
 
     def __init__(self, path: str, fmt: str, names: dict[str, str]):
-        self.file: IO[str] = open(path, "w", encoding="utf-8")
+        self.file: IO[str] = open_text(path, "w")
         self.json = JsonWriter(self.file, names) if fmt == "json" else None
         self.count = 0
 
@@ -196,36 +202,26 @@ class Progress:
 def copy(pipe: Pipe, sink: Sink, progress: Progress, done: Callable[[], bool]) -> None:
     """Moves lines from the pipe to the file until done() says stop."""
     while not done():
-        try:
-            line = pipe.lines.get(timeout=0.05)
-        except queue.Empty:
-            progress.show(sink.count)
-            continue
-        if line is None:
-            raise TraceError(f"trace_pipe ended: {pipe.error or 'end of file'}")
-        sink.line(line)
+        lines = pipe.lines()
+        for line in lines:
+            sink.line(line)
         progress.show(sink.count)
+        if not lines:
+            time.sleep(POLL_S)
 
 
 def drain(pipe: Pipe, sink: Sink, stop: float) -> None:
-    """Takes the lines stamped up to ``stop`` still on their way: until one
-    stamped later comes, or none for DRAIN_S."""
-    deadline = time.monotonic() + DRAIN_S
-    while True:
-        try:
-            line = pipe.lines.get(timeout=max(deadline - time.monotonic(), 0))
-        except queue.Empty:
-            return
-        if line is None:
-            return
-        try:
-            ts = parse_line(line)[0]
-        except ValueError:
-            ts = 0.0
-        if ts > stop:
-            return
-        sink.line(line)
-        deadline = time.monotonic() + DRAIN_S
+    """The lines stamped up to ``stop`` still waiting (a read gives the
+    daemon's every line up to the moment, the C core's faults included)."""
+    while lines := pipe.lines():
+        for line in lines:
+            try:
+                ts = parse_line(line)[0]
+            except ValueError:
+                ts = 0.0
+            if ts > stop:
+                return
+            sink.line(line)
 
 
 def record(mountpoint: str, out: str, fmt: str = "json", seconds: Optional[float] = None,
@@ -246,14 +242,18 @@ def record(mountpoint: str, out: str, fmt: str = "json", seconds: Optional[float
     except OSError as e:
         raise TraceError(f"cannot write {out}: {e.strerror}") from None
     child: Optional[subprocess.Popen] = None
+    pipe: Optional[Pipe] = None
     status = 0
     try:
-        # The pipe opens before the switches turn on, so nothing is missed;
-        # the usage now is stamped before any event can be, so the file
-        # stays in time order.
-        pipe = Pipe(os.path.join(tracing, "trace_pipe"))
+        # The usage now, stamped before the pipe opens: every line the
+        # pipe gives is later, and the file stays in time order.  The pipe
+        # opens before the switches turn on, so nothing is missed.
         for line in usage_lines(where):
             sink.line(line)
+        try:
+            pipe = Pipe(os.path.join(tracing, "trace_pipe"))
+        except PermissionError:
+            raise TraceError("tracing is root's, as tracefs is (run cdmfs trace as root)") from None
         with Switches(tracing, kinds):
             if command:
                 try:
@@ -287,6 +287,8 @@ def record(mountpoint: str, out: str, fmt: str = "json", seconds: Optional[float
             for line in usage_lines(places_now(mountpoint)):
                 sink.line(line)
     finally:
+        if pipe is not None:
+            pipe.close()        # before the mount may go (cdmfs demo unmounts next)
         shown.clear()
         sink.close()
         if child is not None and child.poll() is None:
@@ -298,7 +300,7 @@ def convert_file(src: str, out: str) -> int:
     """``--convert``: a text trace (``--format text``) to JSON; the count of lines."""
     import json
     try:
-        with open(src, encoding="utf-8") as f:
+        with open_text(src) as f:
             lines = f.readlines()
     except OSError as e:
         raise TraceError(f"cannot read {src}: {e.strerror}") from None
@@ -309,7 +311,7 @@ def convert_file(src: str, out: str) -> int:
     except (ValueError, IndexError):
         raise TraceError(f"{src} is not a text trace (cdmfs trace --format text)") from None
     try:
-        with open(out, "w", encoding="utf-8") as f:
+        with open_text(out, "w") as f:
             json.dump(doc, f, separators=(",", ":"))
     except OSError as e:
         raise TraceError(f"cannot write {out}: {e.strerror}") from None
@@ -317,4 +319,5 @@ def convert_file(src: str, out: str) -> int:
 
 
 def default_format(path: str) -> str:
-    return "text" if path.endswith(".txt") else "json"
+    """text for FILE.txt (or .txt.gz), else JSON."""
+    return "text" if path.removesuffix(".gz").endswith(".txt") else "json"

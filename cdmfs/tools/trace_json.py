@@ -25,6 +25,7 @@ either format.
 """
 from __future__ import annotations
 
+import gzip
 import json
 from typing import IO, Any, Iterable, Iterator, Optional
 
@@ -243,15 +244,32 @@ def convert(lines: Iterable[str], names: Optional[dict[str, str]] = None) -> dic
     return {"traceEvents": events, "displayTimeUnit": "ms", "otherData": conv.other_data()}
 
 
+def open_text(path: str, mode: str = "r") -> IO[str]:
+    """A trace file as text: gzip-compressed when its name ends in .gz
+    (written so; Perfetto opens those too) or its bytes say so (read)."""
+    if "w" in mode:
+        if path.endswith(".gz"):
+            return gzip.open(path, "wt", encoding="utf-8")
+        return open(path, "w", encoding="utf-8")
+    with open(path, "rb") as f:
+        magic = f.read(2)
+    if magic == b"\x1f\x8b":
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def _is_json(path: str) -> bool:
+    with open_text(path) as f:
+        return f.read(64).lstrip().startswith("{")
+
+
 def read_events(path: str) -> Iterator[tuple[float, str, dict[str, str]]]:
     """The lines of a trace file, JSON or text, as ``parse_line`` gives them
     ``(seconds, kind, {field: text})``, in the file's order."""
-    with open(path, "rb") as f:
-        head = f.read(64).lstrip()
-    if head.startswith(b"{"):
+    if _is_json(path):
         yield from _json_events(path)
         return
-    with open(path, encoding="utf-8") as f:
+    with open_text(path) as f:
         for line in f:
             if line.strip():
                 yield parse_line(line)
@@ -261,10 +279,9 @@ def read_names(path: str) -> dict[str, str]:
     """The places' titles a JSON trace recorded (``node 1 (CDM, cdm0's
     memory)``); none for a text trace."""
     try:
-        with open(path, "rb") as f:
-            if not f.read(64).lstrip().startswith(b"{"):
-                return {}
-        with open(path, encoding="utf-8") as f:
+        if not _is_json(path):
+            return {}
+        with open_text(path) as f:
             doc = json.load(f)
         return dict(doc.get("otherData", {}).get("cdmfs_names", {}))
     except (OSError, ValueError, AttributeError):
@@ -272,7 +289,7 @@ def read_names(path: str) -> dict[str, str]:
 
 
 def _json_events(path: str) -> Iterator[tuple[float, str, dict[str, str]]]:
-    with open(path, encoding="utf-8") as f:
+    with open_text(path) as f:
         doc = json.load(f)
     other = doc.get("otherData", {}) if isinstance(doc, dict) else {}
     places = {int(pid): place for pid, place in other.get("cdmfs_places", {}).items()}
