@@ -292,7 +292,7 @@ def test_top_in_tmux(mnt, tmp_path):
             info = mnt.node(nid).meminfo
             assert f"node {nid} (" in screen
             assert f"{info['MemUsed'] / 1024:.1f} / {info['MemTotal'] / 1024:.1f}" in screen, screen
-        assert "CPU faults" in screen and "pages migrated" in screen
+        assert "CPU faults" in screen and "migrated" in screen and "evicted" in screen
         subprocess.run(["tmux", "send-keys", "-t", session, "q"], check=True)
         deadline = time.monotonic() + 10
         while not (tmp_path / "status").exists() and time.monotonic() < deadline:

@@ -239,6 +239,8 @@ def placement_image(events: list, region: str, places: list[str], t0: float, t1:
     span = max(t1 - t0, 1e-9)
     col = 0
     for ts, kind, f in events:
+        if ts > t1:
+            break
         if kind == "link_down":
             here = min(int((ts - t0) / span * columns), columns - 1)
             img[:, col:here] = pl.column()[:, None]
@@ -278,7 +280,12 @@ def plot(path: str, out: str, region: Optional[str] = None, width: int = 1200, h
     events = load(path)
     region = choose_region(events, region)
     events.sort(key=lambda e: e[0])
-    t0, t1 = events[0][0], events[-1][0]
+    # From the trace's start to a little after the region's last event: a
+    # region's removal is not an event, and after it the picture would go on
+    # showing its pages (cdmfs demo's trace goes on with memhog's region).
+    t0 = events[0][0]
+    last = max(ts for ts, _, f in events if f.get("region") == region)
+    t1 = min(events[-1][0], last + 0.05 * (last - t0))
     if t1 <= t0:
         t1 = t0 + 1e-3
     seen = set()
@@ -312,14 +319,16 @@ def plot(path: str, out: str, region: Optional[str] = None, width: int = 1200, h
                + [(len(palette) - 1, "poisoned")] if i in present]
     top.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), title="placement")
 
-    for p in places:
-        if p in curves:
-            times, values, total = curves[p]
-            xs = [t - t0 for t in times] + [t1 - t0]
-            ys = values + values[-1:]
-            what = f" of {total / 1024:.0f} MiB" if total else ""
-            bottom.step(xs, ys, where="post", color=colour[p], linewidth=2,
-                        label=f"{place_title(p)}{what}")
+    drawn = [p for p in places if p in curves]
+    for k, p in enumerate(drawn):
+        times, values, total = curves[p]
+        shown = [i for i, t in enumerate(times) if t <= t1] or [0]
+        xs = [times[i] - t0 for i in shown] + [t1 - t0]
+        ys = [values[i] for i in shown] + [values[shown[-1]]]
+        what = f" of {total / 1024:.0f} MiB" if total else ""
+        # the first drawn the widest: two places using as much both show
+        bottom.step(xs, ys, where="post", color=colour[p], linewidth=1.5 + (len(drawn) - 1 - k),
+                    label=f"{place_title(p)}{what}")
     bottom.set_ylabel("memory used (MiB)")
     bottom.set_xlabel("time (s) since the trace's first event")
     bottom.set_xlim(0, t1 - t0)

@@ -37,12 +37,12 @@ POISONED = "poisoned"
 # (title, how the figure is taken from a sample): the rates shown
 RATES = (
     ("CPU faults", lambda s: s.vm.get("pgfault", 0)),
-    ("pages migrated", lambda s: s.vm.get("pgmigrate_success", 0)),
-    ("pages demoted", lambda s: sum(v for k, v in s.vm.items() if k.startswith("pgdemote_"))),
-    ("pages promoted", lambda s: s.vm.get("pgpromote_success", 0)),
+    ("migrated", lambda s: s.vm.get("pgmigrate_success", 0)),
+    ("demoted", lambda s: sum(v for k, v in s.vm.items() if k.startswith("pgdemote_"))),
+    ("promoted", lambda s: s.vm.get("pgpromote_success", 0)),
     ("NUMA hint faults", lambda s: s.vm.get("numa_hint_faults", 0)),
     ("device faults", lambda s: sum(d.get("faults", 0) for d in s.dev.values())),
-    ("pages evicted", lambda s: sum(d.get("evicted_bytes", 0) for d in s.dev.values()) // 4096),
+    ("evicted", lambda s: sum(d.get("evicted_bytes", 0) for d in s.dev.values()) // 4096),
 )
 
 
@@ -251,7 +251,7 @@ def render(mountpoint: str, s: Sample, r: list[tuple[str, Optional[float]]], wid
         bar.append("░" * (bar_w - filled), style="dim")
         mem.add_row(m.title, bar, f"{mib(m.used_kb)} / {mib(m.total_kb)}", f"{100 * frac:.0f}")
 
-    rt = Table(title="rates (per second)", title_justify="left", box=None, pad_edge=False,
+    rt = Table(title="per second (migrated, demoted, promoted, evicted: pages)", title_justify="left", box=None, pad_edge=False,
                show_edge=False)
     for title, _ in r:
         rt.add_column(title, justify="right", no_wrap=True)
@@ -297,7 +297,7 @@ def render(mountpoint: str, s: Sample, r: list[tuple[str, Optional[float]]], wid
 # -- running ---------------------------------------------------------------------
 
 def strip_cells(width: int) -> int:
-    return max(min(width - 45, 64), 8)
+    return max(min(width // 2 - 10, 64), 8)
 
 
 def frame_map(mountpoint: str) -> Optional[mp.FrameMap]:
@@ -309,7 +309,7 @@ def frame_map(mountpoint: str) -> Optional[mp.FrameMap]:
         return None
 
 
-def snapshot(mountpoint: str, interval: float = 1.0, width: int = 120) -> None:
+def snapshot(mountpoint: str, interval: float = 1.0, width: int = 100) -> None:
     """One plain snapshot on stdout, its rates over ``interval`` seconds."""
     from rich.console import Console
     check_mount(mountpoint)
@@ -317,8 +317,11 @@ def snapshot(mountpoint: str, interval: float = 1.0, width: int = 120) -> None:
     first = take(mountpoint, strip_cells(width), frames)
     time.sleep(interval)
     now = take(mountpoint, strip_cells(width), frames)
-    console = Console(file=sys.stdout, width=width, color_system=None, highlight=False)
-    console.print(render(mountpoint, now, rates(first, now), width, live=False))
+    console = Console(width=width, color_system=None, highlight=False)
+    with console.capture() as text:
+        console.print(render(mountpoint, now, rates(first, now), width, live=False))
+    # rich pads its tables' cells to the width: plain lines end at their text
+    sys.stdout.write("".join(line.rstrip() + "\n" for line in text.get().splitlines()))
 
 
 class Keys:
