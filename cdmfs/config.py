@@ -131,6 +131,11 @@ class Access:
     write_bandwidth: int
 
 
+def transfer_ns(nbytes: int, bandwidth_mbps: int) -> int:
+    """Modeled time of moving nbytes at a bandwidth in MB/s (1 MB/s = 1 byte/us)."""
+    return nbytes * 1000 // bandwidth_mbps
+
+
 @dataclass(frozen=True)
 class CacheSpec:
     """One cache of every CPU, as cacheinfo describes it (drivers/base/cacheinfo.c)."""

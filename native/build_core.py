@@ -30,6 +30,7 @@ SOURCES = [
     "router.c",
     "attr_cache.c",
     "check.c",
+    "trace.c",
 ]
 
 

@@ -143,6 +143,7 @@ struct cdm_pool {
 struct cdm_policies;
 struct cdm_region_policies;
 struct cdm_faultback_log;
+struct cdm_trace_ring;
 
 struct cdm_machine {
     pthread_mutex_t lock;
@@ -160,6 +161,8 @@ struct cdm_machine {
     int cpu_pool;
     struct cdm_policies *policies;  /* plans and CPU nodes for first touch in C */
     struct cdm_faultback_log *faultbacks;   /* fault-backs served in C, for Python */
+    uint32_t trace_mask;    /* 1 << CDM_TRACE_*: what serve records (cdm_machine_trace) */
+    struct cdm_trace_ring *trace;
 };
 
 /*
@@ -358,7 +361,36 @@ int cdm_region_rw(struct cdm_machine *m, struct cdm_region *r, uint64_t off, uin
  * policies, no memory left, the fault-back log full).
  */
 int64_t cdm_region_serve(struct cdm_machine *m, struct cdm_region *r, uint64_t off, uint64_t len,
-                         uint8_t *buf, int write, int32_t local);
+                         uint8_t *buf, int write, int32_t local, uint32_t pid);
+
+/*
+ * The trace ring (trace.c): what cdm_region_serve served, for the trace
+ * stream, while cdm_machine_trace() asks for its kinds (a mask of 1 << kind;
+ * 0 stops recording).  A READ is recorded as the fault it was: a first touch
+ * (it placed a page), a fault-back (it brought a device's private page back),
+ * or a fault of pages already present; a WRITE as a write-back.  pool: where
+ * page first lives after it.  The ring holds CDM_TRACE_RING records; when
+ * full, records are dropped and counted, and the take that empties the ring
+ * reports them in *lost.  Returns the records copied to out, oldest first.
+ */
+#define CDM_TRACE_RING 8192
+enum {
+    CDM_TRACE_FIRST_TOUCH,
+    CDM_TRACE_FAULT,
+    CDM_TRACE_FAULT_BACK,
+    CDM_TRACE_WRITEBACK,
+};
+struct cdm_trace_rec {
+    uint64_t ts_ns;         /* CLOCK_MONOTONIC */
+    uint32_t kind;
+    uint32_t region;
+    uint32_t pid;
+    int32_t pool;
+    uint64_t first, n;
+};
+int cdm_machine_trace(struct cdm_machine *m, uint32_t mask);
+uint64_t cdm_machine_take_trace(struct cdm_machine *m, struct cdm_trace_rec *out, uint64_t max,
+                                uint64_t *lost);
 
 /*
  * A fault-back cdm_region_serve did (the router's migrate_to_ram): pages of
@@ -375,6 +407,7 @@ struct cdm_faultback {
     int32_t pool;
     uint64_t first, n;
     uint64_t moved;
+    int32_t to;             /* the pool the first page moved to */
 };
 uint64_t cdm_machine_take_faultbacks(struct cdm_machine *m, struct cdm_faultback *out,
                                      uint64_t max);
@@ -571,6 +604,12 @@ uint64_t cdm_migrate_runs(const uint64_t *src, const int32_t *status, uint64_t n
                           uint64_t *start, uint64_t *len);
 /* How many collected pages (status MOVE/ALLOC) had flag in their saved entry. */
 uint64_t cdm_migrate_count(const uint64_t *src, const int32_t *status, uint64_t n, uint64_t flag);
+/* Where the pages a finished batch moved (status CDM_MIG_DONE) came from
+ * (the pools of their src entries; none for a page allocated on the target)
+ * and went to (the pools of their dst frames): a bit per pool each.
+ * Returns the batch's holes: the pages it skipped. */
+uint64_t cdm_migrate_places(struct cdm_machine *m, const uint64_t *src, const uint64_t *dst,
+                            const int32_t *status, uint64_t n, uint64_t *from, uint64_t *to);
 
 /*
  * Device access to pages [first, first + n) of a region, on the frames where

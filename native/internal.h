@@ -93,9 +93,14 @@ void machine_policies_free(struct cdm_machine *m);
 /* migrate.c: the fault-back log (cdm_machine_take_faultbacks): whether it
  * has room for entries more, and one entry.  Caller holds m->lock. */
 int faultback_room(struct cdm_machine *m, uint64_t entries);
-void faultback_log(struct cdm_machine *m, uint32_t region, int pool, uint64_t first, uint64_t n,
+void faultback_log(struct cdm_machine *m, uint32_t region, int pool, int to, uint64_t first, uint64_t n,
                    uint64_t moved);
 void machine_faultbacks_free(struct cdm_machine *m);
+
+/* trace.c: a record of the trace ring (m->trace exists while trace_mask is set). */
+void trace_record(struct cdm_machine *m, uint32_t kind, uint32_t region, uint32_t pid,
+                  int32_t pool, uint64_t first, uint64_t n);
+void machine_trace_free(struct cdm_machine *m);
 
 /* pagetable.c: walks of the populated index. */
 int next_populated_span(const struct cdm_region *r, uint64_t from, uint64_t end,

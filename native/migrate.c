@@ -446,7 +446,7 @@ int faultback_room(struct cdm_machine *m, uint64_t entries)
     return CDM_FAULTBACK_LOG - m->faultbacks->count >= entries;
 }
 
-void faultback_log(struct cdm_machine *m, uint32_t region, int pool, uint64_t first, uint64_t n,
+void faultback_log(struct cdm_machine *m, uint32_t region, int pool, int to, uint64_t first, uint64_t n,
                    uint64_t moved)
 {
     struct cdm_faultback_log *l = m->faultbacks;
@@ -456,6 +456,7 @@ void faultback_log(struct cdm_machine *m, uint32_t region, int pool, uint64_t fi
     e->first = first;
     e->n = n;
     e->moved = moved;
+    e->to = to;
 }
 
 uint64_t cdm_machine_take_faultbacks(struct cdm_machine *m, struct cdm_faultback *out,
@@ -477,4 +478,25 @@ void machine_faultbacks_free(struct cdm_machine *m)
 {
     free(m->faultbacks);
     m->faultbacks = NULL;
+}
+
+uint64_t cdm_migrate_places(struct cdm_machine *m, const uint64_t *src, const uint64_t *dst,
+                            const int32_t *status, uint64_t n, uint64_t *from, uint64_t *to)
+{
+    uint64_t f = 0, t = 0, holes = 0;
+    machine_lock(m);
+    for (uint64_t k = 0; k < n; k++) {
+        holes += status[k] < 0;
+        if (status[k] != CDM_MIG_DONE)
+            continue;
+        if (src[k] & CDM_PTE_PRESENT)
+            f |= 1ULL << pte_pool(src[k]);
+        int pool = pfn_pool(m, dst[k]);
+        if (pool >= 0)
+            t |= 1ULL << pool;
+    }
+    machine_unlock(m);
+    *from = f;
+    *to = t;
+    return holes;
 }

@@ -42,6 +42,7 @@ void cdm_machine_free(struct cdm_machine *m)
     }
     machine_policies_free(m);
     machine_faultbacks_free(m);
+    machine_trace_free(m);
     pthread_mutex_destroy(&m->lock);
     free(m);
 }

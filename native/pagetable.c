@@ -480,6 +480,7 @@ static void faultback_commit(struct cdm_machine *m, struct cdm_region *r, uint64
                              uint64_t last, const uint64_t *new, const struct cdm_plan *plan)
 {
     uint64_t moved[CDM_MAX_POOLS] = {0};
+    int to = -1;
     for (uint64_t i = first; i <= last; i++) {
         uint64_t pte = new[i - first], old = r->pte[i];
         if (!pte)
@@ -491,14 +492,16 @@ static void faultback_commit(struct cdm_machine *m, struct cdm_region *r, uint64
         frame_free(m, sp, pte_pfn(old) - sp->base_pfn);
         sp->counters[CDM_PGMIGRATE_SUCCESS]++;
         moved[pte_pool(old)]++;
+        if (to < 0)
+            to = pte_pool(pte);
     }
     for (int pool = 0; pool < m->npools; pool++)
         if (moved[pool])
-            faultback_log(m, r->id, pool, first, last - first + 1, moved[pool]);
+            faultback_log(m, r->id, pool, to, first, last - first + 1, moved[pool]);
 }
 
 int64_t cdm_region_serve(struct cdm_machine *m, struct cdm_region *r, uint64_t off, uint64_t len,
-                         uint8_t *buf, int write, int32_t local)
+                         uint8_t *buf, int write, int32_t local, uint32_t pid)
 {
     if (len == 0 || len > UINT64_MAX - off)
         return -EAGAIN;
@@ -566,6 +569,12 @@ int64_t cdm_region_serve(struct cdm_machine *m, struct cdm_region *r, uint64_t o
         r->served_writes++;
     else
         r->served_reads++;
+    if (m->trace_mask) {
+        uint32_t kind = write ? CDM_TRACE_WRITEBACK
+                      : private ? CDM_TRACE_FAULT_BACK : absent ? CDM_TRACE_FIRST_TOUCH : CDM_TRACE_FAULT;
+        if (m->trace_mask & (1u << kind))
+            trace_record(m, kind, r->id, pid, pte_pool(r->pte[first]), first, last - first + 1);
+    }
     ret = (int64_t)len;
 out:
     machine_unlock(m);

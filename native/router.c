@@ -455,10 +455,10 @@ static int serve_data(struct cdm_router *r, int fd, unsigned char *buf, size_t l
     d->uses++;
     pthread_mutex_unlock(&r->lock);
 
-    int64_t n = cdm_region_serve(d->m, d->region, off, size, data, write, -1);
+    int64_t n = cdm_region_serve(d->m, d->region, off, size, data, write, -1, ih->pid);
     if (n == -ENXIO)        /* a first touch: it needs the faulting CPU's node */
         n = cdm_region_serve(d->m, d->region, off, size, data, write,
-                             cdm_machine_local_pool(d->m, (int32_t)ih->pid));
+                             cdm_machine_local_pool(d->m, (int32_t)ih->pid), ih->pid);
 
     pthread_mutex_lock(&r->lock);
     if (n >= 0) {

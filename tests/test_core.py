@@ -676,7 +676,7 @@ def test_first_touch_allocates_by_plan(mach):
 def serve(mach, r, off, n, local, write=None):
     """cdm_region_serve: (rc, bytes read)."""
     buf = ffi.from_buffer(bytearray(write) if write is not None else bytearray(n))
-    rc = lib.cdm_region_serve(mach.m, r, off, n, buf, int(write is not None), local)
+    rc = lib.cdm_region_serve(mach.m, r, off, n, buf, int(write is not None), local, 0)
     return rc, bytes(ffi.buffer(buf))
 
 

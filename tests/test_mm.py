@@ -40,7 +40,8 @@ async def test_every_mover_reports_an_event():
     data = os.urandom(64 * PAGE)
     await r.writeback(0, data, os.getpid())
     assert bytes(await r.fault(0, 8 * PAGE, os.getpid())) == data[:8 * PAGE]
-    assert events[-1] == ("cpu_fault", {"region": r, "off": 0, "size": 8 * PAGE, "pid": os.getpid()})
+    assert events[-1] == ("cpu_fault", {"region": r, "pid": os.getpid(), "first": 0, "n": 8,
+                                        "node": "0", "type": "fault"})
 
     res = await migrate_range(m, r, 0, 32, m.target("gpu0"))
     assert res.migrated == 32

@@ -67,11 +67,12 @@ def kv(text: bytes) -> dict[str, int]:
 
 def files(m: cdmfs.Mount) -> list[str]:
     """The readable files of sys/ and proc/ (not debugfs: the router's own
-    counters differ between mounts)."""
+    counters differ between mounts; not tracefs: its trace_pipe waits for
+    lines, as the kernel's does)."""
     out = []
     for top in ("sys", "proc"):
         for root, _, names in os.walk(os.path.join(m.path, top)):
-            if "/kernel/debug" in root:
+            if "/kernel/debug" in root or "/kernel/tracing" in root:
                 continue
             for name in names:
                 p = os.path.join(root, name)

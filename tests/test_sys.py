@@ -520,6 +520,8 @@ def test_attribute_modes_and_owner(machine):
                 assert mode == expected, f"{rel}: {oct(mode)}"
             elif rel.startswith(WEIGHTS + "/"):
                 assert mode == 0o644, f"{rel}: {oct(mode)}"
+            elif rel.startswith("sys/kernel/tracing/"):  # tracefs' TRACE_MODE_READ/WRITE
+                assert mode in (0o440, 0o640), f"{rel}: {oct(mode)}"
             elif rel.startswith("sys/kernel/debug/"):   # debugfs: root's alone
                 assert mode in (0o400, 0o600, 0o200), f"{rel}: {oct(mode)}"
             else:  # sysfs modes only: read-only, read-write, write-only

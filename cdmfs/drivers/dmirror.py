@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator
 
 from .._core import ffi, lib
-from ..config import PAGE_SIZE, DeviceSpec
+from ..config import PAGE_SIZE, DeviceSpec, transfer_ns
 from ..lib.sched import cond_resched
 from ..mm import advice as adv
 from ..mm import memory_failure
@@ -70,11 +71,6 @@ class AccessResult:
         if self.crc32 is not None:
             line += f" crc32=0x{self.crc32:08x}"
         return line + "\n"
-
-
-def transfer_ns(nbytes: int, bandwidth_mbps: int) -> int:
-    """Modeled time of moving nbytes at a bandwidth in MB/s (1 MB/s = 1 byte/us)."""
-    return nbytes * 1000 // bandwidth_mbps
 
 
 class Mirror:
@@ -498,9 +494,14 @@ class Device:
         ``truncated_accesses``, however it ended (a truncation after its last
         device op leaves it the bytes it read)."""
         inside = not region.removed and first + n <= region.npages
+        began = time.monotonic_ns()
         try:
             with region.hold():
-                return await self._access(region, first, n, op, arg)
+                res = await self._access(region, first, n, op, arg)
+            self.machine.events.emit("device_op", device=self.name, region=region, first=first, n=n,
+                                     op=op, local_bytes=res.local_bytes, remote_bytes=res.remote_bytes,
+                                     modeled_ns=res.modeled_ns, wall_ns=time.monotonic_ns() - began)
+            return res
         except OSError:
             if region.removed:
                 raise OSError(errno.ENOENT, f"region {region.name} was removed during the access") from None
@@ -758,7 +759,7 @@ class Device:
     # ------------------------------------------------------------ events
 
     def on_migrate(self, region: "Region", first: int, n: int, target: Target, moved: int,
-                   device_moves: dict[str, int]) -> None:
+                   device_moves: dict[str, int], **_) -> None:
         """Counts what came into and left its memory; maps what came in."""
         delta = device_moves.get(self.name, 0)
         if delta > 0:

@@ -132,7 +132,7 @@ def serve(mountpoint: str, topo: Topology, allow_other: bool = False,
     from ..drivers import dmirror
     from ..mm.machine import Machine
     from ..mm.region import Regions
-    from . import devices, proc, router, sysfs
+    from . import devices, proc, router, sysfs, tracing
     from .ops import Filesystem
     from .tree import Tree
 
@@ -141,6 +141,7 @@ def serve(mountpoint: str, topo: Topology, allow_other: bool = False,
     tree = Tree()
     sysfs.build(tree, machine)
     proc.build(tree, machine)
+    tracing.build(tree, machine.trace)
     devices.build(tree, machine, dmirror.probe(machine))
     ops = Filesystem(machine, tree, regions)
     ops.mountpoint = os.path.realpath(mountpoint)

@@ -24,7 +24,7 @@ from ..config import PAGE_SIZE
 from ..mm.machine import Machine
 from ..mm.region import Region, Regions
 from .regions import DataFile, RegionDir, add_region
-from .tree import Attr, Dir, Entry, Link, Transaction, Tree
+from .tree import Attr, Dir, Entry, Link, Pipe, Transaction, Tree
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +216,8 @@ class Filesystem(pyfuse3.Operations):
             return not plain_attr(self.tree.inodes.get(args[0]))
         if name in ("read", "release"):
             of = self.files.get(args[0])
-            return of is None or not plain_attr(of.entry)
+            # A pipe's read waits for lines that change no attribute.
+            return of is None or not (plain_attr(of.entry) or isinstance(of.entry, Pipe))
         return True
 
     def _attr_stamp(self, e: Entry):
@@ -505,6 +506,13 @@ class Filesystem(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.EACCES)
             if (flags & os.O_ACCMODE) != os.O_WRONLY and not e.readable:
                 raise pyfuse3.FUSEError(errno.EACCES)
+        if isinstance(e, Pipe):
+            if writable:
+                raise pyfuse3.FUSEError(errno.EACCES)
+            fh = self._next_fh
+            self._next_fh += 1
+            self.files[fh] = OpenFile(e, ctx.pid, ctx.uid, False, state={"reader": e.open_reader(flags)})
+            return pyfuse3.FileInfo(fh=fh, direct_io=True, nonseekable=True)
         region = region_of(e)
         if region is not None:
             try:
@@ -534,6 +542,8 @@ class Filesystem(pyfuse3.Operations):
 
     async def release(self, fh):
         of = self.files.pop(fh, None)
+        if of is not None and isinstance(of.entry, Pipe):
+            of.state["reader"].close()
         if of is None or of.region is None:
             return
         if isinstance(of.entry, DataFile) and not of.internal:
@@ -564,6 +574,8 @@ class Filesystem(pyfuse3.Operations):
             if isinstance(e, DataFile):
                 self._accessed(e)
                 return await e.region.fault(off, size, of.pid)
+            if isinstance(e, Pipe):
+                return await of.state["reader"].read(size, of.pid)
             of.write_end = None
             if isinstance(e, Transaction):
                 # A stream: the answer reads from its start after a request,

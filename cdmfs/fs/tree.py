@@ -71,6 +71,16 @@ class Transaction(Entry):
         self.response = response
 
 
+class Pipe(Entry):
+    """A stream read as it is written (tracefs' trace_pipe): each open gets
+    its reader, ``open_reader(flags)``, whose ``async read(size, pid)`` waits
+    for data and whose ``close()`` runs on release."""
+
+    def __init__(self, open_reader: Callable[[int], object], mode: int = 0o400):
+        self.mode = stat.S_IFREG | mode
+        self.open_reader = open_reader
+
+
 class Link(Entry):
     def __init__(self, target: str):
         self.mode = stat.S_IFLNK | 0o777

@@ -27,6 +27,7 @@ from .memory_hotplug import MemoryHotplug
 from .memory_tiers import MemoryTiers
 from .migrate_device import Target
 from .numa_balancing import NUMA_BALANCING_NORMAL, NumaBalancing
+from .trace import MachineTrace
 
 if TYPE_CHECKING:
     from .region import Region
@@ -142,6 +143,7 @@ class Machine:
                                pm.spec.node if pm.spec.coherent else None)
             for name, pm in self.pgmaps.items()}
         self.events = Events()
+        self.trace = MachineTrace(self)
         # mmu_interval_notifier: fn(region, first, npages) drops a mirror's entries.
         self.mmu_notifiers: list[Callable[["Region", int, int], None]] = []
         self.cpu_unmapper: Optional[Callable[["Region", int, int, bool], Awaitable[None]]] = None
@@ -173,7 +175,7 @@ class Machine:
         self.events.subscribe("region_removed", self._lru_forget)
 
     def _lru_on_migrate(self, region: "Region", first: int, n: int, target: Target, moved: int,
-                        device_moves: dict[str, int]) -> None:
+                        device_moves: dict[str, int], **_) -> None:
         lru = self.evictors.get(target.pool)
         if lru is not None and device_moves.get(lru.device, 0) > 0:
             lru.touch(region, first, n)
@@ -261,9 +263,14 @@ class Machine:
                     region.migrated_pages += e.moved
                     self.invalidate_devices(region, e.first, e.n)
                     dev = self.pool_owner.get(e.pool)
+                    moves = {dev: -e.moved} if dev else {}
+                    traced = {"from": self.trace.location(e.pool), "to": self.trace.location(e.to),
+                              "holes": 0, "wall_ns": 0,
+                              "modeled_ns": self.trace.modeled_ns(moves)} \
+                        if self.trace.tracer.is_enabled("migrate") else {}
                     self.events.emit("migrate", region=region, first=e.first, n=e.n,
-                                     target=POLICY_TARGET, moved=e.moved,
-                                     device_moves={dev: -e.moved} if dev else {})
+                                     target=POLICY_TARGET, moved=e.moved, device_moves=moves,
+                                     **traced)
         finally:
             self._applying = False
 

@@ -165,7 +165,7 @@ class MemoryHotplug:
             self._online(b, zone)
             self.m.events.emit("node_registered", nid=b.nid)
             log.info("memory%d online (%s)", b.id, zone)
-            self.m.events.emit("memory_online", block=b)
+            self.m.events.emit("memory_online", block=f"memory{b.id}", node=b.nid)
 
     async def offline_block(self, b: Block, strict: bool = True) -> None:
         async with self.lock:
@@ -175,7 +175,7 @@ class MemoryHotplug:
                 return
             await self._offline_blocks([b], home=b.nid, sysram_only=False, stay=False, leave=True)
             log.info("memory%d offline", b.id)
-            self.m.events.emit("memory_offline", block=b)
+            self.m.events.emit("memory_offline", block=f"memory{b.id}", node=b.nid)
 
     async def _offline_blocks(self, blocks: list[Block], home: Optional[int], sysram_only: bool,
                               stay: bool, taken_by: Optional[str] = None, leave: bool = False) -> None:

@@ -17,6 +17,7 @@ the reason.  Devices' page tables lose the pages that moved.
 from __future__ import annotations
 
 import errno
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator
 
@@ -147,6 +148,7 @@ async def _migrate_batch(m: "Machine", region: "Region", first: int, n: int, tar
     src = ffi.new("uint64_t[]", n)
     dst = ffi.new("uint64_t[]", n)
     status = ffi.new("int32_t[]", n)
+    began = time.monotonic_ns()
     region.migrations += 1
     try:
         flags = (lib.CDM_COLLECT_ALLOC_ABSENT if target.device_memory else 0) | \
@@ -180,8 +182,11 @@ async def _migrate_batch(m: "Machine", region: "Region", first: int, n: int, tar
         m.invalidate_devices(region, first, n)
         # The devices count what came into and left their memory, and the
         # one that received pages maps them, as test_hmm maps what it migrated.
+        device_moves = {d: after[d] - before[d] for d in after if after[d] != before[d]}
+        traced = m.trace.migrate_fields(src, dst, status, n, device_moves, began) \
+            if m.trace.tracer.is_enabled("migrate") else {}
         m.events.emit("migrate", region=region, first=first, n=n, target=target, moved=moved,
-                      device_moves={d: after[d] - before[d] for d in after if after[d] != before[d]})
+                      device_moves=device_moves, **traced)
     result.migrated += moved
     skip_holes(result, status, n, first)
 

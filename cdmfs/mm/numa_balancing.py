@@ -352,8 +352,8 @@ class NumaBalancing:
                 migrated += res.migrated
                 if res.migrated and not m.tiers.is_toptier(src) and m.tiers.is_toptier(target):
                     m.nodes[target].events["pgpromote_success"] += res.migrated
-                    m.events.emit("promote", region=region, first=s, n=c, source=src, target=target,
-                                  moved=res.migrated)
+                    m.events.emit("promote", region=region, first=s, n=c, moved=res.migrated,
+                                  **{"from": src, "to": target})
                 for page in range(s, s + c):
                     self._last[region.id].pop(page, None)
         self.events["numa_pages_migrated"] += migrated

@@ -88,6 +88,7 @@ class Region:
         self.advice = Advice()          # usermode hints (advise), by page range
         self.prefetch = PrefetchStats()
         self._res = ffi.new("struct cdm_rw_result *")
+        self._fault_type = "fault"       # what the READ being served did (its trace line)
         self._unlocked = trio.Event()
         self.publish_policies()
         # Pages in device-private memory must come back before the CPU sees
@@ -270,9 +271,17 @@ class Region:
             # Pages the NUMA scanner unmapped: this READ is their hinting fault.
             first = off // PAGE_SIZE
             await balancing.numa_hint_fault(self, first, (off + size - 1) // PAGE_SIZE + 1 - first, pid)
+        self._fault_type = "fault"
         await self._rw(off, size, ffi.from_buffer(buf), 0, pid)
         self.cpu_faults += 1
-        self.machine.events.emit("cpu_fault", region=self, off=off, size=size, pid=pid)
+        events = self.machine.events
+        if events.wants("cpu_fault"):
+            first = off // PAGE_SIZE
+            pte = ffi.new("uint64_t *")
+            lib.cdm_region_ptes(self.machine.core, self.core, first, 1, pte)
+            events.emit("cpu_fault", region=self, pid=pid, first=first,
+                        n=(off + size - 1) // PAGE_SIZE + 1 - first,
+                        node=self.machine.trace.location_of(pte[0]), type=self._fault_type)
         return buf
 
     async def writeback(self, off: int, data: bytes, pid: int) -> int:
@@ -282,6 +291,10 @@ class Region:
             await self.truncate(off + len(data))
         await self._rw(off, len(data), ffi.from_buffer(data), 1, pid)
         self.writebacks += 1
+        if self.machine.events.wants("writeback"):
+            first = off // PAGE_SIZE
+            self.machine.events.emit("writeback", region=self, pid=pid, first=first,
+                                     n=(off + len(data) - 1) // PAGE_SIZE + 1 - first)
         return len(data)
 
     async def _rw(self, off: int, size: int, buf, write: int, pid: int) -> None:
@@ -314,11 +327,14 @@ class Region:
                 m.collapse_duplicates(self, off // PAGE_SIZE, (off + size - 1) // PAGE_SIZE + 1 - off // PAGE_SIZE)
             rc = lib.cdm_region_rw(m.core, self.core, off, size, buf, write, 1, plan, res)
             if rc == 0:
+                if res.allocated and self._fault_type == "fault":
+                    self._fault_type = "first_touch"
                 return
             page = res.page
             if rc == -errno.EAGAIN:
                 await self.wait_unlocked()
             elif rc == -errno.EREMOTE and self.faultback is not None:
+                self._fault_type = "fault_back"
                 await self.faultback(self, off // PAGE_SIZE, (off + size - 1) // PAGE_SIZE + 1, pid)
             elif rc == -errno.ENOSPC and reclaims < DIRECT_RECLAIM_TRIES and \
                     await self._direct_reclaim(policy, pid, size):

@@ -213,8 +213,9 @@ class Kswapd:
                         res = await migrate_range(m, region, a, b - a, tgt, from_pools=1 << pool)
                         if res.migrated:
                             moved += res.migrated
-                            m.events.emit("demote", region=region, first=a, n=b - a, source=nid,
-                                          target=target, moved=res.migrated, reason=kind)
+                            m.events.emit("demote", region=region, first=a, n=b - a,
+                                          moved=res.migrated, reason=kind,
+                                          **{"from": nid, "to": target})
         if moved:
             m.nodes[nid].events[f"pgdemote_{kind}"] += moved
             m.balancing.events[f"pgsteal_{kind}"] += moved
