@@ -394,13 +394,14 @@ def test_trace_for_seconds_as_text(mnt, tmp_path):
     assert all(a[0] <= b[0] for a, b in zip(lines, lines[1:]))
 
 
-def test_trace_stops_on_ctrl_c_with_a_whole_file(mnt, tmp_path):
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_trace_stops_on_ctrl_c_with_a_whole_file(mnt, tmp_path, sig):
     import signal
     out = tmp_path / "c.json"
     proc = subprocess.Popen(CDMFS + ["trace", mnt.path, "-o", str(out)], env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(1.5)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(getattr(signal, sig))
     stdout, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 0, stderr
     assert stdout.endswith(f"events recorded to {out}\n")

@@ -66,6 +66,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
             raise CliError("cdmfs trace: give --seconds or a COMMAND, not both")
         if args.seconds is not None and not args.seconds > 0:
             raise CliError(f"cdmfs trace: --seconds must be positive, not {args.seconds:g}")
+        trace.stop_on_signals()
         status, n = trace.record(args.mountpoint, args.output, fmt, seconds=args.seconds,
                                  command=args.command or None, events=args.events)
     except trace.TraceError as e:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -224,6 +225,28 @@ def drain(pipe: Pipe, sink: Sink, stop: float) -> None:
             sink.line(line)
 
 
+def end_child(child: subprocess.Popen) -> int:
+    """The command's status once it ended: a Ctrl-C reached it too, a
+    SIGTERM or SIGHUP to cdmfs trace did not, so it gets one after 2 s."""
+    for ask in (None, child.terminate, child.kill):
+        if ask is not None:
+            ask()
+        try:
+            return child.wait(timeout=2 if ask is None else 5)
+        except subprocess.TimeoutExpired:
+            continue
+    return child.wait()
+
+
+def stop_on_signals() -> None:
+    """SIGTERM and SIGHUP (the terminal or ssh session gone) stop a
+    recording as Ctrl-C does, the file whole; for the main thread only."""
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop)
+
+
 def record(mountpoint: str, out: str, fmt: str = "json", seconds: Optional[float] = None,
            command: Optional[Sequence[str]] = None, events: Optional[str] = None,
            on_start: Optional[Callable[[], None]] = None, done: Optional[Callable[[], bool]] = None,
@@ -276,11 +299,7 @@ def record(mountpoint: str, out: str, fmt: str = "json", seconds: Optional[float
                 pass        # the terminal's Ctrl-C reached the command too
             stop = time.monotonic()
             if child is not None:
-                try:
-                    status = child.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    child.kill()
-                    status = child.wait()
+                status = end_child(child)
                 if status < 0:      # killed by a signal: as a shell reports it
                     status = 128 - status
             drain(pipe, sink, stop)
