@@ -221,7 +221,9 @@ def choose_region(events: list, region: Optional[str]) -> str:
             counts[f["region"]] += int(n) if n.isdigit() else 1
     if region is not None:
         if region not in counts:
-            known = ", ".join(sorted(counts)) or "none"
+            names = sorted(counts)
+            known = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "") \
+                if names else "none"
             raise PlotError(f"no region {region!r} in the trace (its regions: {known})")
         return region
     if not counts:
@@ -312,7 +314,9 @@ def plot(path: str, out: str, region: Optional[str] = None, width: int = 1200, h
     top.imshow(img, aspect="auto", interpolation="nearest", cmap=ListedColormap(palette),
                vmin=0, vmax=len(palette) - 1, extent=(0, t1 - t0, pages, 0))
     top.set_ylabel("page offset (4 KiB pages)")
-    top.set_title(f"region {region}: where its {pages} pages are over time")
+    lost = sum(int(f.get("events", 0)) for _, kind, f in events if kind == "lost" and f.get("events", "").isdigit())
+    top.set_title(f"region {region}: where its {pages} pages are over time"
+                  + (f"\n({lost} events lost by a slow reader: the picture may be wrong)" if lost else ""))
     present = set(img.ravel().tolist())
     handles = [Patch(color=palette[i], label=lbl) for i, lbl in
                [(0, "not placed")] + [(k + 1, place_title(p, names)) for k, p in enumerate(places)]
