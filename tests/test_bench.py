@@ -21,6 +21,8 @@ ROWS = [
     "read sys/.../node1/meminfo (open, read, close)",
     "daemon RSS growth after touching",
     "CPU first touch, random 4 KiB, 64 MiB, 2 nodes, NUMA balancing on",
+    "CPU first touch, random 4 KiB, 64 MiB, every trace event on",
+    "migrate sysram -> gpu0, 64 MiB, not CPU-mapped, every trace event on",
 ]
 
 
@@ -33,7 +35,7 @@ def test_bench_quick_prints_every_row_with_its_reference(tmp_path):
     for name in ROWS:
         assert any(r["name"].startswith(name) for r in rows), name
     refs = {r["reference"] for r in rows}
-    assert {"tmpfs", "memcpy", "pyfuse3 floor", "bytes touched"} <= refs
+    assert {"tmpfs", "memcpy", "pyfuse3 floor", "bytes touched", "tracing off"} <= refs
     if shutil.which("bindfs"):             # installed by the README's test command
         assert {"bindfs", "bindfs, same bytes"} <= refs
     if os.path.exists("/sys/devices/system/node/node0/meminfo"):

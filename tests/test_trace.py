@@ -39,17 +39,28 @@ def enable(m: cdmfs.Mount, kind: str = "", on: bool = True) -> None:
 
 class Reader:
     """``cat trace_pipe > FILE``: a shell reader, as a user would run one."""
+    running: list["Reader"] = []
 
     def __init__(self, m: cdmfs.Mount, out: str):
+        Reader.running.append(self)
         self.out = out
         self.f = open(out, "w")
         self.p = subprocess.Popen(["cat", tpath(m, "trace_pipe")], stdout=self.f)
         # Lines are a reader's from its open on: wait for cat to have opened.
         end = time.monotonic() + 10
-        while not any(os.readlink(f"/proc/{self.p.pid}/fd/{fd}").endswith("/trace_pipe")
-                      for fd in os.listdir(f"/proc/{self.p.pid}/fd")):
+        while not self._opened():
             assert time.monotonic() < end and self.p.poll() is None, "cat did not open trace_pipe"
             time.sleep(0.01)
+
+    def _opened(self) -> bool:
+        fds = f"/proc/{self.p.pid}/fd"
+        for fd in os.listdir(fds):
+            try:
+                if os.readlink(f"{fds}/{fd}").endswith("/trace_pipe"):
+                    return True
+            except FileNotFoundError:       # closed meanwhile (cat starting up)
+                pass
+        return False
 
     def lines(self) -> list[str]:
         with open(self.out) as f:
@@ -68,7 +79,17 @@ class Reader:
         self.p.send_signal(signal.SIGINT)
         rc = self.p.wait(timeout=10)
         self.f.close()
+        if self in Reader.running:
+            Reader.running.remove(self)
         return rc
+
+
+@pytest.fixture(autouse=True)
+def stop_readers():
+    """A failed test's readers end with it (and let its mount go)."""
+    yield
+    for rd in list(Reader.running):
+        rd.stop()
 
 
 @pytest.fixture
@@ -175,10 +196,18 @@ def test_concurrent_readers_get_every_line(tm, tmp_path):
 # --------------------------------------------------------------------------- lines add up
 
 
-def test_lines_add_up_to_the_counters(tm, tmp_path):
-    """A scripted scenario: first touch in C and in Python, write(), migrations
-    to gpu0 and cdm0 and back, device accesses that fault, CPU fault-backs.
-    The lines, by kind, add up to what stat, vmstat and the devices' stat say."""
+@pytest.mark.parametrize("router", ["1", "0"], ids=["router", "python"])
+def test_lines_add_up_to_the_counters(router, tmp_path, monkeypatch):
+    """A scripted scenario: first touch, write(), migrations to gpu0 and cdm0
+    and back, device accesses that fault, CPU fault-backs -- served in C by
+    the router, or all in Python without it.  The lines, by kind, add up to
+    what stat, vmstat and the devices' stat say."""
+    monkeypatch.setenv("CDMFS_ROUTER", router)
+    with cdmfs.mounted() as tm:
+        scenario_adds_up(tm, tmp_path)
+
+
+def scenario_adds_up(tm: cdmfs.Mount, tmp_path) -> None:
     before = vmstat(tm)
     gpu_before = tm.device("gpu0").stat
     enable(tm)
@@ -268,3 +297,76 @@ def test_lines_round_trip_through_the_parser():
     assert (ts, kind, fields["region"], fields["holes"]) == (12345.678901, "migrate", "my data", "12")
     odd = format_line(0, "poison", ('a"b\\c=d\ne', 1, 2))
     assert parse_line(odd)[2]["region"] == 'a"b\\c=d\ne'
+
+
+# --------------------------------------------------------------------------- every mover
+
+OVERSUBSCRIBED = """
+block_size = "4M"
+[[node]]
+id = 0
+kind = "sysram"
+size = "64M"
+cpus = "all"
+[[node]]
+id = 1
+kind = "cdm"
+size = "8M"
+[[device]]
+name = "cdm0"
+memory = "node:1"
+[[device]]
+name = "gpu0"
+memory = "private:8M"
+"""
+
+
+def test_every_mover_writes_its_lines(tmp_path):
+    """Eviction, read duplication and its collapse, access counters, device
+    and block offline/online, poisoning: each writes its lines, and they
+    add up to the device's and the region's counters."""
+    MB = 1 << 20
+    with cdmfs.mounted(OVERSUBSCRIBED) as m:
+        enable(m)
+        rd = Reader(m, str(tmp_path / "trace"))
+        gpu, cdm = m.device("gpu0"), m.device("cdm0")
+        r = m.region("movers", 16 * MB)
+        with open(r.data, "r+b") as f:
+            f.write(b"\x5a" * r.size)
+        r.advise(12 * MB, 1 * MB, "read_mostly")
+        gpu.access("read", "movers", 12 * MB, 1 * MB)            # duplicates
+        with open(r.data, "r+b") as f:
+            f.seek(12 * MB)
+            f.write(b"\x01" * PAGE)                              # collapses
+        r.migrate(0, 8 * MB, "gpu0")
+        r.migrate(8 * MB, 4 * MB, "gpu0")                        # 8 MiB device: evicts
+        cdm.access_counters = "2 64K"
+        m.node(1).numa_balancing = True
+        for _ in range(2):
+            cdm.access("read", "movers", 14 * MB, 64 << 10)      # the counter fires
+        gstat, cstat = gpu.stat, cdm.stat
+        gpu.online = False
+        gpu.online = True
+        block = m.node(1).memory_blocks[0]
+        m.memory_block(block).online = False
+        m.memory_block(block).online = True
+        m.hard_offline(m.region("movers").phys_addr(15 * MB // PAGE))
+        r.migrate(0, PAGE, "gpu0")                               # the last line waited for
+        lines = rd.wait_for(lambda ln: ln[1] == "migrate" and ln[2]["n"] == "1" and ln[2]["to"] == "gpu0")
+        rd.stop()
+        stat = r.stat
+    by_kind = defaultdict(list)
+    for line in lines:
+        _, kind, fields = parse_line(line)
+        by_kind[kind].append(fields)
+    assert len(by_kind["evict"]) == gstat["evictions"] > 0
+    assert sum(int(f["moved"]) for f in by_kind["evict"]) * PAGE == gstat["evicted_bytes"]
+    assert sum(int(f["pages"]) for f in by_kind["duplicate"]) > 0
+    assert sum(int(f["pages"]) for f in by_kind["collapse"]) > 0
+    assert len(by_kind["counter_notification"]) == cstat["counter_notifications"] > 0
+    assert [f["device"] for f in by_kind["device_offline"]] == ["gpu0"]
+    assert [f["device"] for f in by_kind["device_online"]] == ["gpu0"]
+    assert [(f["block"], f["node"]) for f in by_kind["memory_offline"]] == [(f"memory{block}", "1")]
+    assert [(f["block"], f["node"]) for f in by_kind["memory_online"]] == [(f"memory{block}", "1")]
+    assert [(f["region"], f["page"]) for f in by_kind["poison"]] == [("movers", str(15 * MB // PAGE))]
+    assert stat["poisoned"] == 1

@@ -49,6 +49,10 @@ class MachineTrace:
         self._used: dict[str, int] = {}
         self._from = ffi.new("uint64_t *")
         self._to = ffi.new("uint64_t *")
+        self._core_mask = 0
+        # A region going away: its records in the ring still name it.
+        self._gone: dict[int, str] = {}
+        m.events.subscribe("region_removed", self._region_removed)
 
     def location(self, pool: int) -> str:
         """Where a page of pool lives, as lines name it: a node's number, or
@@ -92,8 +96,17 @@ class MachineTrace:
             rc = lib.cdm_machine_trace(self.m.core, mask)
             if rc:
                 raise OSError(-rc, "the core cannot record faults")
+            self._core_mask = mask
         if kind == "mem_usage" and on:
             self.show_usage()
+
+    def _region_removed(self, region) -> None:
+        if self._core_mask:
+            self._gone[region.id] = region.name
+            try:
+                self.drain()
+            finally:
+                self._gone.clear()
 
     def drain(self) -> None:
         """Emits the faults and write-backs the core served since the last drain."""
@@ -103,7 +116,7 @@ class MachineTrace:
         while n := lib.cdm_machine_take_trace(m.core, self._recs, TAKE_BATCH, self._lost):
             for r in self._recs[0:n]:
                 region = regions.get(r.region)
-                name = region.name if region is not None else f"#{r.region}"
+                name = region.name if region is not None else self._gone.get(r.region, f"#{r.region}")
                 if r.kind == lib.CDM_TRACE_WRITEBACK:
                     emit("writeback", ts_ns=r.ts_ns, region=name, pid=r.pid, first=r.first, n=r.n)
                 else:

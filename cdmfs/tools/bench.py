@@ -125,6 +125,23 @@ def environment(**values: str) -> Iterator[None]:
                 os.environ[k] = v
 
 
+@contextlib.contextmanager
+def tracing(m: Mount) -> Iterator[None]:
+    """Every trace event on, and a reader (``cat trace_pipe``) taking the lines."""
+    events = os.path.join(m.path, "sys/kernel/tracing/events/enable")
+    with open(events, "w") as f:
+        f.write("1")
+    reader = subprocess.Popen(["cat", os.path.join(m.path, "sys/kernel/tracing/trace_pipe")],
+                              stdout=subprocess.DEVNULL)
+    try:
+        yield
+    finally:
+        reader.terminate()
+        reader.wait()
+        with open(events, "w") as f:
+            f.write("0")
+
+
 def memcpy_rate(nbytes: int) -> float:
     """Bytes per second of memcpy between two buffers in this process."""
     a = ctypes.create_string_buffer(nbytes)
@@ -376,6 +393,10 @@ def run(quick: bool = False, json_path: Optional[str] = None) -> list[Row]:
                     finally:
                         os.unlink(path)
                 rows.append(Row(label, "faults/s", refault, "bindfs", reps_of("bindfs re-fault", refault_bindfs)))
+            with tracing(m):
+                traced = reps_of("cdmfs random first touch, tracing on", on_region("random"))
+            rows.append(Row(f"CPU first touch, random 4 KiB, {touch_size // MB} MiB, every trace event on",
+                            "faults/s", traced, "tracing off", random))
             fb = reps_of("fault-back from gpu0", lambda: fault_back_rate(m, driver, mig_size))
             rows.append(Row("CPU fault-back from gpu0, random 4 KiB", "faults/s", fb,
                             "cdmfs random first touch", random))
@@ -388,6 +409,11 @@ def run(quick: bool = False, json_path: Optional[str] = None) -> list[Row]:
                                                lambda: migrate_rate(fresh, False, mig_size, mig_size))]
                 rows.append(Row("migrate sysram -> gpu0, 64 MiB, one request (2 MiB batches), not CPU-mapped",
                                 "MB/s", unm, "memcpy", cpy))
+                with tracing(fresh):
+                    traced = [x / MB for x in reps_of("migration, not mapped, tracing on",
+                                                      lambda: migrate_rate(fresh, False, mig_size, mig_size))]
+                rows.append(Row("migrate sysram -> gpu0, 64 MiB, not CPU-mapped, every trace event on",
+                                "MB/s", traced, "tracing off", unm))
                 per = [x / MB for x in reps_of("migration, a request per batch",
                                                lambda: migrate_rate(fresh, False, mig_size, 2 * MB))]
                 rows.append(Row("migrate sysram -> gpu0, 64 MiB, a request per 2 MiB, not CPU-mapped",

@@ -246,6 +246,8 @@ Each row is a median beside a reference measured in the same run on this machine
                             a control request that Python serves either way (as root)
   NUMA balancing off        the same first touch on a two-node machine with NUMA
                             balancing off, alternating with it on in one mount
+  tracing off               the same first touch or migration with no trace event on, for
+                            the rows with every event on and a reader of trace_pipe
   bytes touched             for the daemon's memory growth with a 1 TiB CDM node
 ratio = median / reference: for faults/s and MB/s higher is better (1.00x matches
 the reference); for us (latency) and MiB (memory) lower is better.
