@@ -23,6 +23,7 @@ from typing import IO, Callable, Optional, Sequence
 
 from ..lib.trace import EVENTS, format_line, parse_line
 from .places import meminfo
+from .places import read as _read
 from .places import places as mount_places
 from .trace_json import JsonWriter, convert, open_text
 
@@ -46,11 +47,6 @@ def tracing_dir(mountpoint: str) -> str:
     if not os.path.exists(os.path.join(d, "trace_pipe")):
         raise TraceError(f"{mountpoint} has no {TRACING}/trace_pipe (a cdmfs without tracing?)")
     return d
-
-
-def _read(path: str) -> str:
-    with open(path) as f:
-        return f.read()
 
 
 def _write(path: str, text: str) -> None:
