@@ -40,7 +40,7 @@ RATES = (
     ("migrated", lambda s: s.vm.get("pgmigrate_success", 0)),
     ("demoted", lambda s: sum(v for k, v in s.vm.items() if k.startswith("pgdemote_"))),
     ("promoted", lambda s: s.vm.get("pgpromote_success", 0)),
-    ("NUMA hint faults", lambda s: s.vm.get("numa_hint_faults", 0)),
+    ("NUMA hints", lambda s: s.vm.get("numa_hint_faults", 0)),
     ("device faults", lambda s: sum(d.get("faults", 0) for d in s.dev.values())),
     ("evicted", lambda s: sum(d.get("evicted_bytes", 0) for d in s.dev.values()) // 4096),
 )
