@@ -220,6 +220,27 @@ uint64_t cdm_region_used(void)
     return bump;
 }
 
+long cdm_piece_at(uintptr_t addr, uintptr_t end, uintptr_t *piece_end)
+{
+    size_t i = find(addr);
+    if (i < next_ && ext[i].start <= addr) {
+        *piece_end = ext[i].end < end ? ext[i].end : end;
+        return (long)(ext[i].off + (addr - ext[i].start));
+    }
+    *piece_end = i < next_ && ext[i].start < end ? ext[i].start : end;
+    return -1;
+}
+
+long cdm_bounce_alloc(uint64_t len)
+{
+    return alloc_offsets(len);
+}
+
+void cdm_bounce_free(uint64_t off, uint64_t len)
+{
+    release_offsets(off, len);
+}
+
 /* ------------------------------------------------------------ setup */
 
 /* The interposer's descriptors live high, out of the way of programs that
@@ -522,6 +543,8 @@ void *mremap(void *old, size_t oldlen, size_t newlen, int flags, ...)
 int madvise(void *addr, size_t len, int advice)
 {
     uintptr_t a = (uintptr_t)addr, e = a + ((len + PAGE - 1) & ~(PAGE - 1));
+    if (advice == MADV_HUGEPAGE || advice == MADV_NOHUGEPAGE)
+        cdm_dmirror_thp_advice(a, e, advice == MADV_HUGEPAGE);
     int frees = advice == MADV_DONTNEED || advice == MADV_FREE || advice == MADV_REMOVE;
     if (!frees || !next_ || cdm_in_lib || a & (PAGE - 1))
         return (int)cdm_ret(RAW3(SYS_madvise, addr, len, advice));
