@@ -799,13 +799,15 @@ class Device:
 
     async def _make_exclusive(self, region: "Region", first: int, n: int) -> None:
         """make_device_exclusive: the CPU loses its copies of the pages (its
-        dirty bytes written back first, so that no write-back after this
-        counts as an access), and the device marks them exclusive.  The
+        dirty bytes written back; no write-back counts as an access), and
+        the device marks them exclusive.  The
         CPU's next access of a page is a FUSE fault, which sets the page's
         CPU belief (CDM_PTE_CPU): that is the access that revokes it."""
         m = self.machine
-        await m.cpu_write_back(region, first, n)
-        await m.cpu_unmap(region, first, n, write_back=False)
+        await m.cpu_unmap(region, first, n)
+        # The invalidation's write-backs of dirty pages (WRITEs) set the CPU
+        # belief again; the host holds no copy of the range now.
+        lib.cdm_region_uncache(m.core, region.core, first, n)
         marks = self.exclusive.get(region.id)
         if marks is None:
             marks = self.exclusive[region.id] = Mirror()
@@ -861,9 +863,11 @@ class Device:
 
     async def snapshot_cpu(self, region: "Region", first: int, n: int) -> Iterator[str]:
         """snapshot(cpu=True) once the CPU's dirty bytes have reached the
-        pages (a page the program wrote through its mapping is ``write``)."""
+        pages (a page the program wrote through its mapping is ``write``):
+        its copies are invalidated, which writes every dirty one back (a
+        range write-back skips small ranges); its next access faults."""
         if self.machine.cpu_mapped(region, first, n):
-            await self.machine.cpu_write_back(region, first, n)
+            await self.machine.cpu_unmap(region, first, n)
         return self.snapshot(region, first, n, cpu=True)
 
     def _flag(self, pte: int, i: int, npages: int, pt: Mirror, cpu: bool = False) -> str:

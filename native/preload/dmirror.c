@@ -415,8 +415,10 @@ static int snapshot_piece(struct op *o, uint64_t off, uint64_t len, uint8_t *cod
             flag++;
             uint8_t c = HMM_DMIRROR_PROT_ERROR;
             uint8_t rw = writable ? HMM_DMIRROR_PROT_WRITE : HMM_DMIRROR_PROT_READ;
-            if (!strcmp(flag, "none") || !strcmp(flag, "private-remote"))
-                c = HMM_DMIRROR_PROT_NONE;      /* another owner's page: hmm_range_fault shows none */
+            if (!strcmp(flag, "none"))
+                c = HMM_DMIRROR_PROT_NONE;
+            else if (!strcmp(flag, "private-remote"))
+                c = HMM_DMIRROR_PROT_DEV_PRIVATE_REMOTE | rw;   /* do_snapshot reports it as none */
             else if (!strcmp(flag, "zero"))
                 c = HMM_DMIRROR_PROT_ZERO | HMM_DMIRROR_PROT_READ;
             else if (!strcmp(flag, "write") || !strcmp(flag, "read"))
@@ -626,6 +628,11 @@ static int do_snapshot(struct op *o, struct vma *v, int nv)
                 if (pm >= 0)
                     RAW1(SYS_close, pm);
             }
+            /* Another device's private page is not this device's to see:
+             * hmm_range_fault leaves it invalid (the owners differ). */
+            for (uint64_t k = 0; k < n; k++)
+                if ((codes[k] & 0xF0) == HMM_DMIRROR_PROT_DEV_PRIVATE_REMOTE)
+                    codes[k] = HMM_DMIRROR_PROT_NONE;
             if (!r)
                 r = self_copy(out + (a - o->start) / PAGE, codes, n);
             if (r)

@@ -52,11 +52,26 @@ static size_t nfree, free_cap;
 static uint64_t bump;                   /* offsets at and past this are unused */
 static uint64_t fsize;                  /* the data file's size */
 
+/* Where the tables go when that is free: away from the program's own
+ * mappings, so that a table never fills a hole the program just unmapped
+ * (which would then show up as mapped memory in its place). */
+#define TABLE_HINT 0x5f0000000000UL
+
 /* Grows a table kept in memory of its own (raw mmap, never the region). */
 static int grow(void **table, size_t *cap, size_t elem)
 {
+    static uintptr_t cursor = TABLE_HINT;
     size_t ncap = *cap ? *cap * 2 : 256;
-    long p = RAW6(SYS_mmap, 0, ncap * elem, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    size_t bytes = (ncap * elem + PAGE - 1) & ~(PAGE - 1);
+    long p = RAW6(SYS_mmap, cursor, bytes, PROT_READ | PROT_WRITE,
+                  MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+    if (p == (long)cursor) {
+        cursor += bytes;
+    } else {
+        if (!(p < 0 && p > -4096))
+            RAW2(SYS_munmap, p, bytes);   /* a kernel without NOREPLACE took it as a hint */
+        p = RAW6(SYS_mmap, 0, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    }
     if (p < 0 && p > -4096)
         return -ENOMEM;
     if (*table) {
