@@ -221,6 +221,47 @@ int ioctl(int fd, unsigned long req, ...)
     return (int)cdm_ret(RAW3(SYS_ioctl, fd, req, arg));
 }
 
+/* ------------------------------------------------------------ mmap of the device file */
+
+/* test_hmm's mmap fills the mapping with zeroed pages of the driver's
+ * (vm_insert_page): present at once, read-only in a private mapping until
+ * written (copy on write).  Here: anonymous memory of the host, and the
+ * ranges kept so that a snapshot reports those pages as the driver's. */
+static struct { uintptr_t start, end; int shared; } devmaps[64];
+static int ndevmaps;
+
+void *cdm_dmirror_mmap(void *addr, size_t len, int prot, int flags)
+{
+    int type = (flags & MAP_TYPE) == MAP_SHARED ? MAP_SHARED : MAP_PRIVATE;
+    long r = RAW6(SYS_mmap, addr, len, prot, (flags & ~MAP_TYPE) | type | MAP_ANONYMOUS, -1, 0);
+    if (r < 0 && r > -4096)
+        return (void *)cdm_ret(r);
+    cdm_lock();
+    if (ndevmaps < (int)(sizeof devmaps / sizeof *devmaps))
+        devmaps[ndevmaps++] = (typeof(devmaps[0])){(uintptr_t)r, (uintptr_t)r + ((len + PAGE - 1) & ~(PAGE - 1)),
+                                                    type == MAP_SHARED};
+    cdm_unlock();
+    return (void *)r;
+}
+
+void cdm_dmirror_unmap(uintptr_t start, uintptr_t end)
+{
+    for (int i = 0; i < ndevmaps;) {
+        if (devmaps[i].start < end && start < devmaps[i].end)
+            devmaps[i] = devmaps[--ndevmaps];     /* gone (whole, or cut: no longer the driver's) */
+        else
+            i++;
+    }
+}
+
+static int devmap_of(uintptr_t a)
+{
+    for (int i = 0; i < ndevmaps; i++)
+        if (devmaps[i].start <= a && a < devmaps[i].end)
+            return i;
+    return -1;
+}
+
 /* ------------------------------------------------------------ the mappings */
 
 struct vma {
@@ -622,8 +663,12 @@ static int do_snapshot(struct op *o, struct vma *v, int nv)
                     uint64_t ent = 0;
                     if (pm >= 0)
                         RAW4(SYS_pread64, pm, &ent, 8, ((a / PAGE) + k) * 8);
-                    codes[k] = !(ent >> 63) ? HMM_DMIRROR_PROT_NONE
-                               : v[i].prot & PROT_WRITE ? HMM_DMIRROR_PROT_WRITE : HMM_DMIRROR_PROT_READ;
+                    int rw = v[i].prot & PROT_WRITE ? HMM_DMIRROR_PROT_WRITE : HMM_DMIRROR_PROT_READ;
+                    int dm = devmap_of(a + k * PAGE);
+                    if (dm >= 0)        /* the driver's page: present; private ones read-only until written */
+                        codes[k] = devmaps[dm].shared || (ent >> 56 & 1) ? rw : HMM_DMIRROR_PROT_READ;
+                    else
+                        codes[k] = !(ent >> 63) ? HMM_DMIRROR_PROT_NONE : rw;
                 }
                 if (pm >= 0)
                     RAW1(SYS_close, pm);

@@ -113,6 +113,8 @@ int cdm_dmirror_is(int fd);
 void cdm_dmirror_close(int fd);
 long cdm_dmirror_ioctl(int fd, unsigned long req, void *arg);  /* 0 or -errno */
 void cdm_dmirror_thp_advice(uintptr_t start, uintptr_t end, int on);
+void *cdm_dmirror_mmap(void *addr, size_t len, int prot, int flags);   /* mmap of a dmirror fd */
+void cdm_dmirror_unmap(uintptr_t start, uintptr_t end);               /* under cdm_lock */
 
 /* sysfs.c */
 const char *cdm_redirect(const char *path, char *buf, size_t size);   /* path, or buf rewritten */

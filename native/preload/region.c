@@ -407,6 +407,8 @@ static int wanted(size_t len, int prot, int flags, int fd)
 
 static void *mmap_impl(void *addr, size_t len, int prot, int flags, int fd, off_t off)
 {
+    if (fd >= 0 && !(flags & MAP_ANONYMOUS) && cdm_dmirror_is(fd))
+        return cdm_dmirror_mmap(addr, len, prot, flags);
     if (!wanted(len, prot, flags, fd)) {
         long r = RAW6(SYS_mmap, addr, len, prot, flags, fd, off);
         if (r < 0 && r > -4096)
@@ -459,6 +461,7 @@ int munmap(void *addr, size_t len)
     if (r == 0 && next_ && !cdm_in_lib) {
         cdm_lock();
         forget((uintptr_t)addr, (uintptr_t)addr + ((len + PAGE - 1) & ~(PAGE - 1)));
+        cdm_dmirror_unmap((uintptr_t)addr, (uintptr_t)addr + ((len + PAGE - 1) & ~(PAGE - 1)));
         cdm_unlock();
     }
     return (int)cdm_ret(r);
