@@ -25,7 +25,7 @@ PRELOAD = os.path.join(os.path.dirname(HERE), "native", "preload")
 CASES = ["open_missing", "bad_input", "read", "read_prot", "write", "write_prot", "migrate",
          "migrate_fault", "snapshot", "migrate_mixed", "migrate_shared", "exclusive",
          "exclusive_mprotect", "fork_private", "fork_shared", "release", "huge_and_fail_alloc",
-         "double_map", "teardown"]
+         "double_map", "teardown", "mixedmap", "large"]
 VARIANTS = {"private": ("0", "1"), "coherent": ("2", "3")}
 
 
@@ -142,11 +142,12 @@ def test_open_without_the_devices(tmp_path, build, mnt):
     "copyout R 4095 4096 8192",
     "copyout R 0 4096 1099511627776",     # bounce past the end
     "check_exclusive R 0",
+    "copyin R 0 33554432 33554432",       # more than a request moves at once
 ])
 def test_bad_requests_change_nothing(mnt, request_text):
     """The control side of the ioctls refuses bad requests whole (EINVAL or
     ENOENT), and the daemon keeps serving."""
-    r = mnt.region("badreq", 16 * 4096)
+    r = mnt.region("badreq", 64 << 20)
     try:
         with open(r.data, "r+b") as f:
             f.write(b"\x07" * 4096)

@@ -15,6 +15,7 @@ from .tree import Attr, Dir, Transaction, Tree
 
 INJECT = ("link_down", "ecc", "fail_alloc")
 COPY_MODES = {"copyout": ("", "mapped", "exclusive"), "copyin": ("",)}
+COPY_AT_ONCE = 16 << 20     # bytes a copy request moves at most: the daemon holds them whole
 
 
 def parse_int(word: str) -> int:
@@ -69,6 +70,8 @@ async def copy_request(m: Machine, dev: Device, state: dict, words: list[str]) -
     region = region_of(m, words[1])
     first, n = parse_range(region, words[2], words[3])
     bounce, nb = parse_range(region, words[4], words[3])
+    if n * PAGE_SIZE > COPY_AT_ONCE:
+        raise ValueError(f"LENGTH above {COPY_AT_ONCE} bytes: copy it in pieces")
     if bounce < first + n and first < bounce + nb:
         raise ValueError("the bounce range overlaps the range")
     if op == "copyout":

@@ -51,6 +51,7 @@
 #define MAX_FD 4096
 #define NVMAS 512
 #define HUGE (2UL << 20)
+#define COPY_CHUNK (16UL << 20)    /* bytes a copy request moves at most (devices.py COPY_AT_ONCE) */
 
 struct dmfile {
     int dev;                 /* N of /dev/hmm_dmirrorN; -1: not ours */
@@ -362,9 +363,25 @@ static void request(char *buf, size_t size, const char *op, uint64_t off, uint64
 }
 
 /* copyout (into the program's buffer at dst) or copyin (from src) of a piece
- * of the region at offset off, through a bounce range. */
+ * of the region at offset off, through a bounce range, COPY_CHUNK at a time
+ * (the daemon takes no more at once). */
+static int region_copy_chunk(struct op *o, const char *op, uint64_t off, uint64_t len, void *buf,
+                             const char *mode);
+
 static int region_copy(struct op *o, const char *op, uint64_t off, uint64_t len, void *buf,
                        const char *mode)
+{
+    for (uint64_t done = 0; done < len; done += COPY_CHUNK) {
+        uint64_t k = len - done < COPY_CHUNK ? len - done : COPY_CHUNK;
+        int r = region_copy_chunk(o, op, off + done, k, (char *)buf + done, mode);
+        if (r)
+            return r;
+    }
+    return 0;
+}
+
+static int region_copy_chunk(struct op *o, const char *op, uint64_t off, uint64_t len, void *buf,
+                             const char *mode)
 {
     char req[256], ans[512];
     long bounce = cdm_bounce_alloc(len);

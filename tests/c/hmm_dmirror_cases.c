@@ -547,6 +547,47 @@ static int c_teardown(int fd)
     return 0;
 }
 
+/* More than one copy request moves at once (16 MiB): the interposer cuts it. */
+static int c_large(int fd)
+{
+    struct hmm_dmirror_cmd c;
+    unsigned long n = (20UL << 20) / PG + 1, size = n * PG;
+    int *b = anon(size, PROT_READ | PROT_WRITE), *m = malloc(size);
+    for (unsigned long i = 0; i < size / 4; i++)
+        b[i] = (int)(i * 7);
+    int r = run(fd, HMM_DMIRROR_READ, b, m, n, &c);
+    CHECK(r == 0 && c.cpages == n && c.faults == 1, "READ r=%d cpages=%lu", r, (unsigned long)c.cpages);
+    for (unsigned long i = 0; i < size / 4; i++)
+        CHECK(m[i] == (int)(i * 7), "device read %d at %lu", m[i], i);
+    for (unsigned long i = 0; i < size / 4; i++)
+        m[i] = (int)i;
+    r = run(fd, HMM_DMIRROR_WRITE, b, m, n, &c);
+    CHECK(r == 0 && c.cpages == n, "WRITE r=%d cpages=%lu", r, (unsigned long)c.cpages);
+    for (unsigned long i = 0; i < size / 4; i++)
+        CHECK(b[i] == (int)i, "CPU sees %d at %lu", b[i], i);
+    munmap(b, size);
+    free(m);
+    return 0;
+}
+
+/* mmap of the device file: the driver's zeroed pages, present at once,
+ * read-only in a private mapping until the CPU writes one. */
+static int c_mixedmap(int fd)
+{
+    struct hmm_dmirror_cmd c;
+    uint8_t s[2];
+    char *p = mmap(NULL, 2 * PG, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
+    CHECK(p != MAP_FAILED, "mmap of the device: errno %d", errno);
+    CHECK(p[0] == 0 && p[PG] == 0, "the driver's pages read zero");
+    p[PG] = 1;
+    int r = run(fd, HMM_DMIRROR_SNAPSHOT, p, s, 2, &c);
+    CHECK(r == 0 && c.cpages == 2, "SNAPSHOT r=%d", r);
+    CHECK(s[0] == HMM_DMIRROR_PROT_READ, "page 0 %#x", s[0]);
+    CHECK(s[1] == HMM_DMIRROR_PROT_WRITE, "page 1 (written: copied on write) %#x", s[1]);
+    munmap(p, 2 * PG);
+    return 0;
+}
+
 struct kase { const char *name; int (*fn)(int); };
 
 static const struct kase cases[] = {
@@ -557,7 +598,7 @@ static const struct kase cases[] = {
     {"exclusive", c_exclusive}, {"exclusive_mprotect", c_exclusive_mprotect},
     {"fork_private", c_fork_private}, {"fork_shared", c_fork_shared}, {"release", c_release},
     {"huge_and_fail_alloc", c_huge_and_fail_alloc}, {"double_map", c_double_map},
-    {"teardown", c_teardown},
+    {"teardown", c_teardown}, {"mixedmap", c_mixedmap}, {"large", c_large},
 };
 
 int main(int argc, char **argv)
