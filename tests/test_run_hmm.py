@@ -25,7 +25,7 @@ PRELOAD = os.path.join(os.path.dirname(HERE), "native", "preload")
 CASES = ["open_missing", "bad_input", "read", "read_prot", "write", "write_prot", "migrate",
          "migrate_fault", "snapshot", "migrate_mixed", "migrate_shared", "exclusive",
          "exclusive_mprotect", "fork_private", "fork_shared", "release", "huge_and_fail_alloc",
-         "double_map", "teardown", "mixedmap", "large"]
+         "double_map", "teardown", "mixedmap", "large", "fd_reuse"]
 VARIANTS = {"private": ("0", "1"), "coherent": ("2", "3")}
 
 

@@ -41,6 +41,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -57,6 +58,7 @@ struct dmfile {
     int dev;                 /* N of /dev/hmm_dmirrorN; -1: not ours */
     int fd_snapshot;         /* MOUNT/devices/dmirrorN/snapshot, opened lazily */
     uint64_t flags;          /* HMM_DMIRROR_FLAGS */
+    uint64_t st_dev, st_ino; /* the access file: a number closed behind our back is not it */
 };
 
 static struct dmfile files[MAX_FD];
@@ -67,13 +69,27 @@ static void init_files(void)
     if (files_init)
         return;
     for (int i = 0; i < MAX_FD; i++)
-        files[i] = (struct dmfile){-1, -1, 0};
+        files[i] = (struct dmfile){-1, -1, 0, 0, 0};
     files_init = 1;
 }
 
+/* Whether fd is a /dev/hmm_dmirrorN of ours.  A descriptor closed without
+ * this library seeing it (fclose of an fdopen, a raw close) and its number
+ * reused is told apart by its inode. */
 int cdm_dmirror_is(int fd)
 {
-    return files_init && fd >= 0 && fd < MAX_FD && files[fd].dev >= 0;
+    if (!files_init || fd < 0 || fd >= MAX_FD || files[fd].dev < 0)
+        return 0;
+    struct stat st;
+    if (RAW2(SYS_fstat, fd, &st) == 0 && (uint64_t)st.st_dev == files[fd].st_dev &&
+        (uint64_t)st.st_ino == files[fd].st_ino)
+        return 1;
+    cdm_lock();
+    if (files[fd].fd_snapshot >= 0)
+        RAW1(SYS_close, files[fd].fd_snapshot);
+    files[fd] = (struct dmfile){-1, -1, 0, 0, 0};
+    cdm_unlock();
+    return 0;
 }
 
 /* ------------------------------------------------------------ paths and files */
@@ -187,9 +203,14 @@ int cdm_dmirror_open(const char *path, int flags)
     /* test_hmm's device faults pages in where they are (hmm_range_fault):
      * only its migrations move them. */
     dev_store((int)dev, "fault_policy", "remote\n");
+    struct stat st;
+    if (RAW2(SYS_fstat, fd, &st)) {
+        RAW1(SYS_close, fd);
+        return -EIO;
+    }
     cdm_lock();
     init_files();
-    files[fd] = (struct dmfile){(int)dev, -1, 0};
+    files[fd] = (struct dmfile){(int)dev, -1, 0, (uint64_t)st.st_dev, (uint64_t)st.st_ino};
     cdm_unlock();
     return (int)fd;
 }
@@ -201,7 +222,7 @@ void cdm_dmirror_close(int fd)
     cdm_lock();
     if (files[fd].fd_snapshot >= 0)
         RAW1(SYS_close, files[fd].fd_snapshot);
-    files[fd] = (struct dmfile){-1, -1, 0};
+    files[fd] = (struct dmfile){-1, -1, 0, 0, 0};
     cdm_unlock();
 }
 

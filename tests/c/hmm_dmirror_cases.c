@@ -12,6 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -588,6 +589,23 @@ static int c_mixedmap(int fd)
     return 0;
 }
 
+/* A device descriptor closed behind the interposer's back (a raw close)
+ * and its number reused: the new file's ioctls reach the kernel. */
+static int c_fd_reuse(int fd)
+{
+    (void)fd;
+    struct hmm_dmirror_cmd c = {0};
+    int d = open_dev(dev);
+    CHECK(d >= 0, "open");
+    syscall(SYS_close, d);
+    int n = open("/dev/null", O_RDONLY);
+    CHECK(n == d, "the number was not reused (%d, %d)", n, d);
+    errno = 0;
+    CHECK(ioctl(n, HMM_DMIRROR_READ, &c) < 0 && errno == ENOTTY, "ioctl on /dev/null: errno %d", errno);
+    close(n);
+    return 0;
+}
+
 struct kase { const char *name; int (*fn)(int); };
 
 static const struct kase cases[] = {
@@ -598,7 +616,7 @@ static const struct kase cases[] = {
     {"exclusive", c_exclusive}, {"exclusive_mprotect", c_exclusive_mprotect},
     {"fork_private", c_fork_private}, {"fork_shared", c_fork_shared}, {"release", c_release},
     {"huge_and_fail_alloc", c_huge_and_fail_alloc}, {"double_map", c_double_map},
-    {"teardown", c_teardown}, {"mixedmap", c_mixedmap}, {"large", c_large},
+    {"teardown", c_teardown}, {"mixedmap", c_mixedmap}, {"large", c_large}, {"fd_reuse", c_fd_reuse},
 };
 
 int main(int argc, char **argv)
