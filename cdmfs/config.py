@@ -40,6 +40,52 @@ name = "gpu0"
 memory = "private:1G"
 """
 
+# The machine of Linux's HMM selftest (lib/test_hmm.c): /dev/hmm_dmirror0 and
+# 1 are device-private devices, 2 and 3 device-coherent ones, each with a
+# node of its own; under `cdmfs run` the interposer binds /dev/hmm_dmirrorN
+# to the device dmirrorN (README: "Running test_hmm programs").
+HMM_TEST_CONFIG = """\
+page_size = 4096
+block_size = "128M"
+
+[[node]]
+id = 0
+kind = "sysram"
+size = "2G"
+cpus = "all"
+
+[[node]]
+id = 1
+kind = "cdm"
+size = "512M"
+isolated = true
+
+[[node]]
+id = 2
+kind = "cdm"
+size = "512M"
+isolated = true
+
+[[device]]
+name = "dmirror0"
+memory = "private:512M"
+
+[[device]]
+name = "dmirror1"
+memory = "private:512M"
+
+[[device]]
+name = "dmirror2"
+memory = "node:1"
+
+[[device]]
+name = "dmirror3"
+memory = "node:2"
+"""
+
+# Embedded topologies, by the name --config takes in place of a file.
+TOPOLOGIES = {"hmm-test": HMM_TEST_CONFIG}
+
 HOST_CPU = "/sys/devices/system/cpu"
 
 # The caches every emulated CPU has (SPEC §3 [cpu]): (config key, level, type,
@@ -573,9 +619,12 @@ def _parse_cache(raw: dict, key: str, host: dict[str, str], level: int, kind: st
 
 
 def load(path: Optional[str]) -> Topology:
-    """The topology of a config file, or the embedded default for None."""
+    """The topology of a config file, or the embedded default for None, or
+    an embedded one by name (TOPOLOGIES) where no file has that name."""
     if path is None:
         return parse(DEFAULT_CONFIG)
+    if path in TOPOLOGIES and not os.path.exists(path):
+        return parse(TOPOLOGIES[path])
     try:
         with open(path) as f:
             text = f.read()

@@ -629,6 +629,10 @@ uint64_t cdm_migrate_places(struct cdm_machine *m, const uint64_t *src, const ui
 #define CDM_OP_WRITE 1     /* fills with the byte arg */
 #define CDM_OP_ADD 2       /* adds arg to every little-endian 64-bit word */
 #define CDM_OP_TOUCH 3     /* reads, no checksum */
+#define CDM_OP_COPYOUT 4   /* copies the pages' bytes to the host buffer at arg
+                              * (n pages long): a device's DMA out of them */
+#define CDM_OP_COPYIN 5    /* copies n pages of bytes from the host buffer at arg
+                              * into the pages: a device's DMA into them */
 
 struct cdm_op_result {
     uint64_t page;          /* with an error: the page */

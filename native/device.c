@@ -184,6 +184,12 @@ int cdm_device_op(struct cdm_machine *m, struct cdm_region *r, uint64_t first, u
         case CDM_OP_WRITE:
             memset(f, (int)(arg & 0xff), PAGE);
             break;
+        case CDM_OP_COPYOUT:
+            memcpy((uint8_t *)(uintptr_t)arg + (i - first) * PAGE, f, PAGE);
+            break;
+        case CDM_OP_COPYIN:
+            memcpy(f, (const uint8_t *)(uintptr_t)arg + (i - first) * PAGE, PAGE);
+            break;
         case CDM_OP_ADD:
             for (int w = 0; w < PAGE; w += 8) {
                 uint64_t v;
@@ -195,7 +201,7 @@ int cdm_device_op(struct cdm_machine *m, struct cdm_region *r, uint64_t first, u
         default:
             break;
         }
-        if ((op == CDM_OP_WRITE || op == CDM_OP_ADD) && !(pte & CDM_PTE_DIRTY))
+        if ((op == CDM_OP_WRITE || op == CDM_OP_ADD || op == CDM_OP_COPYIN) && !(pte & CDM_PTE_DIRTY))
             pte_set(m, r, i, pte | CDM_PTE_DIRTY);
     }
     if (pages) {

@@ -39,6 +39,13 @@ MAP_WRITE = bytes([PT_WRITE] * 3) + bytes(253)
 
 OPS = {"read": lib.CDM_OP_READ, "write": lib.CDM_OP_WRITE, "add": lib.CDM_OP_ADD,
        "touch": lib.CDM_OP_TOUCH}
+# The device's DMA between the pages and a buffer of the daemon (test_hmm's
+# bounce buffer): what HMM_DMIRROR_READ, WRITE and the read-backs of
+# MIGRATE_TO_DEV and EXCLUSIVE do with the bytes.  Not ops of the access file
+# on their own: their bytes go through a bounce range of the region.
+COPY_OPS = {"copyout": lib.CDM_OP_COPYOUT, "copyin": lib.CDM_OP_COPYIN}
+NATIVE_OPS = {**OPS, **COPY_OPS}
+WRITE_OPS = ("write", "add", "copyin")
 FAULT_POLICIES = ("migrate", "remote")
 COUNTER_GRANULES = {"64K": (64 << 10) // PAGE_SIZE, "2M": (2 << 20) // PAGE_SIZE,
                     "16M": (16 << 20) // PAGE_SIZE}
@@ -103,6 +110,26 @@ class Mirror:
             count += b - a if chunk is None else chunk.count(PT_NONE, a, b)
         return count
 
+    def count(self, first: int, end: int, value: int) -> int:
+        """Pages of [first, end) whose entry is value (not PT_NONE)."""
+        return sum(chunk.count(value, a, b) for c, a, b in self._spans(first, end)
+                   if (chunk := self.chunks.get(c)) is not None)
+
+    def runs(self, first: int, end: int, value: int) -> Iterator[tuple[int, int]]:
+        """[s, e) runs of pages of [first, end) whose entry is value, found
+        by bytes.find over the chunks that exist (not a page at a time)."""
+        mark = bytes([value])
+        for c, a, b in self._spans(first, end):
+            chunk = self.chunks.get(c)
+            if chunk is None:
+                continue
+            base = c * MIRROR_CHUNK
+            pos = chunk.find(mark, a, b)
+            while pos >= 0:
+                stop = b - len(chunk[pos:b].lstrip(mark))
+                yield base + pos, base + stop
+                pos = chunk.find(mark, stop, b)
+
     def map(self, first: int, end: int, table: bytes) -> None:
         """Entries of [first, end) become table[entry] (MAP_READ, MAP_WRITE)."""
         for c, a, b in self._spans(first, end):
@@ -151,6 +178,9 @@ class Device:
     access_counts: dict = field(default_factory=dict)  # (region id, granule) -> accesses
     # Read duplication: region id -> {page: PFN of the device's read-only copy}.
     dups: dict = field(default_factory=dict)
+    # Device-exclusive access (make_device_exclusive): region id -> Mirror
+    # whose PT_WRITE entries are the pages the device holds exclusively.
+    exclusive: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.fault_policy:
@@ -207,6 +237,9 @@ class Device:
         pt = self.mirrors.get(region.id)
         if pt is not None and n > 0 and pt.clear(first, first + n):
             self.stats["invalidations"] += 1
+        marks = self.exclusive.get(region.id)
+        if marks is not None and n > 0:
+            marks.clear(first, first + n)
         if region.id in self.dups and self.drop_duplicates(region, first, n) and not region.removed:
             lib.cdm_region_collapse(self.machine.core, region.core, first, n)
         if self.accessed_key in region.advice.kinds:
@@ -268,6 +301,7 @@ class Device:
 
     def forget(self, region: "Region") -> None:
         self.mirrors.pop(region.id, None)
+        self.exclusive.pop(region.id, None)
         self._free_region_dups(region.id)
         for key in [k for k in self.access_counts if k[0] == region.id]:
             del self.access_counts[key]
@@ -486,7 +520,8 @@ class Device:
 
     # ------------------------------------------------------------ access
 
-    async def access(self, region: "Region", first: int, n: int, op: str, arg: int) -> AccessResult:
+    async def access(self, region: "Region", first: int, n: int, op: str, arg: int,
+                     for_write: bool = False) -> AccessResult:
         """A device kernel touching pages [first, first + n) of region.  A range
         truncated under the access fails with EFAULT, a region removed under
         it with ENOENT, whatever step noticed.  An access that began inside
@@ -497,7 +532,7 @@ class Device:
         began = time.monotonic_ns()
         try:
             with region.hold():
-                res = await self._access(region, first, n, op, arg)
+                res = await self._access(region, first, n, op, arg, for_write)
             self.machine.events.emit("device_op", device=self.name, region=region, first=first, n=n,
                                      op=op, local_bytes=res.local_bytes, remote_bytes=res.remote_bytes,
                                      modeled_ns=res.modeled_ns, wall_ns=time.monotonic_ns() - began)
@@ -512,19 +547,29 @@ class Device:
             if inside and (region.removed or first + n > region.npages):
                 self.stats["truncated_accesses"] += 1
 
-    async def _access(self, region: "Region", first: int, n: int, op: str, arg: int) -> AccessResult:
+    async def _access(self, region: "Region", first: int, n: int, op: str, arg: int,
+                      for_write: bool = False) -> AccessResult:
+        """for_write: the pages are faulted and mapped writable whatever op
+        does with them (make_device_exclusive's FOLL_WRITE)."""
         if not self.online:
             raise OSError(errno.ENODEV, f"device {self.name} is offline")
         m = self.machine
         pt = self.mirror(region)
         res = AccessResult(bytes=n * PAGE_SIZE)
-        writing = op in ("write", "add")
+        writing = op in WRITE_OPS
+        if op in COPY_OPS:
+            # arg is the address of the bounce buffer: placed so that page p's
+            # bytes are at arg + p * PAGE_SIZE whatever chunk of the range runs.
+            arg = (arg - first * PAGE_SIZE) & 0xFFFFFFFFFFFFFFFF
         if writing and region.id in self.dups:
             # The writer's copy wins: its duplicates are collapsed (everyone's
             # are) and its read-only entries dropped, so that the write
             # faults them in as any write would.
             self.collapse_mine(region, first, n)
         res.faults = pt.unmapped(first, first + n)
+        if for_write:
+            # A read entry is no write permission: those pages fault too.
+            res.faults = n - pt.count(first, first + n, PT_WRITE)
         window = self._fault_window(n) if res.faults else 0
         if res.faults:
             self.stats["faults"] += res.faults
@@ -534,12 +579,12 @@ class Device:
             region.device_faults += res.faults
             res.modeled_ns += self.remote_figures().read_latency
             if not window:
-                await self._fault(region, first, n, res, reading=not writing)
+                await self._fault(region, first, n, res, reading=not (writing or for_write))
         # Coherence: take the CPU's dirty copies back before the device looks.
         if m.cpu_mapped(region, first, n):
             await m.cpu_unmap(region, first, n)
         step = window or OP_CHUNK
-        table = MAP_WRITE if writing else MAP_READ
+        table = MAP_WRITE if writing or for_write else MAP_READ
         for attempt in range(READ_RETRIES):
             crc = cpu_pages = res.local_bytes = res.remote_bytes = 0
             # The kernel runs in chunks that yield in between: a device reading
@@ -593,7 +638,7 @@ class Device:
         """One chunk of a kernel: a read takes the pages this device holds a
         duplicate of from the duplicate (local), the others by a native op."""
         dups = self.dups.get(region.id)
-        if op in ("write", "add") or not dups:
+        if op not in ("read", "touch") or not dups:
             return await self._op_chunk(region, first, n, op, arg, crc, res)
         m = self.machine
         total = ffi.new("struct cdm_op_result *")
@@ -631,13 +676,15 @@ class Device:
         out = ffi.new("struct cdm_op_result *")
         own = 1 << self.pool
         private_ok = own if not self.spec.coherent else 0
+        if op in COPY_OPS:
+            arg += first * PAGE_SIZE          # this chunk's place in the bounce buffer
         for _ in range(64):
             out.crc = crc
-            if op in ("write", "add") and m.duplicates:
+            if op in WRITE_OPS and m.duplicates:
                 # A write collapses every duplicate first, with no await
                 # before it writes: no reader ever sees a stale copy.
                 m.collapse_duplicates(region, first, n)
-            rc = lib.cdm_device_op(m.core, region.core, first, n, OPS[op], arg & 0xFFFFFFFFFFFFFFFF,
+            rc = lib.cdm_device_op(m.core, region.core, first, n, NATIVE_OPS[op], arg & 0xFFFFFFFFFFFFFFFF,
                                    own, private_ok, out)
             if rc == 0:
                 return out
@@ -648,7 +695,7 @@ class Device:
                 await migrate.fault_back(m, region, first, first + n, 0,
                                          from_pools=m.private_pools_mask() & ~own)
             elif rc == -errno.ENOENT:
-                await self._fault(region, first, n, res, reading=op not in ("write", "add"))     # truncated and regrown meanwhile
+                await self._fault(region, first, n, res, reading=op not in WRITE_OPS)     # truncated and regrown meanwhile
             else:
                 raise OSError(-rc, f"page {out.page}: {errno.errorcode.get(-rc, rc)}")
         raise OSError(errno.EAGAIN, "pages kept moving under the device")
@@ -693,11 +740,117 @@ class Device:
     def remote_figures(self):
         return self.machine.topo.access_of(self.name, f"node:{self.machine.first_sysram}")
 
+    # ------------------------------------------------------------ test_hmm's bounce buffer
+
+    async def _bounce(self, region: "Region", first: int, n: int, buf, op: str) -> None:
+        """The bounce range [first, first + n) of the region (offsets the
+        caller set aside, which no program mapping uses) to or from buf, as
+        the CPU side of the ioctl copies it: copyout fills buf from it,
+        copyin writes buf into it.  Not a device access (no faults, no page
+        table, no counters)."""
+        m = self.machine
+        if op == "copyin":
+            await m.populate(region, first, n)          # placed by the region's policy
+        elif m.cpu_mapped(region, first, n):
+            await m.cpu_write_back(region, first, n)    # the program's pwrite, if cached
+        out = ffi.new("struct cdm_op_result *")
+        with region.hold():
+            for _ in range(64):
+                rc = lib.cdm_device_op(m.core, region.core, first, n, COPY_OPS[op],
+                                       int(ffi.cast("uintptr_t", ffi.from_buffer(buf))), 0, 0, out)
+                if rc != -errno.EAGAIN:
+                    break
+                await region.wait_unlocked()
+        if rc:
+            raise OSError(-rc, f"bounce page {out.page}: {errno.errorcode.get(-rc, rc)}")
+        if op == "copyin":
+            # The program reads the bounce range next: no stale copy of it may stay cached.
+            await m.cpu_unmap(region, first, n, write_back=False)
+
+    async def copy_out(self, region: "Region", first: int, n: int, bounce: int,
+                       mode: str = "") -> AccessResult:
+        """HMM_DMIRROR_READ: the device reads [first, first + n), faulting
+        what it has not mapped, and its bytes land in the bounce range at
+        page ``bounce``.  mode ``mapped``: only pages already in its page
+        table (the read-back after MIGRATE_TO_DEV: ENOENT, changing nothing,
+        if one is not); ``exclusive``: make_device_exclusive first (pages
+        faulted writable and held exclusively until the CPU's next access)."""
+        if mode == "mapped":
+            pt = self.mirrors.get(region.id)
+            if pt is None or pt.unmapped(first, first + n):
+                raise OSError(errno.ENOENT, "a page is not in the device's page table")
+        buf = bytearray(n * PAGE_SIZE)
+        base = int(ffi.cast("uintptr_t", ffi.from_buffer(buf)))
+        res = await self.access(region, first, n, "copyout", base, for_write=mode == "exclusive")
+        if mode == "exclusive":
+            await self._make_exclusive(region, first, n)
+        await self._bounce(region, bounce, n, buf, "copyin")
+        return res
+
+    async def copy_in(self, region: "Region", first: int, n: int, bounce: int) -> AccessResult:
+        """HMM_DMIRROR_WRITE: the bytes of the bounce range at page
+        ``bounce`` written by the device into [first, first + n), faulting
+        (for write) what it has not mapped writable."""
+        buf = bytearray(n * PAGE_SIZE)
+        await self._bounce(region, bounce, n, buf, "copyout")
+        base = int(ffi.cast("uintptr_t", ffi.from_buffer(buf)))
+        return await self.access(region, first, n, "copyin", base, for_write=True)
+
+    # ------------------------------------------------------------ exclusive access
+
+    async def _make_exclusive(self, region: "Region", first: int, n: int) -> None:
+        """make_device_exclusive: the CPU loses its copies of the pages (its
+        dirty bytes written back; no write-back counts as an access), and
+        the device marks them exclusive.  The
+        CPU's next access of a page is a FUSE fault, which sets the page's
+        CPU belief (CDM_PTE_CPU): that is the access that revokes it."""
+        m = self.machine
+        await m.cpu_unmap(region, first, n)
+        # The invalidation's write-backs of dirty pages (WRITEs) set the CPU
+        # belief again; the host holds no copy of the range now.
+        lib.cdm_region_uncache(m.core, region.core, first, n)
+        marks = self.exclusive.get(region.id)
+        if marks is None:
+            marks = self.exclusive[region.id] = Mirror()
+        marks.map(first, min(first + n, region.npages), MAP_WRITE)
+
+    def revoke_touched(self, region: "Region", first: int, n: int) -> int:
+        """The exclusive pages of [first, first + n) the CPU has accessed
+        since lose their mark and the device's entry (the mmu notifier the
+        CPU's fault on a device-exclusive entry runs).  Returns the pages
+        still exclusive."""
+        marks = self.exclusive.get(region.id)
+        if marks is None:
+            return 0
+        m = self.machine
+        left = 0
+        pt = self.mirrors.get(region.id)
+        for s, e in list(marks.runs(first, min(first + n, region.npages), PT_WRITE)):
+            touched = lib.cdm_region_count(m.core, region.core, s, e - s, lib.CDM_PTE_CPU)
+            if not touched:
+                left += e - s
+                continue
+            ptes = ffi.new("uint64_t[]", e - s)
+            lib.cdm_region_ptes(m.core, region.core, s, e - s, ptes)
+            for j in range(e - s):
+                if ptes[j] & lib.CDM_PTE_CPU:
+                    marks.set(s + j, PT_NONE)
+                    if pt is not None:
+                        pt.set(s + j, PT_NONE)
+                else:
+                    left += 1
+        if not marks.chunks:
+            del self.exclusive[region.id]
+        return left
+
     # ------------------------------------------------------------ snapshot
 
-    def snapshot(self, region: "Region", first: int, n: int) -> Iterator[str]:
+    def snapshot(self, region: "Region", first: int, n: int, cpu: bool = False) -> Iterator[str]:
         """One ``PAGE FLAGS`` line a page, after test_hmm's HMM_DMIRROR_SNAPSHOT,
-        rendered a chunk at a time as the answer is read."""
+        rendered a chunk at a time as the answer is read.  cpu: the CPU's
+        page table as hmm_range_fault() sees it, whatever the device mapped
+        (a page on a node is ``zero`` until written, ``write`` after); the
+        caller has written the CPU's dirty copies back (snapshot_cpu)."""
         m = self.machine
         pt = self.mirror(region)
         for start in range(first, first + n, MIRROR_CHUNK):
@@ -706,9 +859,19 @@ class Device:
             with region.hold():
                 lib.cdm_region_ptes(m.core, region.core, start, k, ptes)
                 npages = region.npages
-            yield "".join(f"{start + j} {self._flag(ptes[j], start + j, npages, pt)}\n" for j in range(k))
+            yield "".join(f"{start + j} {self._flag(ptes[j], start + j, npages, pt, cpu)}\n"
+                          for j in range(k))
 
-    def _flag(self, pte: int, i: int, npages: int, pt: Mirror) -> str:
+    async def snapshot_cpu(self, region: "Region", first: int, n: int) -> Iterator[str]:
+        """snapshot(cpu=True) once the CPU's dirty bytes have reached the
+        pages (a page the program wrote through its mapping is ``write``):
+        its copies are invalidated, which writes every dirty one back (a
+        range write-back skips small ranges); its next access faults."""
+        if self.machine.cpu_mapped(region, first, n):
+            await self.machine.cpu_unmap(region, first, n)
+        return self.snapshot(region, first, n, cpu=True)
+
+    def _flag(self, pte: int, i: int, npages: int, pt: Mirror, cpu: bool = False) -> str:
         if i >= npages or pte & lib.CDM_PTE_POISONED:
             return "error"
         if not pte & lib.CDM_PTE_PRESENT:
@@ -719,6 +882,8 @@ class Device:
             return "private-local" if owner == self.name else "private-remote"
         if owner is not None:
             return "coherent-local" if owner == self.name else "coherent-remote"
+        if cpu:
+            return "write" if pte & lib.CDM_PTE_DIRTY else "zero"
         entry = pt.entry(i)
         if entry == PT_NONE:
             return "none"

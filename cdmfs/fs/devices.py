@@ -5,7 +5,7 @@ import errno
 import functools
 
 from ..config import PAGE_SIZE
-from ..drivers.dmirror import FAULT_POLICIES, OPS, Device
+from ..drivers.dmirror import COPY_OPS, FAULT_POLICIES, OPS, Device
 from ..mm.machine import KB_PER_PAGE, Machine
 from . import formats
 from .regions import parse_range
@@ -14,6 +14,8 @@ from .sysfs.node import parse_bool01
 from .tree import Attr, Dir, Transaction, Tree
 
 INJECT = ("link_down", "ecc", "fail_alloc")
+COPY_MODES = {"copyout": ("", "mapped", "exclusive"), "copyin": ("",)}
+COPY_AT_ONCE = 16 << 20     # bytes a copy request moves at most: the daemon holds them whole
 
 
 def parse_int(word: str) -> int:
@@ -55,9 +57,47 @@ def fault_policy_store(dev: Device, text: str) -> None:
     dev.fault_policy = word
 
 
+async def copy_request(m: Machine, dev: Device, state: dict, words: list[str]) -> None:
+    """``copyout REGION START LENGTH BOUNCE [mapped|exclusive]`` and ``copyin
+    REGION START LENGTH BOUNCE``: test_hmm's READ and WRITE (and the read-backs
+    of its migration and exclusive access), the bytes going through the
+    bounce range at byte offset BOUNCE of the same region.  Checked whole
+    before anything runs."""
+    op = words[0]
+    if len(words) not in (5, 6) or (words[5] if len(words) == 6 else "") not in COPY_MODES[op]:
+        raise ValueError(f"expected {op} REGION START LENGTH BOUNCE"
+                         + (" [mapped|exclusive]" if op == "copyout" else ""))
+    region = region_of(m, words[1])
+    first, n = parse_range(region, words[2], words[3])
+    bounce, nb = parse_range(region, words[4], words[3])
+    if n * PAGE_SIZE > COPY_AT_ONCE:
+        raise ValueError(f"LENGTH above {COPY_AT_ONCE} bytes: copy it in pieces")
+    if bounce < first + n and first < bounce + nb:
+        raise ValueError("the bounce range overlaps the range")
+    if op == "copyout":
+        res = await dev.copy_out(region, first, n, bounce, words[5] if len(words) == 6 else "")
+    else:
+        res = await dev.copy_in(region, first, n, bounce)
+    state["result"] = res.text()
+
+
+def check_exclusive_request(m: Machine, dev: Device, state: dict, words: list[str]) -> None:
+    """``check_exclusive REGION START LENGTH``: the pages the device still
+    holds exclusively (the CPU has not accessed them since)."""
+    if len(words) != 4:
+        raise ValueError("expected check_exclusive REGION START LENGTH")
+    region = region_of(m, words[1])
+    first, n = parse_range(region, words[2], words[3])
+    state["result"] = f"ok exclusive={dev.revoke_touched(region, first, n)}\n"
+
+
 async def access_request(m: Machine, dev: Device, state: dict, text: str) -> None:
     """``OP REGION START LENGTH [ARG]``: a device kernel run; the result on read."""
     words = text.split()
+    if words and words[0] in COPY_OPS:
+        return await copy_request(m, dev, state, words)
+    if words and words[0] == "check_exclusive":
+        return check_exclusive_request(m, dev, state, words)
     if len(words) < 4 or words[0] not in OPS:
         raise ValueError(f"expected OP REGION START LENGTH [ARG], OP one of {', '.join(OPS)}")
     op = words[0]
@@ -77,19 +117,28 @@ async def access_request(m: Machine, dev: Device, state: dict, text: str) -> Non
 SNAPSHOT_AT_ONCE = 1 << 16      # pages: a snapshot up to 256 MiB is taken at the request
 
 
-def snapshot_request(m: Machine, dev: Device, state: dict, text: str) -> None:
-    """``REGION START LENGTH``: the device's view of each page.  A snapshot of
-    a range larger than SNAPSHOT_AT_ONCE is rendered as it is read instead of
-    whole, so its memory stays bounded whatever the range."""
+def snapshot_request(m: Machine, dev: Device, state: dict, text: str):
+    """``REGION START LENGTH [cpu]``: the device's view of each page (with
+    ``cpu``: the CPU page table's, as test_hmm's snapshot reports it).  A
+    snapshot of a range larger than SNAPSHOT_AT_ONCE is rendered as it is
+    read instead of whole, so its memory stays bounded whatever the range."""
     words = text.split()
-    if len(words) != 3:
-        raise ValueError("expected REGION START LENGTH")
+    if len(words) not in (3, 4) or (len(words) == 4 and words[3] != "cpu"):
+        raise ValueError("expected REGION START LENGTH [cpu]")
     region = region_of(m, words[0])
     first, n = parse_range(region, words[1], words[2])
+    if len(words) == 4:
+        return snapshot_cpu(dev, state, region, first, n)      # waits for the CPU's write-back
     if n <= SNAPSHOT_AT_ONCE:
         state["result"] = "".join(dev.snapshot(region, first, n))
     else:
         state["result"] = functools.partial(dev.snapshot, region, first, n)
+
+
+async def snapshot_cpu(dev: Device, state: dict, region, first: int, n: int) -> None:
+    pages = await dev.snapshot_cpu(region, first, n)
+    state["result"] = "".join(pages) if n <= SNAPSHOT_AT_ONCE else functools.partial(
+        dev.snapshot, region, first, n, True)
 
 
 def answer(state: dict):

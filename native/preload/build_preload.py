@@ -8,7 +8,7 @@ import sys
 from setuptools.command.build_ext import build_ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ["util.c", "region.c", "mempolicy.c", "sysfs.c"]
+SOURCES = ["util.c", "region.c", "mempolicy.c", "sysfs.c", "dmirror.c"]
 NAME = "libcdmfs_run.so"
 
 
@@ -16,7 +16,7 @@ def build(compiler, out_dir: str, tmp_dir: str) -> str:
     """Compiles and links the interposer into out_dir; returns its path."""
     sources = [os.path.join(HERE, s) for s in SOURCES]
     objects = compiler.compile(sources, output_dir=tmp_dir, extra_postargs=["-O2", "-Wall", "-fPIC"],
-                               depends=[os.path.join(HERE, "preload.h")])
+                               depends=[os.path.join(HERE, h) for h in ("preload.h", "hmm_dmirror.h")])
     target = os.path.join(out_dir, NAME)
     compiler.link_shared_object(objects, target, libraries=["dl", "pthread"])
     return target

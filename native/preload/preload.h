@@ -85,6 +85,12 @@ long cdm_offset_of(uintptr_t addr, uintptr_t *extent_end);
 int cdm_for_each_piece(uintptr_t start, uintptr_t end,
                        int (*fn)(uintptr_t addr, size_t len, uint64_t off, void *arg), void *arg);
 uint64_t cdm_region_used(void);               /* offsets in use are below this */
+/* Under cdm_lock: the region offset of addr, the piece ending at *piece_end
+ * (the end of its extent, or end); or -1, *piece_end then the start of the
+ * next extent (or end): host memory up to there. */
+long cdm_piece_at(uintptr_t addr, uintptr_t end, uintptr_t *piece_end);
+long cdm_bounce_alloc(uint64_t len);          /* under cdm_lock: offsets no mapping uses, or -errno */
+void cdm_bounce_free(uint64_t off, uint64_t len);   /* under cdm_lock: given up, their pages freed */
 extern __thread int cdm_in_lib __attribute__((tls_model("initial-exec")));
 
 /* mempolicy.c */
@@ -100,6 +106,15 @@ long cdm_migrate_pages(int pid, unsigned long maxnode, const unsigned long *old_
                        const unsigned long *new_nodes);
 long cdm_set_mempolicy_home_node(unsigned long start, unsigned long len, unsigned long home, unsigned long flags);
 void cdm_policy_for_mmap(uintptr_t addr, size_t len, uint64_t off);  /* a thread's own policy */
+
+/* dmirror.c: /dev/hmm_dmirrorN, the kernel's HMM test device, emulated */
+int cdm_dmirror_open(const char *path, int flags);    /* fd, -errno, or -ENOSYS: not ours */
+int cdm_dmirror_is(int fd);
+void cdm_dmirror_close(int fd);
+long cdm_dmirror_ioctl(int fd, unsigned long req, void *arg);  /* 0 or -errno */
+void cdm_dmirror_thp_advice(uintptr_t start, uintptr_t end, int on);
+void *cdm_dmirror_mmap(void *addr, size_t len, int prot, int flags);   /* mmap of a dmirror fd */
+void cdm_dmirror_unmap(uintptr_t start, uintptr_t end);               /* under cdm_lock */
 
 /* sysfs.c */
 const char *cdm_redirect(const char *path, char *buf, size_t size);   /* path, or buf rewritten */

@@ -52,11 +52,26 @@ static size_t nfree, free_cap;
 static uint64_t bump;                   /* offsets at and past this are unused */
 static uint64_t fsize;                  /* the data file's size */
 
+/* Where the tables go when that is free: away from the program's own
+ * mappings, so that a table never fills a hole the program just unmapped
+ * (which would then show up as mapped memory in its place). */
+#define TABLE_HINT 0x5f0000000000UL
+
 /* Grows a table kept in memory of its own (raw mmap, never the region). */
 static int grow(void **table, size_t *cap, size_t elem)
 {
+    static uintptr_t cursor = TABLE_HINT;
     size_t ncap = *cap ? *cap * 2 : 256;
-    long p = RAW6(SYS_mmap, 0, ncap * elem, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    size_t bytes = (ncap * elem + PAGE - 1) & ~(PAGE - 1);
+    long p = RAW6(SYS_mmap, cursor, bytes, PROT_READ | PROT_WRITE,
+                  MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+    if (p == (long)cursor) {
+        cursor += bytes;
+    } else {
+        if (!(p < 0 && p > -4096))
+            RAW2(SYS_munmap, p, bytes);   /* a kernel without NOREPLACE took it as a hint */
+        p = RAW6(SYS_mmap, 0, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    }
     if (p < 0 && p > -4096)
         return -ENOMEM;
     if (*table) {
@@ -220,6 +235,27 @@ uint64_t cdm_region_used(void)
     return bump;
 }
 
+long cdm_piece_at(uintptr_t addr, uintptr_t end, uintptr_t *piece_end)
+{
+    size_t i = find(addr);
+    if (i < next_ && ext[i].start <= addr) {
+        *piece_end = ext[i].end < end ? ext[i].end : end;
+        return (long)(ext[i].off + (addr - ext[i].start));
+    }
+    *piece_end = i < next_ && ext[i].start < end ? ext[i].start : end;
+    return -1;
+}
+
+long cdm_bounce_alloc(uint64_t len)
+{
+    return alloc_offsets(len);
+}
+
+void cdm_bounce_free(uint64_t off, uint64_t len)
+{
+    release_offsets(off, len);
+}
+
 /* ------------------------------------------------------------ setup */
 
 /* The interposer's descriptors live high, out of the way of programs that
@@ -371,6 +407,8 @@ static int wanted(size_t len, int prot, int flags, int fd)
 
 static void *mmap_impl(void *addr, size_t len, int prot, int flags, int fd, off_t off)
 {
+    if (fd >= 0 && !(flags & MAP_ANONYMOUS) && cdm_dmirror_is(fd))
+        return cdm_dmirror_mmap(addr, len, prot, flags);
     if (!wanted(len, prot, flags, fd)) {
         long r = RAW6(SYS_mmap, addr, len, prot, flags, fd, off);
         if (r < 0 && r > -4096)
@@ -423,6 +461,7 @@ int munmap(void *addr, size_t len)
     if (r == 0 && next_ && !cdm_in_lib) {
         cdm_lock();
         forget((uintptr_t)addr, (uintptr_t)addr + ((len + PAGE - 1) & ~(PAGE - 1)));
+        cdm_dmirror_unmap((uintptr_t)addr, (uintptr_t)addr + ((len + PAGE - 1) & ~(PAGE - 1)));
         cdm_unlock();
     }
     return (int)cdm_ret(r);
@@ -522,6 +561,8 @@ void *mremap(void *old, size_t oldlen, size_t newlen, int flags, ...)
 int madvise(void *addr, size_t len, int advice)
 {
     uintptr_t a = (uintptr_t)addr, e = a + ((len + PAGE - 1) & ~(PAGE - 1));
+    if (advice == MADV_HUGEPAGE || advice == MADV_NOHUGEPAGE)
+        cdm_dmirror_thp_advice(a, e, advice == MADV_HUGEPAGE);
     int frees = advice == MADV_DONTNEED || advice == MADV_FREE || advice == MADV_REMOVE;
     if (!frees || !next_ || cdm_in_lib || a & (PAGE - 1))
         return (int)cdm_ret(RAW3(SYS_madvise, addr, len, advice));

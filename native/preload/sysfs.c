@@ -180,6 +180,11 @@ int cdm_status_fd(const char *path)
 static int open_impl(int dirfd, const char *path, int flags, mode_t mode)
 {
     char buf[4096];
+    if (path && !strncmp(path, "/dev/hmm_dmirror", 16)) {
+        int fd = cdm_dmirror_open(path, flags);
+        if (fd != -ENOSYS)
+            return (int)cdm_ret(fd);
+    }
     if ((flags & O_ACCMODE) == O_RDONLY) {
         int fd = rewritten_fd(path);
         if (fd >= 0 && !(flags & O_CLOEXEC))
