@@ -10,7 +10,6 @@ kilobytes, when they changed.
 """
 from __future__ import annotations
 
-import logging
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -20,8 +19,6 @@ from ..lib.trace import LOST, Tracer, format_line, location_list
 
 if TYPE_CHECKING:
     from .machine import Machine
-
-log = logging.getLogger(__name__)
 
 TAKE_BATCH = 1024
 # The core's record kinds, as a cpu_fault's type (or a writeback).
@@ -41,6 +38,9 @@ def render(field: str, value: Any) -> Any:
 
 
 class MachineTrace:
+    """The machine's Tracer, and what turns the core's records and the
+    pools' figures into its events."""
+
     def __init__(self, m: "Machine"):
         self.m = m
         self.tracer = Tracer(m.events, render, before_line=self.drain, on_enable=self._on_enable)
