@@ -33,6 +33,27 @@ name = "gpu0"
 memory = "private:8M"
 """
 
+# 64 MiB of sysram beside 8 MiB devices: room to oversubscribe a device
+# (eviction) with everything it evicts fitting in system RAM.
+EVICTION_CONFIG = """
+block_size = "4M"
+[[node]]
+id = 0
+kind = "sysram"
+size = "64M"
+cpus = "all"
+[[node]]
+id = 1
+kind = "cdm"
+size = "8M"
+[[device]]
+name = "cdm0"
+memory = "node:1"
+[[device]]
+name = "gpu0"
+memory = "private:8M"
+"""
+
 
 def abort_fuse(m: cdmfs.Mount) -> None:
     """Unsticks a deadlocked mount so the test fails instead of hanging:

@@ -9,27 +9,10 @@ import zlib
 import pytest
 
 import cdmfs
-from conftest import PAGE
+from conftest import EVICTION_CONFIG, PAGE
 
 MB = 1 << 20
-CONFIG = """
-block_size = "4M"
-[[node]]
-id = 0
-kind = "sysram"
-size = "64M"
-cpus = "all"
-[[node]]
-id = 1
-kind = "cdm"
-size = "8M"
-[[device]]
-name = "cdm0"
-memory = "node:1"
-[[device]]
-name = "gpu0"
-memory = "private:8M"
-"""
+CONFIG = EVICTION_CONFIG
 GPU_PAGES = 8 * MB // PAGE
 
 

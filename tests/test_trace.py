@@ -13,8 +13,8 @@ import pytest
 
 import cdmfs
 from cdmfs.lib.trace import CAPACITY, EVENTS, LOST, TraceBuffer, format_line, parse_line
+from conftest import EVICTION_CONFIG, PAGE
 
-PAGE = 4096
 TRACING = "sys/kernel/tracing"
 
 
@@ -301,24 +301,6 @@ def test_lines_round_trip_through_the_parser():
 
 # --------------------------------------------------------------------------- every mover
 
-OVERSUBSCRIBED = """
-block_size = "4M"
-[[node]]
-id = 0
-kind = "sysram"
-size = "64M"
-cpus = "all"
-[[node]]
-id = 1
-kind = "cdm"
-size = "8M"
-[[device]]
-name = "cdm0"
-memory = "node:1"
-[[device]]
-name = "gpu0"
-memory = "private:8M"
-"""
 
 
 def test_every_mover_writes_its_lines(tmp_path):
@@ -326,7 +308,7 @@ def test_every_mover_writes_its_lines(tmp_path):
     and block offline/online, poisoning: each writes its lines, and they
     add up to the device's and the region's counters."""
     MB = 1 << 20
-    with cdmfs.mounted(OVERSUBSCRIBED) as m:
+    with cdmfs.mounted(EVICTION_CONFIG) as m:
         enable(m)
         rd = Reader(m, str(tmp_path / "trace"))
         gpu, cdm = m.device("gpu0"), m.device("cdm0")

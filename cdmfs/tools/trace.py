@@ -21,6 +21,7 @@ import sys
 import time
 from typing import IO, Callable, Optional, Sequence
 
+from ..client import _write
 from ..lib.trace import EVENTS, format_line, parse_line
 from .places import meminfo
 from .places import read as _read
@@ -47,14 +48,6 @@ def tracing_dir(mountpoint: str) -> str:
     if not os.path.exists(os.path.join(d, "trace_pipe")):
         raise TraceError(f"{mountpoint} has no {TRACING}/trace_pipe (a cdmfs without tracing?)")
     return d
-
-
-def _write(path: str, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
 
 
 def choose_events(words: Optional[str]) -> list[str]:
