@@ -150,6 +150,24 @@ def test_disabled_kinds_write_nothing(tm, tmp_path):
 # --------------------------------------------------------------------------- readers
 
 
+def test_short_reads_lose_nothing(tm):
+    """A read shorter than a line gets its start; the next read goes on."""
+    enable(tm, "device_online")
+    fd = os.open(tpath(tm, "trace_pipe"), os.O_RDONLY | os.O_NONBLOCK)
+    tm.device("gpu0").online = False
+    tm.device("gpu0").online = True             # one line
+    data, end = b"", time.monotonic() + 10
+    while not data.endswith(b"\n") and time.monotonic() < end:
+        try:
+            chunk = os.read(fd, 7)
+            assert len(chunk) <= 7
+            data += chunk
+        except BlockingIOError:
+            time.sleep(0.01)
+    os.close(fd)
+    assert parse_line(data.decode())[1:] == ("device_online", {"device": "gpu0"})
+
+
 def test_nonblocking_read_of_an_empty_pipe_is_eagain(tm):
     fd = os.open(tpath(tm, "trace_pipe"), os.O_RDONLY | os.O_NONBLOCK)
     try:

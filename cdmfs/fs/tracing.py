@@ -64,16 +64,21 @@ class PipeReader:
         self.wake = wake
         self.nonblock = nonblock
         self.seq = trace.tracer.buffer.end
+        self.rest = b""         # what a read shorter than a line left of it
         trace.show_usage()
 
     async def read(self, size: int, pid: int) -> bytes:
         buffer = self.trace.tracer.buffer
         next_check = trio.current_time() + SIGNAL_CHECK
         while True:
+            if self.rest:
+                data, self.rest = self.rest[:size], self.rest[size:]
+                return data
             self.trace.drain()
             self.trace.sample()
             data, self.seq = buffer.read(self.seq, size)
             if data:
+                data, self.rest = data[:size], data[size:]
                 return data
             if self.nonblock:
                 raise OSError(errno.EAGAIN, "no trace line waiting")

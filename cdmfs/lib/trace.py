@@ -128,8 +128,8 @@ class TraceBuffer:
         self.end += 1
 
     def read(self, seq: int, size: int) -> tuple[bytes, int]:
-        """Whole lines from seq, at most size bytes (at least one line if any,
-        cut to size only when a single line is longer), and the next seq."""
+        """Whole lines from seq, at most size bytes but at least one line if
+        any (the caller keeps what a short read leaves of it), and the next seq."""
         out: list[bytes] = []
         if seq < self.start:
             lost = self.start - seq
@@ -143,7 +143,7 @@ class TraceBuffer:
             out.append(b)
             used += len(b)
             seq += 1
-        return b"".join(out)[:size], seq
+        return b"".join(out), seq
 
 
 def _now_ns() -> int:
