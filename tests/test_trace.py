@@ -351,10 +351,10 @@ def test_every_mover_writes_its_lines(tmp_path):
         m.memory_block(block).online = False
         m.memory_block(block).online = True
         m.hard_offline(m.region("movers").phys_addr(15 * MB // PAGE))
-        r.migrate(0, PAGE, "gpu0")                               # the last line waited for
-        lines = rd.wait_for(lambda ln: ln[1] == "migrate" and ln[2]["n"] == "1" and ln[2]["to"] == "gpu0")
-        rd.stop()
         stat = r.stat
+        r.remove()                                               # the last line waited for
+        lines = rd.wait_for(lambda ln: ln[1] == "region_removed")
+        rd.stop()
     by_kind = defaultdict(list)
     for line in lines:
         _, kind, fields = parse_line(line)
@@ -370,3 +370,4 @@ def test_every_mover_writes_its_lines(tmp_path):
     assert [(f["block"], f["node"]) for f in by_kind["memory_online"]] == [(f"memory{block}", "1")]
     assert [(f["region"], f["page"]) for f in by_kind["poison"]] == [("movers", str(15 * MB // PAGE))]
     assert stat["poisoned"] == 1
+    assert [f["region"] for f in by_kind["region_removed"]] == ["movers"]

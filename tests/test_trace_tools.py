@@ -138,6 +138,7 @@ def scenario_lines() -> list[str]:
     e(1, "device_offline", "gpu0", 7168)
     e(1, "device_online", "gpu0")
     e(1, "link_down", "gpu0", 0)
+    e(1, "region_removed", "my data")
     e(1, "lost", 3)
     return out
 
@@ -229,6 +230,16 @@ def test_placement_follows_the_events():
     assert set(img[:, 0].tolist()) <= {0, idx["0"]}
     assert (second_half == idx["1"]).mean() > 0.9
     assert set(first_half.tolist()) <= {idx["0"], plot.Placement(1, places).poisoned}
+
+
+def test_a_removed_region_ends_not_placed():
+    events = sorted((parse_line(line) for line in scenario_lines()), key=lambda e: e[0])
+    places = plot.place_order(["0", "1", "gpu0"])
+    img, pages = plot.placement_image(events, "my data", places, events[0][0], events[-1][0], columns=50)
+    idx = {p: i + 1 for i, p in enumerate(places)}
+    assert pages == 256
+    assert (img == idx["gpu0"]).any()               # after its migration, before its removal
+    assert set(img[:, -1].tolist()) == {0}          # removed: nothing placed
 
 
 def test_plot_errors(tmp_path):

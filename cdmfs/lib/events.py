@@ -12,11 +12,10 @@ Subscribers run synchronously, in the order they subscribed, on the thread
 that emits; they must not block.  An event nobody subscribed to costs a
 dictionary look-up.  The kinds the trace stream shows, with their fields,
 are lib/trace.py's EVENTS; a mover may give more fields than a line shows
-(migrate's target and device_moves, for the devices).  Kinds only the
-layers themselves use:
+(migrate's target and device_moves, for the devices; region_removed's
+region, whose mirrors must go).  Kinds only the layers themselves use:
 
 ====================  =======================================================
-region_removed        region: its pages are gone, its mirrors must go
 memory_added          block: a block hot-added (probe)
 node_registered       nid: a node has memory and a directory from now on
 advise                region, first, n, what, arg: advice given on a range

@@ -67,6 +67,7 @@ EVENTS: dict[str, tuple[tuple[str, ...], str]] = {
     "memory_offline": (("block", "node"), "a memory block offlined, its pages moved first"),
     "poison": (("region", "page", "pfn"), "a page lost with its frame (memory failure)"),
     "link_down": (("device", "poisoned"), "a device's link went down: its memory lost"),
+    "region_removed": (("region",), "a region removed (rmdir): its pages freed"),
     "mem_usage": (("loc", "used_kb", "total_kb"),
                   "the memory used at a node or device changed (sampled at most every 10 ms "
                   "while a reader has the pipe open)"),

@@ -12,11 +12,13 @@ the end fails the command if a single page is wrong.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
-import threading
+import time
 from typing import Iterator, Optional
 
 from ..client import Mount, Region, mounted
@@ -100,35 +102,38 @@ class Demo:
 
 @contextlib.contextmanager
 def recording(m: Mount, path: Optional[str]) -> Iterator[None]:
-    """``--trace FILE``: cdmfs trace records the mount meanwhile, in a
-    thread, from before the first step to after the last."""
+    """``--trace FILE``: ``cdmfs trace`` records the mount meanwhile, from
+    before the first step to after the last.  In a process of its own: the
+    demo's own reads of the region fault with Python's lock held, and a
+    recorder sharing it would read the pipe late (its memory samples too)."""
     if path is None:
         yield
         return
-    from . import trace
-    started, stop = threading.Event(), threading.Event()
-    failed: list[BaseException] = []
-
-    def record() -> None:
-        try:
-            trace.record(m.path, path, trace.default_format(path), on_start=started.set,
-                         done=stop.is_set, progress=False)
-        except BaseException as e:      # reported by the demo's thread
-            failed.append(e)
-            started.set()
-    worker = threading.Thread(target=record, name="cdmfs trace", daemon=True)
-    worker.start()
-    started.wait()
-    if failed:
-        raise DemoError(f"cannot record the trace: {failed[0]}")
+    recorder = subprocess.Popen([sys.executable, "-m", "cdmfs", "trace", m.path, "-o", path],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    enabled = os.path.join(m.path, "sys/kernel/tracing/events/enable")
+    deadline = time.monotonic() + 30
+    # Recording once every switch is on (cdmfs trace opens the pipe first).
+    while recorder.poll() is None and read_text(enabled) != "1\n":
+        if time.monotonic() > deadline:
+            recorder.kill()
+            raise DemoError("cannot record the trace: cdmfs trace did not start")
+        time.sleep(0.01)
+    if recorder.poll() is not None:
+        raise DemoError(f"cannot record the trace: {recorder.stderr.read().strip()}")
     try:
         yield
     finally:
-        stop.set()
-        worker.join()
-    if failed:
-        raise DemoError(f"recording the trace failed: {failed[0]}")
+        recorder.send_signal(signal.SIGINT)
+        _, err = recorder.communicate()
+    if recorder.returncode:
+        raise DemoError(f"recording the trace failed: {err.strip()}")
     print(f"trace written to {path}; open it in https://ui.perfetto.dev or draw it: cdmfs plot {path} -o OUT.png")
+
+
+def read_text(path: str) -> str:
+    with open(path) as f:
+        return f.read()
 
 
 def run(trace: Optional[str] = None) -> None:

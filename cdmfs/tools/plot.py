@@ -134,6 +134,11 @@ class Placement:
     def index_of(self, p: str) -> int:
         return self.poisoned if p == "poisoned" else self.index[p]
 
+    def clear(self) -> None:
+        """Every page not placed (the region was removed)."""
+        self.counts[:] = 0
+        self.counts[:, 0] = self.sizes
+
     def lose_device(self, device: str) -> None:
         i = self.index.get(device)
         if i is not None:
@@ -175,6 +180,8 @@ def apply(pl: Placement, kind: str, f: dict[str, str]) -> None:
             pl.move(num("first"), n, to, sources=src or None, limit=moved)
     elif kind == "poison":
         pl.move(num("page"), 1, ["poisoned"])
+    elif kind == "region_removed":
+        pl.clear()
 
 
 def region_of(f: dict[str, str]) -> Optional[str]:
@@ -282,9 +289,9 @@ def plot(path: str, out: str, region: Optional[str] = None, width: int = 1200, h
     events = load(path)
     region = choose_region(events, region)
     events.sort(key=lambda e: e[0])
-    # From the trace's start to a little after the region's last event: a
-    # region's removal is not an event, and after it the picture would go on
-    # showing its pages (cdmfs demo's trace goes on with memhog's region).
+    # From the trace's start to a little after the region's last event (its
+    # removal, where the trace saw it): what comes after is other regions'
+    # (cdmfs demo's trace goes on with memhog's region).
     t0 = events[0][0]
     last = max(ts for ts, _, f in events if f.get("region") == region)
     t1 = min(events[-1][0], last + 0.05 * (last - t0))

@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import IO, Callable, Optional, Sequence
 
@@ -227,12 +228,18 @@ def end_child(child: subprocess.Popen) -> int:
     return child.wait()
 
 
+# Set by a signal that asks the recording to stop (stop_on_signals).
+STOP = threading.Event()
+
+
 def stop_on_signals() -> None:
-    """SIGTERM and SIGHUP (the terminal or ssh session gone) stop a
-    recording as Ctrl-C does, the file whole; for the main thread only."""
+    """Ctrl-C, SIGTERM and SIGHUP (the terminal or ssh session gone) stop a
+    recording between two lines, the file whole: an exception raised at
+    any point could cut a write to a gzip'd file in two.  For the main
+    thread only."""
     def stop(signum, frame):
-        raise KeyboardInterrupt
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+        STOP.set()
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, stop)
 
 
@@ -277,6 +284,8 @@ def record(mountpoint: str, out: str, fmt: str = "json", seconds: Optional[float
             end = time.monotonic() + seconds if seconds is not None else None
 
             def finished() -> bool:
+                if STOP.is_set():
+                    return True
                 if child is not None and child.poll() is not None:
                     return True
                 if end is not None and time.monotonic() >= end:
