@@ -45,6 +45,7 @@ from .._core import ffi, lib
 from ..config import PAGE_SIZE
 from ..lib.sched import cond_resched
 from . import mempolicy as mpol
+from .migrate import runs
 from .migrate_device import migrate_range
 
 if TYPE_CHECKING:
@@ -342,7 +343,7 @@ class NumaBalancing:
                 tgt = m.node_target(target)
             except (OSError, ValueError):
                 continue
-            for s, c in _runs(pages):
+            for s, c in runs(pages):
                 # This READ is the kernel filling these pages: it holds no copy
                 # of them (a write-back during the scanner's invalidation may
                 # have left the belief set).  Forgotten, the migration does not
@@ -359,13 +360,3 @@ class NumaBalancing:
         self.events["numa_pages_migrated"] += migrated
         m.events.emit("numa_hint_fault", region=region, first=first, n=n, node=local,
                       faults=faults, local=local_faults, migrated=migrated)
-
-
-def _runs(pages: list[int]) -> list[tuple[int, int]]:
-    out: list[list[int]] = []
-    for p in pages:
-        if out and out[-1][0] + out[-1][1] == p:
-            out[-1][1] += 1
-        else:
-            out.append([p, 1])
-    return [(a, c) for a, c in out]

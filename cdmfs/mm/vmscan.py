@@ -20,6 +20,7 @@ import trio
 
 from .._core import ffi, lib
 from ..config import PAGE_SIZE
+from .migrate import runs
 from .migrate_device import migrate_range
 
 if TYPE_CHECKING:
@@ -206,7 +207,7 @@ class Kswapd:
             if region.removed:
                 continue
             with region.hold():
-                for s, c in _runs(pages):
+                for s, c in runs(pages):
                     for a, b, policy in region.policy_segments(s, s + c):
                         if not _allowed(m, policy, local, target):
                             continue
@@ -236,7 +237,7 @@ class Kswapd:
             if region.removed or budget <= 0:
                 continue
             with region.hold():
-                for s, c in _runs(pages):
+                for s, c in runs(pages):
                     marked = lib.cdm_region_numa_mark(m.core, region.core, s, c, 1 << pool, c, nxt)
                     if marked:
                         m.balancing.hinting = True
@@ -250,13 +251,3 @@ def _allowed(m: "Machine", policy, local: int, target: int) -> bool:
     """The placement rule: target is a node policy may place a page on."""
     pl = m.placement(policy, local)
     return any(target in pl.fallback.get(n, ()) for n in pl.table)
-
-
-def _runs(pages: "list[int]") -> "list[tuple[int, int]]":
-    out: list[list[int]] = []
-    for p in pages:
-        if out and out[-1][0] + out[-1][1] == p:
-            out[-1][1] += 1
-        else:
-            out.append([p, 1])
-    return [(a, c) for a, c in out]
