@@ -291,55 +291,44 @@ struct vma {
     int prot;                /* PROT_*, or -1: no mapping (a hole) */
 };
 
+/* The walk of vmas_of: the mappings met so far, clipped to [at, end). */
+struct vma_walk {
+    uintptr_t at, end;
+    struct vma *out;
+    int n, max;
+};
+
+static int add_vma(const struct cdm_mapping *mp, void *arg)
+{
+    struct vma_walk *w = arg;
+    if (mp->end <= w->at)
+        return 0;
+    if (mp->start >= w->end)
+        return 1;                           /* past the range: done */
+    if (w->n + 2 > w->max)
+        return -ENOMEM;
+    if (mp->start > w->at) {
+        w->out[w->n++] = (struct vma){w->at, mp->start, -1};
+        w->at = mp->start;
+    }
+    uintptr_t e = mp->end < w->end ? mp->end : w->end;
+    w->out[w->n++] = (struct vma){w->at, e, mp->prot & (PROT_READ | PROT_WRITE)};
+    w->at = e;
+    return w->at >= w->end;
+}
+
 /* The mappings covering [start, end), clipped to it, in order, holes as
  * prot -1 (from /proc/self/maps).  Returns how many, or -errno. */
 static int vmas_of(uintptr_t start, uintptr_t end, struct vma *out, int max)
 {
     static char buf[1 << 16];
-    long mfd = RAW4(SYS_openat, AT_FDCWD, "/proc/self/maps", O_RDONLY | O_CLOEXEC, 0);
-    if (mfd < 0)
-        return (int)mfd;
-    int n = 0;
-    uintptr_t at = start;
-    size_t have = 0;
-    int done = 0;
-    while (!done && at < end) {
-        long got = RAW3(SYS_read, mfd, buf + have, sizeof buf - 1 - have);
-        if (got <= 0)
-            break;
-        have += (size_t)got;
-        buf[have] = 0;
-        char *line = buf;
-        for (char *nl; (nl = strchr(line, '\n')) && at < end;) {
-            *nl = 0;
-            char *q;
-            uintptr_t s = strtoul(line, &q, 16), e = strtoul(q + 1, &q, 16);
-            line = nl + 1;
-            if (e <= at)
-                continue;
-            if (s >= end) {
-                done = 1;
-                break;
-            }
-            if (n + 2 > max) {
-                RAW1(SYS_close, mfd);
-                return -ENOMEM;
-            }
-            if (s > at) {
-                out[n++] = (struct vma){at, s, -1};
-                at = s;
-            }
-            int prot = (q[1] == 'r' ? PROT_READ : 0) | (q[2] == 'w' ? PROT_WRITE : 0);
-            out[n++] = (struct vma){at, e < end ? e : end, prot};
-            at = e < end ? e : end;
-        }
-        have = strlen(line);
-        memmove(buf, line, have);
-    }
-    RAW1(SYS_close, mfd);
-    if (at < end && n < max)
-        out[n++] = (struct vma){at, end, -1};
-    return n;
+    struct vma_walk w = {start, end, out, 0, max};
+    int rc = cdm_for_each_mapping(buf, sizeof buf, add_vma, &w);
+    if (rc < 0)
+        return rc;
+    if (w.at < end && w.n < max)
+        out[w.n++] = (struct vma){w.at, end, -1};
+    return w.n;
 }
 
 /* The calling process's memory, read or written without faulting this

@@ -41,6 +41,21 @@ char *cdm_utoa(char *buf, unsigned long v);               /* returns buf */
 int cdm_read_file(const char *path, char *buf, size_t size);   /* bytes or -errno, NUL ended */
 int cdm_write_fd(int fd, const char *text);               /* pwrite at 0: 0 or -errno */
 
+/* A line of /proc/self/maps: the mapping [start, end), its PROT_* bits, the
+ * file offset and path ("" for none). */
+struct cdm_mapping {
+    uintptr_t start, end;
+    int prot;
+    unsigned long offset;
+    const char *path;
+};
+/* Calls fn for each mapping of the process, in address order, until fn
+ * returns non-zero (then returns that); buf (a caller's static buffer of
+ * size bytes) holds the lines as they are read.  0, or -errno when the
+ * file cannot be opened. */
+int cdm_for_each_mapping(char *buf, size_t size,
+                         int (*fn)(const struct cdm_mapping *, void *), void *arg);
+
 /* A nodemask. */
 struct nodemask { uint64_t w[MASK_WORDS]; };
 int nm_isset(const struct nodemask *m, int n);

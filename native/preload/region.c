@@ -690,40 +690,30 @@ static void fork_parent(void)
     cdm_in_lib = 0;
 }
 
+/* The snapshot remap_onto maps onto, and the parent's data file it replaces. */
+struct remap {
+    int fd;
+    const char *old_path;
+};
+
+static int remap_one(const struct cdm_mapping *mp, void *arg)
+{
+    const struct remap *r = arg;
+    if (strcmp(mp->path, r->old_path) == 0) {
+        RAW6(SYS_mmap, mp->start, mp->end - mp->start, mp->prot, MAP_SHARED | MAP_FIXED, r->fd,
+             mp->offset);
+        one_page_a_fault(mp->start, mp->end - mp->start);
+    }
+    return 0;
+}
+
 /* Maps every mapping of the parent's data file in this process onto the
  * same offsets of the snapshot, with its protection (from /proc/self/maps). */
 static void remap_onto(int fd, const char *old_path)
 {
     static char buf[1 << 16];
-    long mfd = RAW4(SYS_openat, AT_FDCWD, "/proc/self/maps", O_RDONLY | O_CLOEXEC, 0);
-    if (mfd < 0)
-        return;
-    size_t have = 0;
-    for (;;) {
-        long n = RAW3(SYS_read, mfd, buf + have, sizeof buf - 1 - have);
-        if (n <= 0)
-            break;
-        have += (size_t)n;
-        buf[have] = 0;
-        char *line = buf;
-        for (char *nl; (nl = strchr(line, '\n'));) {
-            *nl = 0;
-            char *p = strstr(line, old_path);
-            size_t plen = strlen(old_path);
-            if (p && p[plen] == 0) {
-                unsigned long s = strtoul(line, &p, 16), e = strtoul(p + 1, &p, 16);
-                int prot = (p[1] == 'r' ? PROT_READ : 0) | (p[2] == 'w' ? PROT_WRITE : 0) |
-                           (p[3] == 'x' ? PROT_EXEC : 0);
-                unsigned long off = strtoul(p + 6, NULL, 16);
-                RAW6(SYS_mmap, s, e - s, prot, MAP_SHARED | MAP_FIXED, fd, off);
-                one_page_a_fault(s, e - s);
-            }
-            line = nl + 1;
-        }
-        have = strlen(line);
-        memmove(buf, line, have);
-    }
-    RAW1(SYS_close, mfd);
+    struct remap r = {fd, old_path};
+    cdm_for_each_mapping(buf, sizeof buf, remap_one, &r);
 }
 
 static void fork_child(void)

@@ -1,6 +1,9 @@
 /* Raw system calls, strings and nodemasks that never allocate. */
 #include <errno.h>
 #include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -205,4 +208,52 @@ char *nm_format(const struct nodemask *m, char *buf, size_t size)
         n = nm_next(m, e);
     }
     return buf;
+}
+
+/* "start-end perms offset dev inode   path" */
+static void parse_mapping(char *line, struct cdm_mapping *out)
+{
+    char *p;
+    out->start = strtoul(line, &p, 16);
+    out->end = strtoul(p + 1, &p, 16);
+    out->prot = (p[1] == 'r' ? PROT_READ : 0) | (p[2] == 'w' ? PROT_WRITE : 0) |
+                (p[3] == 'x' ? PROT_EXEC : 0);
+    out->offset = strtoul(p + 6, &p, 16);
+    for (int field = 0; field < 2 && *p; field++) {     /* dev, inode */
+        while (*p == ' ')
+            p++;
+        while (*p && *p != ' ')
+            p++;
+    }
+    while (*p == ' ')
+        p++;
+    out->path = p;
+}
+
+int cdm_for_each_mapping(char *buf, size_t size,
+                         int (*fn)(const struct cdm_mapping *, void *), void *arg)
+{
+    long mfd = RAW4(SYS_openat, AT_FDCWD, "/proc/self/maps", O_RDONLY | O_CLOEXEC, 0);
+    if (mfd < 0)
+        return (int)mfd;
+    size_t have = 0;
+    int ret = 0;
+    while (!ret) {
+        long got = RAW3(SYS_read, mfd, buf + have, size - 1 - have);
+        if (got <= 0)
+            break;
+        have += (size_t)got;
+        buf[have] = 0;
+        char *line = buf;
+        for (char *nl; !ret && (nl = strchr(line, '\n')); line = nl + 1) {
+            *nl = 0;
+            struct cdm_mapping m;
+            parse_mapping(line, &m);
+            ret = fn(&m, arg);
+        }
+        have = strlen(line);
+        memmove(buf, line, have);
+    }
+    RAW1(SYS_close, mfd);
+    return ret;
 }
