@@ -13,46 +13,33 @@ import cdmfs
 HERE = os.path.dirname(os.path.abspath(__file__))
 PAGE = 4096
 
-# A small machine for tests that fill nodes: 8 MiB of sysram, 8 MiB of CDM.
-SMALL_CONFIG = """
-block_size = "4M"
-[[node]]
+def cdm_machine(sysram: str, cdm: str = "8M", gpu: str = "8M", block_size: str = "4M") -> str:
+    """The embedded default's shape at other sizes: node 0 (system RAM, every
+    CPU), node 1 (cdm0's coherent memory) and gpu0's private memory."""
+    blocks = f'block_size = "{block_size}"\n' if block_size else ""
+    return f"""{blocks}[[node]]
 id = 0
 kind = "sysram"
-size = "8M"
+size = "{sysram}"
 cpus = "all"
 [[node]]
 id = 1
 kind = "cdm"
-size = "8M"
+size = "{cdm}"
 [[device]]
 name = "cdm0"
 memory = "node:1"
 [[device]]
 name = "gpu0"
-memory = "private:8M"
+memory = "private:{gpu}"
 """
 
+
+# A small machine for tests that fill nodes: 8 MiB of sysram, 8 MiB of CDM.
+SMALL_CONFIG = cdm_machine("8M")
 # 64 MiB of sysram beside 8 MiB devices: room to oversubscribe a device
 # (eviction) with everything it evicts fitting in system RAM.
-EVICTION_CONFIG = """
-block_size = "4M"
-[[node]]
-id = 0
-kind = "sysram"
-size = "64M"
-cpus = "all"
-[[node]]
-id = 1
-kind = "cdm"
-size = "8M"
-[[device]]
-name = "cdm0"
-memory = "node:1"
-[[device]]
-name = "gpu0"
-memory = "private:8M"
-"""
+EVICTION_CONFIG = cdm_machine("64M")
 
 
 def abort_fuse(m: cdmfs.Mount) -> None:
@@ -114,6 +101,12 @@ def xorshift_page(seed: int, page: int) -> bytes:
         x ^= (x << 17) & mask
         out += x.to_bytes(8, "little")
     return bytes(out)
+
+
+def fill(r: cdmfs.client.Region, byte: int = 0x5A) -> None:
+    """Every byte of a region's data set to byte, by write(2)."""
+    with open(r.data, "r+b") as f:
+        f.write(bytes([byte]) * r.size)
 
 
 def used_kb(m: cdmfs.Mount, nid: int) -> int:

@@ -9,7 +9,7 @@ import os
 import pytest
 
 import cdmfs
-from conftest import PAGE
+from conftest import PAGE, fill
 
 KB = 1024
 MB = 1 << 20
@@ -33,10 +33,6 @@ def cdm(m):
     m.node(1).numa_balancing = False
     dev.access_counters = "0"
 
-
-def fill(r, byte: int) -> None:
-    with open(os.path.join(r.path, "data"), "r+b") as f:
-        f.write(bytes([byte]) * r.size)
 
 
 def test_settings_and_bad_input(m):

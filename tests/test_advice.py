@@ -9,7 +9,7 @@ import time
 import pytest
 
 import cdmfs
-from conftest import PAGE
+from conftest import PAGE, fill
 
 KB = 1024
 MB = 1 << 20
@@ -25,10 +25,6 @@ def listing(r) -> list[tuple[int, int, str]]:
     with open(os.path.join(r.path, "advise")) as f:
         return [(int(a), int(b), " ".join(rest)) for a, b, *rest in (l.split() for l in f.read().splitlines())]
 
-
-def fill(r, byte: int = 0x5A) -> None:
-    with open(os.path.join(r.path, "data"), "r+b") as f:
-        f.write(bytes([byte]) * r.size)
 
 
 def test_listing_splits_and_merges(m):

@@ -20,30 +20,13 @@ import pytest
 import cdmfs
 from cdmfs.client import MAX_SWAPFILES_SHIFT, PM_PRESENT, PM_SWAP, SWP_HWPOISON, pagemap_pfn
 from cdmfs.lib.bitmap import parse_nodelist
-from conftest import PAGE, xorshift_page
+from conftest import PAGE, cdm_machine, xorshift_page
 
 BLOCK = 4 << 20
 BLOCK_PAGES = BLOCK // PAGE
 
 # Node 0: blocks 0-3; node 1 (cdm0): blocks 4-5; gpu0's private memory after.
-LC_CONFIG = """
-block_size = "4M"
-[[node]]
-id = 0
-kind = "sysram"
-size = "16M"
-cpus = "all"
-[[node]]
-id = 1
-kind = "cdm"
-size = "8M"
-[[device]]
-name = "cdm0"
-memory = "node:1"
-[[device]]
-name = "gpu0"
-memory = "private:8M"
-"""
+LC_CONFIG = cdm_machine("16M")
 
 # Node 2 is configured but absent until hot-added: blocks 6-7.
 HOTPLUG_CONFIG = LC_CONFIG + """

@@ -12,7 +12,7 @@ import zlib
 import pytest
 
 import cdmfs
-from conftest import PAGE
+from conftest import PAGE, fill
 
 KB = 1024
 MB = 1 << 20
@@ -23,10 +23,6 @@ def m():
     with cdmfs.mounted() as mount:
         yield mount
 
-
-def fill(r, byte: int) -> None:
-    with open(os.path.join(r.path, "data"), "r+b") as f:
-        f.write(bytes([byte]) * r.size)
 
 
 def used_kb(dev) -> int:

@@ -26,7 +26,7 @@ import time
 import zlib
 
 import cdmfs
-from conftest import PAGE
+from conftest import PAGE, cdm_machine
 
 SECONDS = float(os.environ.get("CDMFS_SOAK_SECONDS", "15"))
 CPU_PAGES = 2048
@@ -41,23 +41,7 @@ ADVICE = ("preferred_location:node:0", "preferred_location:node:1", "preferred_l
           "unset:accessed_by", "unset:read_mostly", "prefetch:node:0", "prefetch:node:1", "prefetch:gpu0")
 # The embedded default, but gpu0 with 4 MiB: less than the regions that
 # migrate into it, so that it evicts.
-CONFIG = """
-[[node]]
-id = 0
-kind = "sysram"
-size = "1G"
-cpus = "all"
-[[node]]
-id = 1
-kind = "cdm"
-size = "1G"
-[[device]]
-name = "cdm0"
-memory = "node:1"
-[[device]]
-name = "gpu0"
-memory = "private:4M"
-"""
+CONFIG = cdm_machine("1G", cdm="1G", gpu="4M", block_size="")
 
 
 def page_of(value: int) -> bytes:

@@ -13,7 +13,7 @@ import pytest
 
 import cdmfs
 from cdmfs.lib.trace import CAPACITY, EVENTS, LOST, TraceBuffer, format_line, parse_line
-from conftest import EVICTION_CONFIG, PAGE
+from conftest import EVICTION_CONFIG, PAGE, fill
 
 TRACING = "sys/kernel/tracing"
 
@@ -331,8 +331,7 @@ def test_every_mover_writes_its_lines(tmp_path):
         rd = Reader(m, str(tmp_path / "trace"))
         gpu, cdm = m.device("gpu0"), m.device("cdm0")
         r = m.region("movers", 16 * MB)
-        with open(r.data, "r+b") as f:
-            f.write(b"\x5a" * r.size)
+        fill(r)
         r.advise(12 * MB, 1 * MB, "read_mostly")
         gpu.access("read", "movers", 12 * MB, 1 * MB)            # duplicates
         with open(r.data, "r+b") as f:
