@@ -12,13 +12,8 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-NODE_DIR = "sys/devices/system/node"
-MEMORY_DIR = "sys/devices/system/memory"
-
-
-def read(path: str) -> str:
-    with open(path) as f:
-        return f.read()
+from ..client import MEMORY_DIR, NODE_DIR
+from ..client import _read as read
 
 
 def meminfo(path: str) -> dict[str, int]:
