@@ -92,10 +92,10 @@ class MachineTrace:
             for k, bits in _CORE_MASKS.items():
                 if self.tracer.is_enabled(k):
                     mask |= bits
-            self.drain()
             rc = lib.cdm_machine_trace(self.m.core, mask)
             if rc:
                 raise OSError(-rc, "the core cannot record faults")
+            self.drain()            # what the core recorded under the old mask
             self._core_mask = mask
         if kind == "mem_usage" and on:
             self.show_usage()
@@ -110,6 +110,8 @@ class MachineTrace:
 
     def drain(self) -> None:
         """Emits the faults and write-backs the core served since the last drain."""
+        if not self._core_mask:
+            return          # the core records nothing: no need to take its lock per line
         m = self.m
         regions = m.regions.by_id if m.regions is not None else {}
         emit = m.events.emit
