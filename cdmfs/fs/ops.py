@@ -542,8 +542,6 @@ class Filesystem(pyfuse3.Operations):
 
     async def release(self, fh):
         of = self.files.pop(fh, None)
-        if of is not None and isinstance(of.entry, Pipe):
-            of.state["reader"].close()
         if of is None or of.region is None:
             return
         if isinstance(of.entry, DataFile) and not of.internal:

@@ -88,9 +88,6 @@ class PipeReader:
                 next_check = trio.current_time() + SIGNAL_CHECK
             await self.wake.wait(POLL)
 
-    def close(self) -> None:
-        pass
-
 
 class Wakeup:
     """Wakes the readers waiting when a line is written; free when none waits."""

@@ -74,7 +74,7 @@ class Transaction(Entry):
 class Pipe(Entry):
     """A stream read as it is written (tracefs' trace_pipe): each open gets
     its reader, ``open_reader(flags)``, whose ``async read(size, pid)`` waits
-    for data and whose ``close()`` runs on release."""
+    for data."""
 
     def __init__(self, open_reader: Callable[[int], object], mode: int = 0o400):
         self.mode = stat.S_IFREG | mode
